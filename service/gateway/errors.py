@@ -1,0 +1,155 @@
+"""The gateway's error tree and the one place that turns it into HTTP responses.
+
+Every error a caller can see is a `GatewayError` with a status, a stable `type` and a message that tells
+the reader what to do. Handlers raise; `install_error_handlers` renders `{"error": {"type", "message"}}`
+so that no route formats errors of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service.gateway")
+
+
+class GatewayError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class InvalidRequest(GatewayError):
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class UnknownTask(GatewayError):
+    status_code = 404
+    error_type = "unknown_task"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class EmptyInput(GatewayError):
+    status_code = 422
+    error_type = "invalid_request"
+
+
+class QueueFull(GatewayError):
+    status_code = 429
+    error_type = "queue_full"
+
+
+class UpstreamError(GatewayError):
+    """Base of everything that went wrong on the far side of the gateway."""
+
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered 4xx (other than 429): retrying will not help."""
+
+    status_code = 502
+    error_type = "upstream_rejected"
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered 2xx with a body that breaks the contract (e.g. wrong result count)."""
+
+    status_code = 502
+    error_type = "upstream_bad_response"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Down, overloaded (429 or 5xx after retries) or fenced off by the circuit breaker."""
+
+    status_code = 503
+    error_type = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    error_type = "upstream_timeout"
+
+
+class ShuttingDown(GatewayError):
+    status_code = 503
+    error_type = "shutting_down"
+
+
+def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> ORJSONResponse:
+    body: dict[str, Any] = {"error": {"type": error_type, "message": message}}
+    body.update(extra)
+    return ORJSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_gateway_error(request: Request, exc: Exception) -> ORJSONResponse:
+        assert isinstance(exc, GatewayError)
+        if exc.status_code >= 500:
+            log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code,
+                        exc.error_type, exc.message)
+        return error_response(exc.status_code, exc.error_type, exc.message, exc.headers())
+
+    async def on_validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        # `detail` keeps FastAPI's (and Mistral's) 422 shape, so the official SDK raises its
+        # HTTPValidationError; `error` keeps the gateway's own contract.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return error_response(422, "invalid_request", _describe_validation(exc), detail=detail)
+
+    async def on_http_error(request: Request, exc: Exception) -> ORJSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, "http_error", str(exc.detail),
+                              dict(exc.headers or {}))
+
+    async def on_unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error",
+                              "The gateway failed unexpectedly; the cause is in its log.")
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

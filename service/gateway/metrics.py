@@ -1,0 +1,71 @@
+"""Every Prometheus series the gateway exports, created against an injected registry.
+
+Names and labels are the contract of DESIGN.md. Label values come only from the task registry (an
+unknown task is `unknown`), so a caller cannot blow up cardinality by inventing task names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+UNKNOWN = "unknown"
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by route, task and HTTP status.",
+            ["route", "task", "status"], registry=registry,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request to response.",
+            ["route", "task"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests", "Upstream HTTP attempts, by outcome (status code, "
+            "'timeout', 'connect_error' or 'circuit_open').",
+            ["upstream", "endpoint", "status"], registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Duration of one upstream HTTP attempt.",
+            ["upstream", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.batch_size = Histogram(
+            "gateway_batch_size", "Items per upstream batch.",
+            ["upstream", "endpoint"], buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.batch_wait = Histogram(
+            "gateway_batch_wait_seconds", "Time an item waited in the batcher before being sent.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "gateway_queue_depth", "Items queued in the batcher, waiting for a free batch slot.",
+            registry=registry,
+        )
+        self.cache_lookups = Counter(
+            "gateway_cache_lookups", "Cache lookups per item: hit, miss, or error (Redis down).",
+            ["task", "result"], registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Upstream attempts that were retries.", registry=registry,
+        )
+        self.circuit_open = Gauge(
+            "gateway_circuit_open", "1 while the upstream's circuit breaker is open.",
+            ["upstream"], registry=registry,
+        )
+        self.inflight_requests = Gauge(
+            "gateway_inflight_requests", "Requests being handled right now.", registry=registry,
+        )
+        self.cache_errors = Counter(
+            "gateway_cache_errors", "Redis operations that failed or timed out (the gateway then "
+            "serves without the cache).", ["operation"], registry=registry,
+        )
+        self.registry_reloads = Counter(
+            "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
+            registry=registry,
+        )

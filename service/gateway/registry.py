@@ -1,0 +1,207 @@
+"""The task registry: which logical task maps to which model on which upstream.
+
+The tasks file is the domain configuration that operators change at run time (a ConfigMap in
+Kubernetes), so it is validated in full before it replaces anything: a bad new file is rejected with a
+message naming the task and the field, and the last good registry stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("service.gateway.registry")
+
+TaskKind = Literal["text", "chat"]
+
+
+class UpstreamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base_url: str
+    api_key_env: str | None = Field(
+        default=None, description="Name of the environment variable that holds the upstream's key."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    def api_key(self) -> str | None:
+        """Read at call time, so that a rotated key in the environment needs no reload."""
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    upstream: str
+    model: str = Field(min_length=1)
+    kind: TaskKind = "text"
+    cache_ttl_s: int | None = Field(default=None, ge=0, description="0 disables caching.")
+    timeout_s: float | None = Field(default=None, gt=0)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    multi_label_targets: tuple[str, ...] = Field(
+        default=(), description="Targets that get a `labels` list (scores >= threshold)."
+    )
+
+    @property
+    def endpoint(self) -> str:
+        return "classifications" if self.kind == "text" else "chat/classifications"
+
+
+class RegistryError(ValueError):
+    """The tasks file is unreadable or invalid; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    upstreams: Mapping[str, UpstreamSpec]
+    tasks: Mapping[str, TaskSpec]
+
+    def task(self, name: str) -> TaskSpec | None:
+        return self.tasks.get(name)
+
+    def resolve_model(self, name_or_model: str, kind: TaskKind) -> TaskSpec | None:
+        """A task by name, else the first task of that kind serving that model id (for /v1/...)."""
+        task = self.tasks.get(name_or_model)
+        if task is not None:
+            return task
+        for task in self.tasks.values():
+            if task.model == name_or_model and task.kind == kind:
+                return task
+        return None
+
+
+def _format_errors(prefix: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{prefix}.{loc}: {err['msg']}" if loc else f"{prefix}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_registry(data: Any, source: str = "tasks file") -> Registry:
+    if not isinstance(data, dict):
+        raise RegistryError(f"{source}: expected a mapping with 'upstreams' and 'tasks'")
+    unknown = set(data) - {"upstreams", "tasks"}
+    if unknown:
+        raise RegistryError(f"{source}: unknown top-level keys {sorted(unknown)}; "
+                            "expected only 'upstreams' and 'tasks'")
+    raw_upstreams = data.get("upstreams") or {}
+    raw_tasks = data.get("tasks") or {}
+    if not isinstance(raw_upstreams, dict) or not isinstance(raw_tasks, dict):
+        raise RegistryError(f"{source}: 'upstreams' and 'tasks' must be mappings of name -> settings")
+    errors: list[str] = []
+    upstreams: dict[str, UpstreamSpec] = {}
+    for name, body in raw_upstreams.items():
+        try:
+            upstreams[str(name)] = UpstreamSpec.model_validate({**(body or {}), "name": str(name)})
+        except ValidationError as exc:
+            errors.append(_format_errors(f"upstreams.{name}", exc))
+        except TypeError:
+            errors.append(f"upstreams.{name}: expected a mapping of settings")
+    tasks: dict[str, TaskSpec] = {}
+    for name, body in raw_tasks.items():
+        try:
+            task = TaskSpec.model_validate({**(body or {}), "name": str(name)})
+        except ValidationError as exc:
+            errors.append(_format_errors(f"tasks.{name}", exc))
+            continue
+        except TypeError:
+            errors.append(f"tasks.{name}: expected a mapping of settings")
+            continue
+        if task.upstream not in upstreams and f"upstreams.{task.upstream}" not in " ".join(errors):
+            errors.append(f"tasks.{name}.upstream: unknown upstream {task.upstream!r}; "
+                          f"defined upstreams: {sorted(upstreams) or 'none'}")
+        tasks[task.name] = task
+    if errors:
+        raise RegistryError(f"{source}: " + "; ".join(errors))
+    return Registry(upstreams=upstreams, tasks=tasks)
+
+
+def load_registry(path: Path) -> Registry:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the tasks file ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_registry(data if data is not None else {}, str(path))
+
+
+class RegistryWatcher:
+    """Holds the current registry and swaps it when the file changes or on `reload()` (SIGHUP)."""
+
+    def __init__(self, path: Path, poll_interval_s: float = 2.0,
+                 on_reload: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self.poll_interval_s = poll_interval_s
+        self._on_reload = on_reload
+        self._signature: tuple[float, int, int] | None = None
+        self.last_error: str | None = None
+        self.current = Registry(upstreams={}, tasks={})
+        self.loaded = False
+        self._task: asyncio.Task[None] | None = None
+
+    def _file_signature(self) -> tuple[float, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size, st.st_ino)
+
+    def reload(self) -> bool:
+        """Load the file; keep the last good registry on error. Returns whether it was swapped."""
+        self._signature = self._file_signature()
+        try:
+            registry = load_registry(self.path)
+        except RegistryError as exc:
+            self.last_error = str(exc)
+            log.error("tasks file rejected, keeping the last good registry: %s", exc)
+            if self._on_reload:
+                self._on_reload("error")
+            return False
+        self.current = registry
+        self.loaded = True
+        self.last_error = None
+        log.info("tasks file loaded: %d tasks (%s)", len(registry.tasks),
+                 ", ".join(sorted(registry.tasks)) or "none")
+        if self._on_reload:
+            self._on_reload("success")
+        return True
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._poll(), name="registry-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        # Polling, not inotify: a Kubernetes ConfigMap update swaps a symlink, which inotify on the
+        # file itself misses; stat() of the path follows it.
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            if self._file_signature() != self._signature:
+                self.reload()

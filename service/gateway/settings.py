@@ -1,0 +1,79 @@
+"""Process settings of the gateway: the only place that reads `GATEWAY_*` environment variables.
+
+Everything about *what* to classify (upstreams, tasks, models) lives in the tasks file instead, so that
+it can change at run time without a restart; this module holds what is fixed for a process's life.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    tasks_file: Path = Path("tasks.yaml")
+    tasks_poll_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the tasks file is checked for changes."
+    )
+    log_level: str = "info"
+
+    # Redis result cache. Empty URL = no cache.
+    redis_url: str = ""
+    redis_socket_timeout_s: float = Field(default=0.1, gt=0)
+    redis_backoff_s: float = Field(
+        default=5.0, ge=0, description="How long Redis is skipped after an error."
+    )
+    cache_ttl_s: int = Field(default=3600, ge=1, description="Default TTL of a cached result.")
+    cache_prefix: str = "cgw:v1"
+
+    # Client authentication: comma-separated keys, or the path of a file with one key per line.
+    api_keys: SecretStr = SecretStr("")
+
+    # Micro-batching.
+    max_batch_items: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_concurrent_batches: int = Field(default=4, ge=1)
+    max_queue_items: int = Field(default=2048, ge=1)
+    batching: bool = True
+
+    # Request limits.
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
+    max_items: int = Field(default=128, ge=1)
+    max_item_chars: int = Field(default=32_768, ge=1)
+
+    # Upstream calls.
+    timeout_s: float = Field(default=10.0, gt=0, description="Default per-request deadline.")
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+    retry_attempts: int = Field(default=3, ge=1, description="Upstream attempts, first included.")
+    retry_backoff_s: float = Field(default=0.05, ge=0)
+    retry_backoff_max_s: float = Field(default=2.0, ge=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_reset_s: float = Field(default=5.0, gt=0)
+
+    # Shutdown: how long in-flight requests may take to finish after SIGTERM.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+
+    @field_validator("cache_prefix")
+    @classmethod
+    def _no_spaces(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("cache_prefix must be a non-empty string without spaces")
+        return value
+
+    def client_keys(self) -> list[str]:
+        """The configured client keys; `api_keys` may name a file holding one key per line."""
+        raw = self.api_keys.get_secret_value().strip()
+        if not raw:
+            return []
+        path = Path(raw)
+        if "," not in raw and path.is_file():
+            lines = path.read_text().splitlines()
+            return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return [key.strip() for key in raw.split(",") if key.strip()]

@@ -1,0 +1,50 @@
+"""Real uvicorn servers on loopback ports, run in a background thread for the length of a test."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from tests.support.redis_server import free_port
+
+
+class ThreadedServer:
+    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
+        self.port = port or free_port()
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                     lifespan="on", **config)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during start-up; see the log above")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start within 15 s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@contextlib.contextmanager
+def serve(app: Any, port: int | None = None, **config: Any) -> Iterator[ThreadedServer]:
+    server = ThreadedServer(app, port, **config).start()
+    try:
+        yield server
+    finally:
+        server.stop()

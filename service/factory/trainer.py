@@ -22,7 +22,6 @@ import orjson
 from service.factory.data import Example, TargetSpec, validate_file
 from service.factory.model import Checkpoint, Hyperparameters, train
 
-
 _PR_SET_PDEATHSIG = 1
 
 

@@ -185,7 +185,8 @@ def sdk_251() -> Path:
         if not marker.exists():
             subprocess.run(
                 [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                 "--target", str(SDK_251_DIR), "--upgrade", "mistralai==2.5.1"],
+                 "--no-warn-conflicts", "--target", str(SDK_251_DIR), "--upgrade",
+                 "mistralai==2.5.1"],
                 check=True,
             )
             marker.write_text("mistralai==2.5.1\n")

@@ -41,5 +41,9 @@ class UpstreamPool:
     def get(self, spec: UpstreamSpec) -> UpstreamClient:
         raise NotImplementedError
 
+    def open_circuits(self) -> list[str]:
+        """Names of upstreams whose circuit is open (for /readyz)."""
+        raise NotImplementedError
+
     async def aclose(self) -> None:
         raise NotImplementedError

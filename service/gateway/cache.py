@@ -165,6 +165,11 @@ class ResultCache:
         return "disabled" if self._conn is None else self._conn.kind
 
     @property
+    def description(self) -> str:
+        """Where the cache lives (scheme and hosts, never a password), for /readyz and logs."""
+        return "disabled" if self._conn is None else self._conn.description
+
+    @property
     def pending_writes(self) -> int:
         return len(self._pending)
 

@@ -65,7 +65,7 @@ def start_cluster(directory: Path, masters: int = 3, timeout_s: float = 20.0) ->
         for node in cluster.nodes:
             client = redis.Redis(port=node.port, socket_timeout=2)
             try:
-                while client.cluster("info")["cluster_state"] != "ok":  # type: ignore[no-untyped-call]
+                while client.cluster("info")["cluster_state"] != "ok":
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"Redis Cluster not ok after {timeout_s}s")
                     time.sleep(0.05)
@@ -120,7 +120,7 @@ def start_sentinel(directory: Path, service: str = "mymaster",
         client = redis.Redis(port=port, socket_timeout=2)
         try:
             deadline = time.monotonic() + timeout_s
-            while client.execute_command("SENTINEL", "get-master-addr-by-name", service) is None:
+            while client.sentinel_get_master_addr_by_name(service) is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Sentinel does not know {service} after {timeout_s}s")
                 time.sleep(0.05)

@@ -478,7 +478,7 @@ class UpstreamPool:
 
     def open_circuits(self) -> list[str]:
         """Names of upstreams whose circuit is open (for /readyz)."""
-        raise NotImplementedError
+        return sorted(name for name, client in self._clients.items() if client.circuit_open)
 
     async def aclose(self) -> None:
         for task in list(self._retiring):

@@ -214,7 +214,7 @@ async def test_items_of_a_caller_that_went_away_are_not_sent(tmp_path: Path) -> 
 
 # --------------------------------------------------------------------------- upstream trouble
 async def test_retry_then_success(tmp_path: Path) -> None:
-    with gateway_stack(tmp_path) as s:
+    with gateway_stack(tmp_path, retry_attempts=4) as s:
         s.upstream.inject(Status(500), Status(429, retry_after=0.05), Drop())
         r = await post(s, "/classify", {"task": "sentiment", "input": "x"})
         assert r.status_code == 200, r.text

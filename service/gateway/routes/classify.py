@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from service.gateway.classifier import Outcome, decorate
-from service.gateway.registry import TaskSpec
+from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
@@ -38,11 +39,17 @@ def reads_cache(cache_control: str | None) -> bool:
     return not (cache_control and "no-cache" in cache_control.lower())
 
 
-def disconnect_waiter(request: Request) -> Any:
-    async def wait() -> None:
+async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
+              items: Sequence[Any], cache_control: str | None) -> Outcome:
+    """The part every classification route shares, once the items are validated."""
+
+    async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-    return wait
+
+    return await runtime.classifier.classify(task, upstream, items,
+                                             read_cache=reads_cache(cache_control),
+                                             disconnected=disconnected)
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
@@ -65,11 +72,7 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
     task, upstream = resolve_task(request, runtime.registry.current, body.task, "text")
     texts = [body.input] if isinstance(body.input, str) else body.input
     check_texts(texts, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, texts, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, texts, cache_control))
 
 
 @router.post("/classify-chat", summary="Classify one conversation or a list of them")
@@ -78,8 +81,4 @@ async def classify_chat(body: ClassifyChatRequest, request: Request, runtime: Ru
     task, upstream = resolve_task(request, runtime.registry.current, body.task, "chat")
     conversations = [body.input] if isinstance(body.input, Conversation) else body.input
     payload = conversations_payload(conversations, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, payload, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, payload, cache_control))

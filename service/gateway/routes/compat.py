@@ -15,12 +15,7 @@ from starlette.requests import Request
 from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.classify import (
-    CacheControl,
-    RuntimeDep,
-    disconnect_waiter,
-    reads_cache,
-)
+from service.gateway.routes.classify import CacheControl, RuntimeDep, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.wire import ChatClassificationRequest, ClassificationRequest
@@ -40,11 +35,7 @@ async def classifications(body: ClassificationRequest, request: Request, runtime
                                   by_model=True)
     texts = body.inputs()
     check_texts(texts, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, texts, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, texts, cache_control))
 
 
 @router.post("/chat/classifications", summary="Mistral's chat classification endpoint")
@@ -54,8 +45,4 @@ async def chat_classifications(body: ChatClassificationRequest, request: Request
     task, upstream = resolve_task(request, runtime.registry.current, body.model, "chat",
                                   by_model=True)
     payload = conversations_payload(body.inputs(), runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, payload, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, payload, cache_control))

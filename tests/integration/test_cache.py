@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,6 +17,7 @@ from service.gateway.cache import ResultCache
 from service.gateway.metrics import GatewayMetrics
 from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
 from tests.support.redis_server import RedisServer
+from tests.support.redis_tls import TlsRedis, start_tls_redis
 
 TIMEOUT_S = 0.5
 BACKOFF_S = 30.0  # never elapses on its own in these tests: they move the clock
@@ -250,6 +252,34 @@ async def test_cluster_reads_and_writes_across_slots(cluster: RedisCluster) -> N
     assert sorted(found) == sorted(keys[::2])
 
 
+async def test_cluster_node_down_fails_open_then_recovers(tmp_path: Path) -> None:
+    own = start_cluster(tmp_path / "cluster")
+    clock = FakeClock()
+    cache, metrics = make_cache(own.url, clock)
+    keys = [cache.key("u", "e", "m", item) for item in items(30)]
+    try:
+        cache.schedule_set_many([(k, b"v", 60) for k in keys])
+        await cache.drain()
+        assert await cache.get_many(keys) == [b"v"] * 30
+
+        own.nodes[0].kill()
+        assert await cache.get_many(keys) is None
+        assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
+
+        own.nodes[0].restart()  # same nodes.conf: it takes its slots back (empty, no persistence)
+        own.wait_ok()
+        clock.now += BACKOFF_S + 1
+        values = await cache.get_many(keys)
+        assert values is not None and b"v" in values and None in values
+        assert state(cache) == "ok"
+        cache.schedule_set_many([(k, b"w", 60) for k in keys])
+        await cache.drain()
+        assert await cache.get_many(keys) == [b"w"] * 30
+    finally:
+        await cache.aclose()
+        own.stop()
+
+
 # -- Sentinel --------------------------------------------------------------------------------------
 
 
@@ -276,3 +306,69 @@ async def test_sentinel_url_finds_the_master(sentinel: SentinelSetup) -> None:
         assert master.get(key) == b"v"  # it went to the master Sentinel named
     finally:
         master.close()
+
+
+async def test_sentinel_failover_moves_the_cache_to_the_new_master(tmp_path: Path) -> None:
+    setup = start_sentinel(tmp_path / "sentinel", replicas=1, down_after_ms=300)
+    clock = FakeClock()
+    cache, metrics = make_cache(setup.url, clock)
+    before, after = cache.key("u", "e", "m", "before"), cache.key("u", "e", "m", "after")
+    try:
+        cache.schedule_set_many([(before, b"1", 60)])
+        await cache.drain()
+        assert state(cache) == "ok"
+
+        promoted = setup.kill_master()
+        # The pooled connection to the dead master fails once; after the backoff the pool asks
+        # Sentinel again and finds the promoted replica (which has the data written before).
+        for _ in range(2):
+            cache.schedule_set_many([(after, b"2", 60)])
+            await cache.drain()
+            if state(cache) == "ok":
+                break
+            clock.now += BACKOFF_S + 1
+        assert state(cache) == "ok"
+        assert errors(metrics, "set") <= 1
+        assert await cache.get_many([before, after]) == [b"1", b"2"]
+        new_master = redis.Redis(port=promoted.port)
+        try:
+            assert new_master.get(after) == b"2"
+        finally:
+            new_master.close()
+    finally:
+        await cache.aclose()
+        setup.stop()
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    started = start_tls_redis(tmp_path_factory.mktemp("tls"))
+    yield started
+    started.stop()
+
+
+async def test_rediss_round_trip_with_a_verified_certificate(tls_redis: TlsRedis) -> None:
+    cache, _ = make_cache(tls_redis.url)
+    key = cache.key("u", "e", "m", "over tls")
+    try:
+        cache.schedule_set_many([(key, b"v", 60)])
+        await cache.drain()
+        assert await cache.get_many([key]) == [b"v"]
+        assert state(cache) == "ok"
+    finally:
+        await cache.aclose()
+
+
+@pytest.mark.parametrize("which", ["plaintext", "unknown CA"])
+async def test_tls_mismatch_fails_open(tls_redis: TlsRedis, which: str) -> None:
+    port = tls_redis.server.port
+    url = f"redis://127.0.0.1:{port}/0" if which == "plaintext" else f"rediss://127.0.0.1:{port}/0"
+    cache, metrics = make_cache(url)
+    try:
+        assert await cache.get_many([cache.key("u", "e", "m", "x")]) is None
+        assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
+    finally:
+        await cache.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 import uuid
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from service.gateway.cache import ResultCache
 from service.gateway.metrics import GatewayMetrics
 from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, start_redis
 from tests.support.redis_tls import TlsRedis, start_tls_redis
 
 TIMEOUT_S = 0.5
@@ -170,27 +171,31 @@ async def test_frozen_redis_times_out_and_only_one_probe_runs(own_redis: RedisSe
     """SIGSTOP: Redis accepts connections but never answers, the worst case for a client."""
     clock = FakeClock()
     cache, metrics = make_cache(own_redis.url, clock)
-    key = cache.key("u", "e", "m", "x")
-    assert await cache.ping() is True
+    first, second = cache.key("u", "e", "m", "first"), cache.key("u", "e", "m", "second")
+    cache.schedule_set_many([(first, b"1", 60), (second, b"2", 60)])
+    await cache.drain()
     own_redis.process.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        assert await cache.get_many([key]) is None
+        assert await cache.get_many([first]) is None
         assert time.monotonic() - started < TIMEOUT_S + 2.0  # bounded by the deadline, not hung
         assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
 
         clock.now += BACKOFF_S + 1
-        probe = asyncio.create_task(cache.get_many([key]))
+        probe = asyncio.create_task(cache.get_many([first]))
         await asyncio.sleep(0)  # the probe has started and is waiting on frozen Redis
-        assert await cache.get_many([key]) is None  # others skip Redis while the probe runs
+        assert await cache.get_many([first]) is None  # others skip Redis while the probe runs
         assert await probe is None
         assert errors(metrics, "get") == 2  # the probe failed; the skipped call was no error
         assert state(cache) == "degraded"
     finally:
         own_redis.process.send_signal(signal.SIGCONT)
 
+    # Redis now answers the abandoned MGETs; a reused connection would hand their replies
+    # (b"1") to the next caller. The cache must read its own answer.
     clock.now += BACKOFF_S + 1
-    assert await cache.get_many([key]) == [None]
+    assert await cache.get_many([second]) == [b"2"]
+    assert await cache.get_many([first, second]) == [b"1", b"2"]
     assert state(cache) == "ok"
     await cache.aclose()
 
@@ -213,6 +218,26 @@ async def test_failed_writes_are_counted_and_swallowed(own_redis: RedisServer) -
     await cache.aclose()
 
 
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = start_redis(tmp_path / "redis", "--unixsocket", str(socket_path),
+                         "--unixsocketperm", "700")
+    cache, _ = make_cache(f"unix://{socket_path}?db=3")
+    key = cache.key("u", "e", "m", "over a unix socket")
+    try:
+        cache.schedule_set_many([(key, b"v", 60)])
+        await cache.drain()
+        assert await cache.get_many([key]) == [b"v"]
+        direct = redis.Redis(unix_socket_path=str(socket_path), db=3)
+        try:
+            assert direct.get(key) == b"v"  # in the db the URL named
+        finally:
+            direct.close()
+    finally:
+        await cache.aclose()
+        server.stop()
+
+
 # -- Redis Cluster ---------------------------------------------------------------------------------
 
 
@@ -233,6 +258,8 @@ async def test_cluster_reads_and_writes_across_slots(cluster: RedisCluster) -> N
         await cache.drain()
         assert await cache.get_many(keys) == [k.encode() if i % 2 == 0 else None
                                               for i, k in enumerate(keys)]
+        repeated = [keys[1], keys[0], keys[1], keys[0]]  # an item twice in one request
+        assert await cache.get_many(repeated) == [None, keys[0].encode(), None, keys[0].encode()]
         assert state(cache) == "ok"
         assert errors(metrics, "get") == errors(metrics, "set") == 0
     finally:
@@ -278,6 +305,22 @@ async def test_cluster_node_down_fails_open_then_recovers(tmp_path: Path) -> Non
     finally:
         await cache.aclose()
         own.stop()
+
+
+async def test_cluster_pool_exhaustion_skips_the_cache_without_backing_off(
+        cluster: RedisCluster, caplog: pytest.LogCaptureFixture) -> None:
+    cache, metrics = make_cache(cluster.url + "?max_connections=1")
+    keys = [cache.key("u", "e", "m", item) for item in items(10)]
+    try:
+        results = await asyncio.gather(*(cache.get_many(keys) for _ in range(4)))
+        assert [None] * 10 in results  # at least one call had the node's only connection
+        assert None in results  # and at least one found the pool full
+        assert errors(metrics, "get") == results.count(None)
+        assert state(cache) == "ok"  # a full pool is not a sick Redis: no backoff, no warning
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert await cache.get_many(keys) == [None] * 10
+    finally:
+        await cache.aclose()
 
 
 # -- Sentinel --------------------------------------------------------------------------------------
@@ -372,3 +415,4 @@ async def test_tls_mismatch_fails_open(tls_redis: TlsRedis, which: str) -> None:
         assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
     finally:
         await cache.aclose()
+

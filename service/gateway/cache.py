@@ -298,17 +298,14 @@ class ResultCache:
             self._degraded = True
             reason = (f"timed out after {self._timeout_s}s" if isinstance(exc, TimeoutError)
                       else f"{type(exc).__name__}: {exc}")
-            assert self._conn is not None
             logger.warning("Redis cache %s on %s failed (%s); serving without the cache, next "
-                           "attempt in %.1fs", operation, self._conn.description, reason,
+                           "attempt in %.1fs", operation, self.description, reason,
                            self._backoff_s)
 
     def _succeeded(self) -> None:
         if self._degraded:
             self._degraded = False
-            if self._conn is not None:
-                logger.info("Redis cache on %s answers again; cache back in use",
-                            self._conn.description)
+            logger.info("Redis cache on %s answers again; cache back in use", self.description)
 
 
 # -- URL parsing -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from service.gateway.cache import ResultCache
 from service.gateway.metrics import GatewayMetrics
 from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
-from tests.support.redis_server import RedisServer, start_redis
+from tests.support.redis_server import RedisServer, free_port, start_redis
 from tests.support.redis_tls import TlsRedis, start_tls_redis
 
 TIMEOUT_S = 0.5
@@ -216,6 +216,22 @@ async def test_failed_writes_are_counted_and_swallowed(own_redis: RedisServer) -
     assert await cache.ping() is False
     assert errors(metrics, "ping") == 1
     await cache.aclose()
+
+
+async def test_failure_is_logged_once_without_the_password(
+        caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there
+    cache, metrics = make_cache(f"redis://:s3cret@127.0.0.1:{port}/0", backoff_s=0.0)
+    try:
+        for _ in range(3):
+            assert await cache.get_many(["k"]) is None
+    finally:
+        await cache.aclose()
+    assert errors(metrics, "get") == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1  # on the way into "degraded", not once per failed call
+    assert f"127.0.0.1:{port}" in warnings[0]
+    assert "s3cret" not in caplog.text
 
 
 async def test_unix_socket_url(tmp_path: Path) -> None:

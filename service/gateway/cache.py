@@ -28,6 +28,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxConnectionsError
 
 from service.gateway.metrics import GatewayMetrics
 
@@ -47,6 +48,7 @@ _REDIS_PORT = 6379
 # Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
+_POOL_PARAMS = ("max_connections",)
 
 
 def cache_key(prefix: str, upstream: str, endpoint: str, model: str, item: Any) -> str:
@@ -246,9 +248,10 @@ class ResultCache:
             return
         left = await self.drain(self._timeout_s * 2 if drain_timeout_s is None else drain_timeout_s)
         if left:
-            for task in set(self._pending):
+            stuck = set(self._pending)
+            for task in stuck:
                 task.cancel()
-            await asyncio.wait(set(self._pending))
+            await asyncio.wait(stuck)
         conn, self._conn = self._conn, None
         try:
             await conn.aclose()
@@ -285,22 +288,24 @@ class ResultCache:
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.cache_errors.labels(operation=operation).inc()
+        if isinstance(exc, MaxConnectionsError):
+            # Our own pool is full (cluster clients raise instead of waiting): Redis is fine, so
+            # this call goes without the cache but the others keep using it.
+            logger.debug("Redis cache %s skipped: the connection pool is full", operation)
+            return
         self._retry_at = self._clock() + self._backoff_s
         if not self._degraded:
             self._degraded = True
             reason = (f"timed out after {self._timeout_s}s" if isinstance(exc, TimeoutError)
                       else f"{type(exc).__name__}: {exc}")
-            assert self._conn is not None
             logger.warning("Redis cache %s on %s failed (%s); serving without the cache, next "
-                           "attempt in %.1fs", operation, self._conn.description, reason,
+                           "attempt in %.1fs", operation, self.description, reason,
                            self._backoff_s)
 
     def _succeeded(self) -> None:
         if self._degraded:
             self._degraded = False
-            if self._conn is not None:
-                logger.info("Redis cache on %s answers again; cache back in use",
-                            self._conn.description)
+            logger.info("Redis cache on %s answers again; cache back in use", self.description)
 
 
 # -- URL parsing -------------------------------------------------------------------------------------
@@ -360,12 +365,20 @@ def _userinfo_and_hosts(netloc: str, default_port: int, scheme: str
     return username, password, hosts
 
 
-def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, str]:
-    params = dict(parse_qsl(query, keep_blank_values=True))
+def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, Any]:
+    params: dict[str, Any] = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} in the {scheme}:// cache URL; "
                          f"allowed: {', '.join(allowed)}")
+    if "max_connections" in params:
+        try:
+            params["max_connections"] = int(params["max_connections"])
+            if params["max_connections"] < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"max_connections in the {scheme}:// cache URL must be a positive "
+                             f"integer, got {params['max_connections']!r}") from None
     return params
 
 
@@ -387,9 +400,10 @@ def _sentinel(netloc: str, path: str, query: str, tls: bool,
     except ValueError:
         raise ValueError(f"the db in the {scheme}:// cache URL must be a number, got "
                          f"{segments[1]!r}") from None
-    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS, scheme)
+    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS + _POOL_PARAMS, scheme)
     tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
                                                   if k in _TLS_PARAMS}} if tls else {}
+    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
     sentinel_kwargs: dict[str, Any] = {
         **timeouts, **tls_kwargs,
         "username": params.get("sentinel_username"),
@@ -399,7 +413,7 @@ def _sentinel(netloc: str, path: str, query: str, tls: bool,
         hosts, sentinel_kwargs=sentinel_kwargs, **timeouts, **tls_kwargs,
         username=username, password=password, db=db,
     )
-    master = sentinel.master_for(service)
+    master = sentinel.master_for(service, **pool_kwargs)
 
     async def close_sentinels() -> None:
         for client in sentinel.sentinels:
@@ -416,8 +430,13 @@ def _cluster(netloc: str, path: str, query: str, tls: bool,
     if path.strip("/") not in ("", "0"):
         raise ValueError(f"Redis Cluster has only db 0; remove {path!r} from the {scheme}:// "
                          "cache URL")
-    params = _query(query, _TLS_PARAMS, scheme)
-    tls_kwargs: dict[str, Any] = {"ssl": True, **params} if tls else {}
+    params = _query(query, _TLS_PARAMS + _POOL_PARAMS, scheme)
+    tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
+                                                  if k in _TLS_PARAMS}} if tls else {}
+    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
+    # max_connections is per node; when all are busy redis-py raises rather than waits, which
+    # the cache counts as an error (and backs off): raise it for very high concurrency.
     client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts],
-                          username=username, password=password, **timeouts, **tls_kwargs)
+                          username=username, password=password, **timeouts, **tls_kwargs,
+                          **pool_kwargs)
     return _Connection("cluster", client, _describe(scheme, hosts))

@@ -65,6 +65,11 @@ def create_app(settings: Settings | None = None, *,
                 socket_timeout_s=settings.redis_socket_timeout_s,
                 backoff_s=settings.redis_backoff_s, metrics=metrics,
             )
+            # Connect (and, for a cluster, load the slot map) now, not on the first request's
+            # short budget. A Redis that is down only degrades the cache: start anyway.
+            if not await cache.ping():
+                log.warning("Redis at %s is not answering; serving without the cache until it "
+                            "does", cache.description)
         upstreams = UpstreamPool(settings, metrics)
         batcher = build_batcher(settings, metrics, cache)
         classifier = Classifier(

@@ -423,6 +423,10 @@ class UpstreamClient:
             text = text.replace(key, "***")
         return text
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 

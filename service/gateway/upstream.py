@@ -244,6 +244,8 @@ class UpstreamClient:
         attempt = 0
         while True:
             attempt += 1
+            if deadline - self._clock() <= 0:  # no time for an attempt: not the upstream's fault
+                raise self._timeout(endpoint, budget, attempt)
             allowed, wait = self.breaker.acquire()
             if not allowed:
                 self._count(endpoint, "circuit_open")
@@ -306,10 +308,7 @@ class UpstreamClient:
 
     async def _attempt(self, endpoint: str, url: httpx.URL, body: bytes, deadline: float, budget: float,
                        attempt: int) -> list[dict[str, Any]]:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            self._count(endpoint, "timeout")
-            raise self._timeout(endpoint, budget, attempt)
+        remaining = max(deadline - self._clock(), 0.001)
         headers = self._headers
         key = self.spec.api_key()
         if key:
@@ -332,7 +331,7 @@ class UpstreamClient:
                     await response.aread()
                 finally:
                     await response.aclose()
-        except (TimeoutError, httpx.TransportError) as exc:
+        except Exception as exc:  # a boundary: whatever the transport raises is a failed exchange
             self.metrics.upstream_duration.labels(self.spec.name, endpoint).observe(
                 time.perf_counter() - started)
             if deadline_guard.expired():
@@ -341,6 +340,9 @@ class UpstreamClient:
             # Any transport error before the deadline (refused, reset, dropped, connect timeout) is
             # worth another attempt. Transports disagree on names (httpx-aiohttp calls a dropped
             # connection a ConnectTimeout), so the type is only reported, not acted upon.
+            if not isinstance(exc, httpx.TransportError | OSError):
+                log.warning("upstream %s: unexpected %s from the transport, treated as a "
+                            "connection failure", self.spec.name, type(exc).__name__, exc_info=True)
             self._count(endpoint, "connect_error")
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None

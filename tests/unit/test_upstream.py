@@ -298,3 +298,34 @@ async def test_past_deadline_never_calls_out() -> None:
         await client.aclose()
     assert calls == []
 
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ReadError("reset"),
+                                   ConnectionResetError("reset by peer"), RuntimeError("odd")])
+async def test_transport_errors_are_retried(error: Exception) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise error
+        return ok(request)
+
+    client = make_client(handler)
+    try:
+        assert await client.classify("classifications", "m", ["x"], deadline=in_s(5)) == [OK_RESULT]
+    finally:
+        await client.aclose()
+    assert calls == 2
+
+
+async def test_past_deadline_does_not_count_against_the_upstream() -> None:
+    client = make_client(ok, circuit_failure_threshold=1)
+    try:
+        for _ in range(3):
+            with pytest.raises(UpstreamTimeout):
+                await client.classify("classifications", "m", ["x"], deadline=time.monotonic())
+        assert not client.circuit_open
+    finally:
+        await client.aclose()

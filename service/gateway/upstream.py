@@ -133,8 +133,10 @@ class _Retryable(Exception):
 def _default_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
+    # Idle connections are dropped after 4 s, before uvicorn's default 5 s keep-alive (the factory)
+    # closes them from its side: reusing a connection the server is closing costs a failed attempt.
     limits = httpx.Limits(max_connections=settings.max_connections,
-                          max_keepalive_connections=settings.max_connections)
+                          max_keepalive_connections=settings.max_connections, keepalive_expiry=4.0)
     transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
     return transport
 

@@ -25,3 +25,4 @@ bench: install-dev
 	$(PY) bench/overhead.py
 	$(PY) bench/cache_hits.py
 	$(PY) bench/batching.py
+	$(PY) bench/upstream_transport.py

@@ -393,3 +393,12 @@ async def test_replaced_client_finishes_its_inflight_calls(upstream: FakeUpstrea
         assert old.closed
     finally:
         await pool.aclose()
+
+
+async def test_concurrent_calls_share_the_pool(client: UpstreamClient, upstream: FakeUpstream) -> None:
+    upstream.delay_s = 0.05
+    texts = [f"text {i}" for i in range(64)]
+    results = await asyncio.gather(*(
+        client.classify("classifications", "m", [text], deadline=in_s(10)) for text in texts))
+    assert results == [[expected_result(text)] for text in texts]
+    assert sorted(c.inputs[0] for c in upstream.calls) == sorted(texts)

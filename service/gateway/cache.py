@@ -113,8 +113,12 @@ class ResultCache:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
         max_pending_writes: int = 1024,
+        write_delay_s: float = 0.001,
     ) -> None:
         self._conn = connection
+        self._write_delay_s = write_delay_s
+        self._buffer: list[tuple[str, bytes, int]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.prefix = prefix
         self._timeout_s = socket_timeout_s
         self._backoff_s = backoff_s
@@ -173,7 +177,8 @@ class ResultCache:
 
     @property
     def pending_writes(self) -> int:
-        return len(self._pending)
+        """Write pipelines in flight, plus one for entries still held in the write buffer."""
+        return len(self._pending) + (1 if self._buffer else 0)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """One MGET. None (not an exception) when Redis is down, slow, backed off, or disabled."""
@@ -199,13 +204,23 @@ class ResultCache:
     def schedule_set_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
         """(key, value, ttl_s) written by one pipeline in a background task, off the response path.
 
+        Writes are held for `write_delay_s` (1 ms) first: the batch that produced them is still
+        answering its callers, and a write sent now would put a Redis round trip in front of their
+        responses; under load, the writes of every batch in that window share one pipeline.
         Entries with ttl_s <= 0 are skipped (caching disabled for that task). Must be called from
         the event loop. Call `drain()` (or `aclose()`) at shutdown so pending writes land.
         """
-        if self._conn is None:
-            return
-        live = [(key, value, ttl) for key, value, ttl in entries if ttl > 0]
-        if not live:
+        if self._conn is None or (self._degraded and self._clock() < self._retry_at):
+            return  # backing off: skip now rather than hold entries that will be dropped
+        self._buffer.extend((key, value, ttl) for key, value, ttl in entries if ttl > 0)
+        if self._buffer and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self._write_delay_s,
+                                                                       self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        live, self._buffer = self._buffer, []
+        if not live or self._conn is None:
             return
         if len(self._pending) >= self._max_pending_writes:
             self._metrics.cache_errors.labels(operation="set").inc()
@@ -238,6 +253,9 @@ class ResultCache:
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for pending background writes; returns how many are still pending after timeout_s."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout_s)
         return len(self._pending)

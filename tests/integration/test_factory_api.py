@@ -393,3 +393,22 @@ def test_wandb_key_is_never_echoed(factory: FactoryClient) -> None:
     assert job["integrations"] == [{"type": "wandb", "project": "p"}]
     assert secret not in factory.http.get(f"/v1/fine_tuning/jobs/{job['id']}").text
     assert secret not in factory.http.get("/v1/fine_tuning/jobs").text
+
+
+def test_oversize_upload_without_content_length_is_413(factory: FactoryClient) -> None:
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    line = jsonl(sentiment_rows(1))
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(400_000 // len(line)):
+            yield line
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = factory.http.post("/v1/files", content=body(),
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in r.request.headers
+    _assert_mistral_error(r, 413, "200000 bytes")
+    assert factory.http.get("/v1/files").json()["total"] == 0

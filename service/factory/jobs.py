@@ -50,6 +50,8 @@ BASE_MODELS = (BASE_MODEL, *BASE_ALIASES)
 # The directory holding the `service` package: the trainer child imports it from there even when
 # the factory runs from another working directory without the package installed.
 _PACKAGE_ROOT = str(Path(service.__file__).resolve().parent.parent)
+SHUTDOWN_REASON = ("the factory was shut down while this job was {status}; its partial work is "
+                   "lost: create the job again")
 CRASH_REASON = ("the factory stopped while this job was {status}; its partial work is lost: "
                 "create the job again")
 
@@ -97,14 +99,22 @@ class JobManager:
                         for i in range(self.settings.max_concurrent_jobs)]
 
     async def stop(self) -> None:
-        """Stop the workers; a job in training is killed and recorded as FAILED (the restart
-        would find it RUNNING and say the same)."""
-        for running in self.running.values():
+        """Stop the workers. A job caught validating or training is killed and recorded as
+        FAILED now (a crash leaves that to the next start, which says the same)."""
+        for task in self.workers:
+            task.cancel()
+        for job_id, running in list(self.running.items()):
             if running.process is not None and running.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     running.process.kill()
-        for task in self.workers:
-            task.cancel()
+            job = self.store.get_job(job_id)
+            if job is not None and job.status in ("VALIDATING", "RUNNING",
+                                                  "CANCELLATION_REQUESTED"):
+                if job.status == "CANCELLATION_REQUESTED":
+                    self._finish(job_id, "CANCELLED")
+                else:
+                    self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
+                        status=job.status))
         for task in self.workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -412,3 +412,21 @@ def test_oversize_upload_without_content_length_is_413(factory: FactoryClient) -
     assert "content-length" not in r.request.headers
     _assert_mistral_error(r, 413, "200000 bytes")
     assert factory.http.get("/v1/files").json()["total"] == 0
+
+
+def test_shutdown_during_training_fails_the_job_with_the_reason(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with running_factory(data_dir) as server:
+        client = FactoryClient(server.url)
+        file = client.upload(jsonl(sentiment_rows(200)))
+        job = client.create_job(file["id"], hyperparameters={"training_steps": 1_000_000})
+        client.wait(job["id"], statuses=("RUNNING",), timeout_s=30)
+        queued = client.create_job(file["id"], suffix="next", auto_start=False)
+        client.close()
+    with running_factory(data_dir) as server:
+        client = FactoryClient(server.url)
+        stopped = client.job(job["id"])
+        assert stopped["status"] == "FAILED"
+        assert "shut down while this job was RUNNING" in stopped["error"]
+        assert client.wait(queued["id"], statuses=("VALIDATED",))["status"] == "VALIDATED"
+        client.close()

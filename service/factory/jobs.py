@@ -375,7 +375,7 @@ class JobManager:
             "hyperparameters": job.doc["hyperparameters"],
             "output_dir": str(self.store.model_dir(job.id)),
             "checkpoints": self.settings.checkpoints,
-            "seed": int(job.id.replace("-", "")[:8], 16),
+            "seed": 0,  # deterministic: the same data and hyperparameters give the same model
         }
         spec_path = job_dir / "spec.json"
         spec_path.write_bytes(orjson.dumps(spec))

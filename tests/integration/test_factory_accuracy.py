@@ -3,8 +3,8 @@
 The factory is trained through its API exactly like Mistral's documented example
 (`ministral-3b-latest`, `training_steps: 100`, `learning_rate: 4e-5`) and scored through
 `/v1/classifications`; a scikit-learn TF-IDF + logistic regression baseline is fitted on the same
-split here. Measured on 2026-11-23 (this split, seed 0; training is deterministic): factory macro-F1 0.981,
-baseline 0.974.
+split here. Measured on 2026-11-23 (this split, seed 0; training is deterministic): factory
+macro-F1 0.981, baseline 0.974.
 The floor below leaves room for the hashing and threading noise of other machines, not for a
 regression: a broken optimiser or featurizer lands far below it.
 """

@@ -43,6 +43,7 @@ from service.factory.model import BASE_ALIASES, BASE_MODEL, BATCH_SIZE, Hyperpar
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, Store, now
+from service.factory.trainer import PARENT_ENV
 
 log = logging.getLogger("service.factory.jobs")
 
@@ -382,6 +383,7 @@ class JobManager:
         env = dict(os.environ)
         root = _PACKAGE_ROOT
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env[PARENT_ENV] = str(os.getpid())
         stderr_path = job_dir / "trainer.log"
         with stderr_path.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import sys
@@ -23,6 +24,8 @@ from service.factory.data import Example, TargetSpec, validate_file
 from service.factory.model import Checkpoint, Hyperparameters, train
 
 _PR_SET_PDEATHSIG = 1
+#: The factory's pid, set by the factory when it starts a trainer.
+PARENT_ENV = "FACTORY_TRAINER_PARENT_PID"
 
 
 def _emit(message: dict[str, Any]) -> None:
@@ -87,10 +90,14 @@ def run(spec: dict[str, Any]) -> None:
 
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the factory dies, so a crashed factory leaves no orphan training
-    (its restart marks the job FAILED; a trainer still running would be invisible to it)."""
+    (its restart marks the job FAILED; a trainer still running would be invisible to it). If the
+    factory died before this ran, the parent is already someone else: stop at once."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit() and os.getppid() != int(parent):
+        os._exit(3)
 
 
 def main(argv: list[str]) -> int:

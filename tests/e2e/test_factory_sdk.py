@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,19 @@ def test_current_sdk_sees_mistral_errors(factory_url: str) -> None:
     assert unauthorized.value.status_code == 401
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
 def test_running_job_at_crash_is_failed_with_the_reason(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     process = FactoryProcess(data_dir).start()
@@ -133,6 +147,11 @@ def test_running_job_at_crash_is_failed_with_the_reason(tmp_path: Path) -> None:
         queued = client.create_job(file["id"], suffix="after-crash")
         client.close()
         process.kill()
+        # The trainer dies with the factory (no orphan keeps a core busy).
+        deadline = time.monotonic() + 10
+        while _processes_mentioning(str(data_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _processes_mentioning(str(data_dir))
         process.start()
         client = FactoryClient(process.url)
         crashed = client.job(long["id"])

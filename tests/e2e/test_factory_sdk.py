@@ -18,6 +18,7 @@ from mistralai.client import Mistral
 from mistralai.client.errors import HTTPValidationError, SDKError
 
 from tests.support.factory import (
+    LONG_STEPS,
     REPO,
     FactoryClient,
     FactoryProcess,
@@ -142,7 +143,7 @@ def test_running_job_at_crash_is_failed_with_the_reason(tmp_path: Path) -> None:
         client = FactoryClient(process.url)
         done = client.train(jsonl(sentiment_rows(60)))
         file = client.upload(jsonl(sentiment_rows(300, seed=9)), name="long.jsonl")
-        long = client.create_job(file["id"], hyperparameters={"training_steps": 1_000_000})
+        long = client.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
         client.wait(long["id"], statuses=("RUNNING",), timeout_s=30)
         queued = client.create_job(file["id"], suffix="after-crash")
         client.close()

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.support.factory import (
+    LONG_STEPS,
     FactoryClient,
     chat_rows,
     jsonl,
@@ -280,7 +281,7 @@ def test_limits_on_classification(tmp_path: Path) -> None:
 
 def test_cancel_mid_training(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(300)))
-    created = factory.create_job(file["id"], hyperparameters={"training_steps": 1_000_000})
+    created = factory.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
     factory.wait(created["id"], statuses=("RUNNING",), timeout_s=30)
     time.sleep(0.5)
     r = factory.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
@@ -299,7 +300,7 @@ def test_cancel_mid_training(factory: FactoryClient) -> None:
 
 def test_one_job_at_a_time_the_rest_queued(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(200)))
-    long = factory.create_job(file["id"], hyperparameters={"training_steps": 1_000_000})
+    long = factory.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
     factory.wait(long["id"], statuses=("RUNNING",), timeout_s=30)
     queued = factory.create_job(file["id"], suffix="second")
     time.sleep(0.5)
@@ -419,7 +420,7 @@ def test_shutdown_during_training_fails_the_job_with_the_reason(tmp_path: Path) 
     with running_factory(data_dir) as server:
         client = FactoryClient(server.url)
         file = client.upload(jsonl(sentiment_rows(200)))
-        job = client.create_job(file["id"], hyperparameters={"training_steps": 1_000_000})
+        job = client.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
         client.wait(job["id"], statuses=("RUNNING",), timeout_s=30)
         queued = client.create_job(file["id"], suffix="next", auto_start=False)
         client.close()

@@ -30,6 +30,9 @@ SDK_251_DIR = CACHE / "mistralai-2.5.1"
 CORPORA_DIR = CACHE / "corpora"
 TERMINAL = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
 MISTRAL_EXAMPLE = {"training_steps": 100, "learning_rate": 4e-5}
+#: A job long enough (tens of seconds) to be caught RUNNING, cancelled or crashed, and short
+#: enough that a trainer which outlived a broken test does not hog a shared machine for long.
+LONG_STEPS = 30_000
 
 
 def jsonl(rows: Sequence[Any]) -> bytes:

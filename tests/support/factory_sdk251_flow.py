@@ -18,6 +18,8 @@ from typing import Any
 import mistralai.client
 from mistralai.client import Mistral
 
+LONG_STEPS = 30_000  # as tests/support/factory.py (this script runs with the 2.5.1 SDK only)
+
 
 def _known(obj: Any) -> Any:
     """Union responses fall back to an `Unknown...` model instead of failing: that is a failure
@@ -107,7 +109,7 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[
     long = _known(client.fine_tuning.jobs.create(
         model="ministral-3b-latest", job_type="classifier",
         training_files=[{"file_id": text_file.id, "weight": 1}],
-        hyperparameters={"training_steps": 1_000_000}, auto_start=True, suffix="sdk-cancel",
+        hyperparameters={"training_steps": LONG_STEPS}, auto_start=True, suffix="sdk-cancel",
     ))
     wait(client, long.id, ("RUNNING",))
     cancelled = _known(client.fine_tuning.jobs.cancel(job_id=long.id))

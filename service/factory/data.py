@@ -380,6 +380,9 @@ def validate_lines(
     """
     validator = _Validator(kind, targets, keep_examples, max_errors, long_text_chars)
     for number, raw in enumerate(lines, start=first_line):
+        if number == first_line:  # files saved by some Windows tools start with a BOM
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if isinstance(raw, bytes) \
+                else raw.removeprefix("\ufeff")
         validator.line(number, raw)
     return validator.report
 

@@ -193,3 +193,11 @@ def test_merge_reports_adds_up_counts_and_labels() -> None:
     assert merged.duplicates == 1
     assert merged.targets["sentiment"].label_counts == {"positive": 2, "negative": 1}
     assert merge_reports([a]) is a
+
+
+def test_bom_and_crlf_are_tolerated() -> None:
+    raw = b"\xef\xbb\xbf" + orjson.dumps(GOOD_TEXT) + b"\r\n" + orjson.dumps(GOOD_TEXT) + b"\r\n"
+    report = validate_lines(raw.splitlines(keepends=True))
+    assert report.ok and report.valid == 2
+    text = "\ufeff" + orjson.dumps(GOOD_TEXT).decode()
+    assert validate_lines([text]).ok

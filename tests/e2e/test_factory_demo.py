@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,16 @@ from tests.support.factory import REPO
 from tests.support.redis_server import RedisServer, free_port
 
 
-def _demo(data_dir: Path, redis_url: str) -> str:
+def _demo(data_dir: Path, redis_url: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "service.cli", "demo", "--once", "--port", str(free_port()),
          "--factory-port", str(free_port()), "--data-dir", str(data_dir),
          "--redis-url", redis_url],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def test_demo_trains_registers_answers_and_reuses(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -58,3 +60,13 @@ def test_demo_refuses_a_busy_port(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert f"port {port} for the gateway is in use" in done.stderr
     assert "--port" in done.stderr
+
+
+def test_demo_with_keys_on_both_services_never_prints_them(tmp_path: Path) -> None:
+    out = _demo(tmp_path / "data", "", env={"FACTORY_API_KEY": "factory-secret-1",
+                                            "GATEWAY_API_KEYS": "gateway-secret-1,other"})
+    assert "First answer: " in out and "Redis: disabled" in out
+    assert "factory-secret-1" not in out and "gateway-secret-1" not in out
+    assert "$GATEWAY_KEY" in out
+    tasks = (tmp_path / "data" / "demo-tasks.yaml").read_text()
+    assert "api_key_env: FACTORY_API_KEY" in tasks and "factory-secret-1" not in tasks

@@ -179,22 +179,43 @@ def train_task(client: httpx.Client, task: DemoTask) -> str:
         time.sleep(0.1)
 
 
-def write_tasks_file(path: Path, factory_url: str, models: dict[str, str]) -> None:
-    """The gateway's tasks file (DESIGN.md): upstream `local` is the factory."""
+def write_tasks_file(path: Path, factory_url: str, models: dict[str, str],
+                     factory_key_env: str | None = None) -> None:
+    """The gateway's tasks file (DESIGN.md): upstream `local` is the factory (with the name of the
+    variable holding its key, when it has one; never the key itself)."""
     tasks = {task.name: {"upstream": "local", "model": models[task.name], "kind": task.kind,
                          "cache_ttl_s": 3600} for task in TASKS}
+    local: dict[str, str] = {"base_url": factory_url}
+    if factory_key_env:
+        local["api_key_env"] = factory_key_env
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Written by `classifier-gateway demo`; edit freely, the gateway reloads it.\n"
-                    + yaml.safe_dump({"upstreams": {"local": {"base_url": factory_url}},
-                                      "tasks": tasks}, sort_keys=False))
+                    + yaml.safe_dump({"upstreams": {"local": local}, "tasks": tasks},
+                                     sort_keys=False))
 
 
-def curl_lines(gateway_url: str) -> list[str]:
+def _gateway_key() -> str | None:
+    """One client key of the gateway, when GATEWAY_API_KEYS sets some (comma-separated, or a file
+    with one per line), for the demo's own check; it is never printed."""
+    raw = os.environ.get("GATEWAY_API_KEYS", "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if "," not in raw and path.is_file():
+        keys = [k.strip() for k in path.read_text().splitlines()
+                if k.strip() and not k.startswith("#")]
+    else:
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def curl_lines(gateway_url: str, with_key: bool = False) -> list[str]:
+    auth = ' -H "Authorization: Bearer $GATEWAY_KEY"' if with_key else ""
     lines = []
     for task in TASKS:
         route = "/classify" if task.kind == "text" else "/classify-chat"
         body = json.dumps(task.example)
-        lines.append(f"curl -s {gateway_url}{route} -H 'Content-Type: application/json' "
+        lines.append(f"curl -s {gateway_url}{route} -H 'Content-Type: application/json'{auth} "
                      f"-d '{body}'")
     return lines
 
@@ -227,10 +248,13 @@ def run_demo(options: DemoOptions) -> int:
         running.append(factory)
         _wait_http(f"{factory_url}/healthz", factory, "factory")
         _say("Training the demo tasks (training_steps 100; reused when already trained) ...")
-        with httpx.Client(base_url=factory_url, timeout=60) as client:
+        factory_key = os.environ.get("FACTORY_API_KEY") or None
+        headers = {"Authorization": f"Bearer {factory_key}"} if factory_key else {}
+        with httpx.Client(base_url=factory_url, timeout=60, headers=headers) as client:
             models = {task.name: train_task(client, task) for task in TASKS}
         tasks_file = data_dir / "demo-tasks.yaml"
-        write_tasks_file(tasks_file, factory_url, models)
+        write_tasks_file(tasks_file, factory_url, models,
+                         "FACTORY_API_KEY" if factory_key else None)
         _say(f"Tasks file: {tasks_file}")
         _say(redis_note)
         gateway = _spawn(["serve", "--host", options.host, "--port", str(options.port),
@@ -238,7 +262,9 @@ def run_demo(options: DemoOptions) -> int:
                           "--log-level", "warning"])
         running.append(gateway)
         _wait_http(f"{gateway_url}/readyz", gateway, "gateway")
-        r = httpx.post(f"{gateway_url}/classify", json=TASKS[0].example, timeout=10)
+        gateway_key = _gateway_key()
+        r = httpx.post(f"{gateway_url}/classify", json=TASKS[0].example, timeout=10,
+                       headers={"Authorization": f"Bearer {gateway_key}"} if gateway_key else {})
         if r.status_code != 200:
             raise DemoError(f"the gateway answered {r.status_code} to a demo classification: "
                             f"{r.text[:300]}")
@@ -246,7 +272,9 @@ def run_demo(options: DemoOptions) -> int:
              f"factory {factory_url}.")
         _say(f"First answer: {r.text}")
         _say("Try:")
-        for line in curl_lines(gateway_url):
+        if gateway_key:
+            _say("  (GATEWAY_API_KEYS is set: export GATEWAY_KEY=<one of them> first)")
+        for line in curl_lines(gateway_url, with_key=bool(gateway_key)):
             _say(f"  {line}")
         if options.once:
             return 0

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
+    from service.commands import register as add_workflow_commands  # data, finetune, jobs, ...
+    add_workflow_commands(sub)
     return parser
 
 
@@ -82,4 +84,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("service.cli", sys.modules[__name__])  # one UserError under `python -m`
     sys.exit(main())

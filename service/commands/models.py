@@ -31,7 +31,8 @@ def register(sub: Sub) -> None:
 
 
 def _fine_tuned(model: dict[str, object]) -> bool:
-    return str(model.get("id", "")).startswith("ft:") or model.get("job") is not None
+    return (model.get("type") == "fine-tuned" or str(model.get("id", "")).startswith("ft:")
+            or model.get("job") is not None)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

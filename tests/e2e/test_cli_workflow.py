@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -331,3 +332,65 @@ def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
     cancelled = stack.cli("jobs", "cancel", job_id.group(1))
     assert cancelled.returncode == 0
     assert cancelled.stdout.startswith(f"job {job_id.group(1)}: CANCEL")
+
+
+def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> None:
+    train = small_corpus(stack, "tty.jsonl")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "tty", "--train", str(train),
+         "--training-steps", "20", "--poll-interval", "0.1"],
+        cwd=REPO, env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    out = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, shown.decode(errors="replace")
+    text = shown.decode()
+    assert "\r[########################] 100% job " in text and " SUCCESS  step 20/20" in text
+    assert text.count("\n") <= 4  # uploading, created, the one redrawn line (and its end)
+    assert "task tty -> ft:classifier:" in out
+
+
+def chat_corpus(stack: Stack) -> Path:
+    """Conversations: a user asks about an article, labelled with its topic."""
+    path = stack.workdir / "chat.jsonl"
+    rows = []
+    for line in small_corpus(stack, "chat-source.jsonl").read_bytes().splitlines():
+        example = orjson.loads(line)
+        rows.append(orjson.dumps({"messages": [
+            {"role": "user", "content": "What is this article about?"},
+            {"role": "assistant", "content": example["text"][:1500]}],
+            "labels": example["labels"]}))
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_a_chat_classifier_is_registered_as_a_chat_task(stack: Stack) -> None:
+    tuned = stack.cli("finetune", "--task", "chat-topic", "--train", str(chat_corpus(stack)),
+                      "--training-steps", "20", "--json")
+    assert tuned.returncode == 0, tuned.stderr
+    body = orjson.loads(tuned.stdout)
+    assert body["task"]["kind"] == "chat" and body["job"]["status"] == "SUCCESS"
+    wait_for_task(stack, "chat-topic", body["task"]["model"])
+    conversation = stack.workdir / "conversation.json"
+    conversation.write_bytes(orjson.dumps([
+        {"role": "user", "content": "What is this article about?"},
+        {"role": "assistant", "content": "The new smartphone chip doubles battery life, and the "
+                                         "software update brings faster broadband downloads."}]))
+    answered = stack.cli("classify-chat", "--task", "chat-topic", "--messages",
+                         str(conversation))
+    assert answered.returncode == 0, answered.stderr
+    row = answered.stdout.splitlines()[1]
+    assert row.startswith("assistant: The new smartphone") and row.split()[-3:-1] == ["topic", "tech"]
+    wrong_route = stack.cli("classify", "--task", "chat-topic", "hello")
+    assert wrong_route.returncode == 1 and "HTTP 400" in one_line_error(wrong_route)

@@ -98,9 +98,22 @@ def job_request(args: argparse.Namespace, upstream: Upstream, train_id: str,
     }
 
 
+def total_steps(job: dict[str, Any]) -> int | None:
+    """The job's number of steps: as requested, or else as the upstream planned it (Mistral's job
+    metadata gives tokens per step and tokens in all, once the job is validated)."""
+    steps = (job.get("hyperparameters") or {}).get("training_steps")
+    if isinstance(steps, int):
+        return steps
+    metadata = job.get("metadata") or {}
+    per_step, tokens = metadata.get("train_tokens_per_step"), metadata.get("train_tokens")
+    if isinstance(per_step, int | float) and isinstance(tokens, int | float) and per_step > 0:
+        return round(tokens / per_step)
+    return None
+
+
 def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
     metrics = last_metrics(job)
-    total = (job.get("hyperparameters") or {}).get("training_steps")
+    total = total_steps(job)
     step = metrics.get("step")
     parts = [f"job {str(job.get('id'))[:8]} {job.get('status')}"]
     if step is not None:
@@ -110,8 +123,7 @@ def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
             parts.append(f"{name} {metrics[key]:.4f}")
     status = job.get("status")
     done = total if status == "SUCCESS" else step
-    return "  ".join(parts), done if isinstance(done, int) else None, \
-        total if isinstance(total, int) else None
+    return "  ".join(parts), done if isinstance(done, int) else None, total
 
 
 def watch(api: Api, job_id: str, progress: Progress, poll_interval: float) -> dict[str, Any]:
@@ -219,15 +231,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.tasks.exists():
         tasksfile.load(args.tasks)  # a broken tasks file fails now, not after the training
     multi_label = [s.name for s in train.targets.values() if s.loss_function == "multi_class"]
-    say = Progress()
     with upstream_api(upstream) as api:
-        say.update(f"uploading {args.train} ({train.valid} {kind} examples) to {upstream.label}")
+        print(f"uploading {args.train} ({train.valid} {kind} examples) to {upstream.label}",
+              file=sys.stderr, flush=True)
         train_file = upload_file(api, args.train)
         validation_id = None
         if args.validation is not None:
-            say.update(f"uploading {args.validation}")
+            print(f"uploading {args.validation} ({validation.valid} examples)", file=sys.stderr,
+                  flush=True)
             validation_id = upload_file(api, args.validation)["id"]
-        say.close()
         job = api.post("/v1/fine_tuning/jobs",
                        json=job_request(args, upstream, train_file["id"], validation_id))
         if not isinstance(job, dict) or not job.get("id"):

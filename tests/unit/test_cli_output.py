@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.commands.api import Upstream, error_message
-from service.commands.finetune import job_request, progress_line, suffix_for
+from service.commands.finetune import job_request, progress_line, suffix_for, total_steps
 from service.commands.jobs import failure_reason, last_metrics
 from service.commands.output import Progress, table
 
@@ -95,3 +95,10 @@ def test_job_request_sends_only_given_hyperparameters_and_a_safe_suffix() -> Non
     assert body["validation_files"] == []
     assert body["suffix"] == "news-topics-bbc-20" and len(body["suffix"]) <= 18
     assert suffix_for("!!!") == "classifier"
+
+
+def test_total_steps_as_requested_or_as_the_upstream_planned_them() -> None:
+    assert total_steps({"hyperparameters": {"training_steps": 30}}) == 30
+    assert total_steps({"hyperparameters": {"training_steps": None},
+                        "metadata": {"train_tokens_per_step": 1000, "train_tokens": 100_000}}) == 100
+    assert total_steps({"hyperparameters": {}, "metadata": None}) is None

@@ -115,7 +115,7 @@ def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
     metrics = last_metrics(job)
     total = total_steps(job)
     step = metrics.get("step")
-    parts = [f"job {str(job.get('id'))[:8]} {job.get('status')}"]
+    parts = [str(job.get("status"))]  # the job's id is on the line before, `job ... created`
     if step is not None:
         parts.append(f"step {step}/{total}" if total else f"step {step}")
     for key, name in (("train_loss", "train loss"), ("valid_loss", "valid loss")):

@@ -83,7 +83,9 @@ class Progress:
             self._drawn = False
 
 
-def _bar(done: int | None, total: int, width: int = 24) -> str:
+def _bar(done: int | None, total: int, width: int = 16) -> str:
+    """Narrow, without a percentage: the message beside it says `step n/N`, and the whole line
+    should fit an 80-column terminal."""
     fraction = min(1.0, max(0.0, (done or 0) / total))
     filled = round(fraction * width)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} "
+    return f"[{'#' * filled}{'.' * (width - filled)}] "

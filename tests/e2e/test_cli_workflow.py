@@ -6,6 +6,7 @@ and exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import pty
@@ -13,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -145,7 +147,7 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
     assert re.search(r"metrics at step 40: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
     # Off a terminal, progress is plain lines on stderr, one per change.
-    assert re.search(r"^job \w{8} RUNNING", tuned.stderr, re.MULTILINE), tuned.stderr
+    assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr
 
     wait_for_task(stack, "news", model.group(1))
@@ -266,34 +268,45 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     assert (got["status"], got["fine_tuned_model"]) == ("SUCCESS", model.group(1))
 
 
-def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
-    train = small_corpus(stack, "long.jsonl", per_label=100)
+@contextlib.contextmanager
+def finetune_interrupted_while_running(stack: Stack, task: str
+                                       ) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A long `finetune`, sent SIGINT (Ctrl-C) once its job runs; yields (process, job id). A
+    watchdog kills it if it never gets there, so a broken CLI fails the test instead of hanging."""
+    train = small_corpus(stack, f"{task}.jsonl", per_label=100)
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "finetune", "--task", "long", "--train", str(train),
+        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
          "--training-steps", "100000", "--poll-interval", "0.2"],
         cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    assert process.stdin is not None and process.stderr is not None
-    seen = []
+    watchdog = threading.Timer(60, process.kill)
+    watchdog.start()
     try:
+        assert process.stderr is not None
+        seen = []
         for line in process.stderr:
             seen.append(line)
-            if " RUNNING" in line:
+            if line.startswith("RUNNING"):
                 break
         job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
-        assert job_id, seen
+        assert job_id and seen[-1].startswith("RUNNING"), seen
         process.send_signal(signal.SIGINT)
-        process.stdin.write("y\n")
-        process.stdin.flush()
-        _, err = process.communicate(timeout=30)
+        yield process, job_id.group(1)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
+            process.wait()
+
+
+def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
+    with finetune_interrupted_while_running(stack, "long") as (process, job_id):
+        _, err = process.communicate("y\n", timeout=30)
     assert process.returncode == 130
-    assert f"Cancel job {job_id.group(1)}? [y/N] " in err
+    assert f"Cancel job {job_id}? [y/N] " in err
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        status = orjson.loads(stack.cli("jobs", "get", job_id.group(1), "--json").stdout)["status"]
+        status = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)["status"]
         if status == "CANCELLED":
             break
         time.sleep(0.2)
@@ -302,36 +315,16 @@ def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
 
 
 def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
-    train = small_corpus(stack, "keep.jsonl", per_label=100)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "finetune", "--task", "keep", "--train", str(train),
-         "--training-steps", "100000", "--poll-interval", "0.2"],
-        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    assert process.stdin is not None and process.stderr is not None
-    seen = []
-    try:
-        for line in process.stderr:
-            seen.append(line)
-            if " RUNNING" in line:
-                break
-        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
-        assert job_id, seen
-        process.send_signal(signal.SIGINT)
-        process.stdin.close()  # no answer at all counts as no
-        err = process.stderr.read()
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    with finetune_interrupted_while_running(stack, "keep") as (process, job_id):
+        _, err = process.communicate("", timeout=30)  # no answer at all counts as no
     assert process.returncode == 130
-    assert (f"job {job_id.group(1)} keeps running; follow it with `classifier-gateway jobs wait "
-            f"{job_id.group(1)} --task keep --kind text`") in err
-    job = orjson.loads(stack.cli("jobs", "get", job_id.group(1), "--json").stdout)
+    assert (f"job {job_id} keeps running; follow it with `classifier-gateway jobs wait "
+            f"{job_id} --task keep --kind text`") in err
+    job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
     assert job["status"] == "RUNNING"
-    cancelled = stack.cli("jobs", "cancel", job_id.group(1))
+    cancelled = stack.cli("jobs", "cancel", job_id)
     assert cancelled.returncode == 0
-    assert cancelled.stdout.startswith(f"job {job_id.group(1)}: CANCEL")
+    assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
 
 
 def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> None:
@@ -356,7 +349,7 @@ def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> 
     out = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, shown.decode(errors="replace")
     text = shown.decode()
-    assert "\r[########################] 100% job " in text and " SUCCESS  step 20/20" in text
+    assert "\r[################] SUCCESS  step 20/20  train loss " in text
     assert text.count("\n") <= 4  # uploading, created, the one redrawn line (and its end)
     assert "task tty -> ft:classifier:" in out
 

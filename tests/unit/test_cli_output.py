@@ -39,8 +39,8 @@ def test_progress_redraws_one_line_with_a_bar_on_a_terminal() -> None:
     progress.close()
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")
-    assert "\r[######..................]  25% RUNNING" in text
-    assert "\r[########################] 100% SUCCESS" in text
+    assert "\r[####............] RUNNING" in text
+    assert "\r[################] SUCCESS" in text
 
 
 @pytest.mark.parametrize(("body", "expected"), [
@@ -71,9 +71,9 @@ JOB = {
 def test_progress_line_shows_the_newest_checkpoint() -> None:
     assert last_metrics(JOB) == {"step": 40, "train_loss": 0.5, "valid_loss": 0.7}
     assert progress_line(JOB) == (
-        "job 01234567 RUNNING  step 40/50  train loss 0.5000  valid loss 0.7000", 40, 50)
+        "RUNNING  step 40/50  train loss 0.5000  valid loss 0.7000", 40, 50)
     assert progress_line({"id": "x", "status": "QUEUED", "hyperparameters": {}}) == (
-        "job x QUEUED", None, None)
+        "QUEUED", None, None)
 
 
 def test_failure_reason_from_a_message_or_the_last_event() -> None:

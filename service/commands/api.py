@@ -93,6 +93,11 @@ def error_message(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
+class TransientError(UserError):
+    """The server is unreachable, overloaded or failing for now (connection refused, timeout, 429,
+    5xx): worth another try when watching a job, which must not be given up for one bad poll."""
+
+
 class Api:
     """A small synchronous client: the CLI does one thing at a time, so httpx.Client suffices."""
 
@@ -117,16 +122,20 @@ class Api:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError:
-            raise UserError(f"cannot reach {self.what} at {self.base_url}: {self.start_hint}"
-                            ) from None
+            raise TransientError(f"cannot reach {self.what} at {self.base_url}: "
+                                 f"{self.start_hint}") from None
         except httpx.TimeoutException:
-            raise UserError(f"{self.what} at {self.base_url} did not answer in time; "
+            raise TransientError(f"{self.what} at {self.base_url} did not answer in time; "
                             "try again, or check that it is not overloaded") from None
         except httpx.TransportError as exc:
-            raise UserError(f"talking to {self.what} at {self.base_url} failed: {exc}") from None
+            raise TransientError(f"talking to {self.what} at {self.base_url} failed: {exc}"
+                                 ) from None
         if response.status_code == 401 or response.status_code == 403:
             raise UserError(f"{self.what} refused the key (HTTP {response.status_code}): set "
                             f"{self.key_env} to a valid key")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"{self.what} answered HTTP {response.status_code} to {method} "
+                                 f"{path}: {error_message(response)}")
         if response.status_code >= 400:
             raise UserError(f"{self.what} answered HTTP {response.status_code} to {method} {path}: "
                             f"{error_message(response)}")

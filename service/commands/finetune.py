@@ -20,6 +20,7 @@ from service.commands import tasksfile
 from service.commands.api import (
     DEFAULT_MODELS,
     Api,
+    TransientError,
     Upstream,
     add_upstream_arguments,
     upload_file,
@@ -57,8 +58,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--suffix", help="a tag for the job (default: the task name)")
     p.add_argument("--no-wait", action="store_true",
                    help="start the job and return; then `jobs wait JOB_ID --task NAME`")
-    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
-                   help="seconds between status checks (default %(default)s)")
+    p.add_argument("--poll-interval", type=float, metavar="S",
+                   help="seconds between status checks (default 1 on local, 5 on mistral)")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON document at the end (progress still goes to stderr)")
@@ -126,11 +127,32 @@ def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
     return "  ".join(parts), done if isinstance(done, int) else None, total
 
 
-def watch(api: Api, job_id: str, progress: Progress, poll_interval: float) -> dict[str, Any]:
-    """Poll the job until it ends. Starts it if the upstream validated it but did not start it."""
+#: How long `watch` keeps polling through transient errors before it gives up.
+TRANSIENT_PATIENCE_S = 60.0
+
+
+def watch(api: Api, job_id: str, progress: Progress, poll_interval: float,
+          patience_s: float = TRANSIENT_PATIENCE_S) -> dict[str, Any]:
+    """Poll the job until it ends. Starts it if the upstream validated it but did not start it.
+    A failing poll (server restarting, rate limit) is retried for `patience_s`: the job runs on
+    the server either way, and giving up would leave it unregistered."""
     started = False
+    failing_since: float | None = None
     while True:
-        job = get_job(api, job_id)
+        try:
+            job = get_job(api, job_id)
+        except TransientError as exc:
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > patience_s:
+                progress.close()
+                raise UserError(f"{exc} (for {patience_s:.0f}s while watching job {job_id}; it "
+                                f"may still run: `classifier-gateway jobs wait {job_id}`)"
+                                ) from None
+            progress.update(f"{exc}; retrying")
+            time.sleep(min(max(poll_interval, 0.5) * 2, 10.0))
+            continue
+        failing_since = None
         if job.get("status") == "VALIDATED" and not started and not job.get("auto_start"):
             job = api.post(f"/v1/fine_tuning/jobs/{job_id}/start")
             started = True
@@ -159,8 +181,9 @@ def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
                         follow_up: str) -> dict[str, Any] | None:
     """`watch`, with Ctrl-C offering to cancel. Returns None when the user stopped watching."""
     progress = Progress()
+    interval = args.poll_interval or (5.0 if args.upstream == "mistral" else 1.0)
     try:
-        return watch(api, job_id, progress, args.poll_interval)
+        return watch(api, job_id, progress, interval)
     except KeyboardInterrupt:
         progress.close()
         if ask(f"Cancel job {job_id}? [y/N] "):

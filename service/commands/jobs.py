@@ -51,8 +51,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--task", metavar="NAME", help="register the model under this task")
     p.add_argument("--kind", choices=("text", "chat"), default="text",
                    help="the task's kind, with --task (default %(default)s)")
-    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
-                   help="seconds between status checks (default %(default)s)")
+    p.add_argument("--poll-interval", type=float, metavar="S",
+                   help="seconds between status checks (default 1 on local, 5 on mistral)")
     add_tasks_file_argument(p)
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")

@@ -387,3 +387,47 @@ def test_a_chat_classifier_is_registered_as_a_chat_task(stack: Stack) -> None:
     assert row.startswith("assistant: The new smartphone") and row.split()[-3:-1] == ["topic", "tech"]
     wrong_route = stack.cli("classify", "--task", "chat-topic", "hello")
     assert wrong_route.returncode == 1 and "HTTP 400" in one_line_error(wrong_route)
+
+
+def test_watching_survives_a_factory_restart_and_reports_the_failed_job(
+        stack: Stack, tmp_path: Path) -> None:
+    """The factory stops while the job trains: `finetune` keeps polling through the outage, and
+    when the factory is back it reports the job FAILED with the factory's reason."""
+    port = free_port()
+    factory_env = {"FACTORY_PORT": str(port), "FACTORY_DATA_DIR": str(tmp_path / "data")}
+    factory = spawn(["-m", "service.cli", "factory"], port=port, log=tmp_path / "factory-1.log",
+                    env=factory_env)
+    train = small_corpus(stack, "restart.jsonl", per_label=100)
+    env = {**stack.env, "FACTORY_URL": f"http://127.0.0.1:{port}", "FACTORY_API_KEY": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "restart", "--train",
+         str(train), "--training-steps", "100000", "--poll-interval", "0.2"],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(90, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("RUNNING"):
+                break
+        stop(factory)
+        for line in process.stderr:
+            seen.append(line)
+            if "retrying" in line:
+                break
+        assert "cannot reach the local factory" in seen[-1], seen
+        factory = spawn(["-m", "service.cli", "factory"], port=port,
+                        log=tmp_path / "factory-2.log", env=factory_env)
+        _, err = process.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+        stop(factory)
+    assert process.returncode == 1
+    assert re.fullmatch(r"classifier-gateway: job \S+ FAILED: .+", one_line_error(
+        subprocess.CompletedProcess([], 1, "", "".join(seen) + err)))
+    assert "restart" not in stack.tasks.read_text()

@@ -235,3 +235,25 @@ def test_concurrent_edits_lose_nothing(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(load_registry(tasks).tasks) == [f"t{i}" for i in range(8)]
+
+
+def test_watching_gives_up_after_its_patience_when_the_server_stays_down() -> None:
+    import io
+    import socket
+
+    from service.cli import UserError
+    from service.commands.api import Api
+    from service.commands.finetune import watch
+    from service.commands.output import Progress
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        stream = io.StringIO()
+        with Api(url, what="the local factory", key=None, key_env="FACTORY_API_KEY",
+                 start_hint="start it") as api, pytest.raises(UserError) as error:
+            watch(api, "job-1", Progress(stream, tty=False), 0.01, patience_s=0.2)
+    assert str(error.value) == (f"cannot reach the local factory at {url}: start it (for 0s while "
+                                "watching job job-1; it may still run: `classifier-gateway jobs "
+                                "wait job-1`)")
+    assert stream.getvalue() == f"cannot reach the local factory at {url}: start it; retrying\n"

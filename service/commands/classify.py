@@ -63,6 +63,8 @@ def _show(args: argparse.Namespace, inputs: list[str], response: dict[str, Any])
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    if not args.texts and sys.stdin.isatty():
+        raise UserError("nothing to classify: give TEXT arguments, or pipe one text per line")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise UserError("nothing to classify: give TEXT arguments or lines on standard input")

@@ -195,6 +195,19 @@ def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
         return None
 
 
+def warn_if_elsewhere(path: Path, upstream: Upstream) -> None:
+    """The tasks file's upstream of that name wins (an operator may route it through a proxy),
+    but if it points somewhere else than where the model was trained, the gateway may not find
+    the model: say so."""
+    if not path.exists():
+        return
+    existing = tasksfile.load(path).upstreams.get(upstream.name)
+    if existing is not None and existing.base_url != upstream.base_url:
+        print(f"note: upstream {upstream.name!r} in {path} is {existing.base_url}, but this model "
+              f"was trained on {upstream.base_url}; change it there if the gateway should ask "
+              "the latter", file=sys.stderr)
+
+
 def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
            kind: str, multi_label: list[str], started_at: float | None) -> int:
     """Report the outcome; on SUCCESS register the model under the task."""
@@ -214,6 +227,8 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
     if targets:
         multi_label = [t["name"] for t in targets
                        if isinstance(t, dict) and t.get("loss_function") == "multi_class"]
+    if isinstance(upstream, Upstream):
+        warn_if_elsewhere(args.tasks, upstream)
     register_task(args.tasks, args.task, upstream, model=model, kind=kind,
                   multi_label_targets=multi_label)
     row = next(r for r in task_rows(args.tasks) if r["name"] == args.task)

@@ -257,3 +257,19 @@ def test_watching_gives_up_after_its_patience_when_the_server_stays_down() -> No
                                 "watching job job-1; it may still run: `classifier-gateway jobs "
                                 "wait job-1`)")
     assert stream.getvalue() == f"cannot reach the local factory at {url}: start it; retrying\n"
+
+
+def test_finetune_notes_when_the_tasks_file_points_the_upstream_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.commands.api import Upstream
+    from service.commands.finetune import warn_if_elsewhere
+
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"upstreams": {"local": {"base_url": "http://proxy:9000"}},
+                                     "tasks": {}}))
+    warn_if_elsewhere(tasks, Upstream("local", "http://proxy:9000", "FACTORY_API_KEY"))
+    assert capsys.readouterr().err == ""
+    warn_if_elsewhere(tasks, Upstream("local", "http://127.0.0.1:8100", "FACTORY_API_KEY"))
+    assert capsys.readouterr().err == (
+        f"note: upstream 'local' in {tasks} is http://proxy:9000, but this model was trained on "
+        "http://127.0.0.1:8100; change it there if the gateway should ask the latter\n")

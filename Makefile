@@ -25,3 +25,5 @@ bench: install-dev
 	$(PY) -m bench.overhead
 	$(PY) -m bench.cache_hits
 	$(PY) -m bench.batching
+	$(PY) -m bench.upstream_transport
+	$(PY) -m bench.factory_bench

@@ -72,6 +72,8 @@ def _cmd_factory(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = FactorySettings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_factory(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, loop="uvloop", http="httptools", access_log=False)
     return 0
@@ -88,6 +90,38 @@ def _add_factory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_cmd_factory)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from service.factory.demo.runner import DemoError, DemoOptions, run_demo
+
+    options = DemoOptions(
+        data_dir=args.data_dir or Path(os.environ.get("FACTORY_DATA_DIR", "factory-data")),
+        port=args.port or int(os.environ.get("GATEWAY_PORT", "8000")),
+        factory_port=args.factory_port or int(os.environ.get("FACTORY_PORT", "8100")),
+        redis_url=args.redis_url, once=args.once,
+    )
+    try:
+        return run_demo(options)
+    except DemoError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="start the factory and the gateway, train two demo tasks, "
+                                    "print ready curl lines")
+    p.add_argument("--port", type=int, help="gateway port (GATEWAY_PORT, default 8000)")
+    p.add_argument("--factory-port", type=int, help="factory port (FACTORY_PORT, default 8100)")
+    p.add_argument("--data-dir", type=Path,
+                   help="factory data, reused across runs (FACTORY_DATA_DIR, default "
+                        "./factory-data)")
+    p.add_argument("--redis-url", help="Redis for the gateway's cache (default GATEWAY_REDIS_URL "
+                                       "or redis://127.0.0.1:6379 when it answers; empty for none)")
+    p.add_argument("--once", action="store_true",
+                   help="stop after the first classification answers (for scripts and CI)")
+    p.set_defaults(handler=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="classifier-gateway",
@@ -97,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_factory(sub)
+    _add_demo(sub)
     from service.commands import register as add_workflow_commands  # data, finetune, jobs, ...
     add_workflow_commands(sub)
     return parser

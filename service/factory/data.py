@@ -13,6 +13,8 @@ Public API:
 - `validate_lines(lines, kind=None, targets=None, ...) -> ValidationReport`
 - `validate_file(path, ...) -> ValidationReport` (same, reading a file)
 - `render_messages(messages) -> str`: how a conversation becomes one text for the features.
+- `merge_reports(reports) -> ValidationReport`: totals over several files.
+- `resolve_targets(report, declared=None) -> list[TargetSpec]`: the targets a model will have.
 - `ValidationReport` (`.ok`, `.kind`, `.examples`, `.targets`, `.errors`, `.to_dict()`, ...),
   `LineError`, `TargetStats`, `Example`, `TargetSpec`.
 """
@@ -387,6 +389,30 @@ def validate_file(path: Path | str, **options: Any) -> ValidationReport:
     far as its valid examples do; pass `keep_examples=False` for statistics alone)."""
     with Path(path).open("rb") as handle:
         return validate_lines(handle, **options)
+
+
+def merge_reports(reports: Sequence[ValidationReport]) -> ValidationReport:
+    """One report for several files (a job's training files): counts and targets added up; the
+    examples and errors stay in the per-file reports (their line numbers are per file)."""
+    if len(reports) == 1:
+        return reports[0]
+    merged = ValidationReport(kind=next((r.kind for r in reports if r.kind), None))
+    for report in reports:
+        merged.lines += report.lines
+        merged.valid += report.valid
+        merged.error_count += report.error_count
+        merged.duplicates += report.duplicates
+        merged.conflicting_duplicates += report.conflicting_duplicates
+        merged.empty_texts += report.empty_texts
+        merged.long_texts += report.long_texts
+        merged.total_chars += report.total_chars
+        merged.max_chars = max(merged.max_chars, report.max_chars)
+        for name, stats in report.targets.items():
+            into = merged.targets.setdefault(name, TargetStats(name))
+            into.label_counts.update(stats.label_counts)
+            into.examples += stats.examples
+            into.multi_label_examples += stats.multi_label_examples
+    return merged
 
 
 def resolve_targets(report: ValidationReport,

@@ -30,7 +30,13 @@ from typing import Any
 import orjson
 
 import service
-from service.factory.data import TargetSpec, ValidationReport, resolve_targets, validate_file
+from service.factory.data import (
+    TargetSpec,
+    ValidationReport,
+    merge_reports,
+    resolve_targets,
+    validate_file,
+)
 from service.factory.errors import Conflict, FactoryError, NotFound
 from service.factory.metrics import FactoryMetrics
 from service.factory.model import BASE_ALIASES, BASE_MODEL, BATCH_SIZE, Hyperparameters
@@ -44,6 +50,8 @@ BASE_MODELS = (BASE_MODEL, *BASE_ALIASES)
 # The directory holding the `service` package: the trainer child imports it from there even when
 # the factory runs from another working directory without the package installed.
 _PACKAGE_ROOT = str(Path(service.__file__).resolve().parent.parent)
+SHUTDOWN_REASON = ("the factory was shut down while this job was {status}; its partial work is "
+                   "lost: create the job again")
 CRASH_REASON = ("the factory stopped while this job was {status}; its partial work is lost: "
                 "create the job again")
 
@@ -91,14 +99,22 @@ class JobManager:
                         for i in range(self.settings.max_concurrent_jobs)]
 
     async def stop(self) -> None:
-        """Stop the workers; a job in training is killed and recorded as FAILED (the restart
-        would find it RUNNING and say the same)."""
-        for running in self.running.values():
+        """Stop the workers. A job caught validating or training is killed and recorded as
+        FAILED now (a crash leaves that to the next start, which says the same)."""
+        for task in self.workers:
+            task.cancel()
+        for job_id, running in list(self.running.items()):
             if running.process is not None and running.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     running.process.kill()
-        for task in self.workers:
-            task.cancel()
+            job = self.store.get_job(job_id)
+            if job is not None and job.status in ("VALIDATING", "RUNNING",
+                                                  "CANCELLATION_REQUESTED"):
+                if job.status == "CANCELLATION_REQUESTED":
+                    self._finish(job_id, "CANCELLED")
+                else:
+                    self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
+                        status=job.status))
         for task in self.workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -127,7 +143,9 @@ class JobManager:
             "training_files": [f.model_dump() for f in files],
             "validation_files": list(request.validation_files or []),
             "hyperparameters": hyper,
-            "integrations": request.integrations or [],
+            # A wandb integration carries an API key: never store or echo it.
+            "integrations": [{k: v for k, v in i.items() if k != "api_key"}
+                             for i in request.integrations or []],
             "invalid_sample_skip_percentage": request.invalid_sample_skip_percentage,
             "classifier_targets": targets,
             "fine_tuned_model": None, "trained_tokens": None, "metadata": None,
@@ -289,7 +307,7 @@ class JobManager:
                     f"invalid_sample_skip_percentage {skip:.1%}): {shown}"
                     + (" ..." if len(errors) > 3 else ""))
         training = [r for role, _, r in reports if role == "training"]
-        merged = _merge(training)
+        merged = merge_reports(training)
         targets = resolve_targets(merged, declared)
         for target in targets:
             if len(target.labels) < 2 and target.loss_function == "single_class":
@@ -319,7 +337,7 @@ class JobManager:
     def _dry_run(self, doc: dict[str, Any]) -> dict[str, Any]:
         reports = [validate_file(self.store.file_path(f["file_id"]), keep_examples=False,
                                  max_errors=0) for f in doc["training_files"]]
-        merged = _merge(reports)
+        merged = merge_reports(reports)
         hyper = Hyperparameters(training_steps=doc["hyperparameters"].get("training_steps"),
                                 epochs=doc["hyperparameters"].get("epochs"))
         steps = hyper.steps_for(merged.valid)
@@ -404,22 +422,4 @@ class JobManager:
         if self.on_model is not None:
             self.on_model(record)
         log.info("job %s: SUCCESS, model %s", job.id, model_id)
-
-
-def _merge(reports: list[ValidationReport]) -> ValidationReport:
-    if len(reports) == 1:
-        return reports[0]
-    merged = ValidationReport(kind=next((r.kind for r in reports if r.kind), None))
-    for report in reports:
-        merged.lines += report.lines
-        merged.valid += report.valid
-        merged.error_count += report.error_count
-        merged.total_chars += report.total_chars
-        merged.max_chars = max(merged.max_chars, report.max_chars)
-        for name, stats in report.targets.items():
-            into = merged.targets.setdefault(name, type(stats)(name))
-            into.label_counts.update(stats.label_counts)
-            into.examples += stats.examples
-            into.multi_label_examples += stats.multi_label_examples
-    return merged
 

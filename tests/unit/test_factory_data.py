@@ -181,3 +181,15 @@ def test_validate_file_reads_bytes(tmp_path: Path) -> None:
     report = validate_file(path, keep_examples=False)
     assert report.valid == 3 and report.examples == []
     assert report.errors[0].line == 4
+
+
+def test_merge_reports_adds_up_counts_and_labels() -> None:
+    from service.factory.data import merge_reports
+
+    a = validate_lines(_lines(GOOD_TEXT, GOOD_TEXT, "bad"))
+    b = validate_lines(_lines({"text": "no", "labels": {"sentiment": "negative"}}))
+    merged = merge_reports([a, b])
+    assert merged.valid == 3 and merged.lines == 4 and merged.error_count == 1
+    assert merged.duplicates == 1
+    assert merged.targets["sentiment"].label_counts == {"positive": 2, "negative": 1}
+    assert merge_reports([a]) is a

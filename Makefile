@@ -22,6 +22,6 @@ pytest:
 	$(PY) -m pytest -q
 
 bench: install-dev
-	$(PY) bench/overhead.py
-	$(PY) bench/cache_hits.py
-	$(PY) bench/batching.py
+	$(PY) -m bench.overhead
+	$(PY) -m bench.cache_hits
+	$(PY) -m bench.batching

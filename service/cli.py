@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 a user error (one-line reason on stderr), 2 wrong usage
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.gateway.app import create_app
+    from service.gateway.server import GatewayServer
     from service.gateway.settings import Settings
 
     overrides: dict[str, Any] = {
@@ -33,10 +36,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                loop="uvloop", http="httptools", access_log=False,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, loop="uvloop", http="httptools",
+                            access_log=False,
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
+    GatewayServer(config, app.state.lifecycle, settings.shutdown_delay_s).run()
     return 0
 
 

@@ -1,47 +1,423 @@
 """ResultCache: classification results in Redis, keyed by what determines them. Fails open.
 
-INTERFACE STUB: being implemented (see the gateway issue, item 4). The contract the rest of the gateway
-relies on is the signatures below.
+The cache is an optimisation, never a dependency: every Redis call is bounded by a short deadline, a
+failure is counted and swallowed, and after one the cache stays away from Redis for `backoff_s`
+seconds (state "degraded") so that a slow or dead Redis costs requests nothing while it is down. After
+the backoff one call probes Redis again; the first success brings the state back to "ok".
+
+Supported URLs (see `from_url`): `redis://`, `rediss://`, `unix://` (standalone, parsed by redis-py),
+`redis+sentinel://` / `rediss+sentinel://` (Sentinel) and `redis+cluster://` / `rediss+cluster://`
+(Redis Cluster). An empty URL gives a disabled cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from service.gateway.metrics import GatewayMetrics
 
+logger = logging.getLogger(__name__)
+
 CacheState = Literal["disabled", "ok", "degraded"]
+CacheKind = Literal["disabled", "standalone", "sentinel", "cluster"]
+
+SUPPORTED_URLS = (
+    "redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix:///path/to/redis.sock[?db=N], "
+    "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db] "
+    "(rediss+sentinel:// for TLS), "
+    "redis+cluster://[[user]:password@]host[:port][,host[:port]...] (rediss+cluster:// for TLS)"
+)
+_SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
+# Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
+_TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
 
 
 def cache_key(prefix: str, upstream: str, endpoint: str, model: str, item: Any) -> str:
-    """`<prefix>:<sha256 hex>` of upstream, endpoint, model and the canonical JSON of the item."""
-    raise NotImplementedError
+    """`<prefix>:<sha256 hex>` of upstream, endpoint, model and the canonical JSON of the item.
+
+    The four fields are hashed as one JSON array, so field boundaries cannot be confused ("a", "bc"
+    and "ab", "c" give different keys), and with sorted dict keys, so two equal chat items hit the
+    same entry whatever order their fields arrived in. The model id is part of the key: re-pointing a
+    task to a new model never serves the old model's results. `item` must be plain JSON data (str,
+    dict, list, numbers): pass `model.model_dump(mode="json")` for a pydantic object.
+    """
+    payload = orjson.dumps((upstream, endpoint, model, item), option=orjson.OPT_SORT_KEYS)
+    return f"{prefix}:{hashlib.sha256(payload).hexdigest()}"
+
+
+def _no_retry() -> Retry:
+    """Retries would multiply the deadline; the cache's own backoff is the retry policy."""
+    return Retry(NoBackoff(), 0)
+
+
+@dataclass
+class _Connection:
+    """The client built from a URL, and how to use and close it whatever the deployment."""
+
+    kind: CacheKind
+    client: Redis | RedisCluster
+    description: str  # for logs: scheme and hosts, never a password
+    extra_closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def mget(self, keys: list[str]) -> list[Any]:
+        if isinstance(self.client, RedisCluster):
+            # Keys hash to many slots; this splits them per slot and node, runs the per-node MGETs
+            # concurrently and restores the caller's order.
+            return await self.client.mget_nonatomic(keys)
+        return cast(list[Any], await self.client.mget(keys))
+
+    async def set_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value, ttl in entries:
+            pipe.set(key, value, ex=ttl)
+        await pipe.execute()
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        for close in self.extra_closers:
+            await close()
 
 
 class ResultCache:
+    """Fail-open result cache. Build it with `from_url` in the app's lifespan; close with `aclose`."""
+
+    def __init__(
+        self,
+        connection: _Connection | None,
+        *,
+        prefix: str,
+        socket_timeout_s: float,
+        backoff_s: float,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        max_pending_writes: int = 1024,
+    ) -> None:
+        self._conn = connection
+        self.prefix = prefix
+        self._timeout_s = socket_timeout_s
+        self._backoff_s = backoff_s
+        self._metrics = metrics
+        self._clock = clock
+        self._max_pending_writes = max_pending_writes
+        self._degraded = False
+        self._retry_at = 0.0
+        self._probing = False
+        # Strong references: the event loop keeps only weak ones to tasks, and a write task that is
+        # garbage-collected mid-flight would vanish silently.
+        self._pending: set[asyncio.Task[None]] = set()
+
     @classmethod
-    def from_url(cls, url: str, *, prefix: str, socket_timeout_s: float, backoff_s: float,
-                 metrics: GatewayMetrics) -> ResultCache:
-        raise NotImplementedError
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        socket_timeout_s: float,
+        backoff_s: float,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        max_pending_writes: int = 1024,
+    ) -> ResultCache:
+        """A cache for `url` (empty = disabled). Connects lazily: building it never touches Redis.
+
+        `socket_timeout_s` bounds each operation as a whole (connect, send, read), not only each
+        socket call. `clock` is injectable so tests can end a backoff without sleeping.
+        `max_pending_writes` bounds the background write tasks; beyond it writes are dropped and
+        counted as `cache_errors{operation="set"}` (Redis cannot keep up).
+        """
+        connection = _connect(url, socket_timeout_s) if url.strip() else None
+        return cls(connection, prefix=prefix, socket_timeout_s=socket_timeout_s,
+                   backoff_s=backoff_s, metrics=metrics, clock=clock,
+                   max_pending_writes=max_pending_writes)
 
     def key(self, upstream: str, endpoint: str, model: str, item: Any) -> str:
-        raise NotImplementedError
+        return cache_key(self.prefix, upstream, endpoint, model, item)
 
     @property
     def state(self) -> CacheState:
-        raise NotImplementedError
+        if self._conn is None:
+            return "disabled"
+        return "degraded" if self._degraded else "ok"
+
+    @property
+    def kind(self) -> CacheKind:
+        """How Redis is deployed ("standalone", "sentinel", "cluster"), for /readyz and logs."""
+        return "disabled" if self._conn is None else self._conn.kind
+
+    @property
+    def description(self) -> str:
+        """Where the cache lives (scheme and hosts, never a password), for /readyz and logs."""
+        return "disabled" if self._conn is None else self._conn.description
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """One MGET. None (not an exception) when Redis is down, slow, or backed off."""
-        raise NotImplementedError
+        """One MGET. None (not an exception) when Redis is down, slow, backed off, or disabled."""
+        if self._conn is None:
+            return None
+        if not keys:
+            return []
+        probe = self._admit()
+        if probe is None:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                values = await self._conn.mget(list(keys))
+        except Exception as exc:  # fail open: whatever Redis does, the request goes on without it
+            self._failed("get", exc)
+            return None
+        finally:
+            if probe:
+                self._probing = False
+        self._succeeded()
+        return values
 
     def schedule_set_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
-        """(key, value, ttl_s) written by one pipeline in a background task, off the response path."""
-        raise NotImplementedError
+        """(key, value, ttl_s) written by one pipeline in a background task, off the response path.
+
+        Entries with ttl_s <= 0 are skipped (caching disabled for that task). Must be called from
+        the event loop. Call `drain()` (or `aclose()`) at shutdown so pending writes land.
+        """
+        if self._conn is None:
+            return
+        live = [(key, value, ttl) for key, value, ttl in entries if ttl > 0]
+        if not live:
+            return
+        if len(self._pending) >= self._max_pending_writes:
+            self._metrics.cache_errors.labels(operation="set").inc()
+            return
+        probe = self._admit()
+        if probe is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._set_many(self._conn, live))
+        self._pending.add(task)
+        task.add_done_callback(partial(self._write_done, probe))
 
     async def ping(self) -> bool:
-        raise NotImplementedError
+        """True when Redis answers PING within the deadline. Respects the backoff (no call then)."""
+        if self._conn is None:
+            return False
+        probe = self._admit()
+        if probe is None:
+            return False
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._conn.ping()
+        except Exception as exc:  # fail open
+            self._failed("ping", exc)
+            return False
+        finally:
+            if probe:
+                self._probing = False
+        self._succeeded()
+        return True
 
-    async def aclose(self) -> None:
-        raise NotImplementedError
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Wait for pending background writes; returns how many are still pending after timeout_s."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout_s)
+        return len(self._pending)
+
+    async def aclose(self, drain_timeout_s: float | None = None) -> None:
+        """Let pending writes finish (each is bounded by the socket timeout), then close clients."""
+        if self._conn is None:
+            return
+        left = await self.drain(self._timeout_s * 2 if drain_timeout_s is None else drain_timeout_s)
+        if left:
+            for task in set(self._pending):
+                task.cancel()
+            await asyncio.wait(set(self._pending))
+        conn, self._conn = self._conn, None
+        try:
+            await conn.aclose()
+        except Exception:  # closing a dead connection must not fail shutdown
+            logger.debug("closing the Redis client of %s failed", conn.description, exc_info=True)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _set_many(self, conn: _Connection, entries: list[tuple[str, bytes, int]]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await conn.set_many(entries)
+        except Exception as exc:  # fail open: a lost write only costs a future miss
+            self._failed("set", exc)
+            return
+        self._succeeded()
+
+    def _write_done(self, probe: bool, task: asyncio.Task[None]) -> None:
+        # In a done callback, not in the coroutine: a task cancelled before it started never runs
+        # its own `finally`, and a stuck probe flag would keep the cache degraded for ever.
+        self._pending.discard(task)
+        if probe:
+            self._probing = False
+
+    def _admit(self) -> bool | None:
+        """May this call use Redis? None = no (backing off, or another call is probing);
+        True = yes, as the one probe after a backoff; False = yes, Redis is believed healthy."""
+        if not self._degraded:
+            return False
+        if self._probing or self._clock() < self._retry_at:
+            return None
+        self._probing = True
+        return True
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self._metrics.cache_errors.labels(operation=operation).inc()
+        self._retry_at = self._clock() + self._backoff_s
+        if not self._degraded:
+            self._degraded = True
+            reason = (f"timed out after {self._timeout_s}s" if isinstance(exc, TimeoutError)
+                      else f"{type(exc).__name__}: {exc}")
+            assert self._conn is not None
+            logger.warning("Redis cache %s on %s failed (%s); serving without the cache, next "
+                           "attempt in %.1fs", operation, self._conn.description, reason,
+                           self._backoff_s)
+
+    def _succeeded(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            if self._conn is not None:
+                logger.info("Redis cache on %s answers again; cache back in use",
+                            self._conn.description)
+
+
+# -- URL parsing -------------------------------------------------------------------------------------
+
+
+def _connect(url: str, socket_timeout_s: float) -> _Connection:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    timeouts: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "retry": _no_retry(),
+    }
+    if scheme in ("redis", "rediss", "unix"):
+        client = Redis.from_url(url, **timeouts)
+        where = parts.path if scheme == "unix" else parts.hostname or "localhost"
+        port = "" if scheme == "unix" or parts.port is None else f":{parts.port}"
+        return _Connection("standalone", client, f"{scheme}://{where}{port}")
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _sentinel(parts.netloc, parts.path, parts.query, scheme.startswith("rediss"),
+                         timeouts)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster(parts.netloc, parts.path, parts.query, scheme.startswith("rediss"),
+                        timeouts)
+    raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in the cache URL; use one of: "
+                     f"{SUPPORTED_URLS}")
+
+
+def _userinfo_and_hosts(netloc: str, default_port: int, scheme: str
+                        ) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, has_password, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    hosts: list[tuple[str, int]] = []
+    for raw in hostlist.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if entry.startswith("["):  # [IPv6]:port
+            host, _, rest = entry[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        else:
+            host, _, port_text = entry.partition(":")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ValueError(f"bad port {port_text!r} for host {host!r} in the {scheme}:// cache "
+                             "URL; write host:port") from None
+        hosts.append((host, port))
+    if not hosts:
+        raise ValueError(f"the {scheme}:// cache URL names no host; write "
+                         f"{scheme}://host1:port1,host2:port2...")
+    return username, password, hosts
+
+
+def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, str]:
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} in the {scheme}:// cache URL; "
+                         f"allowed: {', '.join(allowed)}")
+    return params
+
+
+def _describe(scheme: str, hosts: list[tuple[str, int]], tail: str = "") -> str:
+    return f"{scheme}://" + ",".join(f"{host}:{port}" for host, port in hosts) + tail
+
+
+def _sentinel(netloc: str, path: str, query: str, tls: bool,
+              timeouts: dict[str, Any]) -> _Connection:
+    scheme = "rediss+sentinel" if tls else "redis+sentinel"
+    username, password, hosts = _userinfo_and_hosts(netloc, _SENTINEL_PORT, scheme)
+    segments = [unquote(s) for s in path.strip("/").split("/") if s]
+    if not segments or len(segments) > 2:
+        raise ValueError(f"the {scheme}:// cache URL needs the monitored master's name (and "
+                         f"optionally a db) as its path: {scheme}://host:26379/mymaster/0")
+    service = segments[0]
+    try:
+        db = int(segments[1]) if len(segments) == 2 else 0
+    except ValueError:
+        raise ValueError(f"the db in the {scheme}:// cache URL must be a number, got "
+                         f"{segments[1]!r}") from None
+    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS, scheme)
+    tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
+                                                  if k in _TLS_PARAMS}} if tls else {}
+    sentinel_kwargs: dict[str, Any] = {
+        **timeouts, **tls_kwargs,
+        "username": params.get("sentinel_username"),
+        "password": params.get("sentinel_password"),
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        hosts, sentinel_kwargs=sentinel_kwargs, **timeouts, **tls_kwargs,
+        username=username, password=password, db=db,
+    )
+    master = sentinel.master_for(service)
+
+    async def close_sentinels() -> None:
+        for client in sentinel.sentinels:
+            await client.aclose()
+
+    return _Connection("sentinel", master, _describe(scheme, hosts, f"/{service}/{db}"),
+                       [close_sentinels])
+
+
+def _cluster(netloc: str, path: str, query: str, tls: bool,
+             timeouts: dict[str, Any]) -> _Connection:
+    scheme = "rediss+cluster" if tls else "redis+cluster"
+    username, password, hosts = _userinfo_and_hosts(netloc, _REDIS_PORT, scheme)
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only db 0; remove {path!r} from the {scheme}:// "
+                         "cache URL")
+    params = _query(query, _TLS_PARAMS, scheme)
+    tls_kwargs: dict[str, Any] = {"ssl": True, **params} if tls else {}
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+                          username=username, password=password, **timeouts, **tls_kwargs)
+    return _Connection("cluster", client, _describe(scheme, hosts))

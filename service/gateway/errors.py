@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.gateway.responses import JSONResponse
 
 log = logging.getLogger("service.gateway")
 
@@ -57,6 +58,13 @@ class PayloadTooLarge(GatewayError):
 class EmptyInput(GatewayError):
     status_code = 422
     error_type = "invalid_request"
+
+
+class ClientGone(GatewayError):
+    """The caller disconnected before its answer was ready (nginx's 499); nobody reads this."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class QueueFull(GatewayError):
@@ -107,10 +115,10 @@ class ShuttingDown(GatewayError):
 
 
 def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> ORJSONResponse:
+                   **extra: Any) -> JSONResponse:
     body: dict[str, Any] = {"error": {"type": error_type, "message": message}}
     body.update(extra)
-    return ORJSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -122,14 +130,14 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_gateway_error(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
         if exc.status_code >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code,
                         exc.error_type, exc.message)
         return error_response(exc.status_code, exc.error_type, exc.message, exc.headers())
 
-    async def on_validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         # `detail` keeps FastAPI's (and Mistral's) 422 shape, so the official SDK raises its
         # HTTPValidationError; `error` keeps the gateway's own contract.
@@ -139,12 +147,12 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         return error_response(422, "invalid_request", _describe_validation(exc), detail=detail)
 
-    async def on_http_error(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(exc.status_code, "http_error", str(exc.detail),
                               dict(exc.headers or {}))
 
-    async def on_unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error",
                               "The gateway failed unexpectedly; the cause is in its log.")

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_reset_s: float = Field(default=5.0, gt=0)
 
-    # Shutdown: how long in-flight requests may take to finish after SIGTERM.
+    # Shutdown: after SIGTERM, keep serving (not ready) for shutdown_delay_s so load balancers stop
+    # sending, then give in-flight requests up to drain_timeout_s to finish.
+    shutdown_delay_s: float = Field(default=1.0, ge=0)
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
     @field_validator("cache_prefix")

@@ -1,0 +1,82 @@
+"""Throughput of `/classify` when every item is cached, next to a minimal FastAPI endpoint doing one
+Redis GET (bench/minimal_redis_app.py): same uvicorn settings (uvloop, httptools, one worker, no
+access log), same run, same load tool (wrk). Prints JSON.
+
+Target (gateway issue): the gateway reaches >= 80% of the baseline's requests per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import orjson
+from redis import Redis
+
+from bench.harness import emit, fake_upstream, gateway, process, redis
+from tests.support.redis_server import free_port
+
+BODY = {"task": "sentiment", "input": "this product is great"}
+
+
+def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = [[{orjson.dumps(BODY).decode()}]]\n"
+        )
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+             url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return {"rps": rps, "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
+            "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else -1.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    with fake_upstream() as upstream_url, redis() as redis_url:
+        with gateway(upstream_url, redis_url) as gateway_url:
+            first = httpx.post(f"{gateway_url}/classify", json=BODY)
+            first.raise_for_status()
+            Redis.from_url(redis_url).set("bench:value", orjson.dumps(first.json()["results"][0]))
+            import time
+            time.sleep(0.3)
+            assert httpx.post(f"{gateway_url}/classify", json=BODY).headers["x-cache"] == "hit"
+            wrk(f"{gateway_url}/classify", 2, args.connections)  # warm-up
+            ours = wrk(f"{gateway_url}/classify", args.seconds, args.connections)
+        port = free_port()
+        with process(["-m", "uvicorn", "bench.minimal_redis_app:app", "--port", str(port),
+                      "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                      "--log-level", "warning"], port, {"BENCH_REDIS_URL": redis_url},
+                     ready_path="/readyz"):
+            base_url = f"http://127.0.0.1:{port}/classify"
+            wrk(base_url, 2, args.connections)
+            baseline = wrk(base_url, args.seconds, args.connections)
+    emit({
+        "bench": "cache_hits",
+        "load": f"wrk -t1 -c{args.connections} -d{args.seconds}s, POST one cached item",
+        "gateway": ours,
+        "baseline_fastapi_one_redis_get": baseline,
+        "ratio": round(ours["rps"] / baseline["rps"], 3),
+        "target_ratio": 0.8,
+    })
+
+
+if __name__ == "__main__":
+    main()

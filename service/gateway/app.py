@@ -1,0 +1,107 @@
+"""`create_app(settings)`: the gateway as an ASGI app; the lifespan builds and closes every client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from service.gateway.batcher import MicroBatcher
+from service.gateway.cache import ResultCache
+from service.gateway.classifier import Classifier, cache_writer
+from service.gateway.errors import install_error_handlers
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.middleware import GatewayMiddleware, KeyChecker
+from service.gateway.registry import RegistryWatcher
+from service.gateway.routes import classify, compat, health, tasks
+from service.gateway.runtime import Lifecycle, Runtime
+from service.gateway.settings import Settings
+from service.gateway.upstream import UpstreamPool
+
+log = logging.getLogger("service.gateway")
+
+
+def build_batcher(settings: Settings, metrics: GatewayMetrics,
+                  cache: ResultCache | None) -> MicroBatcher:
+    if settings.batching:
+        max_items, wait_s, slots = (settings.max_batch_items, settings.max_wait_ms / 1000,
+                                    settings.max_concurrent_batches)
+    else:  # one upstream call per item, as many at once as the connection pool allows
+        max_items, wait_s, slots = 1, 0.0, settings.max_connections
+    return MicroBatcher(
+        max_batch_items=max_items, max_wait_s=wait_s, max_concurrent_batches=slots,
+        max_queue_items=settings.max_queue_items, metrics=metrics,
+        on_results=cache_writer(cache) if cache is not None else None,
+    )
+
+
+def create_app(settings: Settings | None = None, *,
+               metrics_registry: CollectorRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
+    lifecycle = Lifecycle()
+    keys = KeyChecker(settings.client_keys())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not keys.enabled:
+            log.warning("no client keys configured (GATEWAY_API_KEYS): the gateway is open to "
+                        "anyone who can reach it")
+        watcher = RegistryWatcher(
+            settings.tasks_file, settings.tasks_poll_interval_s,
+            on_reload=lambda result: metrics.registry_reloads.labels(result).inc(),
+        )
+        watcher.reload()
+        watcher.start()
+        cache = None
+        if settings.redis_url:
+            cache = ResultCache.from_url(
+                settings.redis_url, prefix=settings.cache_prefix,
+                socket_timeout_s=settings.redis_socket_timeout_s,
+                backoff_s=settings.redis_backoff_s, metrics=metrics,
+            )
+        upstreams = UpstreamPool(settings, metrics)
+        batcher = build_batcher(settings, metrics, cache)
+        classifier = Classifier(
+            batcher=batcher, upstreams=upstreams, cache=cache, metrics=metrics,
+            cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
+            default_timeout_s=settings.timeout_s,
+        )
+        app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
+                                    classifier, lifecycle)
+        loop = asyncio.get_running_loop()
+        sighup = False
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, watcher.reload)  # main thread only
+            sighup = True
+        try:
+            yield
+        finally:
+            lifecycle.draining = True
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await watcher.stop()
+            await batcher.drain(settings.drain_timeout_s)
+            if cache is not None:
+                await cache.aclose()
+            await upstreams.aclose()
+
+    app = FastAPI(
+        title="Classifier Gateway",
+        summary="Task-named classification with caching and micro-batching, over Mistral's "
+                "classification API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.lifecycle = lifecycle
+    install_error_handlers(app)
+    for module in (classify, compat, tasks, health):
+        app.include_router(module.router)
+    app.add_middleware(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics)
+    return app

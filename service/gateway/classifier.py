@@ -1,0 +1,183 @@
+"""Classifier: one request's journey through cache, single flight, batcher and upstream.
+
+Routes stay thin: they validate and shape; this module decides where each item's answer comes from.
+Cached values are the upstream's raw per-item result, so a task's threshold or label post-processing can
+change without invalidating the cache, and tasks sharing a model share cache entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from service.gateway.batcher import LaneKey, MicroBatcher, OnResults, PendingItem, Result
+from service.gateway.cache import ResultCache, cache_key
+from service.gateway.errors import ClientGone, UpstreamBadResponse, UpstreamTimeout
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.registry import TaskSpec, UpstreamSpec
+from service.gateway.upstream import UpstreamPool
+
+CacheStatus = Literal["hit", "miss", "partial"]
+Disconnected = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    results: list[Result]
+    cache_status: CacheStatus
+
+
+def _cache_status(hits: int, total: int) -> CacheStatus:
+    if hits == 0:
+        return "miss"
+    return "hit" if hits == total else "partial"
+
+
+def cache_writer(cache: ResultCache) -> OnResults:
+    """The batcher's completion hook: fresh results go to Redis in one pipeline, off the
+    response path (the batch's waiters are already answered when this runs)."""
+
+    def write(items: Sequence[PendingItem], results: Sequence[Result]) -> None:
+        cache.schedule_set_many([
+            (item.key, orjson.dumps(result), item.ttl_s)
+            for item, result in zip(items, results, strict=True)
+            if item.ttl_s > 0
+        ])
+    return write
+
+
+class Classifier:
+    def __init__(self, *, batcher: MicroBatcher, upstreams: UpstreamPool,
+                 cache: ResultCache | None, metrics: GatewayMetrics, cache_prefix: str,
+                 default_ttl_s: int, default_timeout_s: float) -> None:
+        self._batcher = batcher
+        self._upstreams = upstreams
+        self._cache = cache
+        self._metrics = metrics
+        self._prefix = cache_prefix
+        self._default_ttl_s = default_ttl_s
+        self._default_timeout_s = default_timeout_s
+
+    async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
+                       read_cache: bool = True,
+                       disconnected: Disconnected | None = None) -> Outcome:
+        """One raw upstream result per item, in input order.
+
+        `disconnected` returns when the caller hangs up; its items are then released, so that
+        nobody's abandoned work is sent upstream."""
+        timeout_s = task.timeout_s or self._default_timeout_s
+        deadline = time.monotonic() + timeout_s
+        ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
+        keys = [cache_key(self._prefix, upstream.base_url, task.endpoint, task.model, item)
+                for item in items]
+        # Identical items within one request are looked up and sent once.
+        unique: dict[str, Any] = {}
+        for key, item in zip(keys, items, strict=True):
+            unique.setdefault(key, item)
+        found: dict[str, Result] = {}
+        if self._cache is not None and ttl_s > 0 and read_cache:
+            found = await self._lookup(task, list(unique))
+        misses = [(key, item) for key, item in unique.items() if key not in found]
+        if misses:
+            found.update(await self._fetch(task, upstream, misses, ttl_s, deadline, timeout_s,
+                                           disconnected))
+        miss_keys = {key for key, _ in misses}
+        hits = sum(1 for key in keys if key not in miss_keys)
+        return Outcome([found[key] for key in keys], _cache_status(hits, len(keys)))
+
+    async def _lookup(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
+        assert self._cache is not None
+        lookups = self._metrics.cache_lookups
+        values = await self._cache.get_many(keys)
+        if values is None:
+            lookups.labels(task.name, "error").inc(len(keys))
+            return {}
+        found: dict[str, Result] = {}
+        for key, raw in zip(keys, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                found[key] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # a corrupt entry is a miss; the fresh result overwrites it
+        lookups.labels(task.name, "hit").inc(len(found))
+        lookups.labels(task.name, "miss").inc(len(keys) - len(found))
+        return found
+
+    async def _fetch(self, task: TaskSpec, upstream: UpstreamSpec,
+                     misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
+                     timeout_s: float, disconnected: Disconnected | None) -> dict[str, Result]:
+        client = self._upstreams.get(upstream)
+        lane = LaneKey(upstream.name, task.endpoint, task.model)
+        pending = self._batcher.submit(lane, client, misses, ttl_s=ttl_s, deadline=deadline)
+        all_done = _all_done([item.future for item in pending])
+        watch = {all_done}
+        watcher = None
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(disconnected())
+            watch.add(watcher)
+        try:
+            await asyncio.wait(watch, timeout=deadline - time.monotonic(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._batcher.release(pending)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if not all_done.done():
+            self._batcher.release(pending)
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise ClientGone("The client disconnected before the upstream answered.")
+            raise UpstreamTimeout(
+                f"Task {task.name!r} got no answer within its {timeout_s:g} s deadline; raise "
+                "`timeout_s` for the task or check the upstream's latency."
+            )
+        out: dict[str, Result] = {}
+        for item in pending:
+            if item.future.cancelled():  # released by another caller at the same instant
+                raise UpstreamTimeout("The request was abandoned before the upstream answered.")
+            out[item.key] = item.future.result()  # re-raises the batch's upstream error
+        return out
+
+
+def _all_done(futures: list[asyncio.Future[Result]]) -> asyncio.Future[None]:
+    """One future that completes when all of `futures` have, without owning (or cancelling) them:
+    they are shared with other callers through single flight."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(futures)
+
+    def one_done(_: asyncio.Future[Result]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not done.done():
+            done.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return done
+
+
+def decorate(task: TaskSpec, result: Result) -> dict[str, Any]:
+    """Add `label` (single-label target) or `labels` (multi-label target, by the task's threshold).
+
+    Builds new dicts: `result` may be shared with other requests through single flight."""
+    out: dict[str, Any] = {}
+    for target, body in result.items():
+        scores = body.get("scores") if isinstance(body, dict) else None
+        if not isinstance(scores, dict) or not scores:
+            raise UpstreamBadResponse(
+                f"Upstream result for target {target!r} of model {task.model!r} has no scores."
+            )
+        if target in task.multi_label_targets:
+            chosen = sorted((lbl for lbl, s in scores.items() if s >= task.threshold),
+                            key=lambda lbl: -scores[lbl])
+            out[target] = {"scores": scores, "labels": chosen}
+        else:
+            out[target] = {"scores": scores, "label": max(scores, key=scores.__getitem__)}
+    return out

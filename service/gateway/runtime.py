@@ -34,6 +34,7 @@ class Runtime:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """Async on purpose: FastAPI runs a sync dependency in a worker thread, a costly hop per request."""
     runtime: Runtime = request.app.state.runtime
     return runtime

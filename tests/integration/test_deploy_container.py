@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -240,3 +241,33 @@ def test_compose_bind_mounts_exist_and_prometheus_scrapes_the_services() -> None
     mounted = {v["target"] for v in model["services"]["prometheus"]["volumes"]}
     for rule_file in config["rule_files"]:
         assert posixpath.join("/etc/prometheus", rule_file) in mounted
+
+
+def test_the_build_context_is_enough_to_build_the_package(tmp_path: Path) -> None:
+    """What `.dockerignore` lets through must build the wheel the image installs, with every
+    module and the console script, so a new top-level file the package needs cannot be forgotten.
+    Built like the Dockerfile's `pip install .`: isolated, with the build backend from the index."""
+    context = tmp_path / "context"
+    keep = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line.startswith("!")]
+    for entry in keep:
+        source = ROOT / entry
+        if source.is_dir():
+            shutil.copytree(source, context / entry,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            (context / entry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, context / entry)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wheel = next((tmp_path / "dist").glob("classifier_gateway-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        scripts = archive.read(entry_points).decode()
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "service").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+    assert "classifier-gateway = service.cli:main" in scripts

@@ -25,3 +25,4 @@ bench: install-dev
 	$(PY) -m bench.overhead
 	$(PY) -m bench.cache_hits
 	$(PY) -m bench.batching
+	$(PY) -m bench.upstream_transport

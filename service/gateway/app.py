@@ -19,9 +19,11 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware, KeyChecker
 from service.gateway.registry import RegistryWatcher
 from service.gateway.routes import classify, compat, health, tasks
+from service.gateway.routes.body import install_body_schemas
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.upstream import UpstreamPool
+from service.wire import ChatClassificationRequest, ClassificationRequest
 
 log = logging.getLogger("service.gateway")
 
@@ -65,6 +67,11 @@ def create_app(settings: Settings | None = None, *,
                 socket_timeout_s=settings.redis_socket_timeout_s,
                 backoff_s=settings.redis_backoff_s, metrics=metrics,
             )
+            # Connect (and, for a cluster, load the slot map) now, not on the first request's
+            # short budget. A Redis that is down only degrades the cache: start anyway.
+            if not await cache.ping():
+                log.warning("Redis at %s is not answering; serving without the cache until it "
+                            "does", cache.description)
         upstreams = UpstreamPool(settings, metrics)
         batcher = build_batcher(settings, metrics, cache)
         classifier = Classifier(
@@ -102,6 +109,8 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app)
     for module in (classify, compat, tasks, health):
         app.include_router(module.router)
+    install_body_schemas(app, [classify.ClassifyRequest, classify.ClassifyChatRequest,
+                               ClassificationRequest, ChatClassificationRequest])
     app.add_middleware(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
     return app

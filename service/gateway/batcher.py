@@ -59,6 +59,7 @@ class _Lane:
     queue: deque[PendingItem] = field(default_factory=deque)
     in_flight: int = 0
     timer: asyncio.TimerHandle | None = None
+    flush_soon: bool = False
 
 
 OnResults = Callable[[Sequence[PendingItem], Sequence[Result]], None]
@@ -127,8 +128,18 @@ class MicroBatcher:
             out.append(item)
         if fresh:
             self._metrics.queue_depth.inc(fresh)
-            self._pump(lane, immediate=idle)
+            if idle and not lane.flush_soon:
+                # "At once" means at the end of this event-loop turn: requests that arrived in the
+                # same burst submit within the turn and leave in the same batch, at no added latency.
+                lane.flush_soon = True
+                loop.call_soon(self._flush_now, lane)
+            elif not lane.flush_soon:
+                self._pump(lane)
         return out
+
+    def _flush_now(self, lane: _Lane) -> None:
+        lane.flush_soon = False
+        self._pump(lane, immediate=True)
 
     def release(self, items: Sequence[PendingItem]) -> None:
         """The caller stopped waiting (timeout, disconnect). Items nobody waits for are dropped

@@ -28,6 +28,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxConnectionsError
 
 from service.gateway.metrics import GatewayMetrics
 
@@ -47,6 +48,7 @@ _REDIS_PORT = 6379
 # Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
+_POOL_PARAMS = ("max_connections",)
 
 
 def cache_key(prefix: str, upstream: str, endpoint: str, model: str, item: Any) -> str:
@@ -111,8 +113,12 @@ class ResultCache:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
         max_pending_writes: int = 1024,
+        write_delay_s: float = 0.001,
     ) -> None:
         self._conn = connection
+        self._write_delay_s = write_delay_s
+        self._buffer: list[tuple[str, bytes, int]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.prefix = prefix
         self._timeout_s = socket_timeout_s
         self._backoff_s = backoff_s
@@ -171,7 +177,8 @@ class ResultCache:
 
     @property
     def pending_writes(self) -> int:
-        return len(self._pending)
+        """Write pipelines in flight, plus one for entries still held in the write buffer."""
+        return len(self._pending) + (1 if self._buffer else 0)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """One MGET. None (not an exception) when Redis is down, slow, backed off, or disabled."""
@@ -197,13 +204,23 @@ class ResultCache:
     def schedule_set_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
         """(key, value, ttl_s) written by one pipeline in a background task, off the response path.
 
+        Writes are held for `write_delay_s` (1 ms) first: the batch that produced them is still
+        answering its callers, and a write sent now would put a Redis round trip in front of their
+        responses; under load, the writes of every batch in that window share one pipeline.
         Entries with ttl_s <= 0 are skipped (caching disabled for that task). Must be called from
         the event loop. Call `drain()` (or `aclose()`) at shutdown so pending writes land.
         """
-        if self._conn is None:
-            return
-        live = [(key, value, ttl) for key, value, ttl in entries if ttl > 0]
-        if not live:
+        if self._conn is None or (self._degraded and self._clock() < self._retry_at):
+            return  # backing off: skip now rather than hold entries that will be dropped
+        self._buffer.extend((key, value, ttl) for key, value, ttl in entries if ttl > 0)
+        if self._buffer and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self._write_delay_s,
+                                                                       self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        live, self._buffer = self._buffer, []
+        if not live or self._conn is None:
             return
         if len(self._pending) >= self._max_pending_writes:
             self._metrics.cache_errors.labels(operation="set").inc()
@@ -236,6 +253,9 @@ class ResultCache:
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for pending background writes; returns how many are still pending after timeout_s."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout_s)
         return len(self._pending)
@@ -246,9 +266,10 @@ class ResultCache:
             return
         left = await self.drain(self._timeout_s * 2 if drain_timeout_s is None else drain_timeout_s)
         if left:
-            for task in set(self._pending):
+            stuck = set(self._pending)
+            for task in stuck:
                 task.cancel()
-            await asyncio.wait(set(self._pending))
+            await asyncio.wait(stuck)
         conn, self._conn = self._conn, None
         try:
             await conn.aclose()
@@ -285,22 +306,24 @@ class ResultCache:
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.cache_errors.labels(operation=operation).inc()
+        if isinstance(exc, MaxConnectionsError):
+            # Our own pool is full (cluster clients raise instead of waiting): Redis is fine, so
+            # this call goes without the cache but the others keep using it.
+            logger.debug("Redis cache %s skipped: the connection pool is full", operation)
+            return
         self._retry_at = self._clock() + self._backoff_s
         if not self._degraded:
             self._degraded = True
             reason = (f"timed out after {self._timeout_s}s" if isinstance(exc, TimeoutError)
                       else f"{type(exc).__name__}: {exc}")
-            assert self._conn is not None
             logger.warning("Redis cache %s on %s failed (%s); serving without the cache, next "
-                           "attempt in %.1fs", operation, self._conn.description, reason,
+                           "attempt in %.1fs", operation, self.description, reason,
                            self._backoff_s)
 
     def _succeeded(self) -> None:
         if self._degraded:
             self._degraded = False
-            if self._conn is not None:
-                logger.info("Redis cache on %s answers again; cache back in use",
-                            self._conn.description)
+            logger.info("Redis cache on %s answers again; cache back in use", self.description)
 
 
 # -- URL parsing -------------------------------------------------------------------------------------
@@ -360,12 +383,20 @@ def _userinfo_and_hosts(netloc: str, default_port: int, scheme: str
     return username, password, hosts
 
 
-def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, str]:
-    params = dict(parse_qsl(query, keep_blank_values=True))
+def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, Any]:
+    params: dict[str, Any] = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} in the {scheme}:// cache URL; "
                          f"allowed: {', '.join(allowed)}")
+    if "max_connections" in params:
+        try:
+            params["max_connections"] = int(params["max_connections"])
+            if params["max_connections"] < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"max_connections in the {scheme}:// cache URL must be a positive "
+                             f"integer, got {params['max_connections']!r}") from None
     return params
 
 
@@ -387,9 +418,10 @@ def _sentinel(netloc: str, path: str, query: str, tls: bool,
     except ValueError:
         raise ValueError(f"the db in the {scheme}:// cache URL must be a number, got "
                          f"{segments[1]!r}") from None
-    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS, scheme)
+    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS + _POOL_PARAMS, scheme)
     tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
                                                   if k in _TLS_PARAMS}} if tls else {}
+    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
     sentinel_kwargs: dict[str, Any] = {
         **timeouts, **tls_kwargs,
         "username": params.get("sentinel_username"),
@@ -399,7 +431,7 @@ def _sentinel(netloc: str, path: str, query: str, tls: bool,
         hosts, sentinel_kwargs=sentinel_kwargs, **timeouts, **tls_kwargs,
         username=username, password=password, db=db,
     )
-    master = sentinel.master_for(service)
+    master = sentinel.master_for(service, **pool_kwargs)
 
     async def close_sentinels() -> None:
         for client in sentinel.sentinels:
@@ -416,8 +448,13 @@ def _cluster(netloc: str, path: str, query: str, tls: bool,
     if path.strip("/") not in ("", "0"):
         raise ValueError(f"Redis Cluster has only db 0; remove {path!r} from the {scheme}:// "
                          "cache URL")
-    params = _query(query, _TLS_PARAMS, scheme)
-    tls_kwargs: dict[str, Any] = {"ssl": True, **params} if tls else {}
+    params = _query(query, _TLS_PARAMS + _POOL_PARAMS, scheme)
+    tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
+                                                  if k in _TLS_PARAMS}} if tls else {}
+    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
+    # max_connections is per node; when all are busy redis-py raises rather than waits, which
+    # the cache counts as an error (and backs off): raise it for very high concurrency.
     client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts],
-                          username=username, password=password, **timeouts, **tls_kwargs)
+                          username=username, password=password, **timeouts, **tls_kwargs,
+                          **pool_kwargs)
     return _Connection("cluster", client, _describe(scheme, hosts))

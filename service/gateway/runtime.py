@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
@@ -34,7 +35,14 @@ class Runtime:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
-async def get_runtime(request: Request) -> Runtime:
-    """Async on purpose: FastAPI runs a sync dependency in a worker thread, a costly hop per request."""
+def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    """Async on purpose: FastAPI runs a sync dependency in a worker thread, a costly hop per request."""
+    return runtime_of(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

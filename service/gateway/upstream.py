@@ -1,10 +1,13 @@
 """UpstreamClient: one pooled HTTP client per upstream, with retries and a circuit breaker.
 
-The client speaks httpx's API over the `httpx-aiohttp` transport: on the gateway's hot path (many
-concurrent cache misses) httpx's own connection pool costs several times more CPU per request than
-aiohttp's, and `bench/upstream_transport.py` measured the swap at roughly 6-8x the throughput of plain
-httpx (figures in the README). Everything outside `_default_transport` is transport-agnostic, so tests
-can inject `httpx.MockTransport` and a faster transport can replace this one in a single place.
+Transport: httpx's request/response types over the `httpx-aiohttp` transport (aiohttp's connection
+pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path (many
+concurrent cache misses) httpx's own pool and the client's per-request machinery cost far more CPU
+than the exchange itself; `bench/upstream_transport.py` measured, 32 concurrent clients against a fast
+upstream, plain httpx at a few hundred requests/s and this client (retries, breaker, metrics and
+response checks included) at over ten times that (figures in the README). Everything except
+`_default_transport` is transport-agnostic: tests inject `httpx.MockTransport`, and another
+`httpx.AsyncBaseTransport` can replace aiohttp's in one place.
 
 Failure policy, in one place:
 - connection errors, 429 and 5xx are retried with exponential backoff and full jitter, never less than
@@ -130,8 +133,10 @@ class _Retryable(Exception):
 def _default_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
+    # Idle connections are dropped after 4 s, before uvicorn's default 5 s keep-alive (the factory)
+    # closes them from its side: reusing a connection the server is closing costs a failed attempt.
     limits = httpx.Limits(max_connections=settings.max_connections,
-                          max_keepalive_connections=settings.max_connections)
+                          max_keepalive_connections=settings.max_connections, keepalive_expiry=4.0)
     transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
     return transport
 
@@ -189,14 +194,13 @@ class UpstreamClient:
         self._rng = rng or random.Random()
         self._clock = clock
         base = spec.base_url.removesuffix("/v1")
-        self._urls = {endpoint: f"{base}/v1/{endpoint}" for endpoint in ENDPOINTS}
-        self._http = httpx.AsyncClient(
-            transport=transport or _default_transport(settings),
-            headers={"content-type": "application/json", "accept": "application/json",
-                     "user-agent": "classifier-gateway"},
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            follow_redirects=False,
-        )
+        self._urls = {endpoint: httpx.URL(f"{base}/v1/{endpoint}") for endpoint in ENDPOINTS}
+        # Requests go straight to the transport: httpx.AsyncClient's per-request work (URL merging,
+        # cookie extraction, auth and redirect machinery) is a large share of the CPU per call, and
+        # none of it is wanted here: the URL is fixed, there are no cookies and no redirects.
+        self._transport = transport or _default_transport(settings)
+        self._headers = [(b"content-type", b"application/json"), (b"accept", b"application/json"),
+                         (b"user-agent", b"classifier-gateway")]
         self._circuit_gauge = metrics.circuit_open.labels(spec.name)
         self._circuit_gauge.set(0)
         self.breaker = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_reset_s,
@@ -236,12 +240,14 @@ class UpstreamClient:
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _with_retries(self, endpoint: str, url: str, body: bytes, deadline: float,
+    async def _with_retries(self, endpoint: str, url: httpx.URL, body: bytes, deadline: float,
                             budget: float) -> list[dict[str, Any]]:
         attempts = self.settings.retry_attempts
         attempt = 0
         while True:
             attempt += 1
+            if deadline - self._clock() <= 0:  # no time for an attempt: not the upstream's fault
+                raise self._timeout(endpoint, budget, attempt)
             allowed, wait = self.breaker.acquire()
             if not allowed:
                 self._count(endpoint, "circuit_open")
@@ -302,29 +308,32 @@ class UpstreamClient:
         delay = self._rng.uniform(0.0, ceiling)
         return max(delay, retry_after_s) if retry_after_s is not None else delay
 
-    async def _attempt(self, endpoint: str, url: str, body: bytes, deadline: float, budget: float,
+    async def _attempt(self, endpoint: str, url: httpx.URL, body: bytes, deadline: float, budget: float,
                        attempt: int) -> list[dict[str, Any]]:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            self._count(endpoint, "timeout")
-            raise self._timeout(endpoint, budget, attempt)
-        headers = None
+        remaining = max(deadline - self._clock(), 0.001)
+        headers = self._headers
         key = self.spec.api_key()
         if key:
-            headers = {"authorization": f"Bearer {key}"}
+            headers = [*headers, (b"authorization", f"Bearer {key}".encode())]
         # The deadline is enforced by asyncio.timeout around the whole exchange (httpx's timeouts
         # are per socket operation); the transport's own timeouts sit just behind it, except the
         # connect timeout, which is shorter so that a dead host leaves time for another attempt.
         backstop = remaining + 1.0
         connect = self.settings.connect_timeout_s
-        timeout = httpx.Timeout(backstop, connect=connect if connect < remaining else backstop)
+        timeout = {"connect": connect if connect < remaining else backstop, "read": backstop,
+                   "write": backstop, "pool": backstop}
+        request = httpx.Request("POST", url, headers=headers, content=body,
+                                extensions={"timeout": timeout})
         started = time.perf_counter()
         deadline_guard = asyncio.timeout(remaining)
         try:
             async with deadline_guard:
-                response = await self._http.post(url, content=body, headers=headers,
-                                                 timeout=timeout)
-        except (TimeoutError, httpx.TransportError) as exc:
+                response = await self._transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except Exception as exc:  # a boundary: whatever the transport raises is a failed exchange
             self.metrics.upstream_duration.labels(self.spec.name, endpoint).observe(
                 time.perf_counter() - started)
             if deadline_guard.expired():
@@ -333,6 +342,9 @@ class UpstreamClient:
             # Any transport error before the deadline (refused, reset, dropped, connect timeout) is
             # worth another attempt. Transports disagree on names (httpx-aiohttp calls a dropped
             # connection a ConnectTimeout), so the type is only reported, not acted upon.
+            if not isinstance(exc, httpx.TransportError | OSError):
+                log.warning("upstream %s: unexpected %s from the transport, treated as a "
+                            "connection failure", self.spec.name, type(exc).__name__, exc_info=True)
             self._count(endpoint, "connect_error")
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None
@@ -423,6 +435,10 @@ class UpstreamClient:
             text = text.replace(key, "***")
         return text
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
@@ -430,7 +446,7 @@ class UpstreamClient:
         if self._closed:
             return
         self._closed = True
-        await self._http.aclose()
+        await self._transport.aclose()
 
 
 class UpstreamPool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from service.gateway.cache import ResultCache
 from service.gateway.metrics import GatewayMetrics
 from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port, start_redis
+from tests.support.redis_tls import TlsRedis, start_tls_redis
 
 TIMEOUT_S = 0.5
 BACKOFF_S = 30.0  # never elapses on its own in these tests: they move the clock
@@ -168,27 +171,31 @@ async def test_frozen_redis_times_out_and_only_one_probe_runs(own_redis: RedisSe
     """SIGSTOP: Redis accepts connections but never answers, the worst case for a client."""
     clock = FakeClock()
     cache, metrics = make_cache(own_redis.url, clock)
-    key = cache.key("u", "e", "m", "x")
-    assert await cache.ping() is True
+    first, second = cache.key("u", "e", "m", "first"), cache.key("u", "e", "m", "second")
+    cache.schedule_set_many([(first, b"1", 60), (second, b"2", 60)])
+    await cache.drain()
     own_redis.process.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        assert await cache.get_many([key]) is None
+        assert await cache.get_many([first]) is None
         assert time.monotonic() - started < TIMEOUT_S + 2.0  # bounded by the deadline, not hung
         assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
 
         clock.now += BACKOFF_S + 1
-        probe = asyncio.create_task(cache.get_many([key]))
+        probe = asyncio.create_task(cache.get_many([first]))
         await asyncio.sleep(0)  # the probe has started and is waiting on frozen Redis
-        assert await cache.get_many([key]) is None  # others skip Redis while the probe runs
+        assert await cache.get_many([first]) is None  # others skip Redis while the probe runs
         assert await probe is None
         assert errors(metrics, "get") == 2  # the probe failed; the skipped call was no error
         assert state(cache) == "degraded"
     finally:
         own_redis.process.send_signal(signal.SIGCONT)
 
+    # Redis now answers the abandoned MGETs; a reused connection would hand their replies
+    # (b"1") to the next caller. The cache must read its own answer.
     clock.now += BACKOFF_S + 1
-    assert await cache.get_many([key]) == [None]
+    assert await cache.get_many([second]) == [b"2"]
+    assert await cache.get_many([first, second]) == [b"1", b"2"]
     assert state(cache) == "ok"
     await cache.aclose()
 
@@ -211,6 +218,42 @@ async def test_failed_writes_are_counted_and_swallowed(own_redis: RedisServer) -
     await cache.aclose()
 
 
+async def test_failure_is_logged_once_without_the_password(
+        caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there
+    cache, metrics = make_cache(f"redis://:s3cret@127.0.0.1:{port}/0", backoff_s=0.0)
+    try:
+        for _ in range(3):
+            assert await cache.get_many(["k"]) is None
+    finally:
+        await cache.aclose()
+    assert errors(metrics, "get") == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1  # on the way into "degraded", not once per failed call
+    assert f"127.0.0.1:{port}" in warnings[0]
+    assert "s3cret" not in caplog.text
+
+
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = start_redis(tmp_path / "redis", "--unixsocket", str(socket_path),
+                         "--unixsocketperm", "700")
+    cache, _ = make_cache(f"unix://{socket_path}?db=3")
+    key = cache.key("u", "e", "m", "over a unix socket")
+    try:
+        cache.schedule_set_many([(key, b"v", 60)])
+        await cache.drain()
+        assert await cache.get_many([key]) == [b"v"]
+        direct = redis.Redis(unix_socket_path=str(socket_path), db=3)
+        try:
+            assert direct.get(key) == b"v"  # in the db the URL named
+        finally:
+            direct.close()
+    finally:
+        await cache.aclose()
+        server.stop()
+
+
 # -- Redis Cluster ---------------------------------------------------------------------------------
 
 
@@ -231,6 +274,8 @@ async def test_cluster_reads_and_writes_across_slots(cluster: RedisCluster) -> N
         await cache.drain()
         assert await cache.get_many(keys) == [k.encode() if i % 2 == 0 else None
                                               for i, k in enumerate(keys)]
+        repeated = [keys[1], keys[0], keys[1], keys[0]]  # an item twice in one request
+        assert await cache.get_many(repeated) == [None, keys[0].encode(), None, keys[0].encode()]
         assert state(cache) == "ok"
         assert errors(metrics, "get") == errors(metrics, "set") == 0
     finally:
@@ -248,6 +293,50 @@ async def test_cluster_reads_and_writes_across_slots(cluster: RedisCluster) -> N
         finally:
             client.close()
     assert sorted(found) == sorted(keys[::2])
+
+
+async def test_cluster_node_down_fails_open_then_recovers(tmp_path: Path) -> None:
+    own = start_cluster(tmp_path / "cluster")
+    clock = FakeClock()
+    cache, metrics = make_cache(own.url, clock)
+    keys = [cache.key("u", "e", "m", item) for item in items(30)]
+    try:
+        cache.schedule_set_many([(k, b"v", 60) for k in keys])
+        await cache.drain()
+        assert await cache.get_many(keys) == [b"v"] * 30
+
+        own.nodes[0].kill()
+        assert await cache.get_many(keys) is None
+        assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
+
+        own.nodes[0].restart()  # same nodes.conf: it takes its slots back (empty, no persistence)
+        own.wait_ok()
+        clock.now += BACKOFF_S + 1
+        values = await cache.get_many(keys)
+        assert values is not None and b"v" in values and None in values
+        assert state(cache) == "ok"
+        cache.schedule_set_many([(k, b"w", 60) for k in keys])
+        await cache.drain()
+        assert await cache.get_many(keys) == [b"w"] * 30
+    finally:
+        await cache.aclose()
+        own.stop()
+
+
+async def test_cluster_pool_exhaustion_skips_the_cache_without_backing_off(
+        cluster: RedisCluster, caplog: pytest.LogCaptureFixture) -> None:
+    cache, metrics = make_cache(cluster.url + "?max_connections=1")
+    keys = [cache.key("u", "e", "m", item) for item in items(10)]
+    try:
+        results = await asyncio.gather(*(cache.get_many(keys) for _ in range(4)))
+        assert [None] * 10 in results  # at least one call had the node's only connection
+        assert None in results  # and at least one found the pool full
+        assert errors(metrics, "get") == results.count(None)
+        assert state(cache) == "ok"  # a full pool is not a sick Redis: no backoff, no warning
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert await cache.get_many(keys) == [None] * 10
+    finally:
+        await cache.aclose()
 
 
 # -- Sentinel --------------------------------------------------------------------------------------
@@ -276,3 +365,70 @@ async def test_sentinel_url_finds_the_master(sentinel: SentinelSetup) -> None:
         assert master.get(key) == b"v"  # it went to the master Sentinel named
     finally:
         master.close()
+
+
+async def test_sentinel_failover_moves_the_cache_to_the_new_master(tmp_path: Path) -> None:
+    setup = start_sentinel(tmp_path / "sentinel", replicas=1, down_after_ms=300)
+    clock = FakeClock()
+    cache, metrics = make_cache(setup.url, clock)
+    before, after = cache.key("u", "e", "m", "before"), cache.key("u", "e", "m", "after")
+    try:
+        cache.schedule_set_many([(before, b"1", 60)])
+        await cache.drain()
+        assert state(cache) == "ok"
+
+        promoted = setup.kill_master()
+        # The pooled connection to the dead master fails once; after the backoff the pool asks
+        # Sentinel again and finds the promoted replica (which has the data written before).
+        for _ in range(2):
+            cache.schedule_set_many([(after, b"2", 60)])
+            await cache.drain()
+            if state(cache) == "ok":
+                break
+            clock.now += BACKOFF_S + 1
+        assert state(cache) == "ok"
+        assert errors(metrics, "set") <= 1
+        assert await cache.get_many([before, after]) == [b"1", b"2"]
+        new_master = redis.Redis(port=promoted.port)
+        try:
+            assert new_master.get(after) == b"2"
+        finally:
+            new_master.close()
+    finally:
+        await cache.aclose()
+        setup.stop()
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    started = start_tls_redis(tmp_path_factory.mktemp("tls"))
+    yield started
+    started.stop()
+
+
+async def test_rediss_round_trip_with_a_verified_certificate(tls_redis: TlsRedis) -> None:
+    cache, _ = make_cache(tls_redis.url)
+    key = cache.key("u", "e", "m", "over tls")
+    try:
+        cache.schedule_set_many([(key, b"v", 60)])
+        await cache.drain()
+        assert await cache.get_many([key]) == [b"v"]
+        assert state(cache) == "ok"
+    finally:
+        await cache.aclose()
+
+
+@pytest.mark.parametrize("which", ["plaintext", "unknown CA"])
+async def test_tls_mismatch_fails_open(tls_redis: TlsRedis, which: str) -> None:
+    port = tls_redis.server.port
+    url = f"redis://127.0.0.1:{port}/0" if which == "plaintext" else f"rediss://127.0.0.1:{port}/0"
+    cache, metrics = make_cache(url)
+    try:
+        assert await cache.get_many([cache.key("u", "e", "m", "x")]) is None
+        assert (state(cache), errors(metrics, "get")) == ("degraded", 1)
+    finally:
+        await cache.aclose()
+

@@ -39,6 +39,19 @@ class RedisCluster:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
+    def wait_ok(self, timeout_s: float = 20.0) -> None:
+        """Until every node reports cluster_state:ok (all slots served)."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, socket_timeout=2)
+            try:
+                while client.cluster("info")["cluster_state"] != "ok":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"Redis Cluster not ok after {timeout_s}s")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -61,16 +74,7 @@ def start_cluster(directory: Path, masters: int = 3, timeout_s: float = 20.0) ->
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=timeout_s,
         )
-        deadline = time.monotonic() + timeout_s
-        for node in cluster.nodes:
-            client = redis.Redis(port=node.port, socket_timeout=2)
-            try:
-                while client.cluster("info")["cluster_state"] != "ok":
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"Redis Cluster not ok after {timeout_s}s")
-                    time.sleep(0.05)
-            finally:
-                client.close()
+        cluster.wait_ok(timeout_s)
     except BaseException:
         cluster.stop()
         raise
@@ -81,51 +85,108 @@ def start_cluster(directory: Path, masters: int = 3, timeout_s: float = 20.0) ->
 class SentinelSetup:
     master: RedisServer
     sentinel_port: int
-    sentinel: subprocess.Popen[bytes]
+    sentinel: subprocess.Popen[bytes] | None = None
     service: str = "mymaster"
+    replicas: list[RedisServer] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}/0"
 
+    def master_port(self) -> int | None:
+        """The master as clients see it: `SENTINEL MASTER`, which redis-py reads (it switches only
+        at +switch-master, after `get-master-addr-by-name` already names the promoted replica)."""
+        client = redis.Redis(port=self.sentinel_port, socket_timeout=2)
+        try:
+            state = client.sentinel_master(self.service)
+        except redis.ResponseError:  # not monitored (yet)
+            return None
+        finally:
+            client.close()
+        if not isinstance(state, dict) or not state.get("is_master") or state.get("is_sdown") \
+                or state.get("is_odown"):
+            return None
+        return int(state["port"])
+
+    def kill_master(self, timeout_s: float = 15.0) -> RedisServer:
+        """SIGKILL the current master; returns the replica Sentinel promoted in its place."""
+        old = self.master_port()
+        servers = [self.master, *self.replicas]
+        candidates = [r for r in servers if r.port != old]
+        if not candidates:
+            raise RuntimeError("a failover needs a replica: start_sentinel(..., replicas=1)")
+        deadline = time.monotonic() + timeout_s
+        for replica in candidates:  # a replica that never synced cannot be promoted
+            client = redis.Redis(port=replica.port, socket_timeout=2, decode_responses=True)
+            try:
+                while client.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"replica {replica.port} not in sync")
+                    time.sleep(0.02)
+            finally:
+                client.close()
+        next(r for r in servers if r.port == old).kill()
+        while (new := self.master_port()) in (old, None):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Sentinel did not fail over within {timeout_s}s")
+            time.sleep(0.05)
+        promoted = next(r for r in candidates if r.port == new)
+        client = redis.Redis(port=promoted.port, socket_timeout=2, decode_responses=True)
+        try:
+            while client.info("replication")["role"] != "master":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{promoted.port} was not promoted within {timeout_s}s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+        return promoted
+
     def stop(self) -> None:
-        if self.sentinel.poll() is None:
+        if self.sentinel is not None and self.sentinel.poll() is None:
             self.sentinel.terminate()
             try:
                 self.sentinel.wait(5)
             except subprocess.TimeoutExpired:
                 self.sentinel.kill()
                 self.sentinel.wait(5)
+        for replica in self.replicas:
+            replica.stop()
         self.master.stop()
 
 
-def start_sentinel(directory: Path, service: str = "mymaster",
-                   timeout_s: float = 10.0) -> SentinelSetup:
-    """One master and one `redis-server --sentinel` monitoring it (quorum 1)."""
-    master = start_redis(directory / "master")
-    port = free_port()
-    sentinel_dir = directory / "sentinel"
-    sentinel_dir.mkdir(parents=True, exist_ok=True)
-    config = sentinel_dir / "sentinel.conf"  # Sentinel rewrites its config: must be writable
-    config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {sentinel_dir}\n"
-        f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
-        f"sentinel down-after-milliseconds {service} 5000\n"
-    )
-    process = subprocess.Popen([redis_server_binary(), str(config), "--sentinel"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    setup = SentinelSetup(master=master, sentinel_port=port, sentinel=process, service=service)
+def start_sentinel(directory: Path, service: str = "mymaster", replicas: int = 0,
+                   down_after_ms: int = 5000, timeout_s: float = 10.0) -> SentinelSetup:
+    """One master (and `replicas` replicas of it) and one `redis-server --sentinel` (quorum 1).
+
+    `down_after_ms`: how long the master must be silent before Sentinel fails over.
+    """
+    # No diskless-sync delay: a replica is in sync in milliseconds instead of 5 s.
+    master = start_redis(directory / "master", "--repl-diskless-sync-delay", "0")
+    setup = SentinelSetup(master=master, sentinel_port=free_port(), service=service)
     try:
-        wait_for_port(port, timeout_s)
-        client = redis.Redis(port=port, socket_timeout=2)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while client.sentinel_get_master_addr_by_name(service) is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Sentinel does not know {service} after {timeout_s}s")
-                time.sleep(0.05)
-        finally:
-            client.close()
+        for index in range(replicas):
+            setup.replicas.append(start_redis(
+                directory / f"replica{index}", "--replicaof", "127.0.0.1", str(master.port),
+                "--repl-diskless-sync-delay", "0",
+            ))
+        sentinel_dir = directory / "sentinel"
+        sentinel_dir.mkdir(parents=True, exist_ok=True)
+        config = sentinel_dir / "sentinel.conf"  # Sentinel rewrites its config: must be writable
+        config.write_text(
+            f"port {setup.sentinel_port}\nbind 127.0.0.1\ndir {sentinel_dir}\n"
+            f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            + "".join(f"sentinel known-replica {service} 127.0.0.1 {r.port}\n"
+                      for r in setup.replicas)
+        )
+        setup.sentinel = subprocess.Popen([redis_server_binary(), str(config), "--sentinel"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(setup.sentinel_port, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while setup.master_port() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Sentinel does not know {service} after {timeout_s}s")
+            time.sleep(0.05)
     except BaseException:
         setup.stop()
         raise

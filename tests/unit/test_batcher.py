@@ -58,6 +58,13 @@ async def test_idle_lane_sends_at_once_even_with_a_long_wait() -> None:
     assert s.batches == [["a", "b"]]
 
 
+async def test_requests_arriving_in_the_same_loop_turn_share_a_batch() -> None:
+    b, s = make(max_wait_s=30.0, max_batch_items=8, max_concurrent_batches=4), GatedSender()
+    items = [submit(b, s, p)[0] for p in "abc"]  # three requests, one event-loop turn
+    assert await results(items) == ["a", "b", "c"]
+    assert s.batches == [["a", "b", "c"]]
+
+
 async def test_items_queued_behind_busy_slots_leave_together() -> None:
     b, s = make(max_batch_items=8), GatedSender()
     s.gate = asyncio.Event()

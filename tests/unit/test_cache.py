@@ -87,7 +87,10 @@ def test_key_rejects_what_is_not_json_data() -> None:
      "rediss+sentinel://s1:26379/mymaster/0"),
     ("redis+cluster://user:s3cret@n1:7000,n2:7001,[::1]:7002", "cluster",
      "redis+cluster://n1:7000,n2:7001,::1:7002"),
-    ("rediss+cluster://n1?ssl_cert_reqs=none", "cluster", "rediss+cluster://n1:6379"),
+    ("rediss+cluster://n1?ssl_cert_reqs=none&max_connections=500", "cluster",
+     "rediss+cluster://n1:6379"),
+    ("redis+sentinel://s1/mymaster?max_connections=20", "sentinel",
+     "redis+sentinel://s1:26379/mymaster/0"),
 ])
 def test_supported_urls_build_without_connecting(url: str, kind: str, description: str) -> None:
     cache = build(url)
@@ -105,6 +108,9 @@ def test_supported_urls_build_without_connecting(url: str, kind: str, descriptio
     ("redis+cluster://n1:7000/1", "Redis Cluster has only db 0"),
     ("redis+cluster://n1:port", "bad port 'port'"),
     ("redis+cluster://", "names no host"),
+    ("redis+cluster://n1?max_connections=none", "max_connections in the redis+cluster:// cache URL "
+                                                "must be a positive integer"),
+    ("redis+sentinel://s1/mymaster?max_connections=0", "must be a positive integer"),
 ])
 def test_bad_urls_say_what_to_write(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from service.gateway.classifier import Outcome, decorate
-from service.gateway.registry import TaskSpec
+from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
+from service.gateway.routes.body import openapi_body, parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
-from service.gateway.runtime import Runtime, get_runtime
+from service.gateway.runtime import Runtime, runtime_of
 from service.wire import Conversation
 
 router = APIRouter(tags=["classify"])
@@ -38,11 +40,18 @@ def reads_cache(cache_control: str | None) -> bool:
     return not (cache_control and "no-cache" in cache_control.lower())
 
 
-def disconnect_waiter(request: Request) -> Any:
-    async def wait() -> None:
+async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
+              items: Sequence[Any]) -> Outcome:
+    """The part every classification route shares, once the items are validated."""
+
+    async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-    return wait
+
+    return await runtime.classifier.classify(task, upstream, items,
+                                             read_cache=reads_cache(
+                                                 request.headers.get("cache-control")),
+                                             disconnected=disconnected)
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
@@ -55,31 +64,31 @@ def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     return JSONResponse(body, headers={"X-Cache": outcome.cache_status})
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-CacheControl = Annotated[str | None, Header()]
+CACHE_CONTROL_DOC = {"parameters": [{
+    "name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "`no-cache` skips the cache read (the fresh result is still written).",
+}]}
 
 
-@router.post("/classify", summary="Classify one text or a list of texts with a task's model")
-async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
-                   cache_control: CacheControl = None) -> JSONResponse:
+@router.post("/classify", summary="Classify one text or a list of texts with a task's model",
+             openapi_extra={**openapi_body(ClassifyRequest), **CACHE_CONTROL_DOC})
+async def classify(request: Request) -> JSONResponse:
+    body = await parse_body(request, ClassifyRequest)
+    runtime = runtime_of(request)
     task, upstream = resolve_task(request, runtime.registry.current, body.task, "text")
     texts = [body.input] if isinstance(body.input, str) else body.input
     check_texts(texts, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, texts, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
+    outcome = await run(runtime, request, task, upstream, texts)
     return respond(task, outcome)
 
 
-@router.post("/classify-chat", summary="Classify one conversation or a list of them")
-async def classify_chat(body: ClassifyChatRequest, request: Request, runtime: RuntimeDep,
-                        cache_control: CacheControl = None) -> JSONResponse:
+@router.post("/classify-chat", summary="Classify one conversation or a list of them",
+             openapi_extra={**openapi_body(ClassifyChatRequest), **CACHE_CONTROL_DOC})
+async def classify_chat(request: Request) -> JSONResponse:
+    body = await parse_body(request, ClassifyChatRequest)
+    runtime = runtime_of(request)
     task, upstream = resolve_task(request, runtime.registry.current, body.task, "chat")
     conversations = [body.input] if isinstance(body.input, Conversation) else body.input
     payload = conversations_payload(conversations, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, payload, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
+    outcome = await run(runtime, request, task, upstream, payload)
     return respond(task, outcome)

@@ -15,14 +15,11 @@ from starlette.requests import Request
 from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.classify import (
-    CacheControl,
-    RuntimeDep,
-    disconnect_waiter,
-    reads_cache,
-)
+from service.gateway.routes.body import openapi_body, parse_body
+from service.gateway.routes.classify import CACHE_CONTROL_DOC, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
+from service.gateway.runtime import runtime_of
 from service.wire import ChatClassificationRequest, ClassificationRequest
 
 router = APIRouter(prefix="/v1", tags=["mistral-compatible"])
@@ -33,29 +30,24 @@ def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     return JSONResponse(body, headers={"X-Cache": outcome.cache_status, "X-Task": task.name})
 
 
-@router.post("/classifications", summary="Mistral's classification endpoint")
-async def classifications(body: ClassificationRequest, request: Request, runtime: RuntimeDep,
-                          cache_control: CacheControl = None) -> JSONResponse:
+@router.post("/classifications", summary="Mistral's classification endpoint",
+             openapi_extra={**openapi_body(ClassificationRequest), **CACHE_CONTROL_DOC})
+async def classifications(request: Request) -> JSONResponse:
+    body = await parse_body(request, ClassificationRequest)
+    runtime = runtime_of(request)
     task, upstream = resolve_task(request, runtime.registry.current, body.model, "text",
                                   by_model=True)
     texts = body.inputs()
     check_texts(texts, runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, texts, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, texts))
 
 
-@router.post("/chat/classifications", summary="Mistral's chat classification endpoint")
-async def chat_classifications(body: ChatClassificationRequest, request: Request,
-                               runtime: RuntimeDep,
-                               cache_control: CacheControl = None) -> JSONResponse:
+@router.post("/chat/classifications", summary="Mistral's chat classification endpoint",
+             openapi_extra={**openapi_body(ChatClassificationRequest), **CACHE_CONTROL_DOC})
+async def chat_classifications(request: Request) -> JSONResponse:
+    body = await parse_body(request, ChatClassificationRequest)
+    runtime = runtime_of(request)
     task, upstream = resolve_task(request, runtime.registry.current, body.model, "chat",
                                   by_model=True)
     payload = conversations_payload(body.inputs(), runtime.settings)
-    outcome = await runtime.classifier.classify(
-        task, upstream, payload, read_cache=reads_cache(cache_control),
-        disconnected=disconnect_waiter(request),
-    )
-    return respond(task, outcome)
+    return respond(task, await run(runtime, request, task, upstream, payload))

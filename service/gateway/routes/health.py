@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.classify import RuntimeDep
+from service.gateway.runtime import RuntimeDep
 
 router = APIRouter(tags=["operations"])
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from service.gateway.errors import UnknownTask
 from service.gateway.registry import Registry, TaskSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.classify import RuntimeDep
+from service.gateway.runtime import RuntimeDep
 
 router = APIRouter(tags=["tasks"])
 

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -47,33 +48,41 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    with fake_upstream() as upstream_url, redis() as redis_url:
-        with gateway(upstream_url, redis_url) as gateway_url:
-            first = httpx.post(f"{gateway_url}/classify", json=BODY)
-            first.raise_for_status()
-            Redis.from_url(redis_url).set("bench:value", orjson.dumps(first.json()["results"][0]))
-            import time
-            time.sleep(0.3)
-            assert httpx.post(f"{gateway_url}/classify", json=BODY).headers["x-cache"] == "hit"
-            wrk(f"{gateway_url}/classify", 2, args.connections)  # warm-up
-            ours = wrk(f"{gateway_url}/classify", args.seconds, args.connections)
-        port = free_port()
-        with process(["-m", "uvicorn", "bench.minimal_redis_app:app", "--port", str(port),
-                      "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                      "--log-level", "warning"], port, {"BENCH_REDIS_URL": redis_url},
-                     ready_path="/readyz"):
-            base_url = f"http://127.0.0.1:{port}/classify"
-            wrk(base_url, 2, args.connections)
-            baseline = wrk(base_url, args.seconds, args.connections)
+    port = free_port()
+    with fake_upstream() as upstream_url, redis() as redis_url, \
+            gateway(upstream_url, redis_url) as gateway_url, \
+            process(["-m", "uvicorn", "bench.minimal_redis_app:app", "--port", str(port),
+                     "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                     "--log-level", "warning"], port, {"BENCH_REDIS_URL": redis_url},
+                    ready_path="/readyz"):
+        first = httpx.post(f"{gateway_url}/classify", json=BODY)
+        first.raise_for_status()
+        Redis.from_url(redis_url).set("bench:value", orjson.dumps(first.json()["results"][0]))
+        time.sleep(0.3)
+        if httpx.post(f"{gateway_url}/classify", json=BODY).headers["x-cache"] != "hit":
+            raise SystemExit("the gateway did not cache the bench item; is Redis reachable?")
+        targets = {"gateway": f"{gateway_url}/classify",
+                   "baseline": f"http://127.0.0.1:{port}/classify"}
+        for url in targets.values():
+            wrk(url, 2, args.connections)  # warm-up
+        # Interleaved rounds, so that load from elsewhere on the machine hits both sides alike.
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for _ in range(args.rounds):
+            for name, url in targets.items():
+                runs[name].append(wrk(url, args.seconds, args.connections))
+    best = {name: max(results, key=lambda r: r["rps"]) for name, results in runs.items()}
     emit({
         "bench": "cache_hits",
-        "load": f"wrk -t1 -c{args.connections} -d{args.seconds}s, POST one cached item",
-        "gateway": ours,
-        "baseline_fastapi_one_redis_get": baseline,
-        "ratio": round(ours["rps"] / baseline["rps"], 3),
+        "load": f"wrk -t1 -c{args.connections} -d{args.seconds}s, POST one cached item, "
+                f"{args.rounds} interleaved rounds, best of each",
+        "gateway": best["gateway"],
+        "baseline_fastapi_one_redis_get": best["baseline"],
+        "ratio": round(best["gateway"]["rps"] / best["baseline"]["rps"], 3),
+        "all_rounds_rps": {name: [r["rps"] for r in results] for name, results in runs.items()},
         "target_ratio": 0.8,
     })
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import httpx
 
 from bench.harness import emit, fake_upstream, gateway, percentile, redis, summary_ms
 
 
-def timed(client: httpx.Client, url: str, bodies: list[dict[str, object]]) -> list[float]:
+def timed(client: httpx.Client, url: str, bodies: list[dict[str, Any]]) -> list[float]:
     samples = []
     for body in bodies:
         started = time.perf_counter()

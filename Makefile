@@ -26,3 +26,4 @@ bench: install-dev
 	$(PY) -m bench.cache_hits
 	$(PY) -m bench.batching
 	$(PY) -m bench.upstream_transport
+	$(PY) -m bench.factory_bench

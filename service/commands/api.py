@@ -1,0 +1,184 @@
+"""HTTP clients of the CLI: the upstream that trains and serves models (the local factory or
+Mistral's API, one wire format) and the gateway that serves tasks.
+
+Keys come from the environment only, never from flags (a flag ends up in shell history and `ps`),
+and no message of this module contains one. Every failure becomes a `UserError` whose one line says
+what went wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.cli import UserError
+
+DEFAULT_FACTORY_URL = "http://127.0.0.1:8100"
+DEFAULT_MISTRAL_URL = "https://api.mistral.ai"
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+#: The base model of a fine-tuning job when `--model` is not given.
+DEFAULT_MODELS = {"local": "local-ngram", "mistral": "ministral-3b-latest"}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where models are trained and served, as the CLI and the tasks file both need to know it."""
+
+    name: str  # "local" or "mistral": also the upstream's name in the tasks file
+    base_url: str
+    key_env: str
+
+    @property
+    def label(self) -> str:
+        return "the local factory" if self.name == "local" else "Mistral's API"
+
+    def key(self) -> str | None:
+        return os.environ.get(self.key_env) or None
+
+
+def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upstream", choices=("local", "mistral"),
+                        default=os.environ.get("CLASSIFIER_UPSTREAM", "local"),
+                        help=f"local: the factory at FACTORY_URL (default {DEFAULT_FACTORY_URL}) with "
+                             f"FACTORY_API_KEY; mistral: {DEFAULT_MISTRAL_URL} with "
+                             "MISTRAL_API_KEY (default: CLASSIFIER_UPSTREAM, else local)")
+    parser.add_argument("--upstream-url", metavar="URL",
+                        help="override the upstream's address (else FACTORY_URL or MISTRAL_URL)")
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-url", metavar="URL",
+                        default=os.environ.get("GATEWAY_URL", DEFAULT_GATEWAY_URL),
+                        help="the running gateway (GATEWAY_URL, default %(default)s); its client "
+                             "key is read from GATEWAY_API_KEY")
+
+
+def upstream_from(args: argparse.Namespace) -> Upstream:
+    if args.upstream == "mistral":
+        url = args.upstream_url or os.environ.get("MISTRAL_URL") or DEFAULT_MISTRAL_URL
+        return Upstream("mistral", url.rstrip("/"), "MISTRAL_API_KEY")
+    url = args.upstream_url or os.environ.get("FACTORY_URL") or DEFAULT_FACTORY_URL
+    return Upstream("local", url.rstrip("/"), "FACTORY_API_KEY")
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own reason, from any of the error shapes that Mistral, the factory and the
+    gateway use (`{"error": {"message"}}`, `{"message"}`, `{"detail": str | [{loc, msg}]}`)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200] or response.reason_phrase
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, Mapping) and error.get("message"):
+            return str(error["message"])
+        if body.get("message"):
+            return str(body["message"])
+        detail = body.get("detail")
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list) and detail:
+            parts = []
+            for item in detail[:3]:
+                if isinstance(item, Mapping):
+                    loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                    parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            return "; ".join(parts)
+    return str(body)[:200]
+
+
+class TransientError(UserError):
+    """The server is unreachable, overloaded or failing for now (connection refused, timeout, 429,
+    5xx): worth another try when watching a job, which must not be given up for one bad poll."""
+
+
+class Api:
+    """A small synchronous client: the CLI does one thing at a time, so httpx.Client suffices."""
+
+    def __init__(self, base_url: str, *, what: str, key: str | None, key_env: str,
+                 start_hint: str, timeout_s: float = 60.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.what = what
+        self.base_url = base_url
+        self.key_env = key_env
+        self.start_hint = start_hint
+        self._client = httpx.Client(base_url=base_url, headers=headers, transport=transport,
+                                    timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise TransientError(f"cannot reach {self.what} at {self.base_url}: "
+                                 f"{self.start_hint}") from None
+        except httpx.TimeoutException:
+            raise TransientError(f"{self.what} at {self.base_url} did not answer in time; "
+                            "try again, or check that it is not overloaded") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"talking to {self.what} at {self.base_url} failed: {exc}"
+                                 ) from None
+        if response.status_code == 401 or response.status_code == 403:
+            raise UserError(f"{self.what} refused the key (HTTP {response.status_code}): set "
+                            f"{self.key_env} to a valid key")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"{self.what} answered HTTP {response.status_code} to {method} "
+                                 f"{path}: {error_message(response)}")
+        if response.status_code >= 400:
+            raise UserError(f"{self.what} answered HTTP {response.status_code} to {method} {path}: "
+                            f"{error_message(response)}")
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise UserError(f"{self.what} answered {method} {path} with something that is not "
+                            "JSON; is the address right?") from None
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+
+def upstream_api(upstream: Upstream, transport: httpx.BaseTransport | None = None) -> Api:
+    key = upstream.key()
+    if upstream.name == "mistral" and not key:
+        raise UserError("MISTRAL_API_KEY is not set: export your Mistral API key, or use "
+                        "--upstream local")
+    hint = ("start it with `classifier-gateway factory`, or set FACTORY_URL"
+            if upstream.name == "local" else "check your network, or set MISTRAL_URL")
+    return Api(upstream.base_url, what=upstream.label, key=key, key_env=upstream.key_env,
+               start_hint=hint, transport=transport)
+
+
+def gateway_api(args: argparse.Namespace) -> Api:
+    return Api(args.gateway_url.rstrip("/"), what="the gateway",
+               key=os.environ.get("GATEWAY_API_KEY") or None, key_env="GATEWAY_API_KEY",
+               start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL")
+
+
+def upload_file(api: Api, path: Path) -> dict[str, Any]:
+    """`POST /v1/files` with purpose fine-tune; identical re-uploads return the existing file."""
+    with path.open("rb") as handle:
+        body = api.post("/v1/files", files={"file": (path.name, handle, "application/jsonl")},
+                        data={"purpose": "fine-tune"})
+    if not isinstance(body, dict) or "id" not in body:
+        raise UserError(f"{api.what} did not return a file id for {path}")
+    return body

@@ -1,0 +1,202 @@
+"""`classifier-gateway data validate | prepare`: check training data before anything is uploaded,
+and turn a raw corpus (JSONL or CSV) into balanced training and validation files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from service.cli import UserError
+from service.commands.output import print_json, table
+from service.commands.prepare import Plan, PrepareError, plan, read_report, write_jsonl
+from service.factory.data import DEFAULT_LONG_TEXT_CHARS, ValidationReport, validate_file
+
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(sub: Sub) -> None:
+    data = sub.add_parser("data", help="validate and prepare training data",
+                          description="Validate and prepare classifier training data (JSONL: "
+                                      '{"text"|"messages", "labels": {target: label}} per line).')
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("validate", help="check JSONL files the way the factory will",
+                           description="Check JSONL files with the factory's own rules: "
+                                       "line-numbered errors, then a summary per file.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_validate)
+
+    p = actions.add_parser(
+        "prepare", help="clean, balance and split a corpus into train/validation files",
+        description="Drop empty and duplicate inputs and labels with too few examples, cap "
+                    "frequent labels, and split into train.jsonl and validation.jsonl, stratified "
+                    "by label. Reads JSONL, or CSV with --text-column and --label-column. "
+                    "(Mistral's cookbook: at least ~200 and at most ~600 examples per label.)")
+    p.add_argument("input", type=Path, metavar="IN", help="a .jsonl or .csv file")
+    p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
+                   help="where train.jsonl and validation.jsonl are written (created if needed)")
+    p.add_argument("--min-per-label", type=int, default=10, metavar="N",
+                   help="drop labels with fewer examples than this (default %(default)s)")
+    p.add_argument("--max-per-label", type=int, metavar="N",
+                   help="keep at most this many examples of a label (default: no cap)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
+                   help="share of each label held out for validation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the shuffles, for a reproducible split (default %(default)s)")
+    p.add_argument("--text-column", metavar="NAME", help="CSV: the column holding the text")
+    p.add_argument("--label-column", metavar="NAME", help="CSV: the column holding the label")
+    p.add_argument("--target", metavar="NAME",
+                   help="CSV: the target's name in the labels (default: the label column's name)")
+    p.add_argument("--label-separator", metavar="SEP",
+                   help="CSV: split a label cell on SEP into several labels (a multi-label target)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop invalid lines (counted) instead of stopping at them")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_prepare)
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+def describe_report(name: str, report: ValidationReport) -> str:
+    """A readable summary of one file: what it is, its targets and labels, what looks wrong."""
+    lines = []
+    n_targets = len(report.targets)
+    lines.append(f"{name}: {report.kind or 'no'} data, {report.valid} valid examples of "
+                 f"{report.lines} lines, {n_targets} target{'s' * (n_targets != 1)}")
+    for stats in report.targets.values():
+        kind = "multi-label" if stats.loss_function == "multi_class" else "single-label"
+        lines.append(f"  target {stats.name} ({kind}, {len(stats.label_counts)} labels, "
+                     f"{stats.examples} examples):")
+        rows = [(label, count) for label, count in sorted(stats.label_counts.items(),
+                                                          key=lambda kv: (-kv[1], kv[0]))]
+        lines.extend("    " + row for row in table(["label", "examples"], rows).splitlines())
+    duplicates = f"duplicates: {report.duplicates}"
+    if report.conflicting_duplicates:
+        duplicates += f" ({report.conflicting_duplicates} with different labels)"
+    mean = round(report.total_chars / report.valid) if report.valid else 0
+    lines.append(f"  {duplicates}; empty texts: {report.empty_texts}; very long texts "
+                 f"(> {DEFAULT_LONG_TEXT_CHARS} chars): {report.long_texts}")
+    lines.append(f"  text length: mean {mean} chars, max {report.max_chars}")
+    return "\n".join(lines)
+
+
+def _errors_text(name: str, report: ValidationReport) -> list[str]:
+    out = [f"{name}: {error}" for error in report.errors]
+    if report.error_count > len(report.errors):
+        out.append(f"{name}: ... and {report.error_count - len(report.errors)} more invalid lines")
+    return out
+
+
+def problem(name: str, report: ValidationReport) -> str | None:
+    """One line saying why the file cannot be used, or None when it can."""
+    if report.error_count:
+        first = report.errors[0] if report.errors else None
+        return (f"{name}: {report.error_count} invalid line{'s' * (report.error_count != 1)}"
+                + (f" (first: {first})" if first else ""))
+    if not report.valid:
+        return f"{name}: no examples; each line needs {{\"text\", \"labels\"}} or " \
+               "{\"messages\", \"labels\"}"
+    return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    reports: list[tuple[str, ValidationReport]] = []
+    for path in args.files:
+        try:
+            report = validate_file(path, keep_examples=False)
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+        reports.append((str(path), report))
+    problems = [p for name, report in reports if (p := problem(name, report))]
+    kinds = {report.kind for _, report in reports if report.kind}
+    if len(kinds) > 1:
+        problems.append("the files mix text and chat data: " + ", ".join(
+            f"{name} is {report.kind}" for name, report in reports))
+    if args.json:
+        print_json({"ok": not problems, "problems": problems,
+                    "files": [{"file": name, "ok": report.ok, **report.to_dict()}
+                              for name, report in reports]})
+    else:
+        for name, report in reports:
+            for line in _errors_text(name, report):
+                print(line)
+            print(describe_report(name, report))
+    if problems:
+        raise UserError(problems[0] + (f" (and {len(problems) - 1} more problems)"
+                                       if len(problems) > 1 else ""))
+    return 0
+
+
+# -- prepare ----------------------------------------------------------------------------------
+
+def describe_plan(result: Plan, paths: dict[str, Path], sizes: dict[str, int]) -> str:
+    lines = [f"read {result.input_examples} {result.kind} examples"]
+    if result.empty_texts:
+        lines.append(f"dropped {result.empty_texts} examples with an empty text")
+    if result.duplicates:
+        conflict = (f", {result.conflicting_duplicates} of them with different labels"
+                    if result.conflicting_duplicates else "")
+        lines.append(f"dropped {result.duplicates} repeated inputs (kept the first{conflict})")
+    for d in result.dropped_labels:
+        lines.append(f"dropped label {d.target}={d.label}: {d.examples} examples, {d.reason}")
+    if result.unlabelled:
+        lines.append(f"dropped {result.unlabelled} examples left without any label")
+    for d in result.capped_labels:
+        lines.append(f"capped label {d.target}={d.label}: dropped {d.examples}, {d.reason}")
+    rows = [(f"{target}={label}" if _many_targets(result) else label, t, v)
+            for (target, label), (t, v) in result.label_counts().items()]
+    lines.append(table(["label", "train", "validation"], rows))
+    for split in ("train", "validation"):
+        examples = result.train if split == "train" else result.validation
+        lines.append(f"wrote {paths[split]}: {len(examples)} examples, {sizes[split]} bytes")
+    return "\n".join(lines)
+
+
+def _many_targets(result: Plan) -> bool:
+    return len({target for target, _ in result.label_counts()}) > 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    try:
+        report = read_report(args.input, text_column=args.text_column,
+                             label_column=args.label_column, target=args.target,
+                             label_separator=args.label_separator)
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    name = str(args.input)
+    if report.error_count and not args.skip_invalid:
+        for line in _errors_text(name, report):
+            print(line)
+        reason = problem(name, report)
+        raise UserError(f"{reason}; fix the file, or pass --skip-invalid to drop such lines")
+    if not report.valid:
+        raise UserError(problem(name, report) or f"{name}: no examples")
+    try:
+        result = plan(report, min_per_label=args.min_per_label, max_per_label=args.max_per_label,
+                      validation_fraction=args.validation_fraction, seed=args.seed)
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    if not result.train:
+        raise UserError(f"{name}: no example left after dropping labels with fewer than "
+                        f"{args.min_per_label} examples; lower --min-per-label")
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"train": args.out_dir / "train.jsonl",
+                 "validation": args.out_dir / "validation.jsonl"}
+        sizes = {"train": write_jsonl(paths["train"], result.train),
+                 "validation": write_jsonl(paths["validation"], result.validation)}
+    except OSError as exc:
+        raise UserError(f"cannot write to {args.out_dir}: {exc.strerror or exc}") from None
+    if args.json:
+        body: dict[str, Any] = result.to_dict()
+        body["invalid_lines_dropped"] = report.error_count
+        body["files"] = {split: {"path": str(p), "bytes": sizes[split]}
+                         for split, p in paths.items()}
+        print_json(body)
+    else:
+        if report.error_count:
+            print(f"dropped {report.error_count} invalid lines (--skip-invalid)")
+        print(describe_plan(result, paths, sizes))
+    return 0

@@ -1,0 +1,176 @@
+"""`classifier-gateway jobs list | get | cancel | wait`: fine-tuning jobs on the upstream."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+from service.cli import UserError
+from service.commands.api import add_upstream_arguments, upstream_api, upstream_from
+from service.commands.output import print_json, table
+
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+FINAL_STATUSES = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
+
+
+def register(sub: Sub) -> None:
+    from service.commands.finetune import cmd_wait
+    from service.commands.tasks import add_tasks_file_argument
+
+    jobs = sub.add_parser("jobs", help="list, inspect, cancel and wait for fine-tuning jobs",
+                          description="Fine-tuning jobs on the upstream (--upstream local|mistral).")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("list", help="the jobs, newest first")
+    p.add_argument("--status", help="only jobs with this status (e.g. RUNNING, SUCCESS)")
+    p.add_argument("--limit", type=int, default=20, metavar="N",
+                   help="at most N jobs (default %(default)s)")
+    add_upstream_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_list)
+
+    p = actions.add_parser("get", help="one job: status, metrics per checkpoint, events")
+    p.add_argument("job_id", metavar="JOB_ID")
+    add_upstream_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_get)
+
+    p = actions.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id", metavar="JOB_ID")
+    add_upstream_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = actions.add_parser("wait", help="watch a job until it ends; optionally register its model",
+                           description="Show a job's progress until it ends (what `finetune` "
+                                       "does after `--no-wait`); with --task, register the "
+                                       "fine-tuned model under that task on SUCCESS.")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--task", metavar="NAME", help="register the model under this task")
+    p.add_argument("--kind", choices=("text", "chat"), default="text",
+                   help="the task's kind, with --task (default %(default)s)")
+    p.add_argument("--poll-interval", type=float, metavar="S",
+                   help="seconds between status checks (default 1 on local, 5 on mistral)")
+    add_tasks_file_argument(p)
+    add_upstream_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    p.set_defaults(handler=cmd_wait)
+
+
+def when(timestamp: Any) -> str:
+    if not isinstance(timestamp, int | float):
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def get_job(api: Any, job_id: str) -> dict[str, Any]:
+    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+    if not isinstance(job, dict) or "status" not in job:
+        raise UserError(f"{api.what} returned no job for {job_id}")
+    return job
+
+
+def last_metrics(job: dict[str, Any]) -> dict[str, Any]:
+    """The newest checkpoint's metrics, with its step (checkpoints may come in any order)."""
+    checkpoints = [c for c in job.get("checkpoints") or [] if isinstance(c, dict)]
+    if not checkpoints:
+        return {}
+    newest = max(checkpoints, key=lambda c: c.get("step_number") or 0)
+    return {"step": newest.get("step_number"), **(newest.get("metrics") or {})}
+
+
+def failure_reason(job: dict[str, Any]) -> str:
+    """Why a job ended badly, from whatever the server tells (message field, or the last event
+    that carries an error)."""
+    for key in ("message", "error"):
+        value = job.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and value.get("message"):
+            return str(value["message"])
+    for event in reversed(job.get("events") or []):
+        data = event.get("data") if isinstance(event, dict) else None
+        if isinstance(data, dict):
+            for key in ("error", "message", "reason"):
+                if data.get(key):
+                    return str(data[key])
+    return "the server gave no reason"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"page": 0, "page_size": args.limit}
+    if args.status:
+        params["status"] = args.status.upper()
+    with upstream_api(upstream_from(args)) as api:
+        body = api.get("/v1/fine_tuning/jobs", params=params)
+    jobs = sorted(body.get("data") or [], key=lambda j: -(j.get("created_at") or 0))[: args.limit]
+    if args.json:
+        print_json({"total": body.get("total", len(jobs)), "data": jobs})
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    print(table(["job", "status", "model", "fine-tuned model", "created (UTC)"],
+                [(j.get("id"), j.get("status"), j.get("model"), j.get("fine_tuned_model"),
+                  when(j.get("created_at"))) for j in jobs]))
+    return 0
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    lines = [
+        f"job {job.get('id')}: {job.get('status')}",
+        f"  model: {job.get('model')}",
+        f"  fine-tuned model: {job.get('fine_tuned_model') or '-'}",
+        f"  created: {when(job.get('created_at'))} UTC, modified: {when(job.get('modified_at'))} UTC",
+        "  hyperparameters: " + ", ".join(
+            f"{k}={v}" for k, v in sorted((job.get("hyperparameters") or {}).items())
+            if v is not None),
+    ]
+    if job.get("status") in ("FAILED", "FAILED_VALIDATION"):
+        lines.append(f"  reason: {failure_reason(job)}")
+    for target in job.get("classifier_targets") or []:
+        labels = target.get("labels") or []
+        lines.append(f"  target {target.get('name')} ({target.get('loss_function')}): "
+                     + ", ".join(str(label) for label in labels))
+    checkpoints = sorted(job.get("checkpoints") or [], key=lambda c: c.get("step_number") or 0)
+    if checkpoints:
+        rows = [(c.get("step_number"), (c.get("metrics") or {}).get("train_loss"),
+                 (c.get("metrics") or {}).get("valid_loss"),
+                 (c.get("metrics") or {}).get("valid_mean_token_accuracy")) for c in checkpoints]
+        lines.append("  checkpoints:")
+        lines.extend("    " + line for line in
+                     table(["step", "train loss", "valid loss", "valid accuracy"], rows).splitlines())
+    events = job.get("events") or []
+    if events:
+        lines.append("  events:")
+        for event in sorted(events, key=lambda e: e.get("created_at") or 0):
+            data = event.get("data") or {}
+            lines.append(f"    {when(event.get('created_at'))}  {event.get('name')}  "
+                         + " ".join(f"{k}={v}" for k, v in data.items()))
+    return "\n".join(lines)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with upstream_api(upstream_from(args)) as api:
+        job = get_job(api, args.job_id)
+    if args.json:
+        print_json(job)
+    else:
+        print(describe_job(job))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with upstream_api(upstream_from(args)) as api:
+        job = get_job(api, args.job_id)
+        if job.get("status") in FINAL_STATUSES:
+            raise UserError(f"job {args.job_id} has already ended ({job.get('status')}); "
+                            "nothing to cancel")
+        job = api.post(f"/v1/fine_tuning/jobs/{args.job_id}/cancel")
+    if args.json:
+        print_json(job)
+    else:
+        print(f"job {args.job_id}: {job.get('status')}")
+    return 0

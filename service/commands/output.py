@@ -1,0 +1,91 @@
+"""How commands print: aligned tables for people, one JSON document for scripts, and a progress
+line that redraws itself on a terminal but prints plain lines into a pipe or a log."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+
+def print_json(value: Any, stream: TextIO | None = None) -> None:
+    """Indented and key-sorted, so that output is stable to diff and easy to `jq`."""
+    out = stream or sys.stdout
+    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    out.write("\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: left-aligned text, right-aligned numbers, two spaces between columns."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, value in enumerate(row):
+            widths[i] = max(widths[i], len(value))
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(row) for row in cells)])
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) or value is None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def short(text: str, width: int = 60) -> str:
+    """One line of at most `width` characters, for showing inputs in a table."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+class Progress:
+    """Progress of a long operation. On a terminal: one line redrawn in place, with a bar.
+    Elsewhere: a plain line each time the message changes, so logs stay readable."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._last = ""
+        self._drawn = False
+
+    def update(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        if self.tty:
+            bar = _bar(done, total) if total else ""
+            text = f"{bar}{message}"
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + text[:width].ljust(min(width, max(len(self._last), len(text)))))
+            self.stream.flush()
+            self._last, self._drawn = text, True
+        elif message != self._last:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+            self._last = message
+
+    def close(self) -> None:
+        """End the redrawn line, so that what follows starts on a fresh one."""
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _bar(done: int | None, total: int, width: int = 16) -> str:
+    """Narrow, without a percentage: the message beside it says `step n/N`, and the whole line
+    should fit an 80-column terminal."""
+    fraction = min(1.0, max(0.0, (done or 0) / total))
+    filled = round(fraction * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] "

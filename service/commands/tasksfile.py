@@ -1,0 +1,145 @@
+"""Safe edits of the gateway's tasks file.
+
+A running gateway reloads the file whenever its stat() changes, so a half-written or invalid file
+must never appear at the path: every edit is validated with the gateway's own parser, written to a
+temporary file in the same directory, flushed to disk and renamed over the old one (atomic on
+POSIX). An advisory lock next to the file keeps two CLI runs from losing each other's edits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.cli import UserError
+from service.commands.api import Upstream
+from service.gateway.registry import Registry, RegistryError, parse_registry
+
+Data = dict[str, Any]
+
+
+def default_tasks_path() -> Path:
+    """The same default as `classifier-gateway serve`, so both find the same file."""
+    return Path(os.environ.get("GATEWAY_TASKS_FILE", "tasks.yaml"))
+
+
+def read(path: Path) -> Data:
+    """The file's raw mapping (empty when the file does not exist yet)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {"upstreams": {}, "tasks": {}}
+    except OSError as exc:
+        raise UserError(f"cannot read the tasks file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML ({_first_line(exc)}); fix it first") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping with 'upstreams' and 'tasks'; fix it first")
+    data.setdefault("upstreams", {})
+    data.setdefault("tasks", {})
+    if data["upstreams"] is None:
+        data["upstreams"] = {}
+    if data["tasks"] is None:
+        data["tasks"] = {}
+    return data
+
+
+def load(path: Path) -> Registry:
+    """The validated registry, as the gateway would see it."""
+    try:
+        return parse_registry(read(path), str(path))
+    except RegistryError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        handle = lock_path.open("a")
+    except OSError as exc:
+        raise UserError(f"cannot lock the tasks file ({lock_path}: {exc.strerror or exc}); "
+                        "is its directory writable?") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def edit(path: Path, change: Callable[[Data], None]) -> Registry:
+    """Apply `change` to the file's mapping under the lock; validate; replace the file atomically.
+    A change that makes the file invalid raises `UserError` and leaves the file as it was."""
+    with _locked(path):
+        data = read(path)
+        change(data)
+        try:
+            registry = parse_registry(data, str(path))
+        except RegistryError as exc:
+            raise UserError(f"not saved, the result would be invalid: {exc}") from None
+        write_atomically(path, yaml.safe_dump(data, sort_keys=False))
+        return registry
+
+
+def write_atomically(path: Path, text: str) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise UserError(f"cannot write next to {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def ensure_upstream(data: Data, upstream: Upstream) -> None:
+    """Add the upstream under its name unless the file already defines one by that name (which
+    then wins: an operator may point `local` at another host)."""
+    if upstream.name not in data["upstreams"]:
+        data["upstreams"][upstream.name] = {"base_url": upstream.base_url,
+                                            "api_key_env": upstream.key_env}
+
+
+def set_task(data: Data, name: str, settings: dict[str, Any]) -> None:
+    """Update a task, keeping the settings the caller did not give (cache TTL, threshold, ...)."""
+    current = data["tasks"].get(name) or {}
+    merged = {**current, **{k: v for k, v in settings.items() if v is not None}}
+    for key, value in settings.items():
+        if value == []:  # an empty list means "none": leave the gateway's default
+            merged.pop(key, None)
+    data["tasks"][name] = merged
+
+
+def remove_task(data: Data, name: str) -> None:
+    if name not in data["tasks"]:
+        known = ", ".join(sorted(data["tasks"])) or "none"
+        raise UserError(f"no task named {name!r} in the tasks file (tasks: {known})")
+    del data["tasks"][name]

@@ -1,0 +1,76 @@
+"""`create_app(settings)`: the factory, a local Mistral-compatible classifier server.
+
+The lifespan builds everything (store, metrics, model catalog, job workers) from the settings and
+closes it again; nothing is configured at import time, so tests run several factories side by
+side, each on its own data directory.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header
+from prometheus_client import CollectorRegistry
+
+from service.factory.catalog import ModelCatalog
+from service.factory.errors import Unauthorized, install_error_handlers
+from service.factory.jobs import JobManager
+from service.factory.metrics import FactoryMetrics
+from service.factory.routes import classify, files, health, jobs, models
+from service.factory.settings import FactorySettings
+from service.factory.state import FactoryState
+from service.factory.store import Store
+
+log = logging.getLogger("service.factory")
+
+
+def _auth(settings: FactorySettings) -> Callable[..., Awaitable[None]]:
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else b""
+
+    async def check(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not expected:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 expected):
+            raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>` "
+                               "with the key the factory was started with (FACTORY_API_KEY)",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def create_app(settings: FactorySettings | None = None,
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    settings = settings or FactorySettings()
+    registry = registry or CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        data_dir = settings.resolved_data_dir
+        store = Store(data_dir)
+        metrics = FactoryMetrics(registry)
+        catalog = ModelCatalog(store, metrics, settings.model_cache_size, int(time.time()))
+        manager = JobManager(store, settings, metrics)
+        app.state.factory = FactoryState(settings, store, manager, catalog, metrics)
+        await manager.start()
+        log.info("factory ready: data in %s, %d model(s)", data_dir, len(store.list_models()))
+        try:
+            yield
+        finally:
+            await manager.stop()
+            store.close()
+
+    app = FastAPI(title="Classifier factory", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    protected = [Depends(_auth(settings))]
+    for router in (files.router, jobs.router, models.router, classify.router):
+        app.include_router(router, dependencies=protected)
+    return app

@@ -1,0 +1,427 @@
+"""Fine-tuning jobs: creation checks, the lifecycle, and the workers that run them.
+
+Lifecycle (Mistral's statuses, exactly): QUEUED -> VALIDATING -> VALIDATED -> (auto_start, or
+`start`) RUNNING -> SUCCESS; FAILED_VALIDATION when the data is bad; FAILED when training breaks
+(or the factory died while it ran); CANCELLATION_REQUESTED -> CANCELLED on `cancel`.
+
+`max_concurrent_jobs` workers (default 1) take jobs in creation order; the others stay QUEUED.
+Validation runs in a thread; training in a child process (`service.factory.trainer`), which a
+cancel kills at once. Every status change is a `status-updated` event in the store, so a restart
+loses nothing: QUEUED jobs are queued again, and a job that was VALIDATING or RUNNING when the
+process died is FAILED with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import service
+from service.factory.data import (
+    TargetSpec,
+    ValidationReport,
+    merge_reports,
+    resolve_targets,
+    validate_file,
+)
+from service.factory.errors import Conflict, FactoryError, NotFound
+from service.factory.metrics import FactoryMetrics
+from service.factory.model import BASE_ALIASES, BASE_MODEL, BATCH_SIZE, Hyperparameters
+from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
+from service.factory.settings import FactorySettings
+from service.factory.store import JobRecord, ModelRecord, Store, now
+from service.factory.trainer import PARENT_ENV
+
+log = logging.getLogger("service.factory.jobs")
+
+BASE_MODELS = (BASE_MODEL, *BASE_ALIASES)
+# The directory holding the `service` package: the trainer child imports it from there even when
+# the factory runs from another working directory without the package installed.
+_PACKAGE_ROOT = str(Path(service.__file__).resolve().parent.parent)
+SHUTDOWN_REASON = ("the factory was shut down while this job was {status}; its partial work is "
+                   "lost: create the job again")
+CRASH_REASON = ("the factory stopped while this job was {status}; its partial work is lost: "
+                "create the job again")
+
+
+def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> str:
+    """`ft:classifier:<base>:<8 hex>:<YYYYMMDD>:<first 8 hex of the job id>`."""
+    day = datetime.fromtimestamp(when, UTC).strftime("%Y%m%d")
+    return f"ft:classifier:{base}:{workspace}:{day}:{job_id.replace('-', '')[:8]}"
+
+
+@dataclass
+class _Running:
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    process: asyncio.subprocess.Process | None = None
+
+
+class JobManager:
+    def __init__(self, store: Store, settings: FactorySettings, metrics: FactoryMetrics,
+                 on_model: Callable[[ModelRecord], None] | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.on_model = on_model
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.running: dict[str, _Running] = {}
+        self.workers: list[asyncio.Task[None]] = []
+        self.workspace = store.workspace_id()
+
+    # Life of the manager.
+    async def start(self) -> None:
+        for job in self.store.jobs_with_status("VALIDATING", "RUNNING", "STARTED"):
+            reason = CRASH_REASON.format(status=job.status)
+            self.store.update_job(job.id, status="FAILED", error=reason,
+                                  event_data={"reason": reason})
+            self.metrics.jobs.labels(status="FAILED").inc()
+            log.warning("job %s was %s when the factory stopped: FAILED", job.id, job.status)
+        for job in self.store.jobs_with_status("CANCELLATION_REQUESTED"):
+            self.store.update_job(job.id, status="CANCELLED")
+            self.metrics.jobs.labels(status="CANCELLED").inc()
+        for job in self.store.jobs_with_status("QUEUED", "VALIDATED"):
+            if job.status == "QUEUED" or job.doc.get("start_requested"):
+                self.queue.put_nowait(job.id)
+        self._update_queued()
+        self.workers = [asyncio.create_task(self._worker(), name=f"factory-job-worker-{i}")
+                        for i in range(self.settings.max_concurrent_jobs)]
+
+    async def stop(self) -> None:
+        """Stop the workers. A job caught validating or training is killed and recorded as
+        FAILED now (a crash leaves that to the next start, which says the same)."""
+        for task in self.workers:
+            task.cancel()
+        for job_id, running in list(self.running.items()):
+            if running.process is not None and running.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    running.process.kill()
+            job = self.store.get_job(job_id)
+            if job is not None and job.status in ("VALIDATING", "RUNNING",
+                                                  "CANCELLATION_REQUESTED"):
+                if job.status == "CANCELLATION_REQUESTED":
+                    self._finish(job_id, "CANCELLED")
+                else:
+                    self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
+                        status=job.status))
+        for task in self.workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # API operations.
+    async def create(self, request: JobIn, *, dry_run: bool = False) -> JobRecord | dict[str, Any]:
+        if request.job_type not in (None, "classifier"):
+            raise FactoryError("this factory trains classifiers only: use job_type \"classifier\"",
+                               param="job_type")
+        if request.model not in BASE_MODELS:
+            raise NotFound(f"base model {request.model!r} cannot be fine-tuned here; use one of "
+                           f"{', '.join(BASE_MODELS)}", param="model", code="unknown_model")
+        files = request.files()
+        if not files:
+            raise FactoryError("training_files is empty: upload a JSONL file with "
+                               "POST /v1/files and pass its id", param="training_files")
+        for f in files:
+            self._check_file(f.file_id, "training_files")
+        for file_id in request.validation_files or []:
+            self._check_file(file_id, "validation_files")
+        hyper = request.hyperparameters.model_dump()
+        targets = ([t.model_dump() for t in request.classifier_targets]
+                   if request.classifier_targets else None)
+        doc: dict[str, Any] = {
+            "auto_start": request.auto_start,
+            "training_files": [f.model_dump() for f in files],
+            "validation_files": list(request.validation_files or []),
+            "hyperparameters": hyper,
+            # A wandb integration carries an API key: never store or echo it.
+            "integrations": [{k: v for k, v in i.items() if k != "api_key"}
+                             for i in request.integrations or []],
+            "invalid_sample_skip_percentage": request.invalid_sample_skip_percentage,
+            "classifier_targets": targets,
+            "fine_tuned_model": None, "trained_tokens": None, "metadata": None,
+        }
+        if dry_run:
+            return await asyncio.to_thread(self._dry_run, doc)
+        fingerprint = hashlib.sha256(orjson.dumps(
+            [request.model, request.suffix, doc["training_files"], doc["validation_files"],
+             hyper, targets], option=orjson.OPT_SORT_KEYS)).hexdigest()
+        existing = self.store.find_active_job(fingerprint, ACTIVE_STATUSES)
+        if existing is not None:
+            raise Conflict(f"a job with the same model, files, hyperparameters and suffix is "
+                           f"already {existing.status}: {existing.id}; cancel it or change "
+                           "the request", param="training_files", code="duplicate_job")
+        stamp = now()
+        job = JobRecord(id=str(uuid.uuid4()), created_at=stamp, modified_at=stamp,
+                        status="QUEUED", model=request.model, suffix=request.suffix,
+                        fingerprint=fingerprint, doc=doc)
+        self.store.add_job(job)
+        self.queue.put_nowait(job.id)
+        self._update_queued()
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no fine-tuning job {job_id!r}", param="job_id", code="not_found")
+        return job
+
+    async def start_job(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status == "VALIDATED":
+            job = self.store.update_job(job_id, start_requested=True)
+            self.queue.put_nowait(job_id)
+            self._update_queued()
+            return job
+        if job.status in ("QUEUED", "VALIDATING"):
+            return self.store.update_job(job_id, start_requested=True)
+        raise Conflict(f"job {job_id} is {job.status}; only a VALIDATED job (created with "
+                       "auto_start false) can be started", param="job_id")
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status in TERMINAL:
+            raise Conflict(f"job {job_id} is already {job.status}", param="job_id")
+        if job.status in ("QUEUED", "VALIDATED") and job_id not in self.running:
+            job = self.store.update_job(job_id, status="CANCELLED")
+            self.metrics.jobs.labels(status="CANCELLED").inc()
+            self._update_queued()
+            return job
+        job = self.store.update_job(job_id, status="CANCELLATION_REQUESTED")
+        running = self.running.get(job_id)
+        if running is not None:
+            running.cancel.set()
+            if running.process is not None and running.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    running.process.kill()
+        return job
+
+    # Workers.
+    def _check_file(self, file_id: str, param: str) -> None:
+        record = self.store.get_file(file_id)
+        if record is None:
+            raise NotFound(f"{param}: no file {file_id!r}; upload it with POST /v1/files",
+                           param=param, code="file_not_found")
+        if record.purpose != "fine-tune":
+            raise FactoryError(f"{param}: file {file_id} has purpose {record.purpose!r}; "
+                               "upload it with purpose \"fine-tune\"", param=param)
+
+    def _update_queued(self) -> None:
+        self.metrics.jobs_queued.set(len(self.store.jobs_with_status("QUEUED")))
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self.queue.get()
+            job = self.store.get_job(job_id)
+            if job is None or job.status not in ("QUEUED", "VALIDATED"):
+                continue
+            running = self.running[job_id] = _Running()
+            try:
+                await self._run(job, running)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("job %s failed", job_id)
+                self._finish(job_id, "FAILED", error=f"internal error: {exc}")
+            finally:
+                self.running.pop(job_id, None)
+                self._update_queued()
+
+    def _finish(self, job_id: str, status: str, **doc: Any) -> JobRecord:
+        data = {"reason": doc["error"]} if doc.get("error") else None
+        job = self.store.update_job(job_id, status=status, event_data=data, **doc)
+        self.metrics.jobs.labels(status=status).inc()
+        return job
+
+    def _cancelled(self, job_id: str, running: _Running) -> bool:
+        if running.cancel.is_set():
+            self._finish(job_id, "CANCELLED")
+            return True
+        return False
+
+    async def _run(self, job: JobRecord, running: _Running) -> None:
+        if job.status == "QUEUED":
+            job = self.store.update_job(job.id, status="VALIDATING")
+            self._update_queued()
+            outcome = await asyncio.to_thread(self._validate, job)
+            if self._cancelled(job.id, running):
+                return
+            if isinstance(outcome, str):
+                self._finish(job.id, "FAILED_VALIDATION", error=outcome)
+                return
+            job = self.store.update_job(job.id, status="VALIDATED", **outcome)
+            if not job.doc["auto_start"] and not job.doc.get("start_requested"):
+                return
+        if self._cancelled(job.id, running):
+            return
+        await self._train(job, running)
+
+    def _validate(self, job: JobRecord) -> dict[str, Any] | str:
+        """Validate every file; a dict of job fields when training may go on, else the reason
+        (the errors also go into a `validation-errors` event, with line numbers)."""
+        declared = None
+        if job.doc.get("classifier_targets"):
+            declared = [TargetSpec(t["name"], tuple(t["labels"]), t.get("loss_function"),
+                                   float(t.get("weight", 1.0)))
+                        for t in job.doc["classifier_targets"]]
+        limit = self.settings.max_reported_errors
+        kind = None
+        reports: list[tuple[str, str, ValidationReport]] = []
+        for role, file_ids in (("training", [f["file_id"] for f in job.doc["training_files"]]),
+                               ("validation", job.doc["validation_files"])):
+            for file_id in file_ids:
+                path = self.store.file_path(file_id)
+                if not path.exists():
+                    return f"{role} file {file_id} was deleted; upload it again"
+                report = validate_file(path, kind=kind, targets=declared, keep_examples=False,
+                                       max_errors=limit)
+                kind = kind or report.kind
+                reports.append((role, file_id, report))
+        skip = float(job.doc.get("invalid_sample_skip_percentage") or 0.0)
+        errors: list[str] = []
+        for role, file_id, report in reports:
+            errors += [f"{role} file {file_id}, {e}" for e in report.errors]
+        failed = [(role, file_id, r) for role, file_id, r in reports if not r.acceptable(skip)]
+        if errors:
+            self.store.add_event(job.id, "validation-errors", {
+                "errors": errors[:limit],
+                "error_count": sum(r.error_count for _, _, r in reports),
+                "invalid_sample_skip_percentage": skip,
+            })
+        if failed:
+            role, file_id, report = failed[0]
+            if report.valid == 0 and report.error_count == 0:
+                return f"{role} file {file_id} has no examples"
+            shown = "; ".join(errors[:3])
+            return (f"{report.error_count} of {report.lines} lines of the {role} file {file_id} "
+                    f"are invalid ({report.invalid_fraction:.1%}, above "
+                    f"invalid_sample_skip_percentage {skip:.1%}): {shown}"
+                    + (" ..." if len(errors) > 3 else ""))
+        training = [r for role, _, r in reports if role == "training"]
+        merged = merge_reports(training)
+        targets = resolve_targets(merged, declared)
+        for target in targets:
+            if len(target.labels) < 2 and target.loss_function == "single_class":
+                return (f"target {target.name!r} has only the label(s) {list(target.labels)} in "
+                        "the training data: a single_class target needs at least two labels")
+        steps = Hyperparameters(
+            training_steps=job.doc["hyperparameters"].get("training_steps"),
+            epochs=job.doc["hyperparameters"].get("epochs")).steps_for(merged.valid)
+        return {
+            "kind": merged.kind,
+            "targets": [{"name": t.name, "labels": list(t.labels), "weight": t.weight,
+                         "loss_function": t.loss_function} for t in targets],
+            "validation": {role + ":" + file_id: r.to_dict() | {"errors": r.to_dict()["errors"][:5]}
+                           for role, file_id, r in reports},
+            "metadata": {
+                "expected_duration_seconds": max(1, int(merged.total_chars / 2_000_000 + steps
+                                                        * 0.02)),
+                "cost": 0.0, "cost_currency": "EUR",
+                "train_tokens_per_step": BATCH_SIZE * max(1, merged.total_chars
+                                                          // max(1, merged.valid) // 4),
+                "train_tokens": steps * BATCH_SIZE * max(1, merged.total_chars
+                                                         // max(1, merged.valid) // 4),
+                "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
+            },
+        }
+
+    def _dry_run(self, doc: dict[str, Any]) -> dict[str, Any]:
+        reports = [validate_file(self.store.file_path(f["file_id"]), keep_examples=False,
+                                 max_errors=0) for f in doc["training_files"]]
+        merged = merge_reports(reports)
+        hyper = Hyperparameters(training_steps=doc["hyperparameters"].get("training_steps"),
+                                epochs=doc["hyperparameters"].get("epochs"))
+        steps = hyper.steps_for(merged.valid)
+        tokens_per_example = max(1, merged.total_chars // max(1, merged.valid) // 4)
+        return {
+            "object": "job.metadata", "deprecated": False,
+            "details": f"{merged.valid} valid examples in {merged.lines} lines; "
+                       f"{steps} steps of {BATCH_SIZE} examples",
+            "expected_duration_seconds": max(1, int(steps * 0.02 + merged.total_chars / 2e6)),
+            "cost": 0.0, "cost_currency": "EUR",
+            "train_tokens_per_step": BATCH_SIZE * tokens_per_example,
+            "train_tokens": steps * BATCH_SIZE * tokens_per_example,
+            "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
+            "epochs": round(steps * min(BATCH_SIZE, max(merged.valid, 1))
+                            / max(merged.valid, 1), 4),
+            "training_steps": steps,
+        }
+
+    async def _train(self, job: JobRecord, running: _Running) -> None:
+        job = self.store.update_job(job.id, status="RUNNING")
+        self.metrics.jobs_running.inc()
+        try:
+            await self._train_process(job, running)
+        finally:
+            self.metrics.jobs_running.dec()
+
+    async def _train_process(self, job: JobRecord, running: _Running) -> None:
+        job_dir = self.store.job_dir(job.id)
+        spec = {
+            "kind": job.doc["kind"],
+            "targets": job.doc["targets"],
+            "training_files": [{"path": str(self.store.file_path(f["file_id"])),
+                                "weight": f["weight"]} for f in job.doc["training_files"]],
+            "validation_files": [str(self.store.file_path(f)) for f in job.doc["validation_files"]],
+            "hyperparameters": job.doc["hyperparameters"],
+            "output_dir": str(self.store.model_dir(job.id)),
+            "checkpoints": self.settings.checkpoints,
+            "seed": 0,  # deterministic: the same data and hyperparameters give the same model
+        }
+        spec_path = job_dir / "spec.json"
+        spec_path.write_bytes(orjson.dumps(spec))
+        env = dict(os.environ)
+        root = _PACKAGE_ROOT
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env[PARENT_ENV] = str(os.getpid())
+        stderr_path = job_dir / "trainer.log"
+        with stderr_path.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service.factory.trainer", str(spec_path),
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
+            )
+            running.process = process
+            if running.cancel.is_set():
+                process.kill()
+            result: dict[str, Any] | None = None
+            assert process.stdout is not None
+            async for raw in process.stdout:
+                message = orjson.loads(raw)
+                if message["type"] == "checkpoint":
+                    self.store.add_checkpoint(job.id, message["step_number"], message["metrics"],
+                                              message["created_at"])
+                elif message["type"] == "result":
+                    result = message
+            code = await process.wait()
+        if running.cancel.is_set():
+            self._finish(job.id, "CANCELLED")
+            return
+        if code != 0 or result is None:
+            tail = stderr_path.read_text(errors="replace").strip().splitlines()
+            reason = tail[-1] if tail else f"the trainer exited with code {code}"
+            self._finish(job.id, "FAILED", error=reason)
+            return
+        when = time.time()
+        model_id = fine_tuned_model_id(job.model, self.workspace, job.id, when)
+        record = ModelRecord(id=model_id, job_id=job.id, root=job.model, created=int(when),
+                             kind=job.doc["kind"],
+                             doc={"targets": job.doc["targets"], "suffix": job.suffix,
+                                  "evaluation": result.get("evaluation")})
+        self.store.add_model(record)
+        self._finish(job.id, "SUCCESS", fine_tuned_model=model_id,
+                     trained_tokens=result["trained_tokens"], evaluation=result.get("evaluation"),
+                     train_seconds=result.get("train_seconds"))
+        if self.on_model is not None:
+            self.on_model(record)
+        log.info("job %s: SUCCESS, model %s", job.id, model_id)
+

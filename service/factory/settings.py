@@ -1,0 +1,45 @@
+"""Process settings of the factory: the only place that reads `FACTORY_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FactorySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACTORY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=0, le=65535)
+    data_dir: Path = Field(
+        default=Path("factory-data"),
+        description="SQLite metadata, uploaded files and trained models; relative to the "
+                    "working directory unless absolute.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="When set, every /v1 call needs `Authorization: Bearer <key>`."
+    )
+    log_level: str = "info"
+
+    # Limits: Mistral's are 512 MB per file; classification requests are bounded so that one
+    # caller cannot hold the event loop for long.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_classify_items: int = Field(default=1024, ge=1)
+    max_input_chars: int = Field(default=100_000, ge=1)
+
+    # Models and jobs.
+    model_cache_size: int = Field(default=8, ge=1, description="Models kept loaded (LRU).")
+    max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs training at once.")
+    max_reported_errors: int = Field(default=20, ge=1, description="Errors shown in a job.")
+    checkpoints: int = Field(default=10, ge=1, description="Checkpoints recorded per job.")
+    inline_batch_items: int = Field(
+        default=16, ge=0,
+        description="Batches up to this size are scored on the event loop (sub-millisecond); "
+                    "larger ones in a worker thread.",
+    )
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()

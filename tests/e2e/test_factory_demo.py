@@ -1,0 +1,72 @@
+"""`classifier-gateway demo` as a user runs it (real processes), in its `--once` mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.support.factory import REPO
+from tests.support.redis_server import RedisServer, free_port
+
+
+def _demo(data_dir: Path, redis_url: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "demo", "--once", "--port", str(free_port()),
+         "--factory-port", str(free_port()), "--data-dir", str(data_dir),
+         "--redis-url", redis_url],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_demo_trains_registers_answers_and_reuses(tmp_path: Path, redis_server: RedisServer) -> None:
+    first = _demo(tmp_path / "data", redis_server.url)
+    assert "sentiment: trained ft:classifier:ministral-3b-latest:" in first
+    assert "intent: trained ft:classifier:ministral-3b-latest:" in first
+    assert f"Redis: using {redis_server.url}" in first
+    answer = orjson.loads(first.split("First answer: ", 1)[1].splitlines()[0])
+    assert answer["task"] == "sentiment"
+    assert answer["results"][0]["sentiment"]["label"] == "positive"
+    curls = [line.strip() for line in first.splitlines() if line.strip().startswith("curl ")]
+    assert len(curls) == 2 and "/classify-chat" in curls[1]
+    tasks = (tmp_path / "data" / "demo-tasks.yaml").read_text()
+    assert "upstream: local" in tasks and "kind: chat" in tasks
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}"
+    second = _demo(tmp_path / "data", dead_redis)
+    assert "sentiment: reusing" in second and "intent: reusing" in second
+    assert f"Redis: none reachable at {dead_redis}" in second
+    assert "First answer: " in second
+
+
+def test_demo_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "demo", "--once", "--port", str(port),
+             "--factory-port", str(free_port()), "--data-dir", str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1
+    assert f"port {port} for the gateway is in use" in done.stderr
+    assert "--port" in done.stderr
+
+
+def test_demo_with_keys_on_both_services_never_prints_them(tmp_path: Path) -> None:
+    out = _demo(tmp_path / "data", "", env={"FACTORY_API_KEY": "factory-secret-1",
+                                            "GATEWAY_API_KEYS": "gateway-secret-1,other"})
+    assert "First answer: " in out and "Redis: disabled" in out
+    assert "factory-secret-1" not in out and "gateway-secret-1" not in out
+    assert "$GATEWAY_KEY" in out
+    tasks = (tmp_path / "data" / "demo-tasks.yaml").read_text()
+    assert "api_key_env: FACTORY_API_KEY" in tasks and "factory-secret-1" not in tasks

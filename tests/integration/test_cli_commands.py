@@ -1,0 +1,275 @@
+"""The CLI's local commands in-process (`main([...])`): data, tasks, exit codes, help, output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from service.cli import build_parser, main
+from service.commands import tasksfile
+from service.gateway.registry import load_registry
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def all_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+                 ) -> list[tuple[str, ...]]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found.append((*prefix, name))
+                found.extend(all_commands(child, (*prefix, name)))
+    return found
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    commands = all_commands(build_parser())
+    assert {("data", "prepare"), ("finetune",), ("jobs", "cancel"), ("models", "delete"),
+            ("tasks", "set"), ("classify",), ("classify-chat",)} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: classifier-gateway " + " ".join(command) in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--train", "x.jsonl"])
+    assert exit_info.value.code == 2
+    assert "--task" in capsys.readouterr().err
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def test_data_validate_summarises_a_good_file(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rows: list[object] = [{"text": f"t{i}", "labels": {"mood": "up" if i % 3 else "down",
+                                                      "tags": ["x", "y"] if i % 2 else ["x"]}}
+                          for i in range(9)]
+    rows.append({"text": "t1", "labels": {"mood": "down", "tags": ["x"]}})
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    code, out, _ = run(capsys, "data", "validate", str(path))
+    assert code == 0
+    assert f"{path}: text data, 10 valid examples of 10 lines, 2 targets" in out
+    assert "target mood (single-label, 2 labels, 10 examples)" in out
+    assert "target tags (multi-label, 2 labels, 10 examples)" in out
+    assert "duplicates: 1 (1 with different labels)" in out
+    code, out, _ = run(capsys, "data", "validate", str(path), "--json")
+    body = orjson.loads(out)
+    assert body["ok"] is True
+    assert body["files"][0]["targets"]["mood"]["labels"] == {"down": 4, "up": 6}
+
+
+def test_data_validate_lists_line_errors_and_exits_1_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok", "labels": {"a": "b"}}\n{"text": 1, "labels": {"a": "b"}}\n'
+                    "not json\n")
+    code, out, err = run(capsys, "data", "validate", str(path))
+    assert code == 1
+    assert f"{path}: line 2: `text` must be a string, got a number" in out
+    assert f"{path}: line 3: not valid JSON" in out
+    assert err.count("\n") == 1
+    assert err.startswith(f"classifier-gateway: {path}: 2 invalid lines (first: line 2: ")
+
+
+def test_data_validate_rejects_text_and_chat_files_together(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "labels": {"x": "y"}}])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"}],
+                                               "labels": {"x": "y"}}])
+    code, _, err = run(capsys, "data", "validate", str(text), str(chat))
+    assert code == 1 and "mix text and chat data" in err
+
+
+def test_data_validate_of_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "data", "validate", "/nonexistent/train.jsonl")
+    assert (code, err) == (1, "classifier-gateway: cannot read /nonexistent/train.jsonl: "
+                              "No such file or directory\n")
+
+
+def test_data_prepare_writes_both_files_and_says_what_it_dropped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows: list[object] = [{"text": f"{label} {i}", "labels": {"topic": label}}
+                          for label, n in (("big", 30), ("small", 12), ("tiny", 2))
+                          for i in range(n)]
+    source = write_jsonl(tmp_path / "all.jsonl", rows)
+    out_dir = tmp_path / "out"
+    code, out, _ = run(capsys, "data", "prepare", str(source), "--out-dir", str(out_dir),
+                       "--max-per-label", "20", "--validation-fraction", "0.25")
+    assert code == 0
+    assert "dropped label topic=tiny: 2 examples, fewer than 10 examples" in out
+    assert "capped label topic=big: dropped 10, capped at 20 examples (30 before)" in out
+    train = (out_dir / "train.jsonl").read_bytes().splitlines()
+    validation = (out_dir / "validation.jsonl").read_bytes().splitlines()
+    assert (len(train), len(validation)) == (24, 8)
+    code, _, _ = run(capsys, "data", "validate", str(out_dir / "train.jsonl"),
+                     str(out_dir / "validation.jsonl"))
+    assert code == 0
+
+
+def test_data_prepare_stops_at_invalid_lines_unless_told_to_skip(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "data.csv"
+    source.write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(12)) + "t,\n")
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "data", "prepare", str(source), "--out-dir", str(out_dir),
+                         "--text-column", "text", "--label-column", "label")
+    assert code == 1 and "line 14: labels.label is an empty string" in out
+    assert "pass --skip-invalid" in err and not out_dir.exists()
+    code, out, _ = run(capsys, "data", "prepare", str(source), "--out-dir", str(out_dir),
+                       "--text-column", "text", "--label-column", "label", "--skip-invalid",
+                       "--json")
+    body = orjson.loads(out)
+    assert code == 0 and body["invalid_lines_dropped"] == 1
+    assert body["targets"]["label"]["a"] == {"train": 11, "validation": 1}
+
+
+def test_data_prepare_says_when_nothing_is_left(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_jsonl(tmp_path / "few.jsonl", [{"text": "a", "labels": {"t": "x"}}])
+    code, _, err = run(capsys, "data", "prepare", str(source), "--out-dir", str(tmp_path / "o"))
+    assert code == 1 and "lower --min-per-label" in err
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    monkeypatch.setenv("FACTORY_URL", "http://127.0.0.1:9999")
+    tasks = tmp_path / "tasks.yaml"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "ft:classifier:a",
+                       "--tasks", str(tasks))
+    assert code == 0 and "task news -> ft:classifier:a on local (text)" in out
+    registry = load_registry(tasks)
+    assert registry.upstreams["local"].base_url == "http://127.0.0.1:9999"
+    assert registry.upstreams["local"].api_key_env == "FACTORY_API_KEY"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--cache-ttl-s", "60", "--tasks", str(tasks))
+    assert code == 0
+    assert load_registry(tasks).tasks["news"].cache_ttl_s == 60
+    assert load_registry(tasks).tasks["news"].model == "ft:classifier:a"  # kept
+    code, out, _ = run(capsys, "tasks", "list", "--tasks", str(tasks))
+    assert out.splitlines() == ["task  kind  upstream  model",
+                                "news  text  local     ft:classifier:a"]
+    code, out, _ = run(capsys, "tasks", "list", "--tasks", str(tasks), "--json")
+    assert orjson.loads(out)["tasks"][0]["base_url"] == "http://127.0.0.1:9999"
+
+
+def test_tasks_set_refuses_an_invalid_result_and_leaves_the_file_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    before = tasks.read_bytes()
+    code, _, err = run(capsys, "tasks", "set", "news", "--upstream", "nowhere", "--tasks",
+                       str(tasks))
+    assert code == 1 and "unknown upstream 'nowhere'" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "tasks", "set", "news", "--threshold", "2", "--tasks", str(tasks))
+    assert code == 1 and "tasks.news.threshold" in err
+    code, _, err = run(capsys, "tasks", "set", "other", "--tasks", str(tasks))
+    assert code == 1 and "task 'other' is new: give its --model" in err
+    assert tasks.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".tasks.yaml.lock")] == [
+        "tasks.yaml"]  # no temporary file left behind
+
+
+def test_tasks_remove_and_an_unknown_task(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    run(capsys, "tasks", "set", "a", "--model", "m1", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "b", "--model", "m2", "--kind", "chat", "--tasks", str(tasks))
+    code, out, _ = run(capsys, "tasks", "remove", "a", "--tasks", str(tasks))
+    assert out == f"task a removed from {tasks}\n"
+    assert code == 0 and sorted(load_registry(tasks).tasks) == ["b"]
+    code, _, err = run(capsys, "tasks", "remove", "a", "--tasks", str(tasks))
+    assert (code, err) == (1, "classifier-gateway: no task named 'a' in the tasks file "
+                              "(tasks: b)\n")
+
+
+def test_a_broken_tasks_file_is_reported_not_overwritten(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks: [unclosed\n")
+    for argv in (["tasks", "list"], ["tasks", "set", "x", "--model", "m"]):
+        code, _, err = run(capsys, *argv, "--tasks", str(tasks))
+        assert code == 1 and "is not valid YAML" in err
+    assert tasks.read_text() == "tasks: [unclosed\n"
+
+
+def test_edits_keep_the_file_mode_and_replace_it_atomically(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
+    os.chmod(tasks, 0o640)
+    inode = tasks.stat().st_ino
+    tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, "t", {"upstream": "u", "model": "m"}))
+    assert tasks.stat().st_mode & 0o777 == 0o640
+    assert tasks.stat().st_ino != inode  # renamed over, never written in place
+
+
+def test_concurrent_edits_lose_nothing(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
+
+    def add(i: int) -> None:
+        tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, f"t{i}", {"upstream": "u",
+                                                                        "model": f"m{i}"}))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(load_registry(tasks).tasks) == [f"t{i}" for i in range(8)]
+
+
+def test_watching_gives_up_after_its_patience_when_the_server_stays_down() -> None:
+    import io
+    import socket
+
+    from service.cli import UserError
+    from service.commands.api import Api
+    from service.commands.finetune import watch
+    from service.commands.output import Progress
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        stream = io.StringIO()
+        with Api(url, what="the local factory", key=None, key_env="FACTORY_API_KEY",
+                 start_hint="start it") as api, pytest.raises(UserError) as error:
+            watch(api, "job-1", Progress(stream, tty=False), 0.01, patience_s=0.2)
+    assert str(error.value) == (f"cannot reach the local factory at {url}: start it (for 0s while "
+                                "watching job job-1; it may still run: `classifier-gateway jobs "
+                                "wait job-1`)")
+    assert stream.getvalue() == f"cannot reach the local factory at {url}: start it; retrying\n"
+
+
+def test_finetune_notes_when_the_tasks_file_points_the_upstream_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.commands.api import Upstream
+    from service.commands.finetune import warn_if_elsewhere
+
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"upstreams": {"local": {"base_url": "http://proxy:9000"}},
+                                     "tasks": {}}))
+    warn_if_elsewhere(tasks, Upstream("local", "http://proxy:9000", "FACTORY_API_KEY"))
+    assert capsys.readouterr().err == ""
+    warn_if_elsewhere(tasks, Upstream("local", "http://127.0.0.1:8100", "FACTORY_API_KEY"))
+    assert capsys.readouterr().err == (
+        f"note: upstream 'local' in {tasks} is http://proxy:9000, but this model was trained on "
+        "http://127.0.0.1:8100; change it there if the gateway should ask the latter\n")

@@ -1,0 +1,104 @@
+"""Pure parts of the CLI: tables, progress output, error messages, job summaries."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import httpx
+import pytest
+
+from service.commands.api import Upstream, error_message
+from service.commands.finetune import job_request, progress_line, suffix_for, total_steps
+from service.commands.jobs import failure_reason, last_metrics
+from service.commands.output import Progress, table
+
+
+def test_table_aligns_text_left_and_numbers_right() -> None:
+    assert table(["label", "n", "score"], [("a", 5, 0.5), ("long label", 120, None)]).splitlines() == [
+        "label         n   score",
+        "a             5  0.5000",
+        "long label  120       -",
+    ]
+
+
+def test_progress_prints_plain_lines_off_a_terminal_only_when_the_message_changes() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, tty=False)
+    for message in ("QUEUED", "QUEUED", "RUNNING step 1/10", "RUNNING step 1/10", "SUCCESS"):
+        progress.update(message, 1, 10)
+    progress.close()
+    assert stream.getvalue() == "QUEUED\nRUNNING step 1/10\nSUCCESS\n"
+
+
+def test_progress_redraws_one_line_with_a_bar_on_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, tty=True)
+    progress.update("RUNNING", 5, 20)
+    progress.update("SUCCESS", 20, 20)
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert "\r[####............] RUNNING" in text
+    assert "\r[################] SUCCESS" in text
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"error": {"type": "unknown_task", "message": "Unknown task 'x'."}}, "Unknown task 'x'."),
+    ({"object": "error", "message": "No such job", "type": "invalid_request_error"}, "No such job"),
+    ({"detail": "Unauthorized"}, "Unauthorized"),
+    ({"detail": [{"loc": ["body", "hyperparameters", "learning_rate"], "msg": "too big"}]},
+     "hyperparameters.learning_rate: too big"),
+])
+def test_error_message_reads_every_error_shape(body: object, expected: str) -> None:
+    assert error_message(httpx.Response(400, json=body)) == expected
+
+
+def test_error_message_of_a_non_json_body() -> None:
+    assert error_message(httpx.Response(502, text="<html>Bad Gateway</html>")) == \
+        "<html>Bad Gateway</html>"
+
+
+JOB = {
+    "id": "0123456789abcdef", "status": "RUNNING", "hyperparameters": {"training_steps": 50},
+    "checkpoints": [
+        {"step_number": 40, "metrics": {"train_loss": 0.5, "valid_loss": 0.7}},
+        {"step_number": 10, "metrics": {"train_loss": 1.5, "valid_loss": 1.7}},
+    ],
+}
+
+
+def test_progress_line_shows_the_newest_checkpoint() -> None:
+    assert last_metrics(JOB) == {"step": 40, "train_loss": 0.5, "valid_loss": 0.7}
+    assert progress_line(JOB) == (
+        "RUNNING  step 40/50  train loss 0.5000  valid loss 0.7000", 40, 50)
+    assert progress_line({"id": "x", "status": "QUEUED", "hyperparameters": {}}) == (
+        "QUEUED", None, None)
+
+
+def test_failure_reason_from_a_message_or_the_last_event() -> None:
+    assert failure_reason({"message": "out of memory"}) == "out of memory"
+    assert failure_reason({"events": [
+        {"name": "status-updated", "data": {"status": "RUNNING"}},
+        {"name": "status-updated", "data": {"status": "FAILED", "error": "diverged"}}]}) == "diverged"
+    assert failure_reason({}) == "the server gave no reason"
+
+
+def test_job_request_sends_only_given_hyperparameters_and_a_safe_suffix() -> None:
+    args = argparse.Namespace(training_steps=5, learning_rate=None, weight_decay=None,
+                              warmup_fraction=0.1, model=None, suffix=None,
+                              task="News Topics (BBC) 2025")
+    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), "f1", None)
+    assert body["hyperparameters"] == {"training_steps": 5, "warmup_fraction": 0.1}
+    assert body["model"] == "local-ngram" and body["job_type"] == "classifier"
+    assert body["training_files"] == [{"file_id": "f1", "weight": 1.0}]
+    assert body["validation_files"] == []
+    assert body["suffix"] == "news-topics-bbc-20" and len(body["suffix"]) <= 18
+    assert suffix_for("!!!") == "classifier"
+
+
+def test_total_steps_as_requested_or_as_the_upstream_planned_them() -> None:
+    assert total_steps({"hyperparameters": {"training_steps": 30}}) == 30
+    assert total_steps({"hyperparameters": {"training_steps": None},
+                        "metadata": {"train_tokens_per_step": 1000, "train_tokens": 100_000}}) == 100
+    assert total_steps({"hyperparameters": {}, "metadata": None}) is None

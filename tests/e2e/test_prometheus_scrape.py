@@ -1,10 +1,11 @@
-"""A real Prometheus server scrapes a real gateway (and its upstream), end to end.
+"""A real Prometheus server scrapes a real gateway and a real factory, end to end.
 
-Everything is a separate process on loopback ports: redis-server, the upstream, the gateway
+Everything is a separate process on loopback ports: redis-server, the factory
+(`python -m service.cli factory`, which first trains the classifier the tasks use), the gateway
 (`python -m service.cli serve`) and Debian's `prometheus` with a generated config (1 s scrape
 interval, a temporary TSDB) that also loads deploy/prometheus/alerts.yml. After traffic the query API
-must show the targets up and `gateway_request_duration_seconds_count` rising for each task used;
-the alert rules must load and every dashboard query must run.
+must show both targets up and `gateway_request_duration_seconds_count` rising for each task used;
+the alert rules must load, and every dashboard query must run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.support.factory import FactoryClient, jsonl, sentiment_rows
 from tests.support.processes import spawn, stop
 from tests.support.redis_server import RedisServer, free_port
 
@@ -106,16 +108,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
     tmp_path = tmp_path_factory.mktemp("prometheus-e2e")
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        upstream_port = free_port()
-        processes.append(spawn(["-m", "tests.support.fake_upstream", "--port", str(upstream_port)],
-                               port=upstream_port, log=tmp_path / "upstream.log", ready_path=None))
+        factory_port = free_port()
+        processes.append(spawn(
+            ["-m", "service.cli", "factory"],
+            env={"FACTORY_HOST": "127.0.0.1", "FACTORY_PORT": str(factory_port),
+                 "FACTORY_DATA_DIR": str(tmp_path / "factory-data")},
+            port=factory_port, log=tmp_path / "factory.log"))
+        factory = FactoryClient(f"http://127.0.0.1:{factory_port}")
+        model = factory.train(jsonl(sentiment_rows(200)))["fine_tuned_model"]
+        factory.close()
         tasks = tmp_path / "tasks.yaml"
         tasks.write_text(yaml.safe_dump({
-            "upstreams": {"local": {"base_url": f"http://127.0.0.1:{upstream_port}"}},
+            "upstreams": {"local": {"base_url": f"http://127.0.0.1:{factory_port}"}},
             "tasks": {
-                "sentiment": {"upstream": "local", "model": "ft:classifier:e2e:sentiment"},
-                "sentiment_uncached": {"upstream": "local", "model": "ft:classifier:e2e:sentiment",
-                                       "cache_ttl_s": 0},
+                "sentiment": {"upstream": "local", "model": model},
+                "sentiment_uncached": {"upstream": "local", "model": model, "cache_ttl_s": 0},
             },
         }))
         gateway_port = free_port()
@@ -125,7 +132,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
                  "GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_REDIS_URL": redis_server.url,
                  "GATEWAY_CACHE_PREFIX": f"e2e-prom-{os.getpid()}"},
             port=gateway_port, log=tmp_path / "gateway.log", ready_path="/readyz"))
-        jobs = {"classifier-gateway": f"127.0.0.1:{gateway_port}"}
+        jobs = {"classifier-gateway": f"127.0.0.1:{gateway_port}",
+                "classifier-factory": f"127.0.0.1:{factory_port}"}
         prometheus = start_prometheus(tmp_path, jobs)
         processes.append(prometheus.process)
         yield Stack(f"http://127.0.0.1:{gateway_port}", prometheus, jobs)
@@ -185,6 +193,11 @@ def test_prometheus_sees_targets_up_and_request_counts_rising(stack: Stack) -> N
     rates = prometheus.query(
         'sum by (task) (rate(gateway_request_duration_seconds_count{job="classifier-gateway"}[1m]))')
     assert {r["metric"]["task"] for r in rates if float(r["value"][1]) > 0} >= set(TASKS)
+    # the gateway's traffic reached the factory, and the factory's training job was counted
+    prometheus.wait_for('sum(factory_classify_items_total{job="classifier-factory"})',
+                        lambda r: bool(r) and float(r[0]["value"][1]) > 0)
+    jobs = prometheus.query('factory_jobs_total{job="classifier-factory", status="SUCCESS"}')
+    assert [float(r["value"][1]) for r in jobs] == [1.0]
 
 
 def test_alert_rules_load_and_dashboard_queries_run(stack: Stack) -> None:
@@ -228,17 +241,19 @@ def test_metric_families_used_by_alerts_and_dashboard_are_exposed(stack: Stack) 
     deadline = time.monotonic() + 15
     while True:
         metadata = httpx.get(f"{prometheus.url}/api/v1/metadata").json()["data"]
-        if any(name.startswith("gateway_") for name in metadata) or time.monotonic() > deadline:
+        names = set(metadata)
+        if (any(n.startswith("gateway_") for n in names) and any(n.startswith("factory_") for n in names)) \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     text = ALERTS.read_text() + DASHBOARD.read_text()
-    used = set(re.findall(r"\b(gateway_[a-z_]+)\b", text))
+    used = set(re.findall(r"\b((?:gateway|factory)_[a-z_]+)\b", text))
     missing = []
     for series in used:
         family = re.sub(r"_(bucket|sum|count)$", "", series)
         if series not in metadata and family not in metadata:
             missing.append(series)
-    assert missing == [], f"used but not exposed by the gateway: {sorted(missing)}"
+    assert missing == [], f"used but not exposed by the gateway or factory: {sorted(missing)}"
 
 
 def test_docker_healthcheck_script_probes_a_live_gateway(stack: Stack) -> None:

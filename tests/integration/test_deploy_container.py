@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from service.factory.settings import FactorySettings
 from service.gateway.registry import load_registry
 from service.gateway.settings import Settings
 
@@ -221,7 +222,10 @@ def test_compose_gateway_settings_are_real_and_wired() -> None:
 def test_compose_factory_keeps_its_data_on_a_named_volume() -> None:
     model = compose_model()
     factory = model["services"]["factory"]
-    data_dir = factory["environment"]["FACTORY_DATA_DIR"]
+    env = {k.removeprefix("FACTORY_").lower(): v for k, v in factory["environment"].items()}
+    assert set(env) <= set(FactorySettings.model_fields), sorted(env)
+    settings = FactorySettings.model_validate(env)
+    data_dir = str(settings.data_dir)
     mount = next(v for v in factory["volumes"] if v["target"] == data_dir)
     assert mount["type"] == "volume" and mount["source"] in model["volumes"]
 

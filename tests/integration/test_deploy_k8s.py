@@ -24,6 +24,7 @@ import jsonschema
 import pytest
 import yaml
 
+from service.factory.settings import FactorySettings
 from service.gateway.registry import parse_registry
 from service.gateway.settings import Settings
 
@@ -310,6 +311,14 @@ def test_factory_is_a_statefulset_with_its_data_on_a_volume(overlay: tuple[str, 
     assert mounts[data_dir] in claims
     assert factory["spec"]["serviceName"] == "classifier-factory"
     find(docs, "Service", "classifier-factory")
+    fields = set(FactorySettings.model_fields)
+    values = {}
+    for name, item in env_of(container).items():
+        assert name.startswith("FACTORY_"), name
+        assert name.removeprefix("FACTORY_").lower() in fields, f"{name} is no factory setting"
+        if "value" in item:
+            values[name.removeprefix("FACTORY_").lower()] = item["value"]
+    FactorySettings.model_validate(values)
 
 
 # --- what differs between the overlays --------------------------------------------------------

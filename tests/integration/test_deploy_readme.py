@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import SecretStr
 
+from service.factory.settings import FactorySettings
 from service.gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +20,7 @@ def documented_default(value: object) -> str:
         value = value.get_secret_value()
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if value == "":
+    if value == "" or value is None:
         return "empty"
     return f"`{value}`"
 
@@ -38,8 +39,10 @@ def test_configuration_reference_lists_every_setting_with_its_real_default() -> 
         variable = f"`GATEWAY_{name.upper()}`"
         assert variable in rows, f"{variable} missing from the Deploy configuration reference"
         assert rows[variable] == documented_default(field.default), variable
-    for variable in ("`FACTORY_HOST`", "`FACTORY_PORT`", "`FACTORY_DATA_DIR`", "`FACTORY_API_KEY`"):
-        assert variable in rows, variable
+    for name, field in FactorySettings.model_fields.items():
+        variable = f"`FACTORY_{name.upper()}`"
+        assert variable in rows, f"{variable} missing from the Deploy configuration reference"
+        assert rows[variable] == documented_default(field.default), variable
 
 
 def test_every_alert_is_in_the_alert_table() -> None:

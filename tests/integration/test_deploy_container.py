@@ -272,6 +272,9 @@ def test_the_build_context_is_enough_to_build_the_package(tmp_path: Path) -> Non
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
-    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "service").rglob("*.py")}
-    assert modules <= names, sorted(modules - names)
+    # every module and data file (the factory's demo datasets, py.typed) reaches the image
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "service").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert any(name.endswith(".jsonl") for name in shipped)
+    assert shipped <= names, sorted(shipped - names)
     assert "classifier-gateway = service.cli:main" in scripts

@@ -111,6 +111,9 @@ def create_app(settings: Settings | None = None, *,
         app.include_router(module.router)
     install_body_schemas(app, [classify.ClassifyRequest, classify.ClassifyChatRequest,
                                ClassificationRequest, ChatClassificationRequest])
+    handlers = {"/classify": classify.classify, "/classify-chat": classify.classify_chat,
+                "/v1/classifications": compat.classifications,
+                "/v1/chat/classifications": compat.chat_classifications}
     app.add_middleware(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
-                       metrics=metrics)
+                       metrics=metrics, handlers=handlers)
     return app

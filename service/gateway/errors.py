@@ -129,16 +129,15 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, GatewayError)
+def render_error(request: Request, exc: Exception) -> JSONResponse:
+    """The response for any exception raised while handling `request`: the one place where errors
+    become status codes, used by FastAPI's handlers and by the middleware's fast path alike."""
+    if isinstance(exc, GatewayError):
         if exc.status_code >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code,
                         exc.error_type, exc.message)
         return error_response(exc.status_code, exc.error_type, exc.message, exc.headers())
-
-    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
+    if isinstance(exc, RequestValidationError):
         # `detail` keeps FastAPI's (and Mistral's) 422 shape, so the official SDK raises its
         # HTTPValidationError; `error` keeps the gateway's own contract.
         detail = [
@@ -146,18 +145,17 @@ def install_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         return error_response(422, "invalid_request", _describe_validation(exc), detail=detail)
-
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, StarletteHTTPException):
         return error_response(exc.status_code, "http_error", str(exc.detail),
                               dict(exc.headers or {}))
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error",
+                          "The gateway failed unexpectedly; the cause is in its log.")
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error",
-                              "The gateway failed unexpectedly; the cause is in its log.")
 
-    app.add_exception_handler(GatewayError, on_gateway_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+def install_error_handlers(app: FastAPI) -> None:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return render_error(request, exc)
+
+    for exc_type in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handler)

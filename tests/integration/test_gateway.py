@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,8 @@ async def test_timeout_is_504_naming_the_deadline(tmp_path: Path) -> None:
         r = await post(s, "/classify", {"task": "sentiment", "input": "x"})
         elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
-    assert "0.3 s" in r.json()["error"]["message"]
+    # Whichever notices first (the upstream call or the waiting request) names the deadline.
+    assert re.search(r"0\.30? s deadline", r.json()["error"]["message"]), r.text
     assert elapsed < 2.5  # did not wait for the slow upstream
 
 

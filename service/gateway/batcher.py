@@ -43,6 +43,7 @@ class PendingItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     waiters: int = 1
     sent: bool = False
+    leaves_now: bool = False  # arrived at an idle lane: sent at the end of this event-loop turn
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class MicroBatcher:
                 continue
             future: asyncio.Future[Result] = loop.create_future()
             future.add_done_callback(_retrieve)
-            item = PendingItem(key, payload, ttl_s, deadline, future)
+            item = PendingItem(key, payload, ttl_s, deadline, future, leaves_now=idle)
             self._pending[key] = item
             lane.queue.append(item)
             out.append(item)

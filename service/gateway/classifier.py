@@ -118,7 +118,9 @@ class Classifier:
         all_done = _all_done([item.future for item in pending])
         watch = {all_done}
         watcher = None
-        if disconnected is not None:
+        # Only items that wait in a queue can be dropped, so only then is a disconnect worth a
+        # watcher task; items that leave in this event-loop turn are sent whatever happens.
+        if disconnected is not None and not all(item.leaves_now for item in pending):
             watcher = asyncio.ensure_future(disconnected())
             watch.add(watcher)
         try:

@@ -26,6 +26,7 @@ from service.gateway.upstream import UpstreamPool
 from service.wire import ChatClassificationRequest, ClassificationRequest
 
 log = logging.getLogger("service.gateway")
+BATCH_DRAIN_S = 5.0
 
 
 def build_batcher(settings: Settings, metrics: GatewayMetrics,
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None, *,
         upstreams = UpstreamPool(settings, metrics)
         batcher = build_batcher(settings, metrics, cache)
         classifier = Classifier(
-            batcher=batcher, upstreams=upstreams, cache=cache, metrics=metrics,
+            batcher=batcher, upstreams=upstreams,
+            upstream_specs=lambda: watcher.current.upstreams, cache=cache, metrics=metrics,
             cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
             default_timeout_s=settings.timeout_s,
         )
@@ -93,7 +95,10 @@ def create_app(settings: Settings | None = None, *,
             if sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await watcher.stop()
-            await batcher.drain(settings.drain_timeout_s)
+            # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
+            # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
+            # period (preStop + shutdown delay + drain + this).
+            await batcher.drain(min(settings.drain_timeout_s, BATCH_DRAIN_S))
             if cache is not None:
                 await cache.aclose()
             await upstreams.aclose()

@@ -20,10 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from service.gateway.errors import GatewayError, QueueFull, UpstreamBadResponse, UpstreamError
+from service.gateway.errors import (
+    GatewayError,
+    QueueFull,
+    ShuttingDown,
+    UpstreamBadResponse,
+    UpstreamError,
+)
 from service.gateway.metrics import GatewayMetrics
 
 Result = dict[str, Any]
+_SHUTDOWN_MESSAGE = "The gateway is shutting down; retry on another replica."
 
 
 class BatchSender(Protocol):
@@ -33,6 +40,13 @@ class BatchSender(Protocol):
                        deadline: float) -> list[Result]: ...
 
 
+@dataclass(frozen=True)
+class LaneKey:
+    upstream: str
+    endpoint: str
+    model: str
+
+
 @dataclass(eq=False)
 class PendingItem:
     key: str
@@ -40,17 +54,11 @@ class PendingItem:
     ttl_s: int
     deadline: float
     future: asyncio.Future[Result]
+    lane: LaneKey
     enqueued_at: float = field(default_factory=time.monotonic)
     waiters: int = 1
     sent: bool = False
     leaves_now: bool = False  # arrived at an idle lane: sent at the end of this event-loop turn
-
-
-@dataclass(frozen=True)
-class LaneKey:
-    upstream: str
-    endpoint: str
-    model: str
 
 
 @dataclass(eq=False)
@@ -102,9 +110,12 @@ class MicroBatcher:
         lane = self._lanes.get(lane_key)
         if lane is None:
             lane = self._lanes[lane_key] = _Lane(lane_key, sender)
-        lane.sender = sender  # a reload may have replaced the client for this upstream
+        lane.sender = sender
         fresh = sum(1 for key, _ in items if key not in self._pending)
         idle = not lane.queue and lane.in_flight < self.max_concurrent_batches
+        # How many fresh items the end-of-turn flush will send; the rest wait in the queue.
+        leaving = ((self.max_concurrent_batches - lane.in_flight) * self.max_batch_items
+                   if idle else 0)
         if fresh and len(lane.queue) + fresh > self.max_queue_items:
             raise QueueFull(
                 f"The gateway's queue for model {lane_key.model!r} is full "
@@ -118,12 +129,15 @@ class MicroBatcher:
             item = self._pending.get(key)
             if item is not None:
                 item.waiters += 1
-                item.deadline = max(item.deadline, deadline)
+                item.deadline = max(item.deadline, deadline)  # matters only while unsent
+                item.ttl_s = max(item.ttl_s, ttl_s)
                 out.append(item)
                 continue
             future: asyncio.Future[Result] = loop.create_future()
             future.add_done_callback(_retrieve)
-            item = PendingItem(key, payload, ttl_s, deadline, future, leaves_now=idle)
+            item = PendingItem(key, payload, ttl_s, deadline, future, lane_key,
+                               leaves_now=leaving > 0)
+            leaving -= 1
             self._pending[key] = item
             lane.queue.append(item)
             out.append(item)
@@ -151,14 +165,18 @@ class MicroBatcher:
                 item.future.cancel()
                 if self._pending.get(item.key) is item:
                     del self._pending[item.key]
+                # Out of the queue now, not when it reaches the head: dead items must not count
+                # against admission (429) nor make an idle lane look busy.
+                lane = self._lanes.get(item.lane)
+                if lane is not None:
+                    with contextlib.suppress(ValueError):
+                        lane.queue.remove(item)
+                        self._metrics.queue_depth.dec()
 
     def _pump(self, lane: _Lane, *, immediate: bool = False) -> None:
         """Send what may go now. `immediate`: the items just arrived at an idle lane (free slot,
         empty queue), so they leave at once instead of waiting for company."""
         while lane.queue and lane.in_flight < self.max_concurrent_batches:
-            self._drop_abandoned(lane)
-            if not lane.queue:
-                return
             ready = (
                 self._draining
                 or immediate
@@ -169,11 +187,6 @@ class MicroBatcher:
                 self._arm_timer(lane)
                 return
             self._dispatch(lane)
-
-    def _drop_abandoned(self, lane: _Lane) -> None:
-        while lane.queue and lane.queue[0].future.done():
-            lane.queue.popleft()
-            self._metrics.queue_depth.dec()
 
     def _arm_timer(self, lane: _Lane) -> None:
         if lane.timer is not None:
@@ -209,6 +222,7 @@ class MicroBatcher:
 
     async def _send(self, lane: _Lane, batch: list[PendingItem]) -> None:
         key = lane.key
+        failed = False
         self._metrics.batch_size.labels(key.upstream, key.endpoint).observe(len(batch))
         try:
             results = await lane.sender.classify(
@@ -222,8 +236,13 @@ class MicroBatcher:
                     "Mistral's classification API correctly."
                 )
         except (GatewayError, UpstreamError) as exc:
+            failed = True
             self._fail(batch, exc)
+        except asyncio.CancelledError:  # only drain() cancels a batch: tell its waiters why
+            self._fail(batch, ShuttingDown(_SHUTDOWN_MESSAGE, retry_after_s=1.0))
+            raise
         except Exception as exc:  # an upstream client bug must still release every waiter
+            failed = True
             self._fail(batch, UpstreamBadResponse(f"Upstream call failed unexpectedly: {exc!r}"))
         else:
             for item, result in zip(batch, results, strict=True):
@@ -236,7 +255,12 @@ class MicroBatcher:
                 if self._pending.get(item.key) is item:
                     del self._pending[item.key]
             lane.in_flight -= 1
-            self._pump(lane)
+            if failed:
+                # One turn later: the failed items' callbacks run first, and requests that have
+                # just failed release their other queued items before the next batch forms.
+                asyncio.get_running_loop().call_soon(self._pump, lane)
+            else:
+                self._pump(lane)
 
     @staticmethod
     def _fail(batch: Sequence[PendingItem], exc: Exception) -> None:
@@ -264,3 +288,8 @@ class MicroBatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # A batch task cancelled before it started never ran its handler, and queued items never
+        # got a batch: nobody may be left waiting on a future that will never complete.
+        stranded = [item for item in self._pending.values() if not item.future.done()]
+        self._fail(stranded, ShuttingDown(_SHUTDOWN_MESSAGE, retry_after_s=1.0))
+        self._pending.clear()

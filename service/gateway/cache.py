@@ -44,6 +44,7 @@ SUPPORTED_URLS = (
     "redis+cluster://[[user]:password@]host[:port][,host[:port]...] (rediss+cluster:// for TLS)"
 )
 _SENTINEL_PORT = 26379
+_MAX_RIDE_ALONG = 64  # held writes that may share a lookup's pipeline
 _REDIS_PORT = 6379
 # Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
@@ -204,7 +205,9 @@ class ResultCache:
         probe = self._admit()
         if probe is None:
             return None
-        writes = self._take_buffer() if conn.kind != "cluster" else []
+        writes: list[tuple[str, bytes, int]] = []
+        if self._buffer and conn.kind != "cluster" and len(self._buffer) <= _MAX_RIDE_ALONG:
+            writes = self._take_buffer()  # a large buffer goes by itself: it must not slow a lookup
         try:
             async with asyncio.timeout(self._timeout_s):
                 if writes:
@@ -212,6 +215,8 @@ class ResultCache:
                 else:
                     values = await conn.mget(list(keys))
         except Exception as exc:  # fail open: whatever Redis does, the request goes on without it
+            if writes:
+                self._metrics.cache_errors.labels(operation="set").inc()
             self._failed("get", exc)
             return None
         finally:

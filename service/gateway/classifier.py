@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +17,12 @@ import orjson
 
 from service.gateway.batcher import LaneKey, MicroBatcher, OnResults, PendingItem, Result
 from service.gateway.cache import ResultCache, cache_key
-from service.gateway.errors import ClientGone, UpstreamBadResponse, UpstreamTimeout
+from service.gateway.errors import (
+    ClientGone,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.upstream import UpstreamPool
@@ -51,12 +56,36 @@ def cache_writer(cache: ResultCache) -> OnResults:
     return write
 
 
+@dataclass(frozen=True)
+class CurrentUpstream:
+    """Sends a batch through the client the pool holds for this upstream when the batch leaves,
+    not when its items were queued: a reload that re-points the upstream retires the old client,
+    and items still queued must go through the new one."""
+
+    name: str
+    pool: UpstreamPool
+    specs: Callable[[], Mapping[str, UpstreamSpec]]
+
+    async def classify(self, endpoint: str, model: str, inputs: list[Any], *,
+                       deadline: float) -> list[Result]:
+        spec = self.specs().get(self.name)
+        if spec is None:
+            raise UpstreamUnavailable(
+                f"Upstream {self.name!r} was removed from the tasks file while these items "
+                "were queued; retry, and the request will use the current tasks.",
+                retry_after_s=1.0)
+        return await self.pool.get(spec).classify(endpoint, model, inputs, deadline=deadline)
+
+
 class Classifier:
     def __init__(self, *, batcher: MicroBatcher, upstreams: UpstreamPool,
+                 upstream_specs: Callable[[], Mapping[str, UpstreamSpec]],
                  cache: ResultCache | None, metrics: GatewayMetrics, cache_prefix: str,
                  default_ttl_s: int, default_timeout_s: float) -> None:
         self._batcher = batcher
         self._upstreams = upstreams
+        self._upstream_specs = upstream_specs
+        self._senders: dict[str, CurrentUpstream] = {}
         self._cache = cache
         self._metrics = metrics
         self._prefix = cache_prefix
@@ -112,10 +141,23 @@ class Classifier:
     async def _fetch(self, task: TaskSpec, upstream: UpstreamSpec,
                      misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                      timeout_s: float, disconnected: Disconnected | None) -> dict[str, Result]:
-        client = self._upstreams.get(upstream)
+        sender = self._senders.get(upstream.name)
+        if sender is None:
+            sender = self._senders[upstream.name] = CurrentUpstream(
+                upstream.name, self._upstreams, self._upstream_specs)
         lane = LaneKey(upstream.name, task.endpoint, task.model)
-        pending = self._batcher.submit(lane, client, misses, ttl_s=ttl_s, deadline=deadline)
-        all_done = _all_done([item.future for item in pending])
+        pending = self._batcher.submit(lane, sender, misses, ttl_s=ttl_s, deadline=deadline)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._batcher.release(pending)
+
+        # On the first failed batch, the rest of this request's items are released from inside
+        # the future's callback, before the batcher sends its next batch.
+        all_done = _all_done([item.future for item in pending], on_failure=release)
         watch = {all_done}
         watcher = None
         # Only items that wait in a queue can be dropped, so only then is a disconnect worth a
@@ -127,13 +169,13 @@ class Classifier:
             await asyncio.wait(watch, timeout=deadline - time.monotonic(),
                                return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            self._batcher.release(pending)
+            release()
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if not all_done.done():
-            self._batcher.release(pending)
+            release()
             if watcher is not None and watcher.done() and not watcher.cancelled():
                 raise ClientGone("The client disconnected before the upstream answered.")
             raise UpstreamTimeout(
@@ -142,22 +184,35 @@ class Classifier:
             )
         out: dict[str, Result] = {}
         for item in pending:
-            if item.future.cancelled():  # released by another caller at the same instant
+            future = item.future
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                # One batch failed (or this item was dropped at the same instant by another
+                # caller): the answer is an error already, so the items still queued are not sent.
+                release()
+                failed = next((i.future for i in pending if i.future.done()
+                               and not i.future.cancelled() and i.future.exception()), None)
+                error = failed.exception() if failed is not None else None
+                if error is not None:
+                    raise error
                 raise UpstreamTimeout("The request was abandoned before the upstream answered.")
-            out[item.key] = item.future.result()  # re-raises the batch's upstream error
+            out[item.key] = future.result()
         return out
 
 
-def _all_done(futures: list[asyncio.Future[Result]]) -> asyncio.Future[None]:
-    """One future that completes when all of `futures` have, without owning (or cancelling) them:
-    they are shared with other callers through single flight."""
+def _all_done(futures: list[asyncio.Future[Result]],
+              on_failure: Callable[[], None]) -> asyncio.Future[None]:
+    """One future that completes when all of `futures` have, or as soon as one fails, without
+    owning (or cancelling) them: they are shared with other callers through single flight."""
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     left = len(futures)
 
-    def one_done(_: asyncio.Future[Result]) -> None:
+    def one_done(future: asyncio.Future[Result]) -> None:
         nonlocal left
         left -= 1
-        if left == 0 and not done.done():
+        failed = not future.cancelled() and future.exception() is not None
+        if failed:
+            on_failure()
+        if (left == 0 or failed) and not done.done():
             done.set_result(None)
 
     for future in futures:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.gateway.errors import error_response, render_error
+from service.gateway.errors import ClientGone, error_response, render_error
 from service.gateway.metrics import UNKNOWN, GatewayMetrics
 
 # Routes whose requests are counted per task; any other path is not a classification.
@@ -87,7 +87,11 @@ class GatewayMiddleware:
             if not self.keys.allows(_header(scope, b"authorization")):
                 await _unauthorized(scope, receive, send_wrapper)
                 return
-            body = await self._read_body(scope, receive, send_wrapper)
+            try:
+                body = await self._read_body(scope, receive, send_wrapper)
+            except _ClientLeft:  # gone before the body was complete: nothing to answer
+                status = ClientGone.status_code
+                return
             if body is None:
                 return
             handler = self.handlers.get(path)
@@ -121,7 +125,7 @@ class GatewayMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"".join(chunks)
+                raise _ClientLeft
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -130,6 +134,10 @@ class GatewayMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class _ClientLeft(Exception):
+    """The client disconnected while its body was being read."""
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

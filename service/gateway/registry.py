@@ -138,9 +138,12 @@ def parse_registry(data: Any, source: str = "tasks file") -> Registry:
 
 def load_registry(path: Path) -> Registry:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read the tasks file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as "
+                            "UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -204,4 +207,8 @@ class RegistryWatcher:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             if self._file_signature() != self._signature:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as exc:  # the watcher must outlive any one bad file
+                    self.last_error = f"{self.path}: {exc!r}"
+                    log.exception("reloading the tasks file failed; keeping the last good one")

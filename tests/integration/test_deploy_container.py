@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from service.factory.settings import FactorySettings
+from service.gateway.app import BATCH_DRAIN_S
 from service.gateway.registry import load_registry
 from service.gateway.settings import Settings
 
@@ -216,7 +217,8 @@ def test_compose_gateway_settings_are_real_and_wired() -> None:
     assert str(local.port) == model["services"]["factory"]["environment"]["FACTORY_PORT"]
     # the drain fits inside the stop grace period
     grace = float(gateway["stop_grace_period"].removesuffix("s"))
-    assert grace > parsed.drain_timeout_s
+    drain_s = parsed.drain_timeout_s
+    assert grace > parsed.shutdown_delay_s + drain_s + min(drain_s, BATCH_DRAIN_S)
 
 
 def test_compose_factory_keeps_its_data_on_a_named_volume() -> None:

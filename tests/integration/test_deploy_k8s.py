@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from service.factory.settings import FactorySettings
+from service.gateway.app import BATCH_DRAIN_S
 from service.gateway.registry import parse_registry
 from service.gateway.settings import Settings
 
@@ -198,7 +199,9 @@ def test_grace_period_outlasts_pre_stop_plus_drain(overlay: tuple[str, list[Doc]
     # readiness must have time to fail (one probe period) while the sleep holds the pod up
     readiness = gateway["readinessProbe"]
     assert pre_stop_s >= readiness["periodSeconds"] * readiness["failureThreshold"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + delay_s + drain_s
+    # then uvicorn lets requests finish (drain_s), then the lifespan waits for sent batches
+    batches_s = min(drain_s, BATCH_DRAIN_S)
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + delay_s + drain_s + batches_s
 
 
 def test_gateway_runs_non_root_on_a_read_only_root(overlay: tuple[str, list[Doc]]) -> None:

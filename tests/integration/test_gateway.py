@@ -16,8 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fake_upstream import Drop, Slow, Status, WrongCount, expected_scores
-from tests.support.gateway import DEFAULT_TASKS, GatewayStack, gateway_stack
+from tests.support.fake_upstream import (
+    Drop,
+    Slow,
+    Status,
+    WrongCount,
+    expected_scores,
+    running_fake_upstream,
+)
+from tests.support.gateway import DEFAULT_TASKS, GatewayStack, gateway_stack, write_tasks
 from tests.support.redis_server import RedisServer
 
 
@@ -419,3 +426,60 @@ async def test_metrics_carry_the_documented_series(stack: GatewayStack) -> None:
         assert series in text, series
     assert "made-up-task" not in text
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_a_failed_batch_fails_the_request_at_once_and_drops_its_queued_items(
+        tmp_path: Path) -> None:
+    with gateway_stack(tmp_path, max_batch_items=2, max_concurrent_batches=1) as s:
+        s.upstream.inject(Status(400))  # the first batch is rejected; later ones would succeed
+        s.upstream.delay_s = 0.3
+        started = time.monotonic()
+        r = await post(s, "/classify", {"task": "sentiment", "input": texts(6)})
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.5)
+    assert r.status_code == 502, r.text
+    assert elapsed < 0.55  # one upstream call's time, not three
+    assert len(s.upstream.calls) == 1  # the other two batches were never sent
+
+
+async def test_items_queued_during_a_reload_go_to_the_upstream_configured_when_they_leave(
+        tmp_path: Path) -> None:
+    with running_fake_upstream() as second, \
+            gateway_stack(tmp_path, max_concurrent_batches=1) as s:
+        s.upstream.delay_s = 0.6
+        tasks = {**DEFAULT_TASKS, "other": {"upstream": "fake", "model": "ft:other"}}
+        s.set_tasks(tasks)
+        async with httpx.AsyncClient(base_url=s.url, timeout=10) as client:
+            busy = asyncio.create_task(
+                client.post("/classify", json={"task": "sentiment", "input": "in flight"}))
+            await asyncio.sleep(0.15)
+            queued = asyncio.create_task(
+                client.post("/classify", json={"task": "sentiment", "input": "queued"}))
+            await asyncio.sleep(0.05)
+            write_tasks(s.tasks_file, str(second.url), tasks)  # re-point upstream "fake"
+            await asyncio.sleep(0.3)  # polled every 0.1 s
+            # Another model on the re-pointed upstream gets the new client; the old one retires.
+            other = await client.post("/classify", json={"task": "other", "input": "x"})
+            results = [await busy, await queued]
+    assert other.status_code == 200
+    assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+    assert [c.inputs for c in s.upstream.calls] == [["in flight"]]
+    assert sorted(c.inputs[0] for c in second.calls) == ["queued", "x"]
+
+
+async def test_a_client_gone_while_sending_its_body_is_counted_499(stack: GatewayStack) -> None:
+    host, port = stack.url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"task\": \"sentiment\"")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    async with httpx.AsyncClient(base_url=stack.url) as client:
+        for _ in range(50):
+            text = (await client.get("/metrics")).text
+            if 'status="499"' in text:
+                break
+            await asyncio.sleep(0.05)
+    assert 'gateway_requests_total{route="/classify",status="499",task="unknown"} 1.0' in text
+    assert stack.upstream.calls == []

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.gateway.batcher import LaneKey, MicroBatcher, PendingItem, Result
-from service.gateway.errors import QueueFull, UpstreamBadResponse, UpstreamUnavailable
+from service.gateway.errors import QueueFull, ShuttingDown, UpstreamBadResponse, UpstreamUnavailable
 from service.gateway.metrics import GatewayMetrics
 
 LANE = LaneKey("local", "classifications", "m1")
@@ -177,3 +177,29 @@ async def test_drain_sends_what_is_queued_and_waits_for_it() -> None:
     await b.drain(5.0)
     assert all(item.future.done() for item in queued)
     assert await results(queued) == ["q1", "q2"]
+
+
+async def test_released_items_leave_the_queue_at_once() -> None:
+    b, s = make(max_queue_items=2), GatedSender()
+    s.gate = asyncio.Event()
+    submit(b, s, "busy")
+    await asyncio.sleep(0)
+    gone = submit(b, s, "a", "b")
+    b.release(gone)
+    assert b.queued_items == 0
+    kept = submit(b, s, "c", "d")  # would be 429 if dead items still counted
+    s.gate.set()
+    assert await results(kept) == ["c", "d"]
+    assert all("a" not in batch and "b" not in batch for batch in s.batches)
+
+
+async def test_drain_that_times_out_fails_every_waiter_with_shutting_down() -> None:
+    b, s = make(), GatedSender()
+    s.gate = asyncio.Event()  # never set: the upstream never answers
+    sent = submit(b, s, "in flight")
+    await asyncio.sleep(0)
+    queued = submit(b, s, "queued")
+    await b.drain(0.05)
+    for item in sent + queued:
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(item.future, 1)

@@ -75,3 +75,12 @@ def test_watcher_keeps_last_good_registry_on_a_bad_reload(tmp_path: Path) -> Non
     assert "unknown upstream 'missing'" in (watcher.last_error or "")
     assert list(watcher.current.tasks) == ["a"]
     assert results == ["success", "error"]
+
+
+def test_a_file_that_is_not_utf8_is_rejected_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.yaml"
+    path.write_bytes("# caf\xe9\ntasks: {}\n".encode("latin-1"))
+    with pytest.raises(RegistryError, match="not UTF-8 text"):
+        load_registry(path)
+    watcher = RegistryWatcher(path)
+    assert not watcher.reload() and "not UTF-8" in (watcher.last_error or "")

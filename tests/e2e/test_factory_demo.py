@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,28 @@ def test_demo_with_keys_on_both_services_never_prints_them(tmp_path: Path) -> No
     assert "$GATEWAY_KEY" in out
     tasks = (tmp_path / "data" / "demo-tasks.yaml").read_text()
     assert "api_key_env: FACTORY_API_KEY" in tasks and "factory-secret-1" not in tasks
+
+
+def test_ctrl_c_stops_both_processes_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group; the demo alone must stop its children,
+    once each, so that nothing prints a traceback and both ports are freed."""
+    gateway_port, factory_port = free_port(), free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "demo", "--port", str(gateway_port),
+         "--factory-port", str(factory_port), "--data-dir", str(tmp_path / "data"),
+         "--redis-url", ""],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert demo.stdout is not None
+    output = []
+    for line in demo.stdout:  # wait until it is serving
+        output.append(line.decode())
+        if "Press Ctrl-C" in output[-1]:
+            break
+    os.killpg(demo.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    rest, _ = demo.communicate(timeout=30)
+    text = "".join(output) + rest.decode()
+    assert demo.returncode == 0, text
+    assert "Stopping ..." in text and "Traceback" not in text, text
+    for port in (gateway_port, factory_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"

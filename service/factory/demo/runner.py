@@ -122,7 +122,14 @@ def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PACKAGE_ROOT), full_env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=full_env)
+    # A session of their own: Ctrl-C in the terminal reaches only the demo, which then stops each
+    # child once (a second SIGINT during uvicorn's shutdown prints tracebacks).
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=full_env,
+                            start_new_session=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -279,6 +286,8 @@ def run_demo(options: DemoOptions) -> int:
         if options.once:
             return 0
         _say("Press Ctrl-C to stop both.")
+        # SIGTERM (e.g. from a process supervisor) stops both children too, as Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while all(p.poll() is None for p in running):
                 time.sleep(0.5)

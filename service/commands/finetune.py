@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,8 @@ TRANSIENT_PATIENCE_S = 60.0
 
 
 def watch(api: Api, job_id: str, progress: Progress, poll_interval: float,
-          patience_s: float = TRANSIENT_PATIENCE_S) -> dict[str, Any]:
+          patience_s: float = TRANSIENT_PATIENCE_S, follow_up: str | None = None
+          ) -> dict[str, Any]:
     """Poll the job until it ends. Starts it if the upstream validated it but did not start it.
     A failing poll (server restarting, rate limit) is retried for `patience_s`: the job runs on
     the server either way, and giving up would leave it unregistered."""
@@ -147,7 +149,8 @@ def watch(api: Api, job_id: str, progress: Progress, poll_interval: float,
             if now - failing_since > patience_s:
                 progress.close()
                 raise UserError(f"{exc} (for {patience_s:.0f}s while watching job {job_id}; it "
-                                f"may still run: `classifier-gateway jobs wait {job_id}`)"
+                                f"may still run: "
+                                f"`{follow_up or f'classifier-gateway jobs wait {job_id}'}`)"
                                 ) from None
             progress.update(f"{exc}; retrying")
             time.sleep(min(max(poll_interval, 0.5) * 2, 10.0))
@@ -183,7 +186,7 @@ def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
     progress = Progress()
     interval = args.poll_interval or (5.0 if args.upstream == "mistral" else 1.0)
     try:
-        return watch(api, job_id, progress, interval)
+        return watch(api, job_id, progress, interval, follow_up=follow_up)
     except KeyboardInterrupt:
         progress.close()
         if ask(f"Cancel job {job_id}? [y/N] "):
@@ -283,8 +286,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not isinstance(job, dict) or not job.get("id"):
             raise UserError(f"{upstream.label} did not return a job")
         job_id = str(job["id"])
-        follow_up = (f"classifier-gateway jobs wait {job_id} --task {args.task} --kind {kind}"
-                     + (" --upstream mistral" if upstream.name == "mistral" else ""))
+        follow_up = follow_up_command(job_id, args, upstream.name, args.task, kind)
         if args.no_wait:
             if args.json:
                 print_json({"job": job, "follow_up": follow_up})
@@ -300,13 +302,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return finish(args, final, upstream, kind, multi_label, started_at)
 
 
+def follow_up_command(job_id: str, args: argparse.Namespace, upstream: str, task: str | None,
+                      kind: str) -> str:
+    """The `jobs wait` line that finishes this job's work where this command left it: same
+    upstream, same tasks file, same task."""
+    parts = ["classifier-gateway", "jobs", "wait", job_id]
+    if task:
+        parts += ["--task", task, "--kind", kind, "--tasks", str(args.tasks)]
+    if upstream == "mistral":
+        parts += ["--upstream", "mistral"]
+    if getattr(args, "upstream_url", None):
+        parts += ["--upstream-url", args.upstream_url]
+    return shlex.join(parts)
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     """`jobs wait`: the watching half of `finetune`, for a job started with --no-wait."""
     upstream = upstream_from(args)
     with upstream_api(upstream) as api:
-        follow_up = (f"classifier-gateway jobs wait {args.job_id}"
-                     + (f" --task {args.task} --kind {args.kind}" if args.task else "")
-                     + (" --upstream mistral" if upstream.name == "mistral" else ""))
+        follow_up = follow_up_command(args.job_id, args, upstream.name, args.task, args.kind)
         print(f"job {args.job_id} on {upstream.label}", file=sys.stderr)
         started_at = time.monotonic()
         final = watch_interactively(api, args.job_id, args, follow_up)

@@ -12,6 +12,7 @@ import functools
 import os
 import pty
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -246,8 +247,11 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     assert started.returncode == 0, started.stderr
     body = orjson.loads(started.stdout)
     job_id = body["job"]["id"]
-    assert body["follow_up"] == f"classifier-gateway jobs wait {job_id} --task later --kind text"
-    waited = stack.cli(*body["follow_up"].split()[1:], "--poll-interval", "0.2")
+    # The line names the tasks file this finetune would have written, so it registers there.
+    assert body["follow_up"] == shlex.join([
+        "classifier-gateway", "jobs", "wait", job_id, "--task", "later", "--kind", "text",
+        "--tasks", str(stack.tasks)])
+    waited = stack.cli(*shlex.split(body["follow_up"])[1:], "--poll-interval", "0.2")
     assert waited.returncode == 0, waited.stderr
     model = re.search(r"^task later -> (\S+) on local", waited.stdout, re.MULTILINE)
     assert model, waited.stdout
@@ -307,7 +311,7 @@ def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
         _, err = process.communicate("", timeout=30)  # no answer at all counts as no
     assert process.returncode == 130
     assert (f"job {job_id} keeps running; follow it with `classifier-gateway jobs wait "
-            f"{job_id} --task keep --kind text`") in err
+            f"{job_id} --task keep --kind text --tasks {shlex.quote(str(stack.tasks))}`") in err
     job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
     assert job["status"] == "RUNNING"
     cancelled = stack.cli("jobs", "cancel", job_id)

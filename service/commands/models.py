@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import TypeAlias
 
+from service.cli import UserError
+from service.commands import tasksfile
 from service.commands.api import add_upstream_arguments, upstream_api, upstream_from
 from service.commands.jobs import when
 from service.commands.output import print_json, table
+from service.commands.tasks import add_tasks_file_argument
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -23,8 +26,13 @@ def register(sub: Sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_list)
 
-    p = actions.add_parser("delete", help="delete a fine-tuned model")
+    p = actions.add_parser("delete", help="delete a fine-tuned model",
+                           description="Delete a fine-tuned model. Refused while a task in the "
+                                       "tasks file still uses it, unless --force.")
     p.add_argument("model_id", metavar="MODEL_ID")
+    p.add_argument("--force", action="store_true",
+                   help="delete even if tasks in the tasks file still use the model")
+    add_tasks_file_argument(p)
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_delete)
@@ -55,6 +63,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    if not args.force and args.tasks.exists():
+        users = sorted(name for name, task in tasksfile.load(args.tasks).tasks.items()
+                       if task.model == args.model_id)
+        if users:
+            raise UserError(f"task(s) {', '.join(users)} in {args.tasks} still use this model and "
+                            "would fail once it is gone; point them at another model "
+                            "(`classifier-gateway tasks set`) or pass --force")
     with upstream_api(upstream_from(args)) as api:
         body = api.delete(f"/v1/models/{args.model_id}")
     if args.json:

@@ -259,6 +259,13 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     got = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
     assert (got["status"], got["fine_tuned_model"]) == ("SUCCESS", model.group(1))
 
+    # The model serves task `later`: deleting it is refused until the task moves or --force.
+    refused = stack.cli("models", "delete", model.group(1))
+    assert refused.returncode == 1
+    assert "task(s) later" in one_line_error(refused) and "--force" in refused.stderr
+    forced = stack.cli("models", "delete", model.group(1), "--force")
+    assert forced.returncode == 0, forced.stderr
+
 
 @contextlib.contextmanager
 def finetune_interrupted_while_running(stack: Stack, task: str

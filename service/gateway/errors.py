@@ -56,6 +56,9 @@ class PayloadTooLarge(GatewayError):
 
 
 class EmptyInput(GatewayError):
+    """Rendered with FastAPI's `detail` list too, like every 422, so that the official SDK raises
+    its HTTPValidationError."""
+
     status_code = 422
     error_type = "invalid_request"
 
@@ -136,6 +139,9 @@ def render_error(request: Request, exc: Exception) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code,
                         exc.error_type, exc.message)
+        if isinstance(exc, EmptyInput):
+            detail = [{"loc": ["body", "input"], "msg": exc.message, "type": "value_error"}]
+            return error_response(422, exc.error_type, exc.message, detail=detail)
         return error_response(exc.status_code, exc.error_type, exc.message, exc.headers())
     if isinstance(exc, RequestValidationError):
         # `detail` keeps FastAPI's (and Mistral's) 422 shape, so the official SDK raises its

@@ -175,6 +175,15 @@ class RegistryWatcher:
     def reload(self) -> bool:
         """Load the file; keep the last good registry on error. Returns whether it was swapped."""
         self._signature = self._file_signature()
+        if self._signature is None and not self.loaded:
+            # Not an error at start-up: `classifier-gateway finetune` writes it later.
+            self.last_error = (f"{self.path}: no tasks file yet; create it or register a model "
+                               "with `classifier-gateway finetune` (it is picked up when it "
+                               "appears)")
+            log.warning("%s", self.last_error)
+            if self._on_reload:
+                self._on_reload("error")
+            return False
         try:
             registry = load_registry(self.path)
         except RegistryError as exc:

@@ -329,6 +329,14 @@ async def test_bad_input_gets_a_clear_4xx(stack: GatewayStack, body: Any, status
     assert stack.upstream.calls == []
 
 
+async def test_every_422_carries_the_detail_list(stack: GatewayStack) -> None:
+    for body in ({"task": "sentiment"}, {"task": "sentiment", "input": []},
+                 {"task": "sentiment", "input": ["ok", ""]}):
+        r = await post(stack, "/classify", body)
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"][:2] == ["body", "input"], r.text
+
+
 async def test_body_too_large_is_413(tmp_path: Path) -> None:
     with gateway_stack(tmp_path, max_body_bytes=1000) as s:
         r = await post(s, "/classify", {"task": "sentiment", "input": "z" * 2000})

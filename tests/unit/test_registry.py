@@ -84,3 +84,13 @@ def test_a_file_that_is_not_utf8_is_rejected_clearly(tmp_path: Path) -> None:
         load_registry(path)
     watcher = RegistryWatcher(path)
     assert not watcher.reload() and "not UTF-8" in (watcher.last_error or "")
+
+
+def test_a_missing_file_at_start_up_says_what_to_do_then_loads_when_it_appears(
+        tmp_path: Path) -> None:
+    path = tmp_path / "tasks.yaml"
+    watcher = RegistryWatcher(path)
+    assert not watcher.reload() and not watcher.loaded
+    assert "no tasks file yet" in (watcher.last_error or "")
+    path.write_text("upstreams: {u: {base_url: 'http://x'}}\ntasks: {a: {upstream: u, model: m}}\n")
+    assert watcher.reload() and list(watcher.current.tasks) == ["a"]

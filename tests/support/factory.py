@@ -21,7 +21,7 @@ import orjson
 
 from service.factory.app import create_app
 from service.factory.settings import FactorySettings
-from tests.support.redis_server import free_port, wait_for_port
+from tests.support.redis_server import free_port, terminate, wait_for_port
 from tests.support.servers import ThreadedServer, serve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,13 +163,8 @@ class FactoryProcess:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process, grace_s=15)
 
 
 @contextlib.contextmanager

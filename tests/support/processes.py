@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.redis_server import wait_for_port
+from tests.support.redis_server import terminate, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,10 +39,4 @@ def spawn(args: list[str], *, env: Mapping[str, str] | None = None, port: int,
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    terminate(process, grace_s=10)

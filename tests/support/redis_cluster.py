@@ -19,6 +19,7 @@ from tests.support.redis_server import (
     free_port,
     redis_server_binary,
     start_redis,
+    terminate,
     wait_for_port,
 )
 
@@ -142,13 +143,8 @@ class SentinelSetup:
         return promoted
 
     def stop(self) -> None:
-        if self.sentinel is not None and self.sentinel.poll() is None:
-            self.sentinel.terminate()
-            try:
-                self.sentinel.wait(5)
-            except subprocess.TimeoutExpired:
-                self.sentinel.kill()
-                self.sentinel.wait(5)
+        if self.sentinel is not None:
+            terminate(self.sentinel)
         for replica in self.replicas:
             replica.stop()
         self.master.stop()

@@ -28,6 +28,18 @@ def wait_for_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
+def terminate(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace_s`: every helper stops its
+    processes this way, so that a hung one never outlives its test."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 @dataclass
 class RedisServer:
     port: int
@@ -40,13 +52,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
 
     def kill(self) -> None:
         """SIGKILL: what a crashed or partitioned Redis looks like to the gateway."""

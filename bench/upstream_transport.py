@@ -121,6 +121,22 @@ async def httpx2_aiohttp(url: str, conc: int) -> Any:
 
 
 @contextlib.asynccontextmanager
+async def httpx_pooled(url: str, conc: int) -> Any:
+    import httpx
+
+    from service.gateway.transport import PooledTransport
+
+    limits = httpx.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
+    transport = PooledTransport(limits=limits)
+    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=10) as client:
+        async def post(body: bytes) -> Any:
+            response = await client.post("/v1/classifications", content=body,
+                                         headers={"content-type": "application/json"})
+            return orjson.loads(response.content)
+        yield post
+
+
+@contextlib.asynccontextmanager
 async def aiohttp_plain(url: str, conc: int) -> Any:
     import aiohttp
 
@@ -163,6 +179,7 @@ CLIENTS: dict[str, Callable[[str, int], Any]] = {
     "httpx+httpx_aiohttp": httpx_aiohttp,
     "httpx2": httpx2_default,
     "httpx2+httpx_aiohttp": httpx2_aiohttp,
+    "httpx+PooledTransport": httpx_pooled,
     "aiohttp": aiohttp_plain,
 }
 

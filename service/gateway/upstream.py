@@ -1,13 +1,12 @@
 """UpstreamClient: one pooled HTTP client per upstream, with retries and a circuit breaker.
 
-Transport: httpx's request/response types over the `httpx-aiohttp` transport (aiohttp's connection
-pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path (many
-concurrent cache misses) httpx's own pool and the client's per-request machinery cost far more CPU
-than the exchange itself; `bench/upstream_transport.py` measured, 32 concurrent clients against a fast
-upstream, plain httpx at a few hundred requests/s and this client (retries, breaker, metrics and
-response checks included) at over ten times that (figures in the README). Everything except
-`_default_transport` is transport-agnostic: tests inject `httpx.MockTransport`, and another
-`httpx.AsyncBaseTransport` can replace aiohttp's in one place.
+Transport: httpx's request/response types over `PooledTransport` (transport.py: asyncio + httptools,
+a keep-alive pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path
+httpx's own pool and the client's per-request machinery (URL merging, cookies, auth and redirect
+handling, none of which is wanted: the URL is fixed, there are no cookies and no redirects) cost far
+more CPU than the exchange itself; `bench/upstream_transport.py` has the figures (README,
+Performance). Everything except `_default_transport` is transport-agnostic: tests inject
+`httpx.MockTransport`, and any `httpx.AsyncBaseTransport` can replace it in one place.
 
 Failure policy, in one place:
 - connection errors, 429 and 5xx are retried with exponential backoff and full jitter, never less than
@@ -47,6 +46,7 @@ from service.gateway.errors import (
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import UpstreamSpec
 from service.gateway.settings import Settings
+from service.gateway.transport import PooledTransport
 
 log = logging.getLogger("service.gateway.upstream")
 
@@ -131,14 +131,11 @@ class _Retryable(Exception):
 
 
 def _default_transport(settings: Settings) -> httpx.AsyncBaseTransport:
-    from httpx_aiohttp import AiohttpTransport
-
     # Idle connections are dropped after 4 s, before uvicorn's default 5 s keep-alive (the factory)
     # closes them from its side: reusing a connection the server is closing costs a failed attempt.
     limits = httpx.Limits(max_connections=settings.max_connections,
                           max_keepalive_connections=settings.max_connections, keepalive_expiry=4.0)
-    transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
-    return transport
+    return PooledTransport(limits=limits)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -340,7 +337,7 @@ class UpstreamClient:
                 self._count(endpoint, "timeout")
                 raise self._timeout(endpoint, budget, attempt) from None
             # Any transport error before the deadline (refused, reset, dropped, connect timeout) is
-            # worth another attempt. Transports disagree on names (httpx-aiohttp calls a dropped
+            # worth another attempt. Transports disagree on names (httpx-aiohttp called a dropped
             # connection a ConnectTimeout), so the type is only reported, not acted upon.
             if not isinstance(exc, httpx.TransportError | OSError):
                 log.warning("upstream %s: unexpected %s from the transport, treated as a "

@@ -16,8 +16,8 @@ from tests.support.redis_server import free_port
 class ThreadedServer:
     def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
         self.port = port or free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                     lifespan="on", **config)
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                     **{"log_level": "warning", "lifespan": "on", **config})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1,0 +1,424 @@
+"""PooledTransport: a lean HTTP/1.1 keep-alive transport behind httpx's API, on asyncio + httptools.
+
+Why not httpx's own transport or `httpx-aiohttp`: on a cache miss the upstream call is the largest
+share of the gateway's CPU, and most of it is client machinery, not the exchange. `bench/
+upstream_transport.py` (figures in the README) measured plain httpx at a few hundred requests/s against
+a fast upstream, httpx on aiohttp's transport at about half of plain aiohttp, and this transport
+ahead of both. It keeps httpx's API: `httpx.Request` in, `httpx.Response` out, httpx's exception
+types, so the client code and its tests (`httpx.MockTransport`) do not depend on it.
+
+Scope, on purpose just what a JSON API upstream needs:
+- HTTP/1.1 over TCP or TLS; a pool of keep-alive connections per origin, at most
+  `limits.max_connections` open at once (callers wait for a slot up to the `pool` timeout), idle ones
+  kept up to `limits.keepalive_expiry` seconds and dropped as soon as the server closes them;
+- the request goes out in one write; a streamed body is collected and sent chunked;
+- the response body is read whole before the Response is returned (Content-Length, chunked, or
+  until the server closes), up to `max_response_bytes`;
+- a request that fails on a reused idle connection before any byte of the answer arrived is sent
+  again once, on a new connection: the server closed the connection as it was reused (the
+  keep-alive race), which says nothing about the upstream's health. Requests must therefore be
+  idempotent, as classification is;
+- not supported: proxies, HTTP/2, upgrades, `Expect: 100-continue`.
+Timeouts follow httpx's `timeout` extension: `connect`, `read` (no byte for that long), `pool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+
+import certifi
+import httptools
+import httpx
+
+Origin = tuple[bytes, bytes, int]  # scheme, host, port
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                              keepalive_expiry=5.0)
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Exchange:
+    """What one request is waiting for on a connection."""
+
+    __slots__ = (
+        "body",
+        "future",
+        "head",
+        "headers",
+        "last_data_at",
+        "reason",
+        "received",
+        "size",
+        "status",
+        "until_close",
+    )
+
+    def __init__(self, future: asyncio.Future[None], head: bool) -> None:
+        self.future = future
+        self.head = head  # a HEAD request: no body follows the headers, whatever they announce
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.until_close = False  # neither Content-Length nor chunked: the body ends at close
+        self.received = False  # any byte of the answer arrived
+        self.last_data_at = 0.0
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; at most one exchange at a time (no pipelining)."""
+
+    def __init__(self, pool: PooledTransport, origin: Origin, max_response_bytes: int) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._max_response_bytes = max_response_bytes
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.exchange: _Exchange | None = None
+        self.closed = False
+        self.reusable = True
+        self.idle_since = 0.0
+        self.uses = 0
+        self.counted = False  # holds one of the pool's slots, given back in connection_lost
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        exchange.received = True
+        exchange.last_data_at = time.monotonic()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _BodyTooLarge):  # raised by on_body, wrapped by httptools
+                self._fail(httpx.RemoteProtocolError(
+                    f"the upstream's response body exceeds {self._max_response_bytes} bytes"))
+            else:
+                self._fail(httpx.RemoteProtocolError(
+                    f"malformed HTTP response from the upstream: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        return None  # let asyncio close the transport; connection_lost settles the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange = self.exchange
+        if exchange is not None and not exchange.future.done():
+            if exchange.until_close and exchange.status:
+                exchange.future.set_result(None)  # a body delimited by the close itself
+            elif exchange.received:
+                exchange.future.set_exception(httpx.RemoteProtocolError(
+                    "the upstream closed the connection in the middle of its response"))
+            else:
+                exchange.future.set_exception(_NothingReceived(
+                    f"the upstream closed the connection without answering ({exc or 'EOF'})"))
+        self._pool._connection_closed(self)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+    def on_status(self, reason: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.status = self._parser.get_status_code()
+        if exchange.head and exchange.status >= 200:
+            # The parser cannot know that no body follows; stop here and do not reuse the
+            # connection, whose parser state now expects one.
+            self.reusable = False
+            exchange.future.set_result(None)
+            return
+        if exchange.status >= 200 and exchange.status not in _NO_BODY_STATUS:
+            names = {name.lower() for name, _ in exchange.headers}
+            exchange.until_close = (b"content-length" not in names
+                                    and b"transfer-encoding" not in names)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.size += len(body)
+        if exchange.size > self._max_response_bytes:
+            raise _BodyTooLarge
+        exchange.body.append(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.future.done():
+            return
+        if exchange.status < 200:  # an interim 1xx answer: the real one follows
+            exchange.status, exchange.reason, exchange.headers = 0, b"", []
+            return
+        self.reusable = self._parser.should_keep_alive()
+        exchange.future.set_result(None)
+
+    # -- used by the pool ------------------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        exchange = self.exchange
+        if exchange is not None and not exchange.future.done():
+            exchange.future.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def usable(self, now: float, expiry: float | None) -> bool:
+        return (not self.closed and self.reusable
+                and (expiry is None or now - self.idle_since < expiry))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _NothingReceived(httpx.ReadError):
+    """The connection ended before any byte of the answer: safe to send again on another one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    def __init__(self, *, limits: httpx.Limits = DEFAULT_LIMITS,
+                 ssl_context: ssl.SSLContext | None = None,
+                 max_response_bytes: int = 64 * 1024 * 1024) -> None:
+        self._max_connections = limits.max_connections or 2**31
+        self._max_idle = (limits.max_keepalive_connections
+                          if limits.max_keepalive_connections is not None else self._max_connections)
+        self._expiry = limits.keepalive_expiry
+        self._ssl_context = ssl_context
+        self._max_response_bytes = max_response_bytes
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._open = 0  # connections open or being opened, all origins
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed", request=request)
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        url = request.url
+        scheme = url.raw_scheme
+        if scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}",
+                                            request=request)
+        origin: Origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
+        payload = await _serialize(request)
+        for attempt in (1, 2):
+            connection, reused = await self._acquire(origin, request, timeouts, fresh=attempt > 1)
+            try:
+                exchange = await self._exchange(connection, payload, timeouts.get("read"), request,
+                                                head=request.method == "HEAD")
+            except _NothingReceived as exc:
+                if reused and attempt == 1:
+                    continue  # the server closed the idle connection as we reused it
+                raise httpx.ReadError(str(exc), request=request) from None
+            except BaseException:
+                connection.close()
+                self._release(connection)
+                raise
+            self._release(connection)
+            return httpx.Response(
+                exchange.status, headers=exchange.headers,
+                stream=httpx.ByteStream(b"".join(exchange.body)),
+                extensions={"http_version": b"HTTP/1.1", "reason_phrase": exchange.reason.strip()},
+                request=request,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _exchange(self, connection: _Connection, payload: list[bytes],
+                        read_timeout: float | None, request: httpx.Request, *,
+                        head: bool) -> _Exchange:
+        loop = asyncio.get_running_loop()
+        exchange = _Exchange(loop.create_future(), head)
+        exchange.last_data_at = time.monotonic()
+        connection.exchange = exchange
+        connection.uses += 1
+        transport = connection.transport
+        assert transport is not None
+        timer: asyncio.TimerHandle | None = None
+
+        def check_read() -> None:
+            nonlocal timer
+            assert read_timeout is not None
+            idle_for = time.monotonic() - exchange.last_data_at
+            if idle_for < read_timeout:
+                timer = loop.call_later(read_timeout - idle_for, check_read)
+                return
+            if not exchange.future.done():
+                exchange.future.set_exception(httpx.ReadTimeout(
+                    f"no data from the upstream for {read_timeout:g} s", request=request))
+
+        if read_timeout is not None:
+            timer = loop.call_later(read_timeout, check_read)
+        try:
+            transport.writelines(payload)
+            await exchange.future
+        except httpx.TransportError as exc:
+            if exc._request is None:  # raised by the protocol, which does not know the request
+                exc.request = request
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            connection.exchange = None
+        return exchange
+
+    # -- the pool --------------------------------------------------------------------------------
+    async def _acquire(self, origin: Origin, request: httpx.Request,
+                       timeouts: dict[str, float | None], *,
+                       fresh: bool) -> tuple[_Connection, bool]:
+        """A connection to `origin` and whether it was reused; `fresh` skips the idle ones."""
+        deadline: float | None = None
+        while True:
+            idle = None if fresh else self._idle.get(origin)
+            now = time.monotonic()
+            while idle:
+                connection = idle.pop()
+                if connection.usable(now, self._expiry):
+                    return connection, True
+                connection.close()  # frees its slot in connection_lost
+            if self._open < self._max_connections:
+                self._open += 1
+                try:
+                    connection = await self._connect(origin, request, timeouts.get("connect"))
+                except BaseException:
+                    self._open -= 1
+                    self._wake_one()
+                    raise
+                if connection.closed:  # lost before it was counted: give the slot back here
+                    self._open -= 1
+                    self._wake_one()
+                    raise httpx.ConnectError("the upstream closed the connection as it opened",
+                                             request=request)
+                connection.counted = True
+                return connection, False
+            pool_timeout = timeouts.get("pool")
+            if deadline is None and pool_timeout is not None:
+                deadline = now + pool_timeout
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await waiter
+            except TimeoutError:
+                raise httpx.PoolTimeout(
+                    f"no free connection among {self._max_connections} within {pool_timeout} s",
+                    request=request) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    self._waiters.remove(waiter)
+
+    async def _connect(self, origin: Origin, request: httpx.Request,
+                       connect_timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        hostname = host.decode("ascii")
+        tls = None
+        if scheme == b"https":
+            tls = self._ssl_context or _default_ssl_context()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, origin, self._max_response_bytes),
+                    hostname, port, ssl=tls, server_hostname=hostname if tls else None)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {hostname}:{port} took over "
+                                       f"{connect_timeout:g} s", request=request) from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot connect to {hostname}:{port}: {exc}",
+                                     request=request) from None
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.origin, [])
+        if (not self._closed and connection.usable(time.monotonic(), None)
+                and len(idle) < self._max_idle):
+            connection.idle_since = time.monotonic()
+            idle.append(connection)
+            self._wake_one()
+        else:
+            connection.close()
+
+    def _connection_closed(self, connection: _Connection) -> None:
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+        if connection.counted:
+            connection.counted = False
+            self._open -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+            idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # wakes into the closed check of the next request
+
+
+async def _serialize(request: httpx.Request) -> list[bytes]:
+    """Request line and headers, then the body: written together in one call."""
+    try:
+        body = request.content
+    except httpx.RequestNotRead:
+        body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
+    lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    chunked = False
+    for name, value in request.headers.raw:
+        if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+            chunked = True
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    if chunked:
+        return [head, b"%x\r\n" % len(body), body, b"\r\n0\r\n\r\n"] if body else [head, b"0\r\n\r\n"]
+    return [head, body] if body else [head]
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """A `time.monotonic()` deadline on the running loop's clock (asyncio.timeout_at's)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+_ssl_context: ssl.SSLContext | None = None
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    """Verified TLS against certifi's CA bundle, as httpx does by default; built once."""
+    global _ssl_context
+    if _ssl_context is None:
+        _ssl_context = ssl.create_default_context(cafile=certifi.where())
+    return _ssl_context
+
+
+__all__ = ["DEFAULT_LIMITS", "PooledTransport"]

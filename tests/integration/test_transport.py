@@ -1,0 +1,377 @@
+"""PooledTransport over real loopback sockets: a real uvicorn server for the normal path, scripted
+asyncio servers for the misbehaviour a real server will not produce on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from service.gateway.transport import PooledTransport
+from tests.support.servers import ThreadedServer, serve
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+TIMEOUTS = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Echoes the body and names the client's port, so tests can count connections."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    delay = float(dict(scope["headers"]).get(b"x-delay", b"0"))
+    if delay:
+        await asyncio.sleep(delay)
+    payload = orjson.dumps({"method": scope["method"], "path": scope["path"],
+                            "query": scope["query_string"].decode(), "port": scope["client"][1],
+                            "body": body.decode()})
+    await send({"type": "http.response.start", "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"x-echo", b"yes"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload if scope["method"] != "HEAD" else b""})
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[ThreadedServer]:
+    with serve(echo_app, lifespan="off") as server:
+        yield server
+
+
+def request(url: str, body: bytes = b"{}", method: str = "POST",
+            **timeouts: float | None) -> httpx.Request:
+    headers = {"content-type": "application/json"}
+    return httpx.Request(method, url, headers=headers, content=body,
+                         extensions={"timeout": {**TIMEOUTS, **timeouts}})
+
+
+async def send(transport: PooledTransport, req: httpx.Request) -> httpx.Response:
+    response = await transport.handle_async_request(req)
+    await response.aread()
+    return response
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[str]:
+    """A raw TCP server on a free port that plays `script` on every connection."""
+    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_round_trip_status_headers_body_and_url(echo: ThreadedServer) -> None:
+    transport = PooledTransport()
+    try:
+        response = await send(transport, request(f"{echo.url}/v1/classifications?x=1", b'{"a":1}'))
+    finally:
+        await transport.aclose()
+    assert response.status_code == 201
+    assert response.reason_phrase == "Created"
+    assert response.headers["x-echo"] == "yes"
+    assert response.http_version == "HTTP/1.1"
+    echoed = response.json()
+    assert echoed["method"] == "POST"
+    assert echoed["path"] == "/v1/classifications"
+    assert echoed["query"] == "x=1"
+    assert echoed["body"] == '{"a":1}'
+
+
+async def test_sequential_requests_reuse_one_connection(echo: ThreadedServer) -> None:
+    transport = PooledTransport()
+    try:
+        ports = {(await send(transport, request(echo.url))).json()["port"] for _ in range(20)}
+    finally:
+        await transport.aclose()
+    assert len(ports) == 1
+
+
+async def test_concurrency_is_capped_by_max_connections(echo: ThreadedServer) -> None:
+    transport = PooledTransport(limits=httpx.Limits(max_connections=2))
+    slow = [request(echo.url) for _ in range(6)]
+    for req in slow:
+        req.headers["x-delay"] = "0.1"
+    try:
+        responses = await asyncio.gather(*(send(transport, req) for req in slow))
+    finally:
+        await transport.aclose()
+    assert all(r.status_code == 201 for r in responses)
+    assert len({r.json()["port"] for r in responses}) == 2
+
+
+async def test_pool_timeout_when_every_connection_is_busy(echo: ThreadedServer) -> None:
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    slow = request(echo.url)
+    slow.headers["x-delay"] = "0.5"
+    try:
+        first = asyncio.ensure_future(send(transport, slow))
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            await send(transport, request(echo.url, pool=0.05))
+        assert (await first).status_code == 201
+        # The slot came back: the next request goes through.
+        assert (await send(transport, request(echo.url))).status_code == 201
+    finally:
+        await transport.aclose()
+
+
+async def test_idle_connections_expire(echo: ThreadedServer) -> None:
+    transport = PooledTransport(limits=httpx.Limits(keepalive_expiry=0.05))
+    try:
+        first = (await send(transport, request(echo.url))).json()["port"]
+        await asyncio.sleep(0.15)
+        second = (await send(transport, request(echo.url))).json()["port"]
+    finally:
+        await transport.aclose()
+    assert first != second
+
+
+async def test_streamed_body_is_sent_chunked(echo: ThreadedServer) -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b'{"a":'
+        yield b"1}"
+
+    req = httpx.Request("POST", echo.url, content=parts(), extensions={"timeout": TIMEOUTS})
+    transport = PooledTransport()
+    try:
+        response = await send(transport, req)
+    finally:
+        await transport.aclose()
+    assert response.json()["body"] == '{"a":1}'
+
+
+async def test_head_request_completes_without_a_body(echo: ThreadedServer) -> None:
+    transport = PooledTransport()
+    try:
+        response = await send(transport, request(echo.url, b"", method="HEAD"))
+        after = await send(transport, request(echo.url))
+    finally:
+        await transport.aclose()
+    assert response.status_code == 201
+    assert response.content == b""
+    assert after.status_code == 201
+
+
+async def test_chunked_and_close_delimited_bodies() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        await writer.drain()
+        await read_request(reader)  # kept alive: the same connection serves a second request
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(chunked) as url:
+            assert (await send(transport, request(url))).content == b"abcdefg"
+            assert (await send(transport, request(url))).content == b"{}"
+        async with scripted(until_close) as url:
+            assert (await send(transport, request(url))).content == b"all of it"
+    finally:
+        await transport.aclose()
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("nothing may connect")
+
+    async with scripted(never) as url:
+        pass  # closed: nothing listens on that port any more
+    transport = PooledTransport()
+    try:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await send(transport, request(url))
+    finally:
+        await transport.aclose()
+    assert caught.value.request.url == httpx.URL(url)
+
+
+async def test_read_timeout_and_the_connection_is_not_reused() -> None:
+    connections = 0
+
+    async def silent_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        if connections == 1:
+            await asyncio.sleep(1)  # never answers in time
+            return
+        writer.write(OK)
+        await writer.drain()
+
+    # One slot: had the timed-out connection kept it, the second request would time out in the pool.
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    try:
+        async with scripted(silent_then_ok) as url:
+            with pytest.raises(httpx.ReadTimeout):
+                await send(transport, request(url, read=0.1))
+            assert (await send(transport, request(url))).status_code == 200
+    finally:
+        await transport.aclose()
+    assert connections == 2
+
+
+async def test_a_reused_connection_closed_by_the_server_is_retried_once() -> None:
+    """The keep-alive race: the server closes an idle connection just as it is reused."""
+    connections = 0
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader,
+                                        writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(OK)  # says keep-alive...
+        await writer.drain()
+        await read_request(reader)  # ...but drops the next request unanswered
+        writer.transport.abort()
+
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    try:
+        async with scripted(one_answer_per_connection) as url:
+            assert (await send(transport, request(url))).status_code == 200
+            assert (await send(transport, request(url))).status_code == 200
+    finally:
+        await transport.aclose()
+    assert connections == 2
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_a_read_error() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.transport.abort()
+
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    try:
+        async with scripted(hang_up) as url:
+            for _ in range(3):  # each failure gives its connection's slot back
+                with pytest.raises(httpx.ReadError):
+                    await send(transport, request(url, pool=0.5))
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",  # then the server hangs up
+    b"NOT HTTP AT ALL\r\n\r\n",
+])
+async def test_broken_answers_are_protocol_errors(answer: bytes) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(broken) as url:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await send(transport, request(url))
+    finally:
+        await transport.aclose()
+
+
+async def test_oversized_body_is_refused() -> None:
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+
+    transport = PooledTransport(max_response_bytes=1000)
+    try:
+        async with scripted(big) as url:
+            with pytest.raises(httpx.RemoteProtocolError, match="exceeds 1000 bytes"):
+                await send(transport, request(url))
+    finally:
+        await transport.aclose()
+
+
+async def test_interim_100_continue_is_skipped() -> None:
+    async def interim(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+        await writer.drain()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(interim) as url:
+            response = await send(transport, request(url))
+    finally:
+        await transport.aclose()
+    assert response.status_code == 200
+    assert response.content == b"{}"
+
+
+async def test_closed_transport_refuses_requests(echo: ThreadedServer) -> None:
+    transport = PooledTransport()
+    await send(transport, request(echo.url))
+    await transport.aclose()
+    with pytest.raises(httpx.ConnectError, match="closed"):
+        await send(transport, request(echo.url))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is required: apt-get install openssl"
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
+async def test_https_verifies_the_server(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    with serve(echo_app, lifespan="off", ssl_certfile=str(cert), ssl_keyfile=str(key)) as server:
+        url = f"https://localhost:{server.port}/v1/classifications"
+        trusting = PooledTransport(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        default = PooledTransport()  # certifi's bundle does not know this certificate
+        try:
+            response = await send(trusting, request(url, b'{"tls":true}'))
+            assert response.json()["body"] == '{"tls":true}'
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await send(default, request(url))
+        finally:
+            await trusting.aclose()
+            await default.aclose()

@@ -223,7 +223,8 @@ class MicroBatcher:
     async def _send(self, lane: _Lane, batch: list[PendingItem]) -> None:
         key = lane.key
         failed = False
-        self._metrics.batch_size.labels(key.upstream, key.endpoint).observe(len(batch))
+        metrics = self._metrics
+        metrics.child(metrics.batch_size, key.upstream, key.endpoint).observe(len(batch))
         try:
             results = await lane.sender.classify(
                 key.endpoint, key.model, [item.payload for item in batch],

@@ -121,10 +121,11 @@ class Classifier:
 
     async def _lookup(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
         assert self._cache is not None
-        lookups = self._metrics.cache_lookups
+        metrics = self._metrics
+        lookups = metrics.cache_lookups
         values = await self._cache.get_many(keys)
         if values is None:
-            lookups.labels(task.name, "error").inc(len(keys))
+            metrics.child(lookups, task.name, "error").inc(len(keys))
             return {}
         found: dict[str, Result] = {}
         for key, raw in zip(keys, values, strict=True):
@@ -134,8 +135,8 @@ class Classifier:
                 found[key] = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 continue  # a corrupt entry is a miss; the fresh result overwrites it
-        lookups.labels(task.name, "hit").inc(len(found))
-        lookups.labels(task.name, "miss").inc(len(keys) - len(found))
+        metrics.child(lookups, task.name, "hit").inc(len(found))
+        metrics.child(lookups, task.name, "miss").inc(len(keys) - len(found))
         return found
 
     async def _fetch(self, task: TaskSpec, upstream: UpstreamSpec,
@@ -156,25 +157,28 @@ class Classifier:
                 self._batcher.release(pending)
 
         # On the first failed batch, the rest of this request's items are released from inside
-        # the future's callback, before the batcher sends its next batch.
-        all_done = _all_done([item.future for item in pending], on_failure=release)
-        watch = {all_done}
+        # the future's callback, before the batcher sends its next batch. `finished` is our own
+        # future (the items' futures are shared and never awaited directly): True once every item
+        # is done or one failed, False when the deadline or a disconnect comes first.
+        finished = _all_done([item.future for item in pending], on_failure=release)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _settle, finished)
         watcher = None
         # Only items that wait in a queue can be dropped, so only then is a disconnect worth a
         # watcher task; items that leave in this event-loop turn are sent whatever happens.
         if disconnected is not None and not all(item.leaves_now for item in pending):
             watcher = asyncio.ensure_future(disconnected())
-            watch.add(watcher)
+            watcher.add_done_callback(lambda _: _settle(finished))
         try:
-            await asyncio.wait(watch, timeout=deadline - time.monotonic(),
-                               return_when=asyncio.FIRST_COMPLETED)
+            complete = await finished
         except asyncio.CancelledError:
             release()
             raise
         finally:
+            timer.cancel()
             if watcher is not None:
                 watcher.cancel()
-        if not all_done.done():
+        if not complete:
             release()
             if watcher is not None and watcher.done() and not watcher.cancelled():
                 raise ClientGone("The client disconnected before the upstream answered.")
@@ -200,10 +204,10 @@ class Classifier:
 
 
 def _all_done(futures: list[asyncio.Future[Result]],
-              on_failure: Callable[[], None]) -> asyncio.Future[None]:
-    """One future that completes when all of `futures` have, or as soon as one fails, without
+              on_failure: Callable[[], None]) -> asyncio.Future[bool]:
+    """A future set to True when all of `futures` have completed, or as soon as one fails, without
     owning (or cancelling) them: they are shared with other callers through single flight."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     left = len(futures)
 
     def one_done(future: asyncio.Future[Result]) -> None:
@@ -213,11 +217,17 @@ def _all_done(futures: list[asyncio.Future[Result]],
         if failed:
             on_failure()
         if (left == 0 or failed) and not done.done():
-            done.set_result(None)
+            done.set_result(True)
 
     for future in futures:
         future.add_done_callback(one_done)
     return done
+
+
+def _settle(finished: asyncio.Future[bool]) -> None:
+    """The deadline passed or the caller left before the items were done."""
+    if not finished.done():
+        finished.set_result(False)
 
 
 def decorate(task: TaskSpec, result: Result) -> dict[str, Any]:

@@ -6,7 +6,12 @@ unknown task is `unknown`), so a caller cannot blow up cardinality by inventing 
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -18,6 +23,7 @@ UNKNOWN = "unknown"
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "gateway_requests", "Requests answered, by route, task and HTTP status.",
             ["route", "task", "status"], registry=registry,
@@ -69,3 +75,13 @@ class GatewayMetrics:
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,
         )
+
+    def child(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)`, remembered: prometheus_client checks and locks on every
+        `labels()` call, several times per request on the hot path. Label values come from the
+        registry and from status codes, so the memo stays small."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

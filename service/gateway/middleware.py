@@ -110,8 +110,9 @@ class GatewayMiddleware:
         finally:
             task = state.get(TASK_LABEL, UNKNOWN)
             metrics.inflight_requests.dec()
-            metrics.requests.labels(path, task, str(status)).inc()
-            metrics.request_duration.labels(path, task).observe(time.perf_counter() - started)
+            metrics.child(metrics.requests, path, task, str(status)).inc()
+            metrics.child(metrics.request_duration, path, task).observe(
+                time.perf_counter() - started)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (Content-Length first, then the bytes)."""

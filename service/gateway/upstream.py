@@ -331,7 +331,7 @@ class UpstreamClient:
                 finally:
                     await response.aclose()
         except Exception as exc:  # a boundary: whatever the transport raises is a failed exchange
-            self.metrics.upstream_duration.labels(self.spec.name, endpoint).observe(
+            self.metrics.child(self.metrics.upstream_duration, self.spec.name, endpoint).observe(
                 time.perf_counter() - started)
             if deadline_guard.expired():
                 self._count(endpoint, "timeout")
@@ -345,7 +345,7 @@ class UpstreamClient:
             self._count(endpoint, "connect_error")
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None
-        self.metrics.upstream_duration.labels(self.spec.name, endpoint).observe(
+        self.metrics.child(self.metrics.upstream_duration, self.spec.name, endpoint).observe(
             time.perf_counter() - started)
         status = response.status_code
         self._count(endpoint, str(status))
@@ -383,7 +383,7 @@ class UpstreamClient:
             f"{budget:.2f} s deadline{tries}; raise the task's timeout_s or check the upstream")
 
     def _count(self, endpoint: str, status: str) -> None:
-        self.metrics.upstream_requests.labels(self.spec.name, endpoint, status).inc()
+        self.metrics.child(self.metrics.upstream_requests, self.spec.name, endpoint, status).inc()
 
     def _on_circuit_change(self, state: CircuitState) -> None:
         self._circuit_gauge.set(0 if state == "closed" else 1)

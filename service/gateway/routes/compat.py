@@ -7,8 +7,6 @@ response is Mistral's shape exactly; gateway extras go into headers only.
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter
 from starlette.requests import Request
 
@@ -16,7 +14,7 @@ from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import openapi_body, parse_body
-from service.gateway.routes.classify import CACHE_CONTROL_DOC, run
+from service.gateway.routes.classify import CACHE_CONTROL_DOC, response_id, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import runtime_of
@@ -26,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["mistral-compatible"])
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
-    body = {"id": uuid.uuid4().hex, "model": task.model, "results": outcome.results}
+    body = {"id": response_id(), "model": task.model, "results": outcome.results}
     return JSONResponse(body, headers={"X-Cache": outcome.cache_status, "X-Task": task.name})
 
 

@@ -1,0 +1,450 @@
+"""RedisLink: one pipelined connection to a standalone Redis, for the gateway's hot path.
+
+Why not redis-py here: a cache lookup at concurrency 1 spent most of its time in redis-py's machinery
+(connection pool, Retry, execute_command, Pipeline), not on the wire. An asyncio.Protocol feeding a
+`hiredis.Reader` does the same round trip for about half the CPU.
+
+Why one connection: Redis answers the commands of a connection in the order it received them, so
+any number of tasks can share one socket. A call appends a waiter to a FIFO and writes its commands
+at once; each complete reply goes to the oldest waiter. No pool, no lock, no per-call task, and under
+load the writes of concurrent calls share TCP segments by themselves.
+
+Why a late reply closes the connection: every reply queued behind it is late too, and a reply that
+comes after its caller gave up would be read by the next caller unless the link kept its place in
+the FIFO. Closing is the simplest state that is certainly right; the next call reconnects.
+
+Standalone Redis only (redis://, rediss://, unix://). Sentinel and Cluster stay on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+__all__ = ["Arg", "Command", "RedisLink", "RedisLinkError"]
+
+Arg = str | bytes | int | float
+Command = tuple[Arg, ...]
+
+SUPPORTED_URLS = ("redis://[[user]:password@]host[:port][/db], rediss://... (TLS), "
+                  "unix:///path/to/redis.sock[?db=N][&password=...]")
+_DEFAULT_PORT = 6379
+_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_PARAMS = ("db", "username", "password", *_TLS_PARAMS)
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_FALSE_STRINGS = ("0", "F", "FALSE", "N", "NO")  # as redis-py's to_bool
+# A timer may fire this much before its time (uvloop works in milliseconds); treat it as due rather
+# than re-arm it for a sliver.
+_TIMER_SLACK_S = 0.001
+
+
+class RedisLinkError(ConnectionError):
+    """Redis refused the link's settings (password, db, certificate), or the link is closed:
+    trying again as is will not help, the configuration must change."""
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    scheme: str
+    host: str
+    port: int
+    unix_path: str | None
+    db: int
+    username: str | None
+    password: str | None
+    ssl_cert_reqs: ssl.VerifyMode
+    ssl_check_hostname: bool
+    ssl_ca_certs: str | None
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
+
+    @property
+    def description(self) -> str:
+        if self.unix_path is not None:
+            return f"unix://{self.unix_path}" + (f"?db={self.db}" if self.db else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}/{self.db}"
+
+
+class _Waiter:
+    """One `execute` call: its future, how many replies it waits for, and by when."""
+
+    __slots__ = ("deadline", "expected", "future", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], expected: int, deadline: float) -> None:
+        self.future = future
+        self.expected = expected
+        self.deadline = deadline
+        self.replies: list[Any] = []
+
+
+class _Connection(asyncio.Protocol):
+    """One socket and its FIFO of waiters. Once broken it stays broken; the link opens a new one.
+
+    Keeping the FIFO per socket (not per link) means a late `connection_lost` from an old socket
+    can never fail the callers of its successor.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, description: str) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.description = description
+        self.reader = hiredis.Reader()
+        self.waiters: deque[_Waiter] = deque()
+        # Set once the handshake has passed; until then calls park their bytes in `unsent`, so
+        # that no command can run before AUTH and SELECT (on the wrong db, say).
+        self.transport: asyncio.Transport | None = None
+        self.unsent: list[bytes] = []
+        self.raw_transport: asyncio.Transport | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.broken = False
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def send(self, data: bytes, expected: int) -> asyncio.Future[list[Any]]:
+        loop = self.loop
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        deadline = loop.time() + self.timeout_s
+        self.waiters.append(_Waiter(future, expected, deadline))
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+        else:
+            self.unsent.append(data)
+        if self.timer is None:
+            # One timer for the whole FIFO: deadlines grow with the queue, so only the oldest
+            # waiter's can be the first to pass (see _check_deadline).
+            self.timer = loop.call_at(deadline, self._check_deadline)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiters = self.waiters
+        try:
+            reply = reader.gets()
+            while reply is not False:
+                waiter = waiters[0]
+                if waiter.expected == 1:
+                    waiters.popleft()
+                    if not waiter.future.done():  # done = its caller was cancelled: drop it
+                        waiter.future.set_result([reply])
+                else:
+                    replies = waiter.replies
+                    replies.append(reply)
+                    if len(replies) == waiter.expected:
+                        waiters.popleft()
+                        if not waiter.future.done():
+                            waiter.future.set_result(replies)
+                reply = reader.gets()
+        except (hiredis.ProtocolError, IndexError) as exc:  # IndexError: a reply nobody asked for
+            self.fail(ConnectionError,
+                      f"Redis at {self.description} sent a reply the link cannot match to a "
+                      f"command ({type(exc).__name__}: {exc}); connection closed", exc)
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        if self.broken or not self.waiters:
+            return
+        deadline = self.waiters[0].deadline
+        if deadline - self.loop.time() <= _TIMER_SLACK_S:
+            self.fail(TimeoutError, f"Redis at {self.description} did not answer within "
+                      f"{self.timeout_s}s; connection closed")
+        else:  # the waiter this timer was set for has its reply; watch the next one
+            self.timer = self.loop.call_at(deadline, self._check_deadline)
+
+    # -- connection life -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw_transport = cast(asyncio.Transport, transport)
+        if self.broken:  # timed out while the connect was finishing
+            self.raw_transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        self.fail(ConnectionError, f"lost the connection to Redis at {self.description}{reason}",
+                  exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def handshake(self, data: bytes, expected: int) -> asyncio.Future[list[Any]]:
+        """AUTH/SELECT go first in the FIFO, ahead of the calls parked during the connect."""
+        if self.broken or self.raw_transport is None:
+            raise ConnectionError(f"lost the connection to Redis at {self.description}")
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        deadline = self.waiters[0].deadline if self.waiters else self.loop.time() + self.timeout_s
+        self.waiters.appendleft(_Waiter(future, expected, deadline))
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._check_deadline)
+        self.raw_transport.write(data)
+        return future
+
+    def go_live(self) -> None:
+        self.connecting = None
+        if self.broken or self.raw_transport is None:
+            return
+        if self.unsent:
+            self.raw_transport.write(b"".join(self.unsent))
+            self.unsent.clear()
+        self.transport = self.raw_transport
+
+    def fail(self, kind: type[Exception], message: str, cause: BaseException | None = None,
+             ) -> None:
+        """Close the socket and fail every waiter, each with an exception of its own (one instance
+        raised in many tasks would collect all their tracebacks)."""
+        if self.broken:
+            return
+        self.broken = True
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.raw_transport is not None:
+            self.raw_transport.abort()  # whatever is still buffered is for callers failed below
+        task = self.connecting
+        if task is not None and not task.done() and task is not asyncio.current_task(self.loop):
+            task.cancel()
+        waiters, self.waiters = self.waiters, deque()
+        self.unsent.clear()
+        for waiter in waiters:
+            if not waiter.future.done():
+                error = kind(message)
+                error.__cause__ = cause
+                waiter.future.set_exception(error)
+
+
+class RedisLink:
+    """A lean client for the gateway's hot path: `execute` pipelines commands on one shared
+    connection and returns raw hiredis replies. Build it with `from_url`; close with `aclose`.
+
+    Use it from one event loop. Every call is bounded by `timeout_s`, connect included.
+    """
+
+    def __init__(self, endpoint: _Endpoint, *, timeout_s: float,
+                 setting: str = "GATEWAY_REDIS_URL") -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self._endpoint = endpoint
+        self._timeout_s = timeout_s
+        self._setting = setting
+        self._conn: _Connection | None = None
+        self._closed = False
+        self._ssl_context: ssl.SSLContext | None = None
+        self._handshake: list[Command] = []
+        if endpoint.password is not None:
+            self._handshake.append(("AUTH", endpoint.username, endpoint.password)
+                                   if endpoint.username else ("AUTH", endpoint.password))
+        if endpoint.db:
+            self._handshake.append(("SELECT", endpoint.db))
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float,
+                 setting: str = "GATEWAY_REDIS_URL") -> RedisLink:
+        """A link to the Redis at `url`; does not connect (the first `execute` does).
+
+        `setting` names where the URL came from, for error messages that say what to fix. URL
+        syntax and percent-decoding follow redis-py's `Redis.from_url`, except that a db that is
+        not a number is an error here rather than silently db 0.
+        """
+        return cls(_parse_url(url, setting), timeout_s=timeout_s, setting=setting)
+
+    @property
+    def description(self) -> str:
+        """Where Redis is, for logs: scheme and host:port/db or the socket path, never a secret."""
+        return self._endpoint.description
+
+    async def execute(self, *commands: Command) -> list[Any]:
+        """Send `commands` in one write and return their replies in order.
+
+        Replies are as hiredis parses them (bytes, int, list, None). An error reply comes back in
+        its place as a `hiredis.ReplyError` instance rather than being raised, so that one failed
+        command does not hide the replies of the others. Raises TimeoutError when Redis does not
+        answer within `timeout_s`, ConnectionError when it cannot be reached or the connection
+        drops, RedisLinkError (a ConnectionError) when it rejects the URL's settings or the link
+        is closed.
+        """
+        if not commands:
+            return []
+        conn = self._conn
+        if conn is None or conn.broken:
+            conn = self._open()
+        if len(commands) == 1:
+            data = _pack(commands[0])
+        else:
+            data = b"".join([_pack(command) for command in commands])
+        return await conn.send(data, len(commands))
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with RedisLinkError. Idempotent."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        task = conn.connecting
+        conn.fail(RedisLinkError, f"the Redis link to {self.description} was closed")
+        if task is not None:
+            await asyncio.wait({task})
+        if conn.raw_transport is not None:
+            await asyncio.wait({conn.lost}, timeout=self._timeout_s)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _open(self) -> _Connection:
+        if self._closed:
+            raise RedisLinkError(f"the Redis link to {self.description} is closed")
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop, self._timeout_s, self.description)
+        conn.connecting = loop.create_task(self._connect(conn))
+        self._conn = conn
+        return conn
+
+    async def _connect(self, conn: _Connection) -> None:
+        """Runs once per connection; never raises: its outcome reaches callers via their waiters.
+
+        The calls that started it are bounded by their own deadlines (conn's timer), which cancel
+        this task when they pass, so it needs no timeout of its own."""
+        endpoint = self._endpoint
+        try:
+            loop = conn.loop
+            if endpoint.unix_path is not None:
+                await loop.create_unix_connection(lambda: conn, endpoint.unix_path)
+            else:
+                context = self._tls_context() if endpoint.scheme == "rediss" else None
+                await loop.create_connection(
+                    lambda: conn, endpoint.host, endpoint.port, ssl=context,
+                    server_hostname=endpoint.host if context is not None else None)
+            if self._handshake:
+                replies = await conn.handshake(
+                    b"".join([_pack(command) for command in self._handshake]),
+                    len(self._handshake))
+                problem = self._rejection(replies)
+                if problem is not None:
+                    conn.fail(RedisLinkError, problem)
+                    return
+        except asyncio.CancelledError:
+            raise  # conn.fail cancelled us and has already told the callers why
+        except RedisLinkError as exc:
+            conn.fail(RedisLinkError, str(exc), exc.__cause__)
+            return
+        except ssl.SSLCertVerificationError as exc:
+            conn.fail(RedisLinkError,
+                      f"the TLS certificate of Redis at {self.description} failed verification "
+                      f"({exc.verify_message}); in {self._setting} set ssl_ca_certs to the CA "
+                      "that signed it (or ssl_cert_reqs=none to skip verification)", exc)
+            return
+        except Exception as exc:
+            conn.fail(ConnectionError, f"cannot connect to Redis at {self.description} "
+                                       f"({type(exc).__name__}: {exc})", exc)
+            return
+        conn.go_live()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Built on the first connect, then reused: loading CA files costs milliseconds."""
+        if self._ssl_context is None:
+            endpoint = self._endpoint
+            try:
+                context = ssl.create_default_context(cafile=endpoint.ssl_ca_certs)
+                context.check_hostname = (endpoint.ssl_check_hostname
+                                          and endpoint.ssl_cert_reqs != ssl.CERT_NONE)
+                context.verify_mode = endpoint.ssl_cert_reqs
+                if endpoint.ssl_certfile is not None:
+                    context.load_cert_chain(endpoint.ssl_certfile, endpoint.ssl_keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise RedisLinkError(f"cannot load the TLS files named in {self._setting} "
+                                     f"(ssl_ca_certs, ssl_certfile, ssl_keyfile): {exc}") from exc
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _rejection(self, replies: list[Any]) -> str | None:
+        """What to fix, when Redis refused the handshake; never echoes the password."""
+        endpoint, setting = self._endpoint, self._setting
+        for command, reply in zip(self._handshake, replies, strict=True):
+            if not isinstance(reply, hiredis.ReplyError):
+                continue
+            text = str(reply)
+            if endpoint.password:
+                text = text.replace(endpoint.password, "***")
+            if command[0] == "AUTH":
+                if "without any password configured" in text:
+                    return (f"Redis at {self.description} has no password set, but {setting} "
+                            f"carries one: remove it from the URL ({text})")
+                who = f"user name {endpoint.username!r} or the password" if endpoint.username \
+                    else "the password"
+                return f"Redis at {self.description} rejected {who} in {setting} ({text})"
+            if "out of range" in text:
+                return (f"Redis at {self.description} has no db {endpoint.db} (see its "
+                        f"`databases` setting, 16 by default): fix the db in {setting} ({text})")
+            return f"Redis at {self.description} refused SELECT {endpoint.db} from {setting} ({text})"
+        return None
+
+
+def _pack(command: Command) -> bytes:
+    # cast: hiredis's stub types the argument as a 1-tuple and leaves the result untyped.
+    return cast(bytes, hiredis.pack_command(cast(Any, command)))
+
+
+def _parse_url(url: str, setting: str) -> _Endpoint:
+    """Errors name the part that is wrong, never the URL itself (it may carry a password)."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {setting}; the fast "
+                         f"link speaks to a standalone Redis: {SUPPORTED_URLS}")
+    params = {name: values[0] for name, values in parse_qs(parts.query).items()}
+    unknown = sorted(set(params) - set(_PARAMS))
+    if unknown:
+        raise ValueError(f"unsupported parameter(s) {', '.join(unknown)} in {setting}; "
+                         f"supported: {', '.join(_PARAMS)}")
+    tls_given = sorted(set(params) & set(_TLS_PARAMS))
+    if tls_given and scheme != "rediss":
+        raise ValueError(f"{', '.join(tls_given)} in {setting} only apply to rediss:// URLs")
+    username = unquote(parts.username) if parts.username else params.get("username")
+    password = unquote(parts.password) if parts.password else params.get("password")
+    if username and password is None:
+        raise ValueError(f"{setting} names the Redis user {username!r} but no password; write "
+                         f"{scheme}://user:password@host:port")
+    db_text = params.get("db")
+    if scheme == "unix":
+        path = unquote(parts.path)
+        if not path:
+            raise ValueError(f"the unix:// URL in {setting} has no socket path; write "
+                             "unix:///path/to/redis.sock")
+        host, port, unix_path = "", 0, path
+    else:
+        try:
+            port = parts.port or _DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"the port in {setting} must be a number from 1 to 65535") from None
+        host = unquote(parts.hostname) if parts.hostname else "localhost"
+        unix_path = None
+        if db_text is None:
+            db_text = unquote(parts.path).strip("/") or None
+    try:
+        db = int(db_text) if db_text is not None else 0
+        if db < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"the db in {setting} must be a number (0, 1, ...), got "
+                         f"{db_text!r}") from None
+    cert_reqs_text = params.get("ssl_cert_reqs", "required")
+    cert_reqs = _CERT_REQS.get(cert_reqs_text.lower())
+    if cert_reqs is None:
+        raise ValueError(f"ssl_cert_reqs in {setting} must be none, optional or required, got "
+                         f"{cert_reqs_text!r}")
+    if "ssl_keyfile" in params and "ssl_certfile" not in params:
+        raise ValueError(f"ssl_keyfile in {setting} needs ssl_certfile (the client certificate)")
+    return _Endpoint(
+        scheme=scheme, host=host, port=port, unix_path=unix_path, db=db, username=username,
+        password=password, ssl_cert_reqs=cert_reqs,
+        ssl_check_hostname=params.get("ssl_check_hostname", "").upper() not in _FALSE_STRINGS,
+        ssl_ca_certs=params.get("ssl_ca_certs"), ssl_certfile=params.get("ssl_certfile"),
+        ssl_keyfile=params.get("ssl_keyfile"),
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -57,7 +57,7 @@ class _Endpoint:
     unix_path: str | None
     db: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # a logged endpoint must not leak it
     ssl_cert_reqs: ssl.VerifyMode
     ssl_check_hostname: bool
     ssl_ca_certs: str | None
@@ -256,6 +256,9 @@ class RedisLink:
         """
         return cls(_parse_url(url, setting), timeout_s=timeout_s, setting=setting)
 
+    def __repr__(self) -> str:
+        return f"RedisLink({self.description!r})"
+
     @property
     def description(self) -> str:
         """Where Redis is, for logs: scheme and host:port/db or the socket path, never a secret."""
@@ -270,6 +273,10 @@ class RedisLink:
         answer within `timeout_s`, ConnectionError when it cannot be reached or the connection
         drops, RedisLinkError (a ConnectionError) when it rejects the URL's settings or the link
         is closed.
+
+        Every command must get exactly one reply (no SUBSCRIBE, MONITOR or CLIENT REPLY OFF: the
+        FIFO would fall out of step), and a blocking command (BLPOP ...) holds up every call queued
+        behind it on the shared connection, so keep its own timeout well under `timeout_s`.
         """
         if not commands:
             return []

@@ -414,6 +414,8 @@ def test_description_names_the_place_never_the_password(url: str, description: s
     link = RedisLink.from_url(url, timeout_s=TIMEOUT_S)
     assert link.description == description
     assert "hunter2" not in link.description
+    assert repr(link) == f"RedisLink({description!r})"
+    assert "hunter2" not in repr(vars(link)["_endpoint"])  # a logged endpoint does not leak it
 
 
 @pytest.mark.parametrize(("url", "message"), [

@@ -442,3 +442,42 @@ async def test_held_writes_ride_along_with_the_next_lookup(cache: ResultCache,
     assert await cache.get_many([looked_up, written]) == [None, b"w"]
     assert cache.pending_writes == 0  # sent with the lookup, not by the timer
     assert admin.get(written) == b"w" and 0 < admin.ttl(written) <= 60
+
+
+async def test_refused_writes_are_counted_but_reads_stay_in_use(own_redis: RedisServer) -> None:
+    """A full Redis under `noeviction` refuses SETs with an OOM error reply: Redis is up, so the
+    cache counts the refusal and keeps serving reads instead of backing off."""
+    cache, metrics = make_cache(own_redis.url)
+    admin = redis.Redis(port=own_redis.port)
+    try:
+        cached = cache.key("u", "e", "m", "cached")
+        admin.set(cached, b"old")
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # below what the server already uses: every SET is refused
+        cache.schedule_set_many([(cache.key("u", "e", "m", "a"), b"v", 60)])
+        assert await cache.drain() == 0  # a write pipeline of its own
+        cache.schedule_set_many([(cache.key("u", "e", "m", "b"), b"v", 60)])
+        # ...and a write riding along with a lookup
+        assert await cache.get_many([cached]) == [b"old"]
+        assert errors(metrics, "set") == 2
+        assert errors(metrics, "get") == 0
+        assert state(cache) == "ok"
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        await cache.aclose()
+
+
+async def test_missing_password_fails_open(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """No AUTH is sent without a password, so Redis answers NOAUTH to the lookup itself."""
+    server = start_redis(tmp_path / "redis", "--requirepass", "s3cret")
+    cache, metrics = make_cache(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        assert await cache.get_many(["k"]) is None
+        assert errors(metrics, "get") == 1
+        assert state(cache) == "degraded"
+        assert "NOAUTH" in caplog.text
+    finally:
+        await cache.aclose()
+        server.stop()

@@ -77,10 +77,12 @@ def test_key_rejects_what_is_not_json_data() -> None:
 
 
 @pytest.mark.parametrize(("url", "kind", "description"), [
-    ("redis://127.0.0.1:7000/0", "standalone", "redis://127.0.0.1:7000"),
-    ("redis://:s3cret@cache.internal:7000/2", "standalone", "redis://cache.internal:7000"),
-    ("rediss://user:s3cret@cache.internal/0", "standalone", "rediss://cache.internal"),
-    ("unix:///run/redis/redis.sock?db=1", "standalone", "unix:///run/redis/redis.sock"),
+    ("redis://127.0.0.1:7000/0", "standalone", "redis://127.0.0.1:7000/0"),
+    ("redis://:s3cret@cache.internal:7000/2", "standalone", "redis://cache.internal:7000/2"),
+    ("rediss://user:s3cret@cache.internal/0", "standalone", "rediss://cache.internal:6379/0"),
+    ("unix:///run/redis/redis.sock?db=1", "standalone", "unix:///run/redis/redis.sock?db=1"),
+    # Earlier releases sized redis-py's pool with it; one pipelined connection ignores it.
+    ("redis://127.0.0.1:7000/0?max_connections=50", "standalone", "redis://127.0.0.1:7000/0"),
     ("redis+sentinel://s1:26380,s2/mymaster/3", "sentinel",
      "redis+sentinel://s1:26380,s2:26379/mymaster/3"),
     ("rediss+sentinel://:s3cret@s1/mymaster?sentinel_password=other", "sentinel",
@@ -102,6 +104,8 @@ def test_supported_urls_build_without_connecting(url: str, kind: str, descriptio
 
 @pytest.mark.parametrize(("url", "message"), [
     ("http://127.0.0.1:7000", "unsupported Redis URL scheme 'http'"),
+    ("redis://127.0.0.1:7000/0?socket_timeout=1", "unsupported parameter(s) socket_timeout"),
+    ("redis://127.0.0.1:7000/zero", "the db in GATEWAY_REDIS_URL must be a number"),
     ("redis+sentinel://s1:26379", "master's name"),
     ("redis+sentinel://s1:26379/mymaster/zero", "must be a number"),
     ("redis+sentinel://s1:26379/mymaster?timeout=1", "unknown parameter(s) timeout"),

@@ -26,4 +26,5 @@ bench: install-dev
 	$(PY) -m bench.cache_hits
 	$(PY) -m bench.batching
 	$(PY) -m bench.upstream_transport
+	$(PY) -m bench.redis_link
 	$(PY) -m bench.factory_bench

@@ -171,12 +171,17 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and not exchange.future.done():
             exchange.future.set_exception(exc)
-        self.close()
+        self.close(abort=True)
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """`abort` for a connection in an unknown state: no flushing of what is buffered (a peer
+        that stopped reading would hold the pool's slot for ever), the slot comes back at once."""
         self.reusable = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            elif not self.transport.is_closing():
+                self.transport.close()
 
     def usable(self, now: float, expiry: float | None) -> bool:
         return (not self.closed and self.reusable
@@ -230,7 +235,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     continue  # the server closed the idle connection as we reused it
                 raise httpx.ReadError(str(exc), request=request) from None
             except BaseException:
-                connection.close()
+                connection.close(abort=True)  # mid-exchange: its state is unknown
                 self._release(connection)
                 raise
             self._release(connection)

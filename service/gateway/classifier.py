@@ -29,6 +29,9 @@ from service.gateway.upstream import UpstreamPool
 
 CacheStatus = Literal["hit", "miss", "partial"]
 Disconnected = Callable[[], Awaitable[None]]
+# Time a request must have left for a resend after a borrowed timeout; also absorbs timers that fire
+# up to a millisecond early.
+_RESEND_MIN_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,24 @@ class Classifier:
     async def _fetch(self, task: TaskSpec, upstream: UpstreamSpec,
                      misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                      timeout_s: float, disconnected: Disconnected | None) -> dict[str, Result]:
+        """Results for `misses`. An item shared through single flight travels with the deadline
+        of the batch it went out in, which another caller may have set shorter than ours: when
+        such a batch times out while our own deadline is still ahead, the items it took down are
+        sent again, under our deadline."""
+        out: dict[str, Result] = {}
+        while True:
+            try:
+                out.update(await self._fetch_once(task, upstream, misses, ttl_s, deadline,
+                                                  timeout_s, disconnected))
+                return out
+            except _BorrowedTimeout as borrowed:
+                out.update(borrowed.done)
+                misses = [(key, item) for key, item in misses if key not in out]
+
+    async def _fetch_once(self, task: TaskSpec, upstream: UpstreamSpec,
+                          misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
+                          timeout_s: float, disconnected: Disconnected | None
+                          ) -> dict[str, Result]:
         sender = self._senders.get(upstream.name)
         if sender is None:
             sender = self._senders[upstream.name] = CurrentUpstream(
@@ -196,11 +217,23 @@ class Classifier:
                 failed = next((i.future for i in pending if i.future.done()
                                and not i.future.cancelled() and i.future.exception()), None)
                 error = failed.exception() if failed is not None else None
+                if isinstance(error, UpstreamTimeout) and deadline - time.monotonic() > _RESEND_MIN_S:
+                    raise _BorrowedTimeout({i.key: i.future.result() for i in pending
+                                            if i.future.done() and not i.future.cancelled()
+                                            and i.future.exception() is None})
                 if error is not None:
                     raise error
                 raise UpstreamTimeout("The request was abandoned before the upstream answered.")
             out[item.key] = future.result()
         return out
+
+
+class _BorrowedTimeout(Exception):
+    """A batch timed out on another caller's shorter deadline; ours has time left."""
+
+    def __init__(self, done: dict[str, Result]) -> None:
+        super().__init__("a shared batch timed out before this request's deadline")
+        self.done = done
 
 
 def _all_done(futures: list[asyncio.Future[Result]],

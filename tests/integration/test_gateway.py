@@ -191,6 +191,26 @@ async def test_single_flight_across_requests(tmp_path: Path) -> None:
     assert len({str(r.json()["results"][0]) for r in rs}) == 1
 
 
+async def test_single_flight_does_not_lend_a_shorter_deadline(tmp_path: Path) -> None:
+    """Two tasks on one model share in-flight items; the impatient one's timeout must not fail
+    the patient one, whose item is sent again under its own deadline."""
+    model = "ft:classifier:test:sentiment"
+    tasks = {"impatient": {"upstream": "fake", "model": model, "kind": "text", "timeout_s": 0.3},
+             "patient": {"upstream": "fake", "model": model, "kind": "text", "timeout_s": 5}}
+    with gateway_stack(tmp_path, tasks=tasks) as s:
+        s.upstream.delay_s = 0.6
+        async with httpx.AsyncClient(base_url=s.url, timeout=10) as client:
+            impatient = asyncio.create_task(
+                client.post("/classify", json={"task": "impatient", "input": "shared"}))
+            await asyncio.sleep(0.1)  # in flight by now: the patient request joins it
+            patient = await client.post("/classify", json={"task": "patient", "input": "shared"})
+            assert (await impatient).status_code == 504
+    assert patient.status_code == 200, patient.text
+    assert patient.json()["results"][0]["sentiment"]["scores"] == pytest.approx(
+        expected_scores("shared")["sentiment"])
+    assert upstream_items(s) == ["shared", "shared"]
+
+
 async def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
     with gateway_stack(tmp_path, max_concurrent_batches=1, max_queue_items=2) as s:
         s.upstream.delay_s = 0.5

@@ -379,8 +379,9 @@ class UpstreamClient:
     def _timeout(self, endpoint: str, budget: float, attempt: int) -> UpstreamTimeout:
         tries = f" (attempt {attempt} of {self.settings.retry_attempts})" if attempt > 1 else ""
         return UpstreamTimeout(
-            f"upstream {self.spec.name!r} did not answer {endpoint} within the request's "
-            f"{budget:.2f} s deadline{tries}; raise the task's timeout_s or check the upstream")
+            f"upstream {self.spec.name!r} did not answer {endpoint} within the {budget:.2f} s "
+            f"left of the request's deadline when the batch was sent{tries}; raise the task's "
+            "timeout_s or check the upstream")
 
     def _count(self, endpoint: str, status: str) -> None:
         self.metrics.child(self.metrics.upstream_requests, self.spec.name, endpoint, status).inc()

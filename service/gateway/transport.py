@@ -25,6 +25,7 @@ Timeouts follow httpx's `timeout` extension: `connect`, `read` (no byte for that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
@@ -97,13 +98,18 @@ class _Connection(asyncio.Protocol):
         exchange.last_data_at = time.monotonic()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError(
+                "the upstream switched protocols, which this transport does not support"))
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _BodyTooLarge):  # raised by on_body, wrapped by httptools
-                self._fail(httpx.RemoteProtocolError(
-                    f"the upstream's response body exceeds {self._max_response_bytes} bytes"))
+            cause = exc.__context__  # what our callback raised, wrapped by httptools
+            if isinstance(cause, _BodyTooLarge):
+                message = f"the upstream's response body exceeds {self._max_response_bytes} bytes"
+            elif isinstance(cause, _StrayResponse):
+                message = "the upstream sent more than one response to one request"
             else:
-                self._fail(httpx.RemoteProtocolError(
-                    f"malformed HTTP response from the upstream: {exc}"))
+                message = f"malformed HTTP response from the upstream: {exc}"
+            self._fail(httpx.RemoteProtocolError(message))
 
     def eof_received(self) -> bool | None:
         self.closed = True
@@ -113,8 +119,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         exchange = self.exchange
         if exchange is not None and not exchange.future.done():
-            if exchange.until_close and exchange.status:
-                exchange.future.set_result(None)  # a body delimited by the close itself
+            if exchange.until_close and exchange.status and exc is None:
+                exchange.future.set_result(None)  # a body delimited by the (clean) close itself
             elif exchange.received:
                 exchange.future.set_exception(httpx.RemoteProtocolError(
                     "the upstream closed the connection in the middle of its response"))
@@ -124,6 +130,11 @@ class _Connection(asyncio.Protocol):
         self._pool._connection_closed(self)
 
     # -- httptools callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.future.done():  # bytes beyond the one answer asked for
+            raise _StrayResponse
+
     def on_status(self, reason: bytes) -> None:
         assert self.exchange is not None
         self.exchange.reason += reason
@@ -192,6 +203,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _StrayResponse(Exception):
+    pass
+
+
 class _NothingReceived(httpx.ReadError):
     """The connection ended before any byte of the answer: safe to send again on another one."""
 
@@ -200,6 +215,11 @@ class _NothingReceived(httpx.ReadError):
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
+    """The pool is strictly first come, first served: a released connection, or a freed slot, goes
+    to the oldest waiting request, never to one that arrives meanwhile, so a busy caller cannot
+    starve the others. A slot is freed the moment the pool decides to drop a connection (not when
+    the socket finally closes: a TLS peer may take its time)."""
+
     def __init__(self, *, limits: httpx.Limits = DEFAULT_LIMITS,
                  ssl_context: ssl.SSLContext | None = None,
                  max_response_bytes: int = 64 * 1024 * 1024) -> None:
@@ -210,13 +230,12 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._max_response_bytes = max_response_bytes
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._open = 0  # connections open or being opened, all origins
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._open = 0  # slots taken: connections counted, being opened, or handed to a waiter
+        # A waiter's future gets a connection to its origin, or None: a slot to open one with.
+        self._waiters: deque[tuple[Origin, asyncio.Future[_Connection | None]]] = deque()
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise httpx.ConnectError("the transport is closed", request=request)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         url = request.url
         scheme = url.raw_scheme
@@ -225,18 +244,20 @@ class PooledTransport(httpx.AsyncBaseTransport):
                                             request=request)
         origin: Origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
         payload = await _serialize(request)
+        pool_deadline = _deadline(timeouts.get("pool"))
         for attempt in (1, 2):
-            connection, reused = await self._acquire(origin, request, timeouts, fresh=attempt > 1)
+            connection, reused = await self._acquire(origin, request, timeouts, pool_deadline,
+                                                     fresh=attempt > 1)
             try:
                 exchange = await self._exchange(connection, payload, timeouts.get("read"), request,
                                                 head=request.method == "HEAD")
             except _NothingReceived as exc:
+                self._discard(connection)
                 if reused and attempt == 1:
                     continue  # the server closed the idle connection as we reused it
                 raise httpx.ReadError(str(exc), request=request) from None
             except BaseException:
-                connection.close(abort=True)  # mid-exchange: its state is unknown
-                self._release(connection)
+                self._discard(connection)  # mid-exchange: its state is unknown
                 raise
             self._release(connection)
             # `content=` rather than a stream: the body is whole already, and a Response built
@@ -288,49 +309,79 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     # -- the pool --------------------------------------------------------------------------------
     async def _acquire(self, origin: Origin, request: httpx.Request,
-                       timeouts: dict[str, float | None], *,
+                       timeouts: dict[str, float | None], pool_deadline: float | None, *,
                        fresh: bool) -> tuple[_Connection, bool]:
-        """A connection to `origin` and whether it was reused; `fresh` skips the idle ones."""
-        deadline: float | None = None
+        """A connection to `origin` and whether it was reused; `fresh` wants a new one."""
         while True:
-            idle = None if fresh else self._idle.get(origin)
-            now = time.monotonic()
-            while idle:
-                connection = idle.pop()
-                if connection.usable(now, self._expiry):
-                    return connection, True
-                connection.close()  # frees its slot in connection_lost
-            if self._open < self._max_connections:
-                self._open += 1
-                try:
-                    connection = await self._connect(origin, request, timeouts.get("connect"))
-                except BaseException:
-                    self._open -= 1
-                    self._wake_one()
-                    raise
-                if connection.closed:  # lost before it was counted: give the slot back here
-                    self._open -= 1
-                    self._wake_one()
-                    raise httpx.ConnectError("the upstream closed the connection as it opened",
-                                             request=request)
-                connection.counted = True
-                return connection, False
-            pool_timeout = timeouts.get("pool")
-            if deadline is None and pool_timeout is not None:
-                deadline = now + pool_timeout
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout_at(_loop_time(deadline)):
-                    await waiter
-            except TimeoutError:
+            if self._closed:
+                raise httpx.ConnectError("the transport is closed", request=request)
+            if not self._waiters:  # nobody is ahead of this request
+                if not fresh:
+                    idle = self._take_idle(origin)
+                    if idle is not None:
+                        return idle, True
+                if self._open >= self._max_connections:
+                    self._evict_idle()
+                if self._open < self._max_connections:
+                    self._open += 1
+                    return await self._open_slot(origin, request, timeouts.get("connect")), False
+            got = await self._wait_in_line(origin, request, pool_deadline)
+            if self._closed:
+                if got is None:
+                    self._slot_freed()
+                else:
+                    self._discard(got)
+                raise httpx.ConnectError("the transport is closed", request=request)
+            if got is None:  # a slot of our own
+                return await self._open_slot(origin, request, timeouts.get("connect")), False
+            if not got.counted:  # lost on its way to us, and its slot went with it
+                continue
+            if fresh or not got.usable(time.monotonic(), None):  # handed over, never idle
+                self._retire(got, keep_slot=True)
+                return await self._open_slot(origin, request, timeouts.get("connect")), False
+            return got, True
+
+    async def _wait_in_line(self, origin: Origin, request: httpx.Request,
+                            pool_deadline: float | None) -> _Connection | None:
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        entry = (origin, waiter)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout_at(_loop_time(pool_deadline)):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed over just as this request gave up: pass it on, or it is lost.
+                got = waiter.result()
+                if got is None:
+                    self._slot_freed()
+                else:
+                    self._release(got)
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+            if isinstance(exc, TimeoutError):
                 raise httpx.PoolTimeout(
-                    f"no free connection among {self._max_connections} within {pool_timeout} s",
+                    f"no free connection among {self._max_connections} in time",
                     request=request) from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    self._waiters.remove(waiter)
+            if isinstance(exc, httpx.TransportError) and exc._request is None:  # from aclose()
+                exc.request = request
+            raise
+
+    async def _open_slot(self, origin: Origin, request: httpx.Request,
+                         connect_timeout: float | None) -> _Connection:
+        """Open a connection in a slot already taken; the slot is given back if that fails."""
+        try:
+            connection = await self._connect(origin, request, connect_timeout)
+        except BaseException:
+            self._slot_freed()
+            raise
+        if connection.closed:
+            self._slot_freed()
+            raise httpx.ConnectError("the upstream closed the connection as it opened",
+                                     request=request)
+        connection.counted = True
+        return connection
 
     async def _connect(self, origin: Origin, request: httpx.Request,
                        connect_timeout: float | None) -> _Connection:
@@ -340,28 +391,73 @@ class PooledTransport(httpx.AsyncBaseTransport):
         if scheme == b"https":
             tls = self._ssl_context or _default_ssl_context()
         loop = asyncio.get_running_loop()
+        guard = asyncio.timeout(connect_timeout)
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with guard:
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, origin, self._max_response_bytes),
                     hostname, port, ssl=tls, server_hostname=hostname if tls else None)
-        except TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {hostname}:{port} took over "
-                                       f"{connect_timeout:g} s", request=request) from None
-        except OSError as exc:
+        except OSError as exc:  # TimeoutError included: ours (expired) or the kernel's
+            if guard.expired():
+                raise httpx.ConnectTimeout(f"connecting to {hostname}:{port} took over "
+                                           f"{connect_timeout:g} s", request=request) from None
             raise httpx.ConnectError(f"cannot connect to {hostname}:{port}: {exc}",
                                      request=request) from None
         return connection
 
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.usable(now, self._expiry):
+                return connection
+            self._retire(connection)
+        return None
+
+    def _evict_idle(self) -> None:
+        """The pool is full and nothing idle is ours: close the oldest idle connection of another
+        origin, so that idle connections never block a request."""
+        for idle in self._idle.values():
+            if idle:
+                self._retire(idle.pop(0))
+                return
+
     def _release(self, connection: _Connection) -> None:
-        idle = self._idle.setdefault(connection.origin, [])
-        if (not self._closed and connection.usable(time.monotonic(), None)
-                and len(idle) < self._max_idle):
-            connection.idle_since = time.monotonic()
-            idle.append(connection)
-            self._wake_one()
-        else:
-            connection.close()
+        """A connection done with its exchange: to the oldest waiter, or idle, or closed."""
+        if self._closed or not connection.usable(time.monotonic(), None):
+            self._discard(connection)
+            return
+        while self._waiters:
+            origin, waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            if origin == connection.origin:
+                waiter.set_result(connection)
+            else:  # the oldest waiter wants another origin: it gets this connection's slot
+                self._retire(connection, keep_slot=True)
+                waiter.set_result(None)
+            return
+        if sum(len(idle) for idle in self._idle.values()) >= self._max_idle:
+            self._retire(connection)
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(connection.origin, []).append(connection)
+
+    def _retire(self, connection: _Connection, *, keep_slot: bool = False) -> None:
+        """Close a healthy connection the pool no longer wants; its slot is freed now (or kept by
+        the caller, with `keep_slot`), not when the socket has finished closing."""
+        counted, connection.counted = connection.counted, False
+        connection.close()
+        if counted and not keep_slot:
+            self._slot_freed()
+
+    def _discard(self, connection: _Connection) -> None:
+        """Drop a connection in an unknown state: aborted, nothing flushed."""
+        counted, connection.counted = connection.counted, False
+        connection.close(abort=True)
+        if counted:
+            self._slot_freed()
 
     def _connection_closed(self, connection: _Connection) -> None:
         idle = self._idle.get(connection.origin)
@@ -369,25 +465,29 @@ class PooledTransport(httpx.AsyncBaseTransport):
             idle.remove(connection)
         if connection.counted:
             connection.counted = False
-            self._open -= 1
-            self._wake_one()
+            self._slot_freed()
 
-    def _wake_one(self) -> None:
+    def _slot_freed(self) -> None:
+        """A slot goes to the oldest waiter, whose open then takes it; else back to the pool."""
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
+        self._open -= 1
 
     async def aclose(self) -> None:
+        """Idle connections close now; waiting requests fail; requests in flight finish, and
+        their connections close after them."""
         self._closed = True
-        for idle in self._idle.values():
-            for connection in idle:
-                connection.close()
-            idle.clear()
-        for waiter in self._waiters:
+        while self._waiters:  # first, so that the slots freed below are not handed to them
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # wakes into the closed check of the next request
+                waiter.set_exception(httpx.ConnectError("the transport is closed"))
+        for idle in self._idle.values():
+            for connection in list(idle):
+                self._retire(connection)
+            idle.clear()
 
 
 async def _serialize(request: httpx.Request) -> list[bytes]:
@@ -399,14 +499,18 @@ async def _serialize(request: httpx.Request) -> list[bytes]:
     lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
     chunked = False
     for name, value in request.headers.raw:
-        if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
-            chunked = True
+        if name.lower() == b"transfer-encoding":  # chunked, when last of the codings
+            chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     head = b"".join(lines)
     if chunked:
         return [head, b"%x\r\n" % len(body), body, b"\r\n0\r\n\r\n"] if body else [head, b"0\r\n\r\n"]
     return [head, body] if body else [head]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _loop_time(deadline: float | None) -> float | None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -375,3 +377,173 @@ async def test_https_verifies_the_server(tls_files: tuple[Path, Path]) -> None:
         finally:
             await trusting.aclose()
             await default.aclose()
+
+
+# ------------------------------------------------------------------------------ pool fairness
+async def test_a_wakeup_is_not_lost_when_the_woken_request_gives_up(echo: ThreadedServer) -> None:
+    """A, B and C share one connection; B is handed A's connection and cancelled in the same
+    instant: C must get the connection, not wait out its pool timeout."""
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    slow = request(echo.url)
+    slow.headers["x-delay"] = "0.2"
+    try:
+        a = asyncio.ensure_future(send(transport, slow))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(send(transport, request(echo.url)))
+        await asyncio.sleep(0.01)
+        c = asyncio.ensure_future(send(transport, request(echo.url, pool=1.0)))
+        await asyncio.sleep(0.01)
+        release = transport._release
+
+        def release_then_cancel_b(connection: Any) -> None:
+            release(connection)  # hands the connection to B...
+            b.cancel()  # ...which gives up before it runs
+
+        transport._release = release_then_cancel_b  # type: ignore[method-assign]
+        assert (await a).status_code == 201
+        transport._release = release  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert (await c).status_code == 201
+    finally:
+        await transport.aclose()
+
+
+async def test_waiting_requests_are_served_first_come_first_served(echo: ThreadedServer) -> None:
+    """A caller sending back to back cannot starve one that is waiting for the only connection."""
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    stop = asyncio.Event()
+    busy_count = 0
+
+    async def busy() -> None:
+        nonlocal busy_count
+        while not stop.is_set():
+            await send(transport, request(echo.url))
+            busy_count += 1
+
+    try:
+        hog = asyncio.ensure_future(busy())
+        await asyncio.sleep(0.05)
+        waiting = await send(transport, request(echo.url, pool=1.0))
+        stop.set()
+        await hog
+    finally:
+        await transport.aclose()
+    assert waiting.status_code == 201
+    assert busy_count >= 1
+
+
+async def test_idle_connections_of_another_origin_do_not_block(echo: ThreadedServer) -> None:
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    try:
+        assert (await send(transport, request(echo.url))).status_code == 201
+        other = echo.url.replace("127.0.0.1", "localhost")
+        assert (await send(transport, request(other, pool=1.0))).status_code == 201
+    finally:
+        await transport.aclose()
+
+
+async def test_aclose_fails_waiting_requests_and_lets_running_ones_finish(
+        echo: ThreadedServer) -> None:
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1))
+    slow = request(echo.url)
+    slow.headers["x-delay"] = "0.2"
+    running = asyncio.ensure_future(send(transport, slow))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(send(transport, request(echo.url)))
+    await asyncio.sleep(0.01)
+    await transport.aclose()
+    with pytest.raises(httpx.ConnectError, match="closed"):
+        await waiting
+    assert (await running).status_code == 201
+
+
+async def test_a_tls_peer_that_never_confirms_the_close_does_not_hold_the_slot(
+        tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def answer_then_go_deaf(reader: asyncio.StreamReader,
+                                  writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        cast(asyncio.Transport, writer.transport).pause_reading()  # never reads close_notify
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(answer_then_go_deaf, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    transport = PooledTransport(limits=httpx.Limits(max_connections=1, keepalive_expiry=0.05),
+                                ssl_context=ssl.create_default_context(cafile=str(cert)))
+    try:
+        url = f"https://localhost:{port}/"
+        assert (await send(transport, request(url))).status_code == 200
+        await asyncio.sleep(0.1)  # the connection expires: closed, its slot free at once
+        assert (await send(transport, request(url, pool=1.0))).status_code == 200
+    finally:
+        await transport.aclose()
+        server.close()
+
+
+# ------------------------------------------------------------------------- broken answers, more
+async def test_a_close_delimited_body_cut_by_a_reset_is_an_error() -> None:
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"results": [1,2')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        # SO_LINGER 0: the close is a reset (RST), not an orderly FIN ending the body.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(reset_mid_body) as url:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await send(transport, request(url))
+    finally:
+        await transport.aclose()
+
+
+async def test_a_second_unasked_response_does_not_leak_into_the_first() -> None:
+    connections = 0
+
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(OK + b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 3\r\n\r\nbad")
+        await writer.drain()
+        with contextlib.suppress(Exception):
+            await read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(two_answers) as url:
+            first = await send(transport, request(url))
+            assert (first.status_code, first.content) == (200, b"{}")
+            assert "content-length" in first.headers and first.headers["content-length"] == "2"
+            assert (await send(transport, request(url))).status_code == 200
+    finally:
+        await transport.aclose()
+    assert connections == 2  # the connection that carried the stray answer was not reused
+
+
+async def test_a_protocol_switch_is_refused() -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                     b"connection: upgrade\r\n\r\n")
+        await writer.drain()
+
+    transport = PooledTransport()
+    try:
+        async with scripted(upgrade) as url:
+            with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
+                await send(transport, request(url))
+    finally:
+        await transport.aclose()

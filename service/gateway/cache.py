@@ -28,10 +28,10 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import MaxConnectionsError
+from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyError
 
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.redis_link import RedisLink
+from service.gateway.redis_link import RedisLink, check_userinfo
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,7 @@ SUPPORTED_URLS = (
 )
 _SENTINEL_PORT = 26379
 _MAX_RIDE_ALONG = 64  # held writes that may share a lookup's pipeline
+_REFUSED_WRITE_CODES = ("OOM", "MISCONF", "READONLY")
 _REDIS_PORT = 6379
 # Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
@@ -133,7 +134,18 @@ def _values(reply: Any) -> Any:
 
 
 def _errors(replies: Sequence[Any]) -> int:
-    return sum(1 for reply in replies if isinstance(reply, Exception))
+    """How many writes Redis refused for want of room or of write access (OOM under
+    `noeviction`, MISCONF after a failed save, READONLY on a replica): Redis is up and reads work,
+    so these are counted, not a failure. Any other error reply (NOAUTH, NOPERM, ...) is raised:
+    the cache cannot use this Redis as configured."""
+    refused = 0
+    for reply in replies:
+        if isinstance(reply, Exception):
+            if not (isinstance(reply, OutOfMemoryError | ReadOnlyError)  # redis-py strips the code
+                    or str(reply).startswith(_REFUSED_WRITE_CODES)):
+                raise reply
+            refused += 1
+    return refused
 
 
 @dataclass
@@ -443,6 +455,7 @@ class ResultCache:
 
 def _connect(url: str, socket_timeout_s: float) -> _Backend:
     parts = urlsplit(url)
+    check_userinfo(parts, "GATEWAY_REDIS_URL")
     scheme = parts.scheme.lower()
     timeouts: dict[str, Any] = {
         "socket_timeout": socket_timeout_s,

@@ -23,11 +23,11 @@ import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import hiredis
 
-__all__ = ["Arg", "Command", "RedisLink", "RedisLinkError"]
+__all__ = ["Arg", "Command", "RedisLink", "RedisLinkError", "check_userinfo"]
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
@@ -244,6 +244,9 @@ class RedisLink:
                                    if endpoint.username else ("AUTH", endpoint.password))
         if endpoint.db:
             self._handshake.append(("SELECT", endpoint.db))
+        # Always a handshake, PING if nothing else: a Redis at its client limit sends an error
+        # and closes as it accepts, and that reply must meet the handshake, not a caller's MGET.
+        self._handshake = self._handshake or [("PING",)]
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float,
@@ -328,14 +331,12 @@ class RedisLink:
                 await loop.create_connection(
                     lambda: conn, endpoint.host, endpoint.port, ssl=context,
                     server_hostname=endpoint.host if context is not None else None)
-            if self._handshake:
-                replies = await conn.handshake(
-                    b"".join([_pack(command) for command in self._handshake]),
-                    len(self._handshake))
-                problem = self._rejection(replies)
-                if problem is not None:
-                    conn.fail(RedisLinkError, problem)
-                    return
+            replies = await conn.handshake(
+                b"".join([_pack(command) for command in self._handshake]), len(self._handshake))
+            problem = self._rejection(replies)
+            if problem is not None:
+                conn.fail(*problem)
+                return
         except asyncio.CancelledError:
             raise  # conn.fail cancelled us and has already told the callers why
         except RedisLinkError as exc:
@@ -370,8 +371,10 @@ class RedisLink:
             self._ssl_context = context
         return self._ssl_context
 
-    def _rejection(self, replies: list[Any]) -> str | None:
-        """What to fix, when Redis refused the handshake; never echoes the password."""
+    def _rejection(self, replies: list[Any]) -> tuple[type[ConnectionError], str] | None:
+        """What went wrong when Redis refused the handshake, and whether it is the settings'
+        fault (RedisLinkError: fix the URL) or Redis's own state (ConnectionError: it passes,
+        e.g. "max number of clients reached"). Never echoes the password."""
         endpoint, setting = self._endpoint, self._setting
         for command, reply in zip(self._handshake, replies, strict=True):
             if not isinstance(reply, hiredis.ReplyError):
@@ -379,17 +382,25 @@ class RedisLink:
             text = str(reply)
             if endpoint.password:
                 text = text.replace(endpoint.password, "***")
-            if command[0] == "AUTH":
-                if "without any password configured" in text:
-                    return (f"Redis at {self.description} has no password set, but {setting} "
-                            f"carries one: remove it from the URL ({text})")
+            if "without any password configured" in text:
+                return RedisLinkError, (
+                    f"Redis at {self.description} has no password set, but {setting} carries "
+                    f"one: remove it from the URL ({text})")
+            if text.startswith("WRONGPASS") or "invalid password" in text or \
+                    "invalid username-password" in text:
                 who = f"user name {endpoint.username!r} or the password" if endpoint.username \
                     else "the password"
-                return f"Redis at {self.description} rejected {who} in {setting} ({text})"
-            if "out of range" in text:
-                return (f"Redis at {self.description} has no db {endpoint.db} (see its "
-                        f"`databases` setting, 16 by default): fix the db in {setting} ({text})")
-            return f"Redis at {self.description} refused SELECT {endpoint.db} from {setting} ({text})"
+                return RedisLinkError, (
+                    f"Redis at {self.description} rejected {who} in {setting} ({text})")
+            if text.startswith("NOAUTH"):
+                return RedisLinkError, (
+                    f"Redis at {self.description} requires a password: put it in {setting} "
+                    f"(redis://:PASSWORD@host:port/db) ({text})")
+            if command[0] == "SELECT" and ("out of range" in text or "invalid DB" in text):
+                return RedisLinkError, (
+                    f"Redis at {self.description} has no db {endpoint.db} (see its `databases` "
+                    f"setting, 16 by default): fix the db in {setting} ({text})")
+            return ConnectionError, f"Redis at {self.description} refused the connection ({text})"
         return None
 
 
@@ -398,9 +409,18 @@ def _pack(command: Command) -> bytes:
     return cast(bytes, hiredis.pack_command(cast(Any, command)))
 
 
+def check_userinfo(parts: SplitResult, setting: str) -> None:
+    """An '@' after the host means a password with an unencoded '/', '?' or '#', which split the
+    URL in the wrong place: say so before any message could quote a piece of that password."""
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        raise ValueError(f"the URL in {setting} does not parse: percent-encode '/', '?', '#' and "
+                         "'@' in the user name and password (e.g. '/' as %2F)")
+
+
 def _parse_url(url: str, setting: str) -> _Endpoint:
     """Errors name the part that is wrong, never the URL itself (it may carry a password)."""
     parts = urlsplit(url.strip())
+    check_userinfo(parts, setting)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {setting}; the fast "

@@ -468,16 +468,38 @@ async def test_refused_writes_are_counted_but_reads_stay_in_use(own_redis: Redis
         await cache.aclose()
 
 
-async def test_missing_password_fails_open(tmp_path: Path,
-                                           caplog: pytest.LogCaptureFixture) -> None:
-    """No AUTH is sent without a password, so Redis answers NOAUTH to the lookup itself."""
+async def test_missing_password_fails_open_and_a_write_does_not_end_the_backoff(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server = start_redis(tmp_path / "redis", "--requirepass", "s3cret")
-    cache, metrics = make_cache(f"redis://127.0.0.1:{server.port}/0")
+    clock = FakeClock()
+    cache, metrics = make_cache(f"redis://127.0.0.1:{server.port}/0", clock=clock)
     try:
         assert await cache.get_many(["k"]) is None
         assert errors(metrics, "get") == 1
         assert state(cache) == "degraded"
-        assert "NOAUTH" in caplog.text
+        assert "requires a password" in caplog.text
+        clock.now += BACKOFF_S + 1  # the next call probes; a background write is that call
+        cache.schedule_set_many([(cache.key("u", "e", "m", "x"), b"v", 60)])
+        assert await cache.drain() == 0
+        assert errors(metrics, "set") == 1
+        assert state(cache) == "degraded"  # Redis answered, but not as the cache needs
     finally:
         await cache.aclose()
         server.stop()
+
+
+async def test_a_write_refused_for_permissions_is_a_failure(own_redis: RedisServer) -> None:
+    """NOPERM is not Redis being full: the cache cannot work as configured, so it backs off."""
+    admin = redis.Redis(port=own_redis.port)
+    admin.acl_setuser("reader", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@read", "+ping", "+auth"])
+    admin.close()
+    cache, metrics = make_cache(f"redis://reader:pw@127.0.0.1:{own_redis.port}/0")
+    try:
+        assert await cache.get_many(["k"]) == [None]
+        cache.schedule_set_many([(cache.key("u", "e", "m", "x"), b"v", 60)])
+        assert await cache.drain() == 0
+        assert errors(metrics, "set") == 1
+        assert state(cache) == "degraded"
+    finally:
+        await cache.aclose()

@@ -432,6 +432,9 @@ def test_description_names_the_place_never_the_password(url: str, description: s
     ("rediss://h/0?ssl_keyfile=/k.pem", "needs ssl_certfile"),
     ("redis://app@h/0", "no password"),
     ("unix://?db=1", "no socket path"),
+    # Unencoded '/' or '?' in the password split the URL early: nothing of it may be quoted.
+    ("redis://:hun/hunter2@h:6379/0", "percent-encode"),
+    ("redis://:hun?hunter2=1@h", "percent-encode"),
 ])
 def test_bad_urls_are_refused_up_front_without_echoing_secrets(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as caught:
@@ -467,3 +470,35 @@ async def test_aclose_during_the_connect(redis_server: RedisServer) -> None:
     await link.aclose()
     with pytest.raises(RedisLinkError, match="closed"):
         await first
+
+
+async def test_a_redis_at_its_client_limit_is_a_passing_refusal_not_a_bad_password(
+        tmp_path: Path) -> None:
+    """At `maxclients`, Redis answers a new connection with an error and closes it; that reply
+    meets the handshake (never a caller's command), and does not blame the password."""
+    server = start_redis(tmp_path / "redis", "--requirepass", PASSWORD, "--maxclients", "1")
+    holder = redis.Redis(port=server.port, password=PASSWORD)
+    holder.ping()  # takes the only client slot
+    link = RedisLink.from_url(f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0",
+                              timeout_s=TIMEOUT_S)
+    try:
+        with pytest.raises(ConnectionError) as caught:
+            await link.execute(("MGET", "k"))
+        assert not isinstance(caught.value, RedisLinkError)
+        assert "max number of clients" in str(caught.value)
+        assert "password" not in str(caught.value)
+        holder.close()
+        await asyncio.sleep(0.1)
+        assert await link.execute(("MGET", "k")) == [[None]]
+    finally:
+        await link.aclose()
+        server.stop()
+
+
+async def test_a_missing_password_is_named_at_the_handshake(auth_redis: RedisServer) -> None:
+    link = RedisLink.from_url(f"redis://127.0.0.1:{auth_redis.port}/0", timeout_s=TIMEOUT_S)
+    try:
+        with pytest.raises(RedisLinkError, match="requires a password"):
+            await link.execute(("MGET", "k"))
+    finally:
+        await link.aclose()

@@ -106,6 +106,8 @@ def test_supported_urls_build_without_connecting(url: str, kind: str, descriptio
     ("http://127.0.0.1:7000", "unsupported Redis URL scheme 'http'"),
     ("redis://127.0.0.1:7000/0?socket_timeout=1", "unsupported parameter(s) socket_timeout"),
     ("redis://127.0.0.1:7000/zero", "the db in GATEWAY_REDIS_URL must be a number"),
+    ("redis+sentinel://:pa/ss@s1:26379/mymaster", "percent-encode"),
+    ("redis+cluster://:pa?ss@n1:7000", "percent-encode"),
     ("redis+sentinel://s1:26379", "master's name"),
     ("redis+sentinel://s1:26379/mymaster/zero", "must be a number"),
     ("redis+sentinel://s1:26379/mymaster?timeout=1", "unknown parameter(s) timeout"),

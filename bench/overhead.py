@@ -28,10 +28,13 @@ def timed(client: httpx.Client, url: str, bodies: list[dict[str, Any]]) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--redis-client", choices=["link", "redis-py"], default="link",
+                        help="GATEWAY_REDIS_CLIENT of the gateway under test")
     args = parser.parse_args()
     n = args.requests
     with fake_upstream() as upstream_url, redis() as redis_url, \
-            gateway(upstream_url, redis_url) as gateway_url, httpx.Client(timeout=10) as client:
+            gateway(upstream_url, redis_url, GATEWAY_REDIS_CLIENT=args.redis_client) as gateway_url, \
+            httpx.Client(timeout=10) as client:
         warm = [{"model": "ft:bench", "input": [f"warm {i}"]} for i in range(200)]
         timed(client, f"{upstream_url}/v1/classifications", warm)
         timed(client, f"{gateway_url}/classify",
@@ -48,6 +51,7 @@ def main() -> None:
         "bench": "overhead",
         "requests": n,
         "concurrency": 1,
+        "redis_client": args.redis_client,
         "direct": summary_ms(direct),
         "gateway": summary_ms(through),
         "added_p50_ms": round((percentile(through, 50) - percentile(direct, 50)) * 1000, 3),

@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, *,
             cache = ResultCache.from_url(
                 settings.redis_url, prefix=settings.cache_prefix,
                 socket_timeout_s=settings.redis_socket_timeout_s,
-                backoff_s=settings.redis_backoff_s, metrics=metrics,
+                backoff_s=settings.redis_backoff_s, metrics=metrics, client=settings.redis_client,
             )
             # Connect (and, for a cluster, load the slot map) now, not on the first request's
             # short budget. A Redis that is down only degrades the cache: start anyway.

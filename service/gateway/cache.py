@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 CacheState = Literal["disabled", "ok", "degraded"]
 CacheKind = Literal["disabled", "standalone", "sentinel", "cluster"]
+RedisClient = Literal["link", "redis-py"]
 
 SUPPORTED_URLS = (
     "redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix:///path/to/redis.sock[?db=N], "
@@ -150,7 +151,8 @@ def _errors(replies: Sequence[Any]) -> int:
 
 @dataclass
 class _RedisPyBackend:
-    """Sentinel and Cluster, through redis-py (failover and slot routing are its job)."""
+    """Sentinel and Cluster through redis-py (failover and slot routing are its job), and a
+    standalone Redis when GATEWAY_REDIS_CLIENT=redis-py."""
 
     kind: CacheKind
     client: Redis | RedisCluster
@@ -233,15 +235,18 @@ class ResultCache:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
         max_pending_writes: int = 1024,
+        client: RedisClient = "link",
     ) -> ResultCache:
         """A cache for `url` (empty = disabled). Connects lazily: building it never touches Redis.
 
         `socket_timeout_s` bounds each operation as a whole (connect, send, read), not only each
         socket call. `clock` is injectable so tests can end a backoff without sleeping.
         `max_pending_writes` bounds the background write tasks; beyond it writes are dropped and
-        counted as `cache_errors{operation="set"}` (Redis cannot keep up).
+        counted as `cache_errors{operation="set"}` (Redis cannot keep up). `client` picks what
+        talks to a standalone Redis: RedisLink, or redis-py (the fallback, which also takes
+        redis-py's URL options).
         """
-        connection = _connect(url, socket_timeout_s) if url.strip() else None
+        connection = _connect(url, socket_timeout_s, client) if url.strip() else None
         return cls(connection, prefix=prefix, socket_timeout_s=socket_timeout_s,
                    backoff_s=backoff_s, metrics=metrics, clock=clock,
                    max_pending_writes=max_pending_writes)
@@ -453,7 +458,7 @@ class ResultCache:
 # -- URL parsing -------------------------------------------------------------------------------------
 
 
-def _connect(url: str, socket_timeout_s: float) -> _Backend:
+def _connect(url: str, socket_timeout_s: float, client: RedisClient = "link") -> _Backend:
     parts = urlsplit(url)
     check_userinfo(parts, "GATEWAY_REDIS_URL")
     scheme = parts.scheme.lower()
@@ -462,6 +467,11 @@ def _connect(url: str, socket_timeout_s: float) -> _Backend:
         "socket_connect_timeout": socket_timeout_s,
         "retry": _no_retry(),
     }
+    if scheme in ("redis", "rediss", "unix") and client == "redis-py":
+        where = parts.path if scheme == "unix" else parts.hostname or "localhost"
+        port = "" if scheme == "unix" or parts.port is None else f":{parts.port}"
+        return _RedisPyBackend("standalone", Redis.from_url(url, **timeouts),
+                               f"{scheme}://{where}{port}")
     if scheme in ("redis", "rediss", "unix"):
         return _LinkBackend(RedisLink.from_url(_without_pool_size(url), timeout_s=socket_timeout_s))
     if scheme in ("redis+sentinel", "rediss+sentinel"):

@@ -7,6 +7,7 @@ it can change at run time without a restart; this module holds what is fixed for
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     redis_backoff_s: float = Field(
         default=5.0, ge=0, description="How long Redis is skipped after an error."
     )
+    redis_client: Literal["link", "redis-py"] = Field(
+        default="link", description="Client for a standalone Redis: the gateway's own pipelined "
+        "link, or redis-py (Sentinel and Cluster always use redis-py).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Default TTL of a cached result.")
     cache_prefix: str = "cgw:v1"
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from service.gateway.cache import ResultCache
+from service.gateway.cache import RedisClient, ResultCache
 from service.gateway.metrics import GatewayMetrics
 from tests.support.redis_cluster import RedisCluster, SentinelSetup, start_cluster, start_sentinel
 from tests.support.redis_server import RedisServer, free_port, start_redis
@@ -34,12 +34,31 @@ class FakeClock:
         return self.now
 
 
+_client: RedisClient = "link"  # for a standalone URL; set per test by the redis_client fixture
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every standalone test runs against both clients a standalone Redis can have: the
+    gateway's RedisLink (the default) and redis-py (GATEWAY_REDIS_CLIENT=redis-py)."""
+    name = metafunc.function.__name__
+    if "cluster" not in name and "sentinel" not in name:
+        metafunc.parametrize("redis_client", ["link", "redis-py"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def redis_client(request: pytest.FixtureRequest) -> Iterator[RedisClient]:
+    global _client
+    _client = getattr(request, "param", "link")
+    yield _client
+    _client = "link"
+
+
 def make_cache(url: str, clock: FakeClock | None = None,
                backoff_s: float = BACKOFF_S) -> tuple[ResultCache, GatewayMetrics]:
     metrics = GatewayMetrics(CollectorRegistry())
     cache = ResultCache.from_url(url, prefix=f"test:{uuid.uuid4().hex}", socket_timeout_s=TIMEOUT_S,
                                  backoff_s=backoff_s, metrics=metrics,
-                                 clock=clock or time.monotonic)
+                                 clock=clock or time.monotonic, client=_client)
     return cache, metrics
 
 
@@ -477,7 +496,7 @@ async def test_missing_password_fails_open_and_a_write_does_not_end_the_backoff(
         assert await cache.get_many(["k"]) is None
         assert errors(metrics, "get") == 1
         assert state(cache) == "degraded"
-        assert "requires a password" in caplog.text
+        assert "requires a password" in caplog.text or "AuthenticationError" in caplog.text
         clock.now += BACKOFF_S + 1  # the next call probes; a background write is that call
         cache.schedule_set_many([(cache.key("u", "e", "m", "x"), b"v", 60)])
         assert await cache.drain() == 0

@@ -42,6 +42,14 @@ def stack(tmp_path: Path, redis_server: RedisServer) -> Any:
         yield s
 
 
+@pytest.fixture(params=["link", "redis-py"])
+def any_client_stack(request: pytest.FixtureRequest, tmp_path: Path,
+                     redis_server: RedisServer) -> Any:
+    """A gateway on either client for a standalone Redis (GATEWAY_REDIS_CLIENT)."""
+    with gateway_stack(tmp_path, redis_url=redis_server.url, redis_client=request.param) as s:
+        yield s
+
+
 async def post(stack: GatewayStack, path: str, body: Any, **kw: Any) -> httpx.Response:
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         return await client.post(path, json=body, **kw)
@@ -100,7 +108,8 @@ async def test_multi_label_target_gets_labels_by_threshold(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------- cache
-async def test_repeated_inputs_never_reach_the_upstream(stack: GatewayStack) -> None:
+async def test_repeated_inputs_never_reach_the_upstream(any_client_stack: GatewayStack) -> None:
+    stack = any_client_stack
     first = await post(stack, "/classify", {"task": "sentiment", "input": texts(5)})
     assert first.headers["x-cache"] == "miss"
     await asyncio.sleep(0.2)  # the cache write is off the response path

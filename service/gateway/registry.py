@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +33,9 @@ class UpstreamSpec(BaseModel):
     api_key_env: str | None = Field(
         default=None, description="Name of the environment variable that holds the upstream's key."
     )
+    proxy: str | None = Field(
+        default=None, description="HTTP(S) proxy to reach the upstream through, e.g. an egress "
+        "proxy in front of api.mistral.ai: http://[user:password@]host:port.")
 
     @field_validator("base_url")
     @classmethod
@@ -39,6 +43,32 @@ class UpstreamSpec(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. http://proxy.internal:3128)")
+        return value
+
+    @property
+    def proxy_shown(self) -> str | None:
+        """The proxy URL without its credentials, for /tasks and logs."""
+        if self.proxy is None:
+            return None
+        parts = urlsplit(self.proxy)
+        if parts.username is None and parts.password is None:
+            return self.proxy
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+    def secrets(self) -> list[str]:
+        """What must never appear in a message: the key, and the proxy's password."""
+        found = [self.api_key() or ""]
+        if self.proxy is not None:
+            parts = urlsplit(self.proxy)
+            found += [parts.password or "", unquote(parts.password or "")]
+        return [secret for secret in found if secret]
 
     def api_key(self) -> str | None:
         """Read at call time, so that a rotated key in the environment needs no reload."""

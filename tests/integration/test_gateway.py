@@ -7,6 +7,7 @@ records each request it receives.
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import re
 import time
@@ -24,6 +25,7 @@ from tests.support.fake_upstream import (
     expected_scores,
     running_fake_upstream,
 )
+from tests.support.forward_proxy import running_forward_proxy
 from tests.support.gateway import DEFAULT_TASKS, GatewayStack, gateway_stack, write_tasks
 from tests.support.redis_server import RedisServer
 
@@ -262,6 +264,23 @@ async def test_retry_then_success(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=s.url) as client:
             metrics = (await client.get("/metrics")).text
     assert "gateway_upstream_retries_total 3.0" in metrics
+
+
+async def test_an_upstream_behind_a_proxy_with_credentials(tmp_path: Path) -> None:
+    with running_forward_proxy() as proxy:
+        proxy_url = f"http://gw:pr0xy-s3cret@127.0.0.1:{proxy.port}"
+        with gateway_stack(tmp_path, proxy=proxy_url) as s:
+            r = await post(s, "/classify", {"task": "sentiment", "input": ["via the proxy"]})
+            async with httpx.AsyncClient(base_url=s.url) as client:
+                shown = (await client.get("/tasks/sentiment")).json()
+            upstream_host = str(s.upstream.url).removeprefix("http://").rstrip("/")
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["sentiment"]["scores"] == pytest.approx(
+        expected_scores("via the proxy")["sentiment"])
+    assert upstream_host in proxy.targets  # the gateway went through the proxy...
+    assert proxy.proxy_authorization[0] == "Basic " + base64.b64encode(b"gw:pr0xy-s3cret").decode()
+    assert shown["upstream"]["proxy"] == f"http://***@127.0.0.1:{proxy.port}"  # ...and never shows
+    assert "pr0xy-s3cret" not in str(shown)
 
 
 async def test_upstream_rejection_is_502_without_retry(tmp_path: Path) -> None:

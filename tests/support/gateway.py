@@ -23,10 +23,12 @@ DEFAULT_TASKS: dict[str, dict[str, Any]] = {
 
 
 def write_tasks(path: Path, upstream_url: str, tasks: dict[str, dict[str, Any]],
-                api_key_env: str | None = None) -> None:
+                api_key_env: str | None = None, proxy: str | None = None) -> None:
     upstream: dict[str, Any] = {"base_url": upstream_url}
     if api_key_env:
         upstream["api_key_env"] = api_key_env
+    if proxy:
+        upstream["proxy"] = proxy
     path.write_text(yaml.safe_dump({"upstreams": {"fake": upstream}, "tasks": tasks}))
 
 
@@ -46,11 +48,11 @@ class GatewayStack:
 @contextlib.contextmanager
 def gateway_stack(tmp_path: Path, *, redis_url: str = "", tasks: dict[str, dict[str, Any]] | None = None,
                   targets: dict[str, list[str]] | None = None, api_key_env: str | None = None,
-                  **settings: Any) -> Iterator[GatewayStack]:
+                  proxy: str | None = None, **settings: Any) -> Iterator[GatewayStack]:
     with running_fake_upstream(targets) as upstream:
         tasks_file = tmp_path / "tasks.yaml"
         write_tasks(tasks_file, str(upstream.url), tasks if tasks is not None else DEFAULT_TASKS,
-                    api_key_env)
+                    api_key_env, proxy)
         config: dict[str, Any] = {
             "tasks_file": tasks_file, "redis_url": redis_url,
             "cache_prefix": f"test:{uuid.uuid4().hex[:8]}", "tasks_poll_interval_s": 0.1,

@@ -55,6 +55,22 @@ def test_bad_upstream_url_is_named() -> None:
         parse_registry({"upstreams": {"local": {"base_url": "ftp://x"}}, "tasks": {}})
 
 
+def test_proxy_is_validated_and_shown_without_credentials() -> None:
+    with pytest.raises(RegistryError, match=r"upstreams\.mistral\.proxy: .*http://proxy"):
+        parse_registry({"upstreams": {"mistral": {"base_url": "https://api.mistral.ai",
+                                                  "proxy": "socks5://proxy:1080"}}, "tasks": {}})
+    reg = parse_registry({"upstreams": {
+        "plain": {"base_url": "https://a", "proxy": "http://proxy.internal:3128"},
+        "secret": {"base_url": "https://b", "proxy": "http://gw:p%40ss@proxy.internal:3128"},
+        "none": {"base_url": "https://c"},
+    }, "tasks": {}})
+    assert reg.upstreams["plain"].proxy_shown == "http://proxy.internal:3128"
+    assert reg.upstreams["secret"].proxy_shown == "http://***@proxy.internal:3128"
+    assert reg.upstreams["none"].proxy_shown is None
+    assert "p@ss" in reg.upstreams["secret"].secrets()  # scrubbed from messages, decoded or not
+    assert "p%40ss" in reg.upstreams["secret"].secrets()
+
+
 def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="cannot read the tasks file"):
         load_registry(tmp_path / "missing.yaml")

@@ -1,5 +1,5 @@
 """`GET /tasks`, `GET /tasks/{name}`: what the registry serves. Never a key, only the name of the
-environment variable that holds it."""
+environment variable that holds it; never a proxy's credentials."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
         "kind": task.kind,
         "model": task.model,
         "upstream": {"name": upstream.name, "base_url": upstream.base_url,
-                     "api_key_env": upstream.api_key_env},
+                     "api_key_env": upstream.api_key_env, "proxy": upstream.proxy_shown},
         "cache_ttl_s": default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s,
         "timeout_s": task.timeout_s or default_timeout_s,
         "threshold": task.threshold,

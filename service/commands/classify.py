@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -62,13 +64,29 @@ def _show(args: argparse.Namespace, inputs: list[str], response: dict[str, Any])
     print(table(["input", "target", "label", "score"], result_rows(inputs, response)))
 
 
+@contextlib.contextmanager
+def _kind_hint(task: str) -> Iterator[None]:
+    """The gateway names its route for a task of the other kind; name the CLI command instead."""
+    try:
+        yield
+    except UserError as exc:
+        message = str(exc)
+        if "send it to /classify-chat" in message:
+            raise UserError(f"{message} With this CLI: classifier-gateway classify-chat --task "
+                            f"{task} --messages FILE") from None
+        if "send it to /classify " in message:
+            raise UserError(f"{message} With this CLI: classifier-gateway classify --task "
+                            f"{task} TEXT...") from None
+        raise
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     if not args.texts and sys.stdin.isatty():
         raise UserError("nothing to classify: give TEXT arguments, or pipe one text per line")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise UserError("nothing to classify: give TEXT arguments or lines on standard input")
-    with gateway_api(args) as api:
+    with gateway_api(args) as api, _kind_hint(args.task):
         response = api.post("/classify", json={"task": args.task, "input": texts})
     _show(args, texts, response)
     return 0
@@ -107,7 +125,7 @@ def conversation_summary(conversation: dict[str, Any]) -> str:
 
 def cmd_classify_chat(args: argparse.Namespace) -> int:
     conversations = read_conversations(args.messages)
-    with gateway_api(args) as api:
+    with gateway_api(args) as api, _kind_hint(args.task):
         response = api.post("/classify-chat", json={"task": args.task, "input": conversations})
     _show(args, [conversation_summary(c) for c in conversations], response)
     return 0

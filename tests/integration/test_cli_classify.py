@@ -77,6 +77,23 @@ def test_an_unknown_task_gives_the_gateways_reason_in_one_line(
     assert "nope" in err and "sentiment" in err
 
 
+def test_a_task_of_the_other_kind_names_the_cli_command_to_use(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "conversation.json"
+    path.write_bytes(orjson.dumps([{"role": "user", "content": "hi"}]))
+    with gateway_stack(tmp_path) as stack:
+        chat_code, _, chat_err = run(capsys, "classify", "--task", "intent", "--gateway-url",
+                                     stack.url, "hi")
+        text_code, _, text_err = run(capsys, "classify-chat", "--task", "sentiment", "--messages",
+                                     str(path), "--gateway-url", stack.url)
+    assert chat_code == 1 and chat_err.count("\n") == 1
+    assert chat_err.rstrip().endswith(
+        "With this CLI: classifier-gateway classify-chat --task intent --messages FILE")
+    assert text_code == 1 and text_err.count("\n") == 1
+    assert text_err.rstrip().endswith(
+        "With this CLI: classifier-gateway classify --task sentiment TEXT...")
+
+
 def test_the_gateway_key_comes_from_the_environment_and_is_never_echoed(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
         ) -> None:

@@ -4,25 +4,35 @@ A running gateway reloads the file whenever its stat() changes, so a half-writte
 must never appear at the path: every edit is validated with the gateway's own parser, written to a
 temporary file in the same directory, flushed to disk and renamed over the old one (atomic on
 POSIX). An advisory lock next to the file keeps two CLI runs from losing each other's edits.
+Edits go through ruamel.yaml's round trip, so an operator's comments, key order and quoting survive
+them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from service.cli import UserError
 from service.commands.api import Upstream
 from service.gateway.registry import Registry, RegistryError, parse_registry
 
 Data = dict[str, Any]
+
+
+def _round_trip() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    return yaml
 
 
 def default_tasks_path() -> Path:
@@ -39,8 +49,8 @@ def read(path: Path) -> Data:
     except OSError as exc:
         raise UserError(f"cannot read the tasks file {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data = _round_trip().load(text)
+    except YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({_first_line(exc)}); fix it first") from None
     if data is None:
         data = {}
@@ -93,7 +103,9 @@ def edit(path: Path, change: Callable[[Data], None]) -> Registry:
             registry = parse_registry(data, str(path))
         except RegistryError as exc:
             raise UserError(f"not saved, the result would be invalid: {exc}") from None
-        write_atomically(path, yaml.safe_dump(data, sort_keys=False))
+        out = io.StringIO()
+        _round_trip().dump(data, out)
+        write_atomically(path, out.getvalue())
         return registry
 
 
@@ -129,13 +141,16 @@ def ensure_upstream(data: Data, upstream: Upstream) -> None:
 
 
 def set_task(data: Data, name: str, settings: dict[str, Any]) -> None:
-    """Update a task, keeping the settings the caller did not give (cache TTL, threshold, ...)."""
-    current = data["tasks"].get(name) or {}
-    merged = {**current, **{k: v for k, v in settings.items() if v is not None}}
+    """Update a task, keeping the settings the caller did not give (cache TTL, threshold, ...).
+    An existing task is changed in place, so that the comments on its lines stay."""
+    current = data["tasks"].get(name)
+    if not isinstance(current, dict):
+        current = data["tasks"][name] = {}
     for key, value in settings.items():
         if value == []:  # an empty list means "none": leave the gateway's default
-            merged.pop(key, None)
-    data["tasks"][name] = merged
+            current.pop(key, None)
+        elif value is not None:
+            current[key] = value
 
 
 def remove_task(data: Data, name: str) -> None:

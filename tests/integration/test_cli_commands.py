@@ -201,6 +201,37 @@ def test_tasks_remove_and_an_unknown_task(tmp_path: Path,
                               "(tasks: b)\n")
 
 
+def test_edits_keep_the_operators_comments_order_and_quoting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(
+        "# Tasks of the support team; ask #ml-platform before changing upstreams.\n"
+        "upstreams:\n"
+        "  local: {base_url: \"http://127.0.0.1:8100\"}  # the factory\n"
+        "tasks:\n"
+        "  intent:   # routes tickets\n"
+        "    upstream: local\n"
+        "    model: \"ft:old\"   # retrain monthly\n"
+        "    kind: chat\n"
+        "  sentiment:\n"
+        "    upstream: local\n"
+        "    model: 'ft:s'\n")
+    code, _, _ = run(capsys, "tasks", "set", "intent", "--model", "ft:new", "--tasks", str(tasks))
+    assert code == 0
+    code, _, _ = run(capsys, "tasks", "set", "news", "--model", "ft:n", "--upstream", "local",
+                     "--tasks", str(tasks))
+    assert code == 0
+    text = tasks.read_text()
+    for kept in ("# Tasks of the support team; ask #ml-platform before changing upstreams.",
+                 "# the factory", "intent:   # routes tickets", "# retrain monthly",
+                 "model: 'ft:s'"):
+        assert kept in text, text
+    assert text.index("intent:") < text.index("sentiment:") < text.index("news:")
+    registry = load_registry(tasks)
+    assert registry.tasks["intent"].model == "ft:new"
+    assert registry.tasks["news"].model == "ft:n"
+
+
 def test_a_broken_tasks_file_is_reported_not_overwritten(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"

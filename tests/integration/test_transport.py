@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +17,7 @@ import orjson
 import pytest
 
 from service.gateway.transport import PooledTransport
+from tests.support.redis_tls import self_signed_cert
 from tests.support.servers import ThreadedServer, serve
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -350,17 +349,7 @@ async def test_closed_transport_refuses_requests(echo: ThreadedServer) -> None:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    assert openssl is not None, "openssl is required: apt-get install openssl"
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "localhost", "DNS:localhost")
 
 
 async def test_https_verifies_the_server(tls_files: tuple[Path, Path]) -> None:

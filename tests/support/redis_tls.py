@@ -23,7 +23,8 @@ class TlsRedis:
         self.server.stop()
 
 
-def start_tls_redis(directory: Path) -> TlsRedis:
+def self_signed_cert(directory: Path, cn: str, san: str) -> tuple[Path, Path]:
+    """A throwaway certificate (its own CA) and key, e.g. `san="IP:127.0.0.1"`."""
     openssl = shutil.which("openssl")
     if openssl is None:
         raise RuntimeError("openssl is not installed: `apt-get install openssl`")
@@ -32,9 +33,14 @@ def start_tls_redis(directory: Path) -> TlsRedis:
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+         "-subj", f"/CN={cn}", "-addext", f"subjectAltName={san}"],
         check=True, capture_output=True, timeout=30,
     )
+    return cert, key
+
+
+def start_tls_redis(directory: Path) -> TlsRedis:
+    cert, key = self_signed_cert(directory, "127.0.0.1", "IP:127.0.0.1")
     port = free_port()
     # `--port 0` after start_redis's own `--port`: no plaintext listener, TLS on `port` only.
     server = start_redis(

@@ -65,11 +65,13 @@ def serve(port: int) -> None:
 
 # ------------------------------------------------------------------------------------------- clients
 @contextlib.asynccontextmanager
-async def httpx_default(url: str, conc: int) -> Any:
-    import httpx
-
-    limits = httpx.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+async def _httpx_like(module: Any, url: str, conc: int,
+                      transport_class: Callable[..., Any] | None = None) -> Any:
+    """An `AsyncClient` of httpx or httpx2, on its own pool or on `transport_class`."""
+    limits = module.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
+    options: dict[str, Any] = ({"limits": limits} if transport_class is None
+                               else {"transport": transport_class(limits=limits)})
+    async with module.AsyncClient(base_url=url, timeout=10, **options) as client:
         async def post(body: bytes) -> Any:
             response = await client.post("/v1/classifications", content=body,
                                          headers={"content-type": "application/json"})
@@ -77,63 +79,38 @@ async def httpx_default(url: str, conc: int) -> Any:
         yield post
 
 
-@contextlib.asynccontextmanager
-async def httpx_aiohttp(url: str, conc: int) -> Any:
+def httpx_default(url: str, conc: int) -> Any:
+    import httpx
+
+    return _httpx_like(httpx, url, conc)
+
+
+def httpx_aiohttp(url: str, conc: int) -> Any:
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    limits = httpx.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
-    transport = AiohttpTransport(limits=limits)
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=10) as client:
-        async def post(body: bytes) -> Any:
-            response = await client.post("/v1/classifications", content=body,
-                                         headers={"content-type": "application/json"})
-            return orjson.loads(response.content)
-        yield post
+    return _httpx_like(httpx, url, conc, AiohttpTransport)
 
 
-@contextlib.asynccontextmanager
-async def httpx2_default(url: str, conc: int) -> Any:
+def httpx2_default(url: str, conc: int) -> Any:
     import httpx2
 
-    limits = httpx2.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
-    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
-        async def post(body: bytes) -> Any:
-            response = await client.post("/v1/classifications", content=body,
-                                         headers={"content-type": "application/json"})
-            return orjson.loads(response.content)
-        yield post
+    return _httpx_like(httpx2, url, conc)
 
 
-@contextlib.asynccontextmanager
-async def httpx2_aiohttp(url: str, conc: int) -> Any:
+def httpx2_aiohttp(url: str, conc: int) -> Any:
     import httpx2
     from httpx_aiohttp.httpx2 import AiohttpTransport
 
-    limits = httpx2.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
-    transport = AiohttpTransport(limits=limits)
-    async with httpx2.AsyncClient(base_url=url, transport=transport, timeout=10) as client:
-        async def post(body: bytes) -> Any:
-            response = await client.post("/v1/classifications", content=body,
-                                         headers={"content-type": "application/json"})
-            return orjson.loads(response.content)
-        yield post
+    return _httpx_like(httpx2, url, conc, AiohttpTransport)
 
 
-@contextlib.asynccontextmanager
-async def httpx_pooled(url: str, conc: int) -> Any:
+def httpx_pooled(url: str, conc: int) -> Any:
     import httpx
 
     from service.gateway.transport import PooledTransport
 
-    limits = httpx.Limits(max_connections=conc * 2, max_keepalive_connections=conc * 2)
-    transport = PooledTransport(limits=limits)
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=10) as client:
-        async def post(body: bytes) -> Any:
-            response = await client.post("/v1/classifications", content=body,
-                                         headers={"content-type": "application/json"})
-            return orjson.loads(response.content)
-        yield post
+    return _httpx_like(httpx, url, conc, PooledTransport)
 
 
 @contextlib.asynccontextmanager

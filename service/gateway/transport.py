@@ -82,7 +82,6 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.idle_since = 0.0
-        self.uses = 0
         self.counted = False  # holds one of the pool's slots, given back in connection_lost
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -276,7 +275,6 @@ class PooledTransport(httpx.AsyncBaseTransport):
         exchange = _Exchange(loop.create_future(), head)
         exchange.last_data_at = time.monotonic()
         connection.exchange = exchange
-        connection.uses += 1
         transport = connection.transport
         assert transport is not None
         timer: asyncio.TimerHandle | None = None

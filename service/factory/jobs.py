@@ -39,7 +39,13 @@ from service.factory.data import (
 )
 from service.factory.errors import Conflict, FactoryError, NotFound
 from service.factory.metrics import FactoryMetrics
-from service.factory.model import BASE_ALIASES, BASE_MODEL, BATCH_SIZE, Hyperparameters
+from service.factory.models.base import (
+    BaseModel,
+    Hyperparameters,
+    TrainingFile,
+    TrainingSpec,
+)
+from service.factory.models.registry import Registry, UnknownBaseModel, default_registry
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, Store, now
@@ -47,7 +53,6 @@ from service.factory.trainer import PARENT_ENV
 
 log = logging.getLogger("service.factory.jobs")
 
-BASE_MODELS = (BASE_MODEL, *BASE_ALIASES)
 # The directory holding the `service` package: the trainer child imports it from there even when
 # the factory runs from another working directory without the package installed.
 _PACKAGE_ROOT = str(Path(service.__file__).resolve().parent.parent)
@@ -71,8 +76,10 @@ class _Running:
 
 class JobManager:
     def __init__(self, store: Store, settings: FactorySettings, metrics: FactoryMetrics,
-                 on_model: Callable[[ModelRecord], None] | None = None) -> None:
+                 on_model: Callable[[ModelRecord], None] | None = None,
+                 registry: Registry | None = None) -> None:
         self.store = store
+        self.registry = registry or default_registry()
         self.settings = settings
         self.metrics = metrics
         self.on_model = on_model
@@ -125,9 +132,14 @@ class JobManager:
         if request.job_type not in (None, "classifier"):
             raise FactoryError("this factory trains classifiers only: use job_type \"classifier\"",
                                param="job_type")
-        if request.model not in BASE_MODELS:
-            raise NotFound(f"base model {request.model!r} cannot be fine-tuned here; use one of "
-                           f"{', '.join(BASE_MODELS)}", param="model", code="unknown_model")
+        base = self._base_model(request.model)
+        hyper = Hyperparameters.from_job(request.hyperparameters.model_dump())
+        problem = base.check(hyper)
+        if problem is not None:
+            field_name, message = problem
+            raise FactoryError(f"hyperparameters.{field_name}: {message}",
+                               param=f"hyperparameters.{field_name}", status=422,
+                               code="invalid_hyperparameter")
         files = request.files()
         if not files:
             raise FactoryError("training_files is empty: upload a JSONL file with "
@@ -136,14 +148,15 @@ class JobManager:
             self._check_file(f.file_id, "training_files")
         for file_id in request.validation_files or []:
             self._check_file(file_id, "validation_files")
-        hyper = request.hyperparameters.model_dump()
+        hyper_doc = request.hyperparameters.model_dump()
         targets = ([t.model_dump() for t in request.classifier_targets]
                    if request.classifier_targets else None)
         doc: dict[str, Any] = {
+            "base_model": base.name,
             "auto_start": request.auto_start,
             "training_files": [f.model_dump() for f in files],
             "validation_files": list(request.validation_files or []),
-            "hyperparameters": hyper,
+            "hyperparameters": hyper_doc,
             # A wandb integration carries an API key: never store or echo it.
             "integrations": [{k: v for k, v in i.items() if k != "api_key"}
                              for i in request.integrations or []],
@@ -155,7 +168,7 @@ class JobManager:
             return await asyncio.to_thread(self._dry_run, doc)
         fingerprint = hashlib.sha256(orjson.dumps(
             [request.model, request.suffix, doc["training_files"], doc["validation_files"],
-             hyper, targets], option=orjson.OPT_SORT_KEYS)).hexdigest()
+             hyper_doc, targets], option=orjson.OPT_SORT_KEYS)).hexdigest()
         existing = self.store.find_active_job(fingerprint, ACTIVE_STATUSES)
         if existing is not None:
             raise Conflict(f"a job with the same model, files, hyperparameters and suffix is "
@@ -169,6 +182,26 @@ class JobManager:
         self.queue.put_nowait(job.id)
         self._update_queued()
         return job
+
+    def _base_model(self, name: str) -> BaseModel:
+        """The base model a job's `model` names, usable here, or the 4xx that says why not."""
+        try:
+            base = self.registry.resolve(name)
+        except UnknownBaseModel:
+            names = [*self.registry.names(), *self.registry.aliases]
+            raise NotFound(f"base model {name!r} cannot be fine-tuned here; use one of "
+                           f"{', '.join(names)} (GET /v1/models lists them)", param="model",
+                           code="unknown_model") from None
+        missing = base.availability()
+        if missing is not None:
+            raise FactoryError(f"base model {name!r} is not available on this factory: {missing}",
+                               param="model", code="model_unavailable")
+        return base
+
+    def _job_base(self, job: JobRecord) -> BaseModel:
+        """The base model a stored job trains (jobs from before base models had names trained
+        the n-gram model)."""
+        return self.registry.get(str(job.doc.get("base_model") or "local-ngram"))
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id)
@@ -314,46 +347,32 @@ class JobManager:
             if len(target.labels) < 2 and target.loss_function == "single_class":
                 return (f"target {target.name!r} has only the label(s) {list(target.labels)} in "
                         "the training data: a single_class target needs at least two labels")
-        steps = Hyperparameters(
-            training_steps=job.doc["hyperparameters"].get("training_steps"),
-            epochs=job.doc["hyperparameters"].get("epochs")).steps_for(merged.valid)
+        base = self._job_base(job)
+        hyper = Hyperparameters.from_job(job.doc["hyperparameters"])
         return {
             "kind": merged.kind,
             "targets": [{"name": t.name, "labels": list(t.labels), "weight": t.weight,
                          "loss_function": t.loss_function} for t in targets],
             "validation": {role + ":" + file_id: r.to_dict() | {"errors": r.to_dict()["errors"][:5]}
                            for role, file_id, r in reports},
-            "metadata": {
-                "expected_duration_seconds": max(1, int(merged.total_chars / 2_000_000 + steps
-                                                        * 0.02)),
-                "cost": 0.0, "cost_currency": "EUR",
-                "train_tokens_per_step": BATCH_SIZE * max(1, merged.total_chars
-                                                          // max(1, merged.valid) // 4),
-                "train_tokens": steps * BATCH_SIZE * max(1, merged.total_chars
-                                                         // max(1, merged.valid) // 4),
-                "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
-            },
+            "metadata": _estimate(base, hyper, merged),
         }
 
     def _dry_run(self, doc: dict[str, Any]) -> dict[str, Any]:
         reports = [validate_file(self.store.file_path(f["file_id"]), keep_examples=False,
                                  max_errors=0) for f in doc["training_files"]]
         merged = merge_reports(reports)
-        hyper = Hyperparameters(training_steps=doc["hyperparameters"].get("training_steps"),
-                                epochs=doc["hyperparameters"].get("epochs"))
-        steps = hyper.steps_for(merged.valid)
-        tokens_per_example = max(1, merged.total_chars // max(1, merged.valid) // 4)
+        base = self.registry.get(doc["base_model"])
+        hyper = Hyperparameters.from_job(doc["hyperparameters"])
+        metadata = _estimate(base, hyper, merged)
+        steps = base.steps_for(merged.valid, hyper)
+        batch = base.batch_size(hyper) or max(merged.valid, 1)
         return {
             "object": "job.metadata", "deprecated": False,
-            "details": f"{merged.valid} valid examples in {merged.lines} lines; "
-                       f"{steps} steps of {BATCH_SIZE} examples",
-            "expected_duration_seconds": max(1, int(steps * 0.02 + merged.total_chars / 2e6)),
-            "cost": 0.0, "cost_currency": "EUR",
-            "train_tokens_per_step": BATCH_SIZE * tokens_per_example,
-            "train_tokens": steps * BATCH_SIZE * tokens_per_example,
-            "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
-            "epochs": round(steps * min(BATCH_SIZE, max(merged.valid, 1))
-                            / max(merged.valid, 1), 4),
+            "details": f"{merged.valid} valid examples in {merged.lines} lines; base model "
+                       f"{base.name}; at most {steps} steps of {batch} examples",
+            **metadata,
+            "epochs": round(steps * min(batch, max(merged.valid, 1)) / max(merged.valid, 1), 4),
             "training_steps": steps,
         }
 
@@ -367,19 +386,23 @@ class JobManager:
 
     async def _train_process(self, job: JobRecord, running: _Running) -> None:
         job_dir = self.store.job_dir(job.id)
-        spec = {
-            "kind": job.doc["kind"],
-            "targets": job.doc["targets"],
-            "training_files": [{"path": str(self.store.file_path(f["file_id"])),
-                                "weight": f["weight"]} for f in job.doc["training_files"]],
-            "validation_files": [str(self.store.file_path(f)) for f in job.doc["validation_files"]],
-            "hyperparameters": job.doc["hyperparameters"],
-            "output_dir": str(self.store.model_dir(job.id)),
-            "checkpoints": self.settings.checkpoints,
-            "seed": 0,  # deterministic: the same data and hyperparameters give the same model
-        }
+        spec = TrainingSpec(
+            base_model=self._job_base(job).name,
+            kind=job.doc["kind"],
+            targets=tuple(TargetSpec(t["name"], tuple(t["labels"]), t["loss_function"],
+                                     float(t["weight"])) for t in job.doc["targets"]),
+            training_files=tuple(TrainingFile(str(self.store.file_path(f["file_id"])),
+                                              float(f["weight"]))
+                                 for f in job.doc["training_files"]),
+            validation_files=tuple(str(self.store.file_path(f))
+                                   for f in job.doc["validation_files"]),
+            # seed 0: the same data and hyperparameters give the same model
+            hyperparameters=Hyperparameters.from_job(job.doc["hyperparameters"], seed=0),
+            output_dir=str(self.store.model_dir(job.id)),
+            checkpoints=self.settings.checkpoints,
+        )
         spec_path = job_dir / "spec.json"
-        spec_path.write_bytes(orjson.dumps(spec))
+        spec_path.write_bytes(orjson.dumps(spec.to_json()))
         env = dict(os.environ)
         root = _PACKAGE_ROOT
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -399,7 +422,9 @@ class JobManager:
                 message = orjson.loads(raw)
                 if message["type"] == "checkpoint":
                     self.store.add_checkpoint(job.id, message["step_number"], message["metrics"],
-                                              message["created_at"])
+                                              int(time.time()))
+                elif message["type"] == "event":
+                    self.store.add_event(job.id, str(message["name"]), dict(message["data"]))
                 elif message["type"] == "result":
                     result = message
             code = await process.wait()
@@ -408,7 +433,7 @@ class JobManager:
             return
         if code != 0 or result is None:
             tail = stderr_path.read_text(errors="replace").strip().splitlines()
-            reason = tail[-1] if tail else f"the trainer exited with code {code}"
+            reason = tail[-1] if tail else _exit_reason(code)
             self._finish(job.id, "FAILED", error=reason)
             return
         when = time.time()
@@ -416,6 +441,7 @@ class JobManager:
         record = ModelRecord(id=model_id, job_id=job.id, root=job.model, created=int(when),
                              kind=job.doc["kind"],
                              doc={"targets": job.doc["targets"], "suffix": job.suffix,
+                                  "base_model": self._job_base(job).name,
                                   "evaluation": result.get("evaluation")})
         self.store.add_model(record)
         self._finish(job.id, "SUCCESS", fine_tuned_model=model_id,
@@ -425,3 +451,29 @@ class JobManager:
             self.on_model(record)
         log.info("job %s: SUCCESS, model %s", job.id, model_id)
 
+
+
+def _estimate(base: BaseModel, hyper: Hyperparameters, merged: ValidationReport) -> dict[str, Any]:
+    """Mistral's job `metadata`: the base model's own duration estimate and token counts."""
+    steps = base.steps_for(merged.valid, hyper)
+    batch = base.batch_size(hyper) or max(merged.valid, 1)
+    tokens_per_example = max(1, merged.total_chars // max(1, merged.valid) // 4)
+    return {
+        "expected_duration_seconds": max(1, round(base.estimate_seconds(
+            merged.valid, merged.total_chars, hyper))),
+        "cost": 0.0, "cost_currency": "EUR",
+        "train_tokens_per_step": batch * tokens_per_example,
+        "train_tokens": steps * batch * tokens_per_example,
+        "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
+    }
+
+
+def _exit_reason(code: int) -> str:
+    """Why a trainer that printed nothing died: a signal is almost always the kernel's OOM killer
+    (SIGKILL) or an operator."""
+    if code == -9:
+        return ("the training process was killed (SIGKILL), most likely out of memory: train on "
+                "fewer or shorter examples (a smaller seq_len), or give the factory more memory")
+    if code < 0:
+        return f"the training process was stopped by signal {-code}; create the job again"
+    return f"the training process exited with code {code} without saying why; see trainer.log"

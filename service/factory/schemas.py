@@ -47,7 +47,7 @@ class ClassifierHyperparameters(BaseModel):
     weight_decay: float | None = Field(default=0.1, ge=0, le=1)
     warmup_fraction: float | None = Field(default=0.05, ge=0, le=1)
     epochs: float | None = Field(default=None, gt=0, le=10_000)
-    seq_len: int | None = Field(default=None, ge=100)
+    seq_len: int | None = Field(default=None, ge=1, le=32_768)  # each base model checks its range
     fim_ratio: float | None = Field(default=None, ge=0, le=1)  # completion-only; ignored
 
 

@@ -3,8 +3,10 @@
 Training runs here, in its own process, so the factory's event loop never waits for numpy and a
 cancel is a plain kill (effective at once, nothing to clean up: the model directory is renamed
 into place only when complete). Progress goes to stdout as JSON lines:
-`{"type": "checkpoint", ...}` per checkpoint and one `{"type": "result", ...}` at the end; a
-failure is a non-zero exit with the reason as the last line of stderr.
+`{"type": "checkpoint", ...}` per checkpoint, `{"type": "event", "name": ..., "data": ...}` for
+facts the job should record (the device that trained it), and one `{"type": "result", ...}` at the
+end; a failure is a non-zero exit with the reason as the last line of stderr. The job hands over a
+`TrainingSpec` (JSON) naming the base model; which model trains is the registry's business.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from service.factory.data import Example, TargetSpec, validate_file
-from service.factory.model import Checkpoint, Hyperparameters, train
+from service.factory.data import Example, validate_file
+from service.factory.models.base import Checkpoint, TrainingData, TrainingSpec
+from service.factory.models.registry import default_registry
 
 _PR_SET_PDEATHSIG = 1
 #: The factory's pid, set by the factory when it starts a trainer.
@@ -33,53 +37,71 @@ def _emit(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def run(spec: dict[str, Any]) -> None:
-    kind = spec["kind"]
-    targets = [TargetSpec(t["name"], tuple(t["labels"]), t["loss_function"], float(t["weight"]))
-               for t in spec["targets"]]
+class _Control:
+    """Checkpoints and events go to stdout as JSON lines; SIGTERM asks the model to stop at its
+    next step (the factory's cancel is a SIGKILL, this is for a polite stop)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stop = True
+
+    def checkpoint(self, checkpoint: Checkpoint) -> None:
+        def r(value: float | None) -> float | None:
+            return None if value is None else round(value, 6)
+
+        _emit({"type": "checkpoint", "step_number": checkpoint.step_number,
+               "metrics": {"train_loss": r(checkpoint.train_loss),
+                           "valid_loss": r(checkpoint.valid_loss),
+                           "valid_mean_token_accuracy": r(checkpoint.valid_accuracy)}})
+
+    def event(self, name: str, data: Mapping[str, Any]) -> None:
+        _emit({"type": "event", "name": name, "data": dict(data)})
+
+    def cancelled(self) -> bool:
+        return self.stop
+
+
+def load_data(spec: TrainingSpec) -> TrainingData:
     examples: list[Example] = []
     weights: list[float] = []
-    for item in spec["training_files"]:
-        report = validate_file(item["path"], kind=kind, targets=targets, max_errors=0)
+    for item in spec.training_files:
+        report = validate_file(item.path, kind=spec.kind, targets=spec.targets, max_errors=0)
         examples.extend(report.examples)
-        weights.extend([float(item["weight"])] * len(report.examples))
+        weights.extend([item.weight] * len(report.examples))
     validation: list[Example] = []
-    for path in spec["validation_files"]:
-        validation.extend(validate_file(path, kind=kind, targets=targets, max_errors=0).examples)
+    for path in spec.validation_files:
+        validation.extend(validate_file(path, kind=spec.kind, targets=spec.targets,
+                                        max_errors=0).examples)
     if not examples:
         raise ValueError("no valid training example left")
-    h = spec["hyperparameters"]
-    hyper = Hyperparameters(
-        training_steps=h.get("training_steps"), learning_rate=float(h["learning_rate"]),
-        weight_decay=float(h.get("weight_decay") if h.get("weight_decay") is not None else 0.1),
-        warmup_fraction=float(h.get("warmup_fraction")
-                              if h.get("warmup_fraction") is not None else 0.05),
-        epochs=h.get("epochs"), seed=int(spec.get("seed", 0)),
-    )
+    return TrainingData(examples, weights, validation)
 
-    def on_checkpoint(c: Checkpoint) -> None:
-        _emit({"type": "checkpoint", "step_number": c.step_number, "created_at": c.created_at,
-               "metrics": {"train_loss": round(c.train_loss, 6),
-                           "valid_loss": None if c.valid_loss is None else round(c.valid_loss, 6),
-                           "valid_mean_token_accuracy": None if c.valid_accuracy is None
-                           else round(c.valid_accuracy, 6)}})
 
-    model, evaluation = train(examples, targets, hyper, validation=validation,
-                              example_weights=weights, on_checkpoint=on_checkpoint,
-                              checkpoints=int(spec.get("checkpoints", 10)), kind=kind)
-    output = Path(spec["output_dir"])
+def run(spec: TrainingSpec) -> None:
+    base = default_registry().get(spec.base_model)
+    missing = base.availability()
+    if missing is not None:
+        raise RuntimeError(missing)
+    data = load_data(spec)
+    model, evaluation = base.train(data, spec, _Control())
+    output = Path(spec.output_dir)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save(partial)
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
-    steps = int(model.info["steps"])
+    examples = data.examples
     tokens_per_example = sum(len(e.text.split()) for e in examples) / len(examples)
+    trained_examples = int(model.info.get("trained_examples", len(examples)))
     _emit({
         "type": "result",
-        "trained_tokens": int(steps * int(model.info["batch_size"]) * tokens_per_example),
-        "examples": len(examples), "steps": steps,
-        "train_seconds": model.info["train_seconds"],
+        "trained_tokens": int(trained_examples * tokens_per_example),
+        "examples": len(examples),
+        "steps": int(model.info.get("steps", model.info.get("iterations", 0))),
+        "train_seconds": model.info.get("train_seconds"),
         "evaluation": None if evaluation is None else {
             "valid_loss": round(evaluation.loss, 6),
             "valid_accuracy": round(evaluation.accuracy, 6),
@@ -106,7 +128,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m service.factory.trainer <spec.json>", file=sys.stderr)
         return 2
     try:
-        run(orjson.loads(Path(argv[0]).read_bytes()))
+        run(TrainingSpec.from_json(orjson.loads(Path(argv[0]).read_bytes())))
+    except MemoryError:
+        print("training failed: out of memory; train on fewer or shorter examples, or give the "
+              "factory more memory", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -29,8 +29,8 @@ def _demo(data_dir: Path, redis_url: str, env: dict[str, str] | None = None) -> 
 
 def test_demo_trains_registers_answers_and_reuses(tmp_path: Path, redis_server: RedisServer) -> None:
     first = _demo(tmp_path / "data", redis_server.url)
-    assert "sentiment: trained ft:classifier:ministral-3b-latest:" in first
-    assert "intent: trained ft:classifier:ministral-3b-latest:" in first
+    assert "sentiment: trained ft:classifier:local-ngram:" in first
+    assert "intent: trained ft:classifier:local-ngram:" in first
     assert f"Redis: using {redis_server.url}" in first
     answer = orjson.loads(first.split("First answer: ", 1)[1].splitlines()[0])
     assert answer["task"] == "sentiment"

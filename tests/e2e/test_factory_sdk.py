@@ -18,7 +18,7 @@ from mistralai.client import Mistral
 from mistralai.client.errors import HTTPValidationError, SDKError
 
 from tests.support.factory import (
-    LONG_STEPS,
+    LONG_JOB,
     REPO,
     FactoryClient,
     FactoryProcess,
@@ -143,7 +143,7 @@ def test_running_job_at_crash_is_failed_with_the_reason(tmp_path: Path) -> None:
         client = FactoryClient(process.url)
         done = client.train(jsonl(sentiment_rows(60)))
         file = client.upload(jsonl(sentiment_rows(300, seed=9)), name="long.jsonl")
-        long = client.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
+        long = client.create_job(file["id"], **LONG_JOB)
         client.wait(long["id"], statuses=("RUNNING",), timeout_s=30)
         queued = client.create_job(file["id"], suffix="after-crash")
         client.close()
@@ -171,3 +171,26 @@ def test_running_job_at_crash_is_failed_with_the_reason(tmp_path: Path) -> None:
     finally:
         process.stop()
 
+
+
+@pytest.mark.parametrize("base_model", ["local-minilm", "ministral-3b-latest"])
+def test_sdk_251_flow_fine_tunes_the_encoder(factory_url: str, base_model: str,
+                                              tmp_path: Path) -> None:
+    """Mistral's documented flow with the fine-tuned encoder, by its name and by Mistral's name
+    (which means local-minilm when the encoder extra is installed, as in CI)."""
+    data = tmp_path / "text.jsonl"
+    data.write_bytes(jsonl(sentiment_rows(200, seed=5)))
+    flow: dict[str, Any] = run_with_sdk_251(FLOW, "minimal", factory_url, KEY, str(data),
+                                            base_model)
+    assert flow["status"] == "SUCCESS", flow
+    assert flow["model"].startswith(f"ft:classifier:{base_model}:")
+    devices = [data for name, data in flow["events"] if name == "device"]
+    assert devices and devices[0]["device"] == "cpu"
+    losses = [c["metrics"]["train_loss"] for c in flow["checkpoints"]]
+    assert len(losses) >= 2 and all(loss > 0 for loss in losses)
+    positive, negative = flow["classify"]
+    assert positive["sentiment"]["positive"] > 0.5 and negative["sentiment"]["negative"] > 0.5
+    if base_model.startswith("ministral"):
+        assert flow["base"]["served_by"] == "local-minilm"
+    else:
+        assert flow["base"]["available"] is True

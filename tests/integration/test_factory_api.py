@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.support.factory import (
-    LONG_STEPS,
+    LONG_JOB,
     FactoryClient,
     chat_rows,
     jsonl,
@@ -98,7 +98,9 @@ def test_mistral_example_job_runs_the_recorded_sequence(factory: FactoryClient) 
     assert job["classifier_targets"] == [{"name": "sentiment", "labels": ["negative", "positive"],
                                           "weight": 1.0, "loss_function": "single_class"}]
     checkpoints = job["checkpoints"]
-    assert checkpoints and checkpoints[0]["step_number"] == 100
+    # Newest first; local-ngram's steps are solver iterations, which stop at convergence.
+    steps = [c["step_number"] for c in checkpoints]
+    assert len(steps) >= 2 and steps == sorted(steps, reverse=True) and steps[0] < 100
     for checkpoint in checkpoints:
         metrics = checkpoint["metrics"]
         assert metrics["train_loss"] > 0 and metrics["valid_loss"] > 0
@@ -110,7 +112,7 @@ def test_mistral_example_job_runs_the_recorded_sequence(factory: FactoryClient) 
 
     model = job["fine_tuned_model"]
     parts = model.split(":")
-    assert parts[:3] == ["ft", "classifier", "ministral-3b-latest"]
+    assert parts[:3] == ["ft", "classifier", "local-ngram"]
     assert len(parts[3]) == 8 and int(parts[3], 16) >= 0
     assert parts[4] == time.strftime("%Y%m%d", time.gmtime(job["created_at"]))
     assert parts[5] == created["id"].replace("-", "")[:8]
@@ -212,7 +214,7 @@ def test_duplicate_job_in_flight_is_409(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(50)))
     first = factory.create_job(file["id"], auto_start=False)
     r = factory.http.post("/v1/fine_tuning/jobs", json={
-        "model": "ministral-3b-latest", "training_files": [file["id"]],  # plain ids work too
+        "model": "local-ngram", "training_files": [file["id"]],  # plain ids work too
         "hyperparameters": {"training_steps": 100, "learning_rate": 4e-5}})
     body = _assert_mistral_error(r, 409, first["id"])
     assert body["code"] == "duplicate_job"
@@ -223,11 +225,11 @@ def test_duplicate_job_in_flight_is_409(factory: FactoryClient) -> None:
 def test_dry_run_returns_metadata_and_creates_nothing(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(512)))
     r = factory.http.post("/v1/fine_tuning/jobs", params={"dry_run": "true"}, json={
-        "model": "ministral-3b-latest", "training_files": [{"file_id": file["id"]}],
-        "hyperparameters": {"epochs": 2}})
+        "model": "local-ngram", "training_files": [{"file_id": file["id"]}],
+        "hyperparameters": {"epochs": 30}})
     assert r.status_code == 200, r.text
     meta = r.json()
-    assert meta["object"] == "job.metadata" and meta["training_steps"] == 4
+    assert meta["object"] == "job.metadata" and meta["training_steps"] == 30
     assert meta["details"]
     assert factory.http.get("/v1/fine_tuning/jobs").json()["total"] == 0
 
@@ -281,7 +283,7 @@ def test_limits_on_classification(tmp_path: Path) -> None:
 
 def test_cancel_mid_training(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(300)))
-    created = factory.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
+    created = factory.create_job(file["id"], **LONG_JOB)
     factory.wait(created["id"], statuses=("RUNNING",), timeout_s=30)
     time.sleep(0.5)
     r = factory.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
@@ -300,7 +302,7 @@ def test_cancel_mid_training(factory: FactoryClient) -> None:
 
 def test_one_job_at_a_time_the_rest_queued(factory: FactoryClient) -> None:
     file = factory.upload(jsonl(sentiment_rows(200)))
-    long = factory.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
+    long = factory.create_job(file["id"], **LONG_JOB)
     factory.wait(long["id"], statuses=("RUNNING",), timeout_s=30)
     queued = factory.create_job(file["id"], suffix="second")
     time.sleep(0.5)
@@ -319,8 +321,10 @@ def test_models_list_retrieve_delete(factory: FactoryClient) -> None:
     assert cards["object"] == "list"
     by_id = {c["id"]: c for c in cards["data"]}
     assert by_id["ministral-3b-latest"]["type"] == "base"
+    assert by_id["ministral-3b-latest"]["served_by"] in ("local-minilm", "local-ngram")
     assert by_id["local-ngram"]["capabilities"]["classification"] is True
-    assert by_id[model]["type"] == "fine-tuned" and by_id[model]["root"] == "ministral-3b-latest"
+    assert by_id["local-ngram"]["available"] is True
+    assert by_id[model]["type"] == "fine-tuned" and by_id[model]["root"] == "local-ngram"
     assert factory.http.get(f"/v1/models/{model}").json()["id"] == model
     assert factory.http.delete(f"/v1/models/{model}").json() == {
         "id": model, "object": "model", "deleted": True}
@@ -420,7 +424,7 @@ def test_shutdown_during_training_fails_the_job_with_the_reason(tmp_path: Path) 
     with running_factory(data_dir) as server:
         client = FactoryClient(server.url)
         file = client.upload(jsonl(sentiment_rows(200)))
-        job = client.create_job(file["id"], hyperparameters={"training_steps": LONG_STEPS})
+        job = client.create_job(file["id"], **LONG_JOB)
         client.wait(job["id"], statuses=("RUNNING",), timeout_s=30)
         queued = client.create_job(file["id"], suffix="next", auto_start=False)
         client.close()

@@ -30,9 +30,12 @@ SDK_251_DIR = CACHE / "mistralai-2.5.1"
 CORPORA_DIR = CACHE / "corpora"
 TERMINAL = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
 MISTRAL_EXAMPLE = {"training_steps": 100, "learning_rate": 4e-5}
-#: A job long enough (tens of seconds) to be caught RUNNING, cancelled or crashed, and short
-#: enough that a trainer which outlived a broken test does not hog a shared machine for long.
+#: A job long enough (minutes) to be caught RUNNING, cancelled or crashed: the fine-tuned encoder
+#: for many steps (local-ngram converges in a second whatever its budget). Every test that starts
+#: one cancels or kills it, and a trainer dies with its factory.
 LONG_STEPS = 30_000
+LONG_JOB: dict[str, Any] = {"model": "local-minilm",
+                            "hyperparameters": {"training_steps": LONG_STEPS}}
 
 
 def jsonl(rows: Sequence[Any]) -> bytes:
@@ -91,7 +94,7 @@ class FactoryClient:
         return result
 
     def create_job(self, file_id: str, **body: Any) -> dict[str, Any]:
-        payload = {"model": "ministral-3b-latest", "training_files": [{"file_id": file_id}],
+        payload = {"model": "local-ngram", "training_files": [{"file_id": file_id}],
                    "hyperparameters": dict(MISTRAL_EXAMPLE), "job_type": "classifier", **body}
         r = self.http.post("/v1/fine_tuning/jobs", json=payload)
         assert r.status_code == 200, r.text

@@ -87,19 +87,43 @@ class _Expander:
 
 def intent_examples(per_intent: int = 60, seed: int = 0) -> list[tuple[str, str]]:
     """(sentence, intent) pairs, distinct sentences, up to `per_intent` per intent."""
+    return [(sentence, intent) for sentence, intent, _ in intent_domain_examples(per_intent, seed)]
+
+
+def _block_domain(block: dict[str, Any], intent_domain: str) -> str:
+    """The entity domain a template block targets: its fixed `domain` slot, else a single domain
+    it requires, else the domain Home Assistant declares for the intent."""
+    slot = block.get("slots", {}).get("domain")
+    if isinstance(slot, str):
+        return slot
+    required = block.get("requires_context", {}).get("domain")
+    if isinstance(required, str):
+        return required
+    if isinstance(required, list) and len(required) == 1:
+        return str(required[0])
+    return intent_domain
+
+
+def intent_domain_examples(per_intent: int = 60, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(sentence, intent, domain) triples: the sentences of `intent_examples` (same seed, same
+    order), each with the domain of the template block it was sampled from (`_block_domain`)."""
     with zipfile.ZipFile(wheel("home-assistant-intents", "2026.10.27")) as z:
         spec = orjson.loads(z.read("home_assistant_intents/data/en.json"))
+        declared = orjson.loads(z.read("home_assistant_intents/intents.json"))
     rng = random.Random(seed)
     expander = _Expander(spec, rng)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str]] = []
     for intent in sorted(spec["intents"]):
-        templates = [t for block in spec["intents"][intent]["data"] for t in block["sentences"]]
+        intent_domain = str(declared.get(intent, {}).get("domain", "homeassistant"))
+        templates = [(t, _block_domain(block, intent_domain))
+                     for block in spec["intents"][intent]["data"] for t in block["sentences"]]
         seen: set[str] = set()
         for _ in range(per_intent * 5):
-            sentence = expander.sample(rng.choice(templates))
+            template, domain = rng.choice(templates)
+            sentence = expander.sample(template)
             if sentence and sentence not in seen:
                 seen.add(sentence)
-                out.append((sentence, intent))
+                out.append((sentence, intent, domain))
             if len(seen) >= per_intent:
                 break
     return out

@@ -39,7 +39,8 @@ def wait(client: Any, job_id: str, statuses: tuple[str, ...], timeout_s: float =
         time.sleep(0.1)
 
 
-def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[str, Any]:
+def main(server_url: str, api_key: str, text_path: str, chat_path: str,
+         base_model: str = "local-ngram") -> dict[str, Any]:
     # Typed as Any: mypy sees the installed SDK (3.x), while this script runs against 2.5.1.
     client: Any = Mistral(api_key=api_key, server_url=server_url)
     out: dict[str, Any] = {"sdk": mistralai.client.__name__}
@@ -54,7 +55,7 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[
 
     # auto_start true: Mistral's documented example, unchanged.
     created = _known(client.fine_tuning.jobs.create(
-        model="ministral-3b-latest", job_type="classifier",
+        model=base_model, job_type="classifier",
         training_files=[{"file_id": text_file.id, "weight": 1}],
         validation_files=[text_file.id],
         hyperparameters={"training_steps": 100, "learning_rate": 4e-5},
@@ -73,7 +74,7 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[
 
     # auto_start false, then start.
     created = _known(client.fine_tuning.jobs.create(
-        model="ministral-3b-latest", job_type="classifier",
+        model=base_model, job_type="classifier",
         training_files=[{"file_id": chat_file.id, "weight": 1}],
         hyperparameters={"training_steps": 50, "learning_rate": 1e-4},
         auto_start=False, suffix="sdk-chat",
@@ -107,7 +108,7 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[
     out["list_suffix"] = [j.id for j in client.fine_tuning.jobs.list(suffix="sdk-chat").data or []]
 
     long = _known(client.fine_tuning.jobs.create(
-        model="ministral-3b-latest", job_type="classifier",
+        model="local-minilm", job_type="classifier",  # long enough to be caught RUNNING
         training_files=[{"file_id": text_file.id, "weight": 1}],
         hyperparameters={"training_steps": LONG_STEPS}, auto_start=True, suffix="sdk-cancel",
     ))
@@ -125,5 +126,33 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str) -> dict[
     return out
 
 
+def minimal(server_url: str, api_key: str, text_path: str, base_model: str) -> dict[str, Any]:
+    """Mistral's documented flow, once: upload, a job (`base_model`, Mistral's example
+    hyperparameters), poll, classify."""
+    client: Any = Mistral(api_key=api_key, server_url=server_url)
+    file = client.files.upload(file={"file_name": "text.jsonl",
+                                     "content": Path(text_path).read_bytes()},
+                               purpose="fine-tune")
+    created = _known(client.fine_tuning.jobs.create(
+        model=base_model, job_type="classifier",
+        training_files=[{"file_id": file.id, "weight": 1}], validation_files=[file.id],
+        hyperparameters={"training_steps": 30, "learning_rate": 4e-5}, auto_start=True,
+    ))
+    job = wait(client, created.id, ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"))
+    result = client.classifiers.classify(
+        model=job.fine_tuned_model,
+        inputs=["the meal was wonderful, really fantastic", "the phone was broken and useless"])
+    return {
+        "status": job.status, "model": job.fine_tuned_model,
+        "events": [[e.name, e.data] for e in job.events or []],
+        "checkpoints": [c.model_dump() for c in job.checkpoints or []],
+        "classify": [{k: v.scores for k, v in r.items()} for r in result.results],
+        "base": {m.id: m.model_dump() for m in client.models.list().data or []}.get(base_model),
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:5])))
+    if sys.argv[1] == "minimal":
+        print(json.dumps(minimal(*sys.argv[2:6]), default=str))
+    else:
+        print(json.dumps(main(*sys.argv[1:6])))

@@ -167,7 +167,7 @@ def train_task(client: httpx.Client, task: DemoTask) -> str:
             client.post(f"/v1/fine_tuning/jobs/{job_id}/start")
     else:
         r = client.post("/v1/fine_tuning/jobs", json={
-            "model": "ministral-3b-latest", "job_type": "classifier", "suffix": task.suffix,
+            "model": "local-ngram", "job_type": "classifier", "suffix": task.suffix,
             "training_files": [{"file_id": file_id, "weight": 1}], "auto_start": True,
             "hyperparameters": {"training_steps": 100, "learning_rate": 1e-4},
         })

@@ -1,7 +1,8 @@
 """`/v1/classifications` and `/v1/chat/classifications`: Mistral's classification endpoints.
 
-Small batches are scored on the event loop (they take well under a millisecond, less than a
-thread hop); larger ones in a worker thread, so one big request does not stall the others.
+Small batches of a fast model (`Predictor.inline`) are scored on the event loop (well under a
+millisecond, less than a thread hop); larger ones, and every batch of a neural encoder, in a
+worker thread, so one request does not stall the others.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Depends, Response
 
 from service.factory.data import render_messages
 from service.factory.errors import TooLarge
-from service.factory.model import classification_scores
+from service.factory.models.base import Predictor
 from service.factory.state import FactoryState, get_state
 from service.wire import (
     CHAT_ENDPOINT,
@@ -65,7 +66,7 @@ async def _classify(state: FactoryState, model_id: str, inputs: list[str] | list
     _, model = await state.catalog.get(model_id)
     texts = [_as_text(item, model.kind) for item in inputs]
     _check_limits(state, texts)
-    if len(texts) <= state.settings.inline_batch_items:
+    if model.inline and len(texts) <= state.settings.inline_batch_items:
         results = classification_scores(model, texts)
     else:
         results = await asyncio.to_thread(classification_scores, model, texts)
@@ -75,6 +76,12 @@ async def _classify(state: FactoryState, model_id: str, inputs: list[str] | list
     # Serialised here: the hot path skips FastAPI's response validation and encoder.
     return Response(orjson.dumps({"id": uuid.uuid4().hex, "model": model_id, "results": results}),
                     media_type="application/json")
+
+
+def classification_scores(model: Predictor, texts: list[str]) -> list[dict[str, Any]]:
+    """Mistral's `results` entries: `{target: {"scores": {label: p}}}` per text."""
+    return [{name: {"scores": scores} for name, scores in result.items()}
+            for result in model.classify(texts)]
 
 
 @router.post("/classifications")

@@ -1,0 +1,202 @@
+"""`local-minilm` benchmark: training time of Mistral's example job, serving speed against a plain
+transformers PyTorch loop with the same weights, and macro-F1 against the TF-IDF baseline.
+
+Prints one JSON object:
+- `train_10k`: Mistral's example job (100 steps, learning rate 4e-5) on 10,000 tweets
+  (`sentiment_tweets`, ~100 characters), everything `train` does (load, linear probe, fine-tuning,
+  ONNX export, int8 quantisation, n-gram side model, blend weights), and that model's macro-F1 on
+  2,000 held-out tweets next to the baseline's.
+- `serving`: items/s of the ONNX predictor (`MiniLMModel.encoder_logits`, and `classify` with the
+  n-gram blend) and of a plain loop (transformers BertModel + the same fine-tuned head, float32,
+  `torch.inference_mode`, each batch padded to its longest text) at the same batch size; and the
+  single-item latency of `classify` in process.
+- `accuracy`: per corpus, the model (Mistral's example job) and the baseline on the same split.
+
+The baseline: make_union(word 1-2 TF-IDF, char_wb 2-5 TF-IDF, sublinear) + LogisticRegression(C=10).
+
+    python -m bench.minilm_bench                    # ~15 minutes on 2 cores
+    python -m bench.minilm_bench --quick            # train_10k and serving only (~5 minutes)
+    python -m bench.minilm_bench --corpora intents bbc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from service.factory.data import Example, TargetSpec
+from service.factory.models.base import (
+    Hyperparameters,
+    SilentControl,
+    TrainingData,
+    TrainingSpec,
+)
+from service.factory.models.minilm import BATCH_SIZE, DEFAULT_SEQ_LEN, MAX_CHUNKS
+from tests.support import corpora
+from tests.support.factory import bbc_news, split
+from tests.support.factory_intents import intent_examples
+
+MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+Rows = list[tuple[str, str]]
+
+CORPORA: dict[str, Callable[[], Rows]] = {
+    "tweets": lambda: corpora.sentiment_tweets(limit=3_750),
+    "rotten_tomatoes": lambda: corpora.rotten_tomatoes(limit=3_750),
+    "sms_spam": lambda: corpora.sms_spam(limit=3_750),
+    "election": lambda: corpora.election_tweets(limit=3_750),
+    "intents": lambda: [(f"user: {t}", y) for t, y in intent_examples()],
+    "bbc": bbc_news,
+}
+
+
+def baseline(train_rows: Rows, test_rows: Rows) -> float:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline, make_union
+
+    model = make_pipeline(
+        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+        LogisticRegression(C=10, max_iter=2000))
+    model.fit([t for t, _ in train_rows], [y for _, y in train_rows])
+    return float(f1_score([y for _, y in test_rows], model.predict([t for t, _ in test_rows]),
+                          average="macro"))
+
+
+def fit(train_rows: Rows, hyper: Hyperparameters = MISTRAL_EXAMPLE) -> tuple[Any, float]:
+    """`minilm_train.run` as `MiniLM().train` calls it: (Trained, seconds)."""
+    from service.factory.models import minilm_train
+
+    labels = tuple(sorted({y for _, y in train_rows}))
+    examples = [Example(i, t, {"y": y}) for i, (t, y) in enumerate(train_rows)]
+    spec = TrainingSpec("local-minilm", "text", (TargetSpec("y", labels, "single_class"),),
+                        (), (), hyper, "/unused")
+    started = time.perf_counter()
+    trained = minilm_train.run(TrainingData(examples, [1.0] * len(examples)), spec,
+                               SilentControl(), seq_len=hyper.seq_len or DEFAULT_SEQ_LEN,
+                               max_chunks=MAX_CHUNKS, batch_size=BATCH_SIZE)
+    return trained, time.perf_counter() - started
+
+
+def macro_f1(model: Any, test_rows: Rows) -> dict[str, float]:
+    """The blended model's macro-F1, and each side's alone."""
+    from sklearn.metrics import f1_score
+
+    from service.factory.models.minilm_onnx import softmax
+
+    texts, gold = [t for t, _ in test_rows], [y for _, y in test_rows]
+    labels = model.heads[0].labels
+
+    def score(p: Any) -> float:
+        return round(float(f1_score(gold, [labels[i] for i in p.argmax(axis=1)],
+                                    average="macro")), 4)
+
+    (blended,) = model.predict_proba(texts)
+    return {"macro_f1": score(blended),
+            "encoder_only_macro_f1": score(softmax(model.encoder_logits(texts))),
+            "ngram_only_macro_f1": score(model.ngram.predict_proba(texts)[0])}
+
+
+def items_per_s(call: Callable[[list[str]], object], texts: Sequence[str], batch: int,
+                seconds: float) -> float:
+    call(list(texts[:batch]))
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for i in range(0, len(texts) - batch + 1, batch):
+            call(list(texts[i:i + batch]))
+            done += batch
+            if time.perf_counter() - started >= seconds:
+                break
+    return done / (time.perf_counter() - started)
+
+
+def plain_torch(trained: Any, seq_len: int) -> Callable[[list[str]], object]:
+    """The fine-tuned weights in a plain transformers loop: tokenizer, BertModel, mean pooling,
+    the head, softmax; float32, inference mode, each batch padded to its longest text."""
+    import torch
+    from tokenizers import Tokenizer
+
+    network = trained.network.to("cpu").float().eval()
+    tokenizer = Tokenizer.from_str(trained.model.tokenizer_json)
+    tokenizer.enable_truncation(seq_len)
+    tokenizer.enable_padding()
+
+    def call(texts: list[str]) -> object:
+        encodings = tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings])
+        mask = torch.tensor([e.attention_mask for e in encodings])
+        with torch.inference_mode():
+            return torch.softmax(network(ids, mask), dim=1).numpy()
+
+    return call
+
+
+def serving(trained: Any, texts: Sequence[str], seconds: float, n_latency: int) -> dict[str, Any]:
+    model = trained.model
+    out: dict[str, Any] = {"batch_size": BATCH_SIZE}
+    out["onnx_encoder_items_per_s"] = round(items_per_s(model.encoder_logits, texts, BATCH_SIZE,
+                                                        seconds), 1)
+    out["onnx_classify_items_per_s"] = round(items_per_s(model.classify, texts, BATCH_SIZE,
+                                                         seconds), 1)
+    out["plain_torch_items_per_s"] = round(items_per_s(
+        plain_torch(trained, DEFAULT_SEQ_LEN), texts, BATCH_SIZE, seconds), 1)
+    out["speedup"] = round(out["onnx_classify_items_per_s"] / out["plain_torch_items_per_s"], 2)
+    single = []
+    for i in range(n_latency):
+        started = time.perf_counter()
+        model.classify([texts[i % len(texts)]])
+        single.append((time.perf_counter() - started) * 1000)
+    out["single_item_p50_ms"] = round(statistics.median(single), 2)
+    out["single_item_p99_ms"] = round(float(np.percentile(single, 99)), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--corpora", nargs="*", default=list(CORPORA), choices=list(CORPORA))
+    args = parser.parse_args()
+    seconds, n_latency = (5.0, 200) if args.quick else (15.0, 500)
+
+    tweets = corpora.sentiment_tweets(limit=12_000)
+    train_rows, test_rows = split(tweets, 2_000 / len(tweets), seed=0)
+    train_rows = train_rows[:10_000]
+    trained, train_s = fit(train_rows)
+    result: dict[str, Any] = {
+        "machine_cores": os.cpu_count(),
+        "train_10k": {
+            "examples": len(train_rows),
+            "mean_chars": round(sum(len(t) for t, _ in train_rows) / len(train_rows)),
+            "seconds_mistral_example_100_steps": round(train_s, 1),
+            "phases": {k: v for k, v in trained.model.info.items() if k.endswith("seconds")},
+            "blend_weights": trained.model.weights,
+            **macro_f1(trained.model, test_rows),
+            "baseline_macro_f1": round(baseline(train_rows, test_rows), 4),
+        },
+        "serving": serving(trained, [t for t, _ in test_rows], seconds, n_latency),
+    }
+    if not args.quick:
+        accuracy: dict[str, Any] = {}
+        for name in args.corpora:
+            rows = CORPORA[name]()
+            tr, te = split(rows, 0.2, seed=0)
+            model, seconds_taken = fit(tr)
+            accuracy[name] = {"train": len(tr), "test": len(te),
+                              "train_seconds": round(seconds_taken, 1),
+                              "blend_weights": model.model.weights,
+                              **macro_f1(model.model, te),
+                              "baseline_macro_f1": round(baseline(tr, te), 4)}
+        result["accuracy"] = accuracy
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""`local-minilm` code paths on tiny data (a few steps on CPU): what a quality test cannot see.
+
+Skipped where the encoder extra is not installed (`MiniLM().availability()` says how to install
+it). One model, two heads (a `single_class` and a `multi_class` target), is trained once for the
+module (~20 s on 2 cores), unquantised so that the torch network and its ONNX export can be
+compared to 1e-4.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.factory.data import Example, TargetSpec
+from service.factory.models.base import (
+    Checkpoint,
+    Hyperparameters,
+    ModelFormatError,
+    SilentControl,
+    TrainingCancelled,
+    TrainingData,
+    TrainingSpec,
+)
+from service.factory.models.minilm import INSTALL, MiniLM
+
+pytestmark = pytest.mark.skipif(MiniLM().availability() is not None,
+                                reason=str(MiniLM().availability()))
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN = 32
+TARGETS = (TargetSpec("sentiment", ("negative", "positive"), "single_class"),
+           TargetSpec("topics", ("food", "price", "service"), "multi_class"))
+
+
+def examples(n: int = 48) -> list[Example]:
+    good, bad = ["great", "lovely", "excellent"], ["awful", "terrible", "bland"]
+    topics = [("food",), ("price",), ("service",), ("food", "price"), ("price", "service")]
+    out = []
+    for i in range(n):
+        words = good if i % 2 == 0 else bad
+        tags = topics[i % len(topics)]
+        text = f"the {' and the '.join(tags)} was {words[i % 3]}, {words[(i + 1) % 3]} {i}"
+        out.append(Example(i + 1, text, {"sentiment": "positive" if i % 2 == 0 else "negative",
+                                         "topics": tags}))
+    return out
+
+
+def spec(steps: int = 3, seed: int = 0, seq_len: int = SEQ_LEN) -> TrainingSpec:
+    return TrainingSpec("local-minilm", "text", TARGETS, (), (),
+                        Hyperparameters(training_steps=steps, learning_rate=4e-5,
+                                        seq_len=seq_len, seed=seed), "/unused", checkpoints=3)
+
+
+def train(steps: int = 3, seed: int = 0, control: Any = None) -> Any:
+    from service.factory.models import minilm_train
+
+    data = examples()
+    return minilm_train.run(TrainingData(data, [1.0] * len(data), data[:8]), spec(steps, seed),
+                            control or SilentControl(), seq_len=SEQ_LEN, max_chunks=4,
+                            batch_size=8, device="cpu", quantize=False)
+
+
+TEXTS = ["the food was great, lovely", "the price and the service was awful",
+         "word " * 100]  # the last one is four chunks
+
+
+@pytest.fixture(scope="module")
+def trained() -> Any:
+    control = SilentControl()
+    result = train(control=control)
+    result.control = control
+    return result
+
+
+def test_checkpoints_and_device_event(trained: Any) -> None:
+    control = trained.control
+    assert [c.step_number for c in control.checkpoints] == [1, 2, 3]
+    assert all(c.train_loss > 0 and c.valid_loss is not None for c in control.checkpoints)
+    (_name, data), = [e for e in control.events if e[0] == "device"]
+    assert data["device"] == "cpu" and data["name"] == "cpu"
+    assert trained.evaluation is not None and set(trained.evaluation.targets) == {
+        "sentiment", "topics"}
+
+
+def test_onnx_matches_torch(trained: Any) -> None:
+    from service.factory.models.minilm_train import torch_logits
+
+    model = trained.model
+    onnx = model.encoder_logits(TEXTS)
+    torch_side = torch_logits(trained.network, model.tokenizer_json, TEXTS, SEQ_LEN, 4)
+    assert np.abs(onnx - torch_side).max() < 1e-4
+
+
+def test_heads_softmax_and_sigmoid(trained: Any) -> None:
+    sentiment, topics = trained.model.predict_proba(TEXTS)
+    assert sentiment.shape == (3, 2) and np.allclose(sentiment.sum(axis=1), 1, atol=1e-5)
+    assert topics.shape == (3, 3) and ((topics > 0) & (topics < 1)).all()
+    assert not np.allclose(topics.sum(axis=1), 1, atol=1e-3)  # independent sigmoids
+    scores = trained.model.classify(TEXTS[:1])[0]
+    assert set(scores) == {"sentiment", "topics"}
+    assert set(scores["topics"]) == {"food", "price", "service"}
+
+
+def test_save_load_round_trip(trained: Any, tmp_path: Path) -> None:
+    from service.factory.models.registry import Registry
+
+    trained.model.save(tmp_path)
+    assert (tmp_path / "ngram" / "model.json").exists()
+    loaded = Registry([MiniLM()]).load(tmp_path)
+    for a, b in zip(trained.model.predict_proba(TEXTS), loaded.predict_proba(TEXTS),  # type: ignore[attr-defined]
+                    strict=True):
+        assert np.abs(a - b).max() < 1e-6
+    assert loaded.classify(TEXTS) == trained.model.classify(TEXTS)
+    assert loaded.kind == "text"
+
+
+def test_serving_does_not_import_torch(trained: Any, tmp_path: Path) -> None:
+    trained.model.save(tmp_path)
+    code = ("import sys; from pathlib import Path; "
+            "from service.factory.models.minilm import MiniLM; "
+            f"m = MiniLM().load(Path({str(tmp_path)!r})); print(m.classify(['great food'])); "
+            "bad = [n for n in ('torch', 'transformers') if n in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("damage", ["onnx", "json", "format", "missing"])
+def test_corrupt_model_dir(trained: Any, tmp_path: Path, damage: str) -> None:
+    from service.factory.models.registry import Registry
+
+    trained.model.save(tmp_path)
+    if damage == "onnx":
+        (tmp_path / "encoder.onnx").write_bytes(b"not an onnx graph")
+    elif damage == "json":
+        (tmp_path / "model.json").write_text("{", encoding="utf-8")
+    elif damage == "format":
+        (tmp_path / "model.json").write_text(
+            '{"base_model": "local-minilm", "format": 99}', encoding="utf-8")
+    else:
+        (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ModelFormatError):
+        Registry([MiniLM()]).load(tmp_path)
+
+
+def test_same_seed_same_model(trained: Any) -> None:
+    again = train()
+    for a, b in zip(trained.model.predict_proba(TEXTS), again.model.predict_proba(TEXTS),
+                    strict=True):
+        assert np.abs(a - b).max() < 1e-6
+
+
+class CancelAfterFirstCheckpoint(SilentControl):
+    """Turns cancelled once the first checkpoint is in, and records when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: float | None = None
+
+    def checkpoint(self, checkpoint: Checkpoint) -> None:
+        super().checkpoint(checkpoint)
+        if self.at is None:
+            self.at = time.monotonic()
+            self.cancel = True
+
+    def event(self, name: str, data: Mapping[str, Any]) -> None:
+        super().event(name, data)
+
+
+def test_cancel_stops_within_a_second() -> None:
+    control = CancelAfterFirstCheckpoint()
+    with pytest.raises(TrainingCancelled):
+        train(steps=50, control=control)
+    assert control.at is not None
+    assert time.monotonic() - control.at < 1.0
+    assert len(control.checkpoints) == 1
+
+
+def test_cancel_from_another_thread() -> None:
+    """Cancellation while the model loads or probes is seen too (before any checkpoint)."""
+    control = SilentControl()
+    timer = threading.Timer(2.0, lambda: setattr(control, "cancel", True))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrainingCancelled):
+            train(steps=500, control=control)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.0 + 6.0  # the model load is not interruptible (~4 s)
+
+
+def test_device_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.factory.models.minilm_train import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    monkeypatch.setenv("FACTORY_DEVICE", "cpu")
+    assert pick_device(None).type == "cpu"
+    monkeypatch.setenv("FACTORY_DEVICE", "cuda:3")
+    assert str(pick_device(None)) == "cuda:3"
+    assert pick_device("cpu").type == "cpu"  # the argument wins
+
+
+def test_seq_len_range() -> None:
+    model = MiniLM()
+    assert model.check(Hyperparameters(seq_len=128)) is None
+    assert model.check(Hyperparameters()) is None
+    for bad in (8, 15, 513, 32_768):
+        found = model.check(Hyperparameters(seq_len=bad))
+        assert found is not None and found[0] == "seq_len" and "512" in found[1]
+
+
+def test_availability_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in ("torch", "onnxruntime") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    message = MiniLM().availability()
+    assert message is not None
+    assert "torch" in message and "onnxruntime" in message and INSTALL in message
+    assert "transformers" not in message
+
+
+def test_steps_and_estimate() -> None:
+    model = MiniLM()
+    assert model.steps_for(10_000, Hyperparameters(training_steps=100)) == 100
+    assert model.steps_for(320, Hyperparameters()) == 30  # 3 epochs of 32
+    assert model.estimate_seconds(10_000, 1_000_000, Hyperparameters(training_steps=100)) > 0

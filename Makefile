@@ -6,8 +6,17 @@ PY ?= python3
 install:
 	$(PY) -m pip install -q -e .
 
+# The tests need the `encoder` extra (local-minilm) and so PyTorch. `TORCH` is installed first so
+# that pip never resolves a plain `torch` to the multi-GB CUDA build: on a machine that reaches
+# PyTorch's own index, `make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`
+# gets the CPU build (where a CPU wheel of torch 2.13.0 is already on disk, as on our CI, plain
+# `make test` finds it).
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
 install-dev:
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e '.[dev,encoder]'
 
 run: install
 	classifier-gateway demo
@@ -28,3 +37,4 @@ bench: install-dev
 	$(PY) -m bench.upstream_transport
 	$(PY) -m bench.redis_link
 	$(PY) -m bench.factory_bench
+	$(PY) -m bench.minilm_bench

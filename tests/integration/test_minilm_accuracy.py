@@ -29,16 +29,18 @@ Rows = list[tuple[str, str]]
 
 #: name -> (rows, training steps, seq_len, minimum gain over the baseline).
 CASES: dict[str, tuple[Callable[[], Rows], int, int, float]] = {
-    "tweets": (lambda: corpora.sentiment_tweets(limit=1_000), 20, 128, 0.01),
+    "tweets": (lambda: corpora.sentiment_tweets(limit=1_000), 20, 128, 0.03),
     "intents": (lambda: [(f"user: {t}", y) for t, y in intent_examples(per_intent=15)], 20, 64,
                 -0.01),
     "bbc": (lambda: bbc_news()[::5], 10, 64, -0.01),
 }
-#: Measured on 2 cores (macro-F1 on the test split; model = blend of encoder and n-gram):
+#: Measured on 2 cores (macro-F1 on the test split; model = the blend of encoder and n-gram;
+#: seconds = the model's training and test predictions, on a machine shared with other jobs):
+#: the whole file took 175 s.
 MEASURED = {
-    "tweets": {"baseline": None, "model": None},
-    "intents": {"baseline": None, "model": None},
-    "bbc": {"baseline": None, "model": None},
+    "tweets": {"baseline": 0.5887, "model": 0.6609, "seconds": 74},  # +0.072, floor +0.03
+    "intents": {"baseline": 0.8696, "model": 0.8956, "seconds": 19},  # +0.026, floor -0.01
+    "bbc": {"baseline": 0.9544, "model": 0.9766, "seconds": 60},  # +0.022, floor -0.01
 }
 
 

@@ -138,7 +138,8 @@ def minimal(server_url: str, api_key: str, text_path: str, base_model: str) -> d
         training_files=[{"file_id": file.id, "weight": 1}], validation_files=[file.id],
         hyperparameters={"training_steps": 30, "learning_rate": 4e-5}, auto_start=True,
     ))
-    job = wait(client, created.id, ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"))
+    job = wait(client, created.id, ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"),
+               timeout_s=540)
     result = client.classifiers.classify(
         model=job.fine_tuned_model,
         inputs=["the meal was wonderful, really fantastic", "the phone was broken and useless"])

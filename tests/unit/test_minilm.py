@@ -199,7 +199,8 @@ def test_cancel_from_another_thread() -> None:
             train(steps=500, control=control)
     finally:
         timer.cancel()
-    assert time.monotonic() - started < 2.0 + 6.0  # the model load is not interruptible (~4 s)
+    # Loading the pretrained weights (~4 s, more on a busy machine) is the one step not polled.
+    assert time.monotonic() - started < 2.0 + 30.0
 
 
 def test_device_override(monkeypatch: pytest.MonkeyPatch) -> None:

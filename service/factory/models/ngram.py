@@ -145,8 +145,9 @@ class NGramModel:
         directory.mkdir(parents=True, exist_ok=True)
         f = self.featurizer
         np.savez(directory / "ngram.npz", word_vocabulary=f.words.vocabulary,
-                 word_idf=f.words.idf, char_vocabulary=f.chars.vocabulary, char_idf=f.chars.idf,
-                 weights=self.weights, bias=self.bias)
+                 word_columns=f.words.columns, word_idf=f.words.idf,
+                 char_vocabulary=f.chars.vocabulary, char_columns=f.chars.columns,
+                 char_idf=f.chars.idf, weights=self.weights, bias=self.bias)
         meta = {"format": FORMAT, "base_model": NAME, "kind": self.kind, "info": self.info,
                 "heads": [{"name": h.name, "labels": list(h.labels),
                            "loss_function": h.loss_function, "weight": h.weight}
@@ -162,11 +163,10 @@ class NGramModel:
                                        f"{meta.get('format')!r}, this factory reads {FORMAT}; "
                                        "train the model again")
             with np.load(directory / "ngram.npz") as z:
-                featurizer = Featurizer(
-                    Block(z["word_vocabulary"].astype(np.uint64),
-                          z["word_idf"].astype(np.float32)),
-                    Block(z["char_vocabulary"].astype(np.uint64),
-                          z["char_idf"].astype(np.float32)))
+                featurizer = Featurizer(*(
+                    Block(z[f"{name}_vocabulary"].astype(np.uint64),
+                          z[f"{name}_columns"].astype(np.int64),
+                          z[f"{name}_idf"].astype(np.float32)) for name in ("word", "char")))
                 weights = z["weights"].astype(np.float32)
                 bias = z["bias"].astype(np.float32)
             heads = [Head(h["name"], tuple(h["labels"]), h["loss_function"], float(h["weight"]))

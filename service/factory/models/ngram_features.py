@@ -22,6 +22,7 @@ probability ~1e-8: the features are the baseline's, and so is the model's optimu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,12 +61,20 @@ def _mix(h: U64) -> U64:
     return h
 
 
+@functools.cache
+def _bmp_word_table() -> npt.NDArray[np.bool_]:
+    """`\\w` for every code point of the Basic Multilingual Plane (65,536 checks, ~10 ms once)."""
+    return np.fromiter((chr(c).isalnum() or c == 95 for c in range(1 << 16)), dtype=bool,
+                       count=1 << 16)
+
+
 def _word_chars(codes: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
     """Python's `\\w` per code point: letters, digits (any script) and '_'."""
-    unique, inverse = np.unique(codes, return_inverse=True)
-    table = np.fromiter((chr(c).isalnum() or c == 95 for c in unique.tolist()), dtype=bool,
-                        count=len(unique))
-    out: npt.NDArray[np.bool_] = table[inverse]
+    table = _bmp_word_table()
+    out: npt.NDArray[np.bool_] = table[np.minimum(codes, 0xFFFF)]
+    beyond = np.flatnonzero(codes > 0xFFFF)  # emoji and rarer scripts: ask Python
+    if len(beyond):
+        out[beyond] = [chr(c).isalnum() for c in codes[beyond].tolist()]
     return out
 
 
@@ -177,26 +186,62 @@ def _term_frequencies(docs: I64, ids: I64) -> tuple[I64, I64, F32]:
 
 @dataclass
 class Block:
-    """One block's vocabulary (sorted n-gram hashes) and their idf."""
+    """One block's vocabulary: the sorted n-gram hashes seen in training, the column of each
+    (columns are numbered by decreasing document frequency, so that the weights of common n-grams
+    sit together in memory: the solver's sparse products read them far more often), and the idf
+    of each column."""
 
     vocabulary: U64
+    columns: I64
     idf: F32
+
+    def __post_init__(self) -> None:
+        # A radix index over the top bits of the sorted hashes: about one hash per bucket, so a
+        # lookup reads two or three entries instead of binary-searching 19 levels (measured:
+        # `searchsorted` was half of inference time at 400k n-grams).
+        self._bits = max(1, int(np.ceil(np.log2(max(len(self.vocabulary), 2)))))
+        top = (self.vocabulary >> np.uint64(64 - self._bits)).astype(np.int64)
+        self._starts = np.searchsorted(top, np.arange((1 << self._bits) + 1, dtype=np.int64))
 
     @classmethod
     def fit(cls, docs: I64, hashes: U64, n: int) -> tuple[Block, tuple[I64, I64, F32]]:
-        vocabulary, ids = np.unique(hashes, return_inverse=True)
-        counts = _term_frequencies(docs, ids.astype(np.int64))
-        df = np.bincount(counts[1], minlength=len(vocabulary)).astype(np.float64)
-        idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
-        return cls(vocabulary.astype(np.uint64), idf), counts
+        # A plain sort, then the radix-index lookup: 2x faster than `unique(return_inverse=True)`
+        # (an argsort) on the 20M n-gram occurrences of 10k paragraphs.
+        vocabulary = np.unique(hashes).astype(np.uint64)
+        identity = np.arange(len(vocabulary), dtype=np.int64)
+        ids = cls(vocabulary, identity, np.ones(len(vocabulary), np.float32)).find(hashes)
+        rows, positions, tf = _term_frequencies(docs, ids)
+        df = np.bincount(positions, minlength=len(vocabulary))
+        order = np.argsort(-df, kind="stable")  # column -> position in the sorted vocabulary
+        columns = np.empty(len(vocabulary), dtype=np.int64)
+        columns[order] = np.arange(len(vocabulary), dtype=np.int64)
+        idf = (np.log((1.0 + n) / (1.0 + df[order].astype(np.float64))) + 1.0).astype(np.float32)
+        block = cls(vocabulary, columns, idf)
+        return block, (rows, columns.take(positions), tf)
+
+    def find(self, hashes: U64) -> I64:
+        """Positions of `hashes` in the vocabulary, -1 for n-grams unseen in training."""
+        found = np.full(len(hashes), -1, dtype=np.int64)
+        if not len(self.vocabulary) or not len(hashes):
+            return found
+        bucket = (hashes >> np.uint64(64 - self._bits)).astype(np.int64)
+        low, high = self._starts[bucket], self._starts[bucket + 1]
+        pending = np.flatnonzero(low < high)
+        step = 0
+        while len(pending):
+            at = low[pending] + step
+            inside = at < high[pending]
+            pending, at = pending[inside], at[inside]
+            hit = self.vocabulary[at] == hashes[pending]
+            found[pending[hit]] = at[hit]
+            pending = pending[~hit]
+            step += 1
+        return found
 
     def lookup(self, docs: I64, hashes: U64) -> tuple[I64, I64, F32]:
-        if not len(self.vocabulary):
-            return _term_frequencies(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        ids = np.searchsorted(self.vocabulary, hashes)
-        ids[ids == len(self.vocabulary)] = 0
-        known = self.vocabulary[ids] == hashes  # n-grams unseen in training are ignored
-        return _term_frequencies(docs[known], ids[known].astype(np.int64))
+        positions = self.find(hashes)
+        known = positions >= 0  # n-grams unseen in training are ignored
+        return _term_frequencies(docs[known], self.columns.take(positions[known]))
 
 
 @dataclass
@@ -228,20 +273,14 @@ class Featurizer:
 
     def _finish(self, n: int, words: tuple[I64, I64, F32],
                 chars: tuple[I64, I64, F32]) -> sp.csr_matrix:
-        rows_parts, cols_parts, vals_parts = [], [], []
-        for (rows, ids, tf), block, offset in ((words, self.words, 0),
-                                               (chars, self.chars,
-                                                len(self.words.vocabulary))):
-            vals = tf * block.idf.take(ids)
+        blocks = []
+        for (rows, cols, tf), block in ((words, self.words), (chars, self.chars)):
+            vals = tf * block.idf.take(cols)
             norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=n)).astype(np.float32)
             norms[norms == 0] = 1.0
             vals /= norms.take(rows)
-            rows_parts.append(rows)
-            cols_parts.append(ids + offset)
-            vals_parts.append(vals.astype(np.float32))
-        rows = np.concatenate(rows_parts)
-        order = np.argsort(rows, kind="stable")
-        return sp.csr_matrix(
-            (np.concatenate(vals_parts)[order], np.concatenate(cols_parts)[order],
-             np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=n))))),
-            shape=(n, self.columns), dtype=np.float32)
+            # `rows` is sorted (term frequencies come out sorted by row): CSR directly.
+            indptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=n))))
+            blocks.append(sp.csr_matrix((vals.astype(np.float32), cols, indptr),
+                                        shape=(n, len(block.vocabulary)), dtype=np.float32))
+        return sp.hstack(blocks, format="csr", dtype=np.float32)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.factory.models.base import Hyperparameters
 from service.factory.store import FileRecord, JobRecord, ModelRecord
 
 Status = Literal[
@@ -39,13 +40,17 @@ class ClassifierTargetIn(BaseModel):
     loss_function: Literal["single_class", "multi_class"] | None = None
 
 
+#: The one set of defaults: what every base model reads when a job leaves a field out.
+_DEFAULTS = Hyperparameters()
+
+
 class ClassifierHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     training_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    learning_rate: float = Field(default=1e-4, ge=1e-8, le=1)
-    weight_decay: float | None = Field(default=0.1, ge=0, le=1)
-    warmup_fraction: float | None = Field(default=0.05, ge=0, le=1)
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, ge=1e-8, le=1)
+    weight_decay: float | None = Field(default=_DEFAULTS.weight_decay, ge=0, le=1)
+    warmup_fraction: float | None = Field(default=_DEFAULTS.warmup_fraction, ge=0, le=1)
     epochs: float | None = Field(default=None, gt=0, le=10_000)
     seq_len: int | None = Field(default=None, ge=1, le=32_768)  # each base model checks its range
     fim_ratio: float | None = Field(default=None, ge=0, le=1)  # completion-only; ignored

@@ -400,6 +400,7 @@ class JobManager:
             hyperparameters=Hyperparameters.from_job(job.doc["hyperparameters"], seed=0),
             output_dir=str(self.store.model_dir(job.id)),
             checkpoints=self.settings.checkpoints,
+            device=self.settings.device,
         )
         spec_path = job_dir / "spec.json"
         spec_path.write_bytes(orjson.dumps(spec.to_json()))

@@ -34,6 +34,10 @@ class FactorySettings(BaseSettings):
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs training at once.")
     max_reported_errors: int = Field(default=20, ge=1, description="Errors shown in a job.")
     checkpoints: int = Field(default=10, ge=1, description="Checkpoints recorded per job.")
+    device: str | None = Field(
+        default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="Where base models that can use an accelerator (local-minilm) train: cpu, "
+                    "cuda or cuda:N. Unset: CUDA when PyTorch sees a GPU, else CPU.")
     inline_batch_items: int = Field(
         default=16, ge=0,
         description="Batches up to this size are scored on the event loop (sub-millisecond); "

@@ -108,6 +108,9 @@ class TrainingSpec:
     hyperparameters: Hyperparameters
     output_dir: str
     checkpoints: int = 10
+    #: Where a model that can use an accelerator trains ("cpu", "cuda", "cuda:1"); None: the
+    #: model decides (CUDA when there is one). From `FACTORY_DEVICE`.
+    device: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -127,6 +130,7 @@ class TrainingSpec:
             hyperparameters=Hyperparameters(**doc["hyperparameters"]),
             output_dir=str(doc["output_dir"]),
             checkpoints=int(doc.get("checkpoints", 10)),
+            device=None if doc.get("device") is None else str(doc["device"]),
         )
 
 

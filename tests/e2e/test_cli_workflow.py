@@ -139,7 +139,8 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
                       re.MULTILINE)
     assert model, tuned.stdout
     assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
-    assert re.search(r"metrics at step 40: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
+    # local-ngram's steps are solver iterations: it stops at convergence, before the budget.
+    assert re.search(r"metrics at step \d+: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
     # Off a terminal, progress is plain lines on stderr, one per change.
     assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr
@@ -275,7 +276,8 @@ def finetune_interrupted_while_running(stack: Stack, task: str
     train = small_corpus(stack, f"{task}.jsonl", per_label=100)
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
-         "--training-steps", "100000", "--poll-interval", "0.2"],
+         "--training-steps", "100000", "--poll-interval", "0.2",
+         "--model", "local-minilm"],  # long enough to be caught RUNNING
         cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(60, process.kill)
@@ -348,7 +350,7 @@ def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> 
     out = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, shown.decode(errors="replace")
     text = shown.decode()
-    assert "\r[################] SUCCESS  step 20/20  train loss " in text
+    assert re.search(r"\r\[################\] SUCCESS  step \d+/20  train loss ", text), text
     assert text.count("\n") <= 4  # uploading, created, the one redrawn line (and its end)
     assert "task tty -> ft:classifier:" in out
 
@@ -400,7 +402,8 @@ def test_watching_survives_a_factory_restart_and_reports_the_failed_job(
     env = {**stack.env, "FACTORY_URL": f"http://127.0.0.1:{port}", "FACTORY_API_KEY": ""}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "finetune", "--task", "restart", "--train",
-         str(train), "--training-steps", "100000", "--poll-interval", "0.2"],
+         str(train), "--training-steps", "100000", "--poll-interval", "0.2",
+         "--model", "local-minilm"],  # long enough to be caught RUNNING
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(90, process.kill)

@@ -148,7 +148,6 @@ def minimal(server_url: str, api_key: str, text_path: str, base_model: str) -> d
         "events": [[e.name, e.data] for e in job.events or []],
         "checkpoints": [c.model_dump() for c in job.checkpoints or []],
         "classify": [{k: v.scores for k, v in r.items()} for r in result.results],
-        "base": {m.id: m.model_dump() for m in client.models.list().data or []}.get(base_model),
     }
 
 

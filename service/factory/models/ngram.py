@@ -40,7 +40,10 @@ Figures (bench/factory_bench.py, 2 cores): see README "Factory models".
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
+import os
 import time
 import warnings
 import zipfile
@@ -90,6 +93,22 @@ MAX_C = 1e4
 SOLVER_TOLERANCE = 1e-4
 
 
+#: Batches at least this large are scored by `_workers()` threads (smaller ones are not worth a
+#: thread hop: one 480-character text takes ~0.3 ms).
+PARALLEL_MIN_ITEMS = 32
+
+
+@functools.cache
+def _workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(_workers(), thread_name_prefix="ngram")
+
+
 def _softmax(z: F32) -> F32:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -124,6 +143,21 @@ class NGramModel:
     inline: bool = True
 
     def logits(self, texts: Sequence[str]) -> F32:
+        """Scores before softmax/sigmoid. A batch of `PARALLEL_MIN_ITEMS` or more is split across
+        the cores: the work is numpy over arrays (vocabulary lookups, sorts) that releases the
+        GIL, and it is memory-bound, so two cores score a batch of 128 paragraphs ~1.6x faster
+        than one (measured on 2 cores: 3,364 -> 5,195-5,305 paragraphs/s at batch 128; short texts
+        lose a little to the thread hop, 14,132 -> 11,717 at 100 characters)."""
+        workers = _workers()
+        if len(texts) < PARALLEL_MIN_ITEMS or workers < 2:
+            return self._logits(texts)
+        step = -(-len(texts) // workers)
+        parts = list(_pool().map(self._logits, [texts[i:i + step]
+                                                for i in range(0, len(texts), step)]))
+        out: F32 = np.concatenate(parts)
+        return out
+
+    def _logits(self, texts: Sequence[str]) -> F32:
         x = self.featurizer.transform(texts)
         out: F32 = np.asarray(x @ self.weights, dtype=np.float32) + self.bias
         return out
@@ -276,12 +310,15 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
     solver converges in 5-15 iterations), thinned to about `checkpoints`."""
     started = time.monotonic()
     texts = [e.text for e in examples]
-    featurizer, x = Featurizer.fit(texts)
+    featurizer, x = Featurizer.fit(texts, _pool() if _workers() > 1 else None)
     columns = featurizer.columns
     weights = (np.ones(len(examples), dtype=np.float32) if sample_weights is None
                else np.asarray(sample_weights, dtype=np.float32))
     c = MAX_C if hyper.weight_decay <= 0 else min(MAX_C, 1.0 / hyper.weight_decay)
     fitted = [_Head(head, x, examples, weights, c) for head in heads]
+    # The training loss at each checkpoint: X @ W reads W sequentially from a CSC copy, 6x faster
+    # than from CSR (0.045 s against 0.28 s for 10k paragraphs).
+    x_csc = x.tocsc()
     budget = iterations(hyper)
     every = max(1, math.ceil(min(budget, TYPICAL_ITERATIONS) / max(1, checkpoints)))
     valid_texts = [e.text for e in validation]
@@ -300,7 +337,7 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
     def report() -> None:
         nonlocal evaluation
         model = model_of()
-        z = np.asarray(x @ model.weights, dtype=np.float32) + model.bias
+        z = np.asarray(x_csc @ model.weights, dtype=np.float32) + model.bias
         probs = [_softmax(z[:, s]) if h.loss_function == "single_class" else _sigmoid(z[:, s])
                  for h, s in zip(model.heads, _slices(model.heads), strict=True)]
         train_loss = evaluate_probabilities(model.heads, probs, examples).loss

@@ -22,6 +22,7 @@ probability ~1e-8: the features are the baseline's, and so is the model's optimu
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,8 +151,11 @@ def _hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
     return join(word_docs, word_hashes), join(char_docs, char_hashes)
 
 
-def _all_hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
-    parts: list[tuple[tuple[I64, U64], tuple[I64, U64]]] = []
+def _all_hashes(texts: Sequence[str], pool: concurrent.futures.Executor | None = None
+                ) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
+    """`_hashes` over chunks of `texts`, on `pool`'s threads when given (numpy releases the
+    GIL: 10k BBC paragraphs hash in 0.55 s on two threads against 0.71 s on one, warm)."""
+    chunks: list[Sequence[str]] = []
     offsets: list[int] = []
     start = 0
     while start < len(texts):
@@ -159,9 +163,11 @@ def _all_hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]
         while end < len(texts) and (size < _CHUNK_CHARS or end == start):
             size += len(texts[end]) + 2
             end += 1
-        parts.append(_hashes(texts[start:end]))
+        chunks.append(texts[start:end])
         offsets.append(start)
         start = end
+    parts = list(pool.map(_hashes, chunks) if pool is not None and len(chunks) > 1
+                 else map(_hashes, chunks))
 
     def block(i: int) -> tuple[I64, U64]:
         if not parts:
@@ -196,12 +202,28 @@ class Block:
     idf: F32
 
     def __post_init__(self) -> None:
-        # A radix index over the top bits of the sorted hashes: about one hash per bucket, so a
-        # lookup reads two or three entries instead of binary-searching 19 levels (measured:
-        # `searchsorted` was half of inference time at 400k n-grams).
-        self._bits = max(1, int(np.ceil(np.log2(max(len(self.vocabulary), 2)))))
-        top = (self.vocabulary >> np.uint64(64 - self._bits)).astype(np.int64)
-        self._starts = np.searchsorted(top, np.arange((1 << self._bits) + 1, dtype=np.int64))
+        # An open-addressing hash table over the sorted hashes (load <= 0.5, linear probing, 0
+        # marks an empty slot): one random read finds most n-grams. Measured on 2,560 BBC
+        # paragraphs in batches of 128 against a 400k-n-gram vocabulary: `searchsorted` 0.72 s,
+        # a radix index over the top bits 0.28 s, this table 0.21 s.
+        self._bits = max(1, int(np.ceil(np.log2(max(len(self.vocabulary), 1)))) + 1)
+        size = 1 << self._bits
+        # Key and position side by side: one cache line per probe.
+        self._table = np.zeros((size, 2), dtype=np.uint64)
+        # The same memory as one 16-byte item per slot: numpy gathers those in one pass.
+        self._slots = self._table.view(np.complex128).reshape(size)
+        shift = np.uint64(64 - self._bits)
+        pending = np.flatnonzero(self.vocabulary != 0)  # a zero hash (p ~ 2**-64) is never found
+        slots = (self.vocabulary[pending] >> shift).astype(np.int64)
+        while len(pending):
+            free = self._table[slots, 0] == 0
+            taken, first = np.unique(slots[free], return_index=True)
+            winners = pending[free][first]
+            self._table[taken, 0] = self.vocabulary[winners]
+            self._table[taken, 1] = winners
+            placed = np.zeros(len(pending), dtype=bool)
+            placed[np.flatnonzero(free)[first]] = True
+            pending, slots = pending[~placed], (slots[~placed] + 1) & (size - 1)
 
     @classmethod
     def fit(cls, docs: I64, hashes: U64, n: int) -> tuple[Block, tuple[I64, I64, F32]]:
@@ -224,18 +246,16 @@ class Block:
         found = np.full(len(hashes), -1, dtype=np.int64)
         if not len(self.vocabulary) or not len(hashes):
             return found
-        bucket = (hashes >> np.uint64(64 - self._bits)).astype(np.int64)
-        low, high = self._starts[bucket], self._starts[bucket + 1]
-        pending = np.flatnonzero(low < high)
-        step = 0
+        mask = (1 << self._bits) - 1
+        slots = (hashes >> np.uint64(64 - self._bits)).astype(np.int64)
+        pending = np.arange(len(hashes))
         while len(pending):
-            at = low[pending] + step
-            inside = at < high[pending]
-            pending, at = pending[inside], at[inside]
-            hit = self.vocabulary[at] == hashes[pending]
-            found[pending[hit]] = at[hit]
-            pending = pending[~hit]
-            step += 1
+            rows = self._slots[slots].view(np.uint64)
+            keys = rows[0::2]
+            hit = keys == hashes[pending]
+            found[pending[hit]] = rows[1::2][hit].astype(np.int64)
+            more = ~hit & (keys != 0)  # an occupied slot of another n-gram: probe the next
+            pending, slots = pending[more], (slots[more] + 1) & mask
         return found
 
     def lookup(self, docs: I64, hashes: U64) -> tuple[I64, I64, F32]:
@@ -258,8 +278,9 @@ class Featurizer:
         return len(self.words.vocabulary) + len(self.chars.vocabulary)
 
     @classmethod
-    def fit(cls, texts: Sequence[str]) -> tuple[Featurizer, sp.csr_matrix]:
-        (word_docs, word_hashes), (char_docs, char_hashes) = _all_hashes(texts)
+    def fit(cls, texts: Sequence[str], pool: concurrent.futures.Executor | None = None
+            ) -> tuple[Featurizer, sp.csr_matrix]:
+        (word_docs, word_hashes), (char_docs, char_hashes) = _all_hashes(texts, pool)
         n = max(len(texts), 1)
         words, word_counts = Block.fit(word_docs, word_hashes, n)
         chars, char_counts = Block.fit(char_docs, char_hashes, n)

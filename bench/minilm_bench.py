@@ -73,7 +73,8 @@ def baseline(train_rows: Rows, test_rows: Rows) -> float:
                           average="macro"))
 
 
-def fit(train_rows: Rows, hyper: Hyperparameters = MISTRAL_EXAMPLE) -> tuple[Any, float]:
+def fit(train_rows: Rows, hyper: Hyperparameters = MISTRAL_EXAMPLE,
+        device: str | None = None) -> tuple[Any, float]:
     """`minilm_train.run` as `MiniLM().train` calls it: (Trained, seconds)."""
     from service.factory.models import minilm_train
 
@@ -84,7 +85,7 @@ def fit(train_rows: Rows, hyper: Hyperparameters = MISTRAL_EXAMPLE) -> tuple[Any
     started = time.perf_counter()
     trained = minilm_train.run(TrainingData(examples, [1.0] * len(examples)), spec,
                                SilentControl(), seq_len=hyper.seq_len or DEFAULT_SEQ_LEN,
-                               max_chunks=MAX_CHUNKS, batch_size=BATCH_SIZE)
+                               max_chunks=MAX_CHUNKS, batch_size=BATCH_SIZE, device=device)
     return trained, time.perf_counter() - started
 
 
@@ -196,15 +197,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--corpora", nargs="*", default=list(CORPORA), choices=list(CORPORA))
+    parser.add_argument("--device", default=None,
+                        help="where to train: cpu, cuda, cuda:N (default: CUDA when available)")
     args = parser.parse_args()
     seconds, n_latency = (10.0, 200) if args.quick else (25.0, 500)
 
     tweets = corpora.sentiment_tweets(limit=12_000)
     train_rows, test_rows = split(tweets, 2_000 / len(tweets), seed=0)
     train_rows = train_rows[:10_000]
-    trained, train_s = fit(train_rows)
+    trained, train_s = fit(train_rows, device=args.device)
     result: dict[str, Any] = {
         "machine_cores": os.cpu_count(),
+        "device": trained.model.info.get("device"),
         "train_10k": {
             "examples": len(train_rows),
             "mean_chars": round(sum(len(t) for t, _ in train_rows) / len(train_rows)),
@@ -222,7 +226,7 @@ def main() -> None:
         for name in args.corpora:
             rows = CORPORA[name]()
             tr, te = split(rows, 0.2, seed=0)
-            model, seconds_taken = fit(tr)
+            model, seconds_taken = fit(tr, device=args.device)
             accuracy[name] = {"train": len(tr), "test": len(te),
                               "train_seconds": round(seconds_taken, 1),
                               "blend_weights": model.model.weights,

@@ -4,8 +4,12 @@ corpus we have, with Mistral's example job and with the defaults.
 The baseline is scikit-learn's `make_union(TfidfVectorizer(ngram_range=(1, 2),
 sublinear_tf=True), TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))`
 + `LogisticRegression(C=10)`, fitted here on the same 80/20 split (seed 0). The model must reach
-the baseline minus 0.005 macro-F1 on each. Measured on 2026-11-30 (2 cores), model / baseline:
-see `MEASURED` (the docstring of each corpus loader says what the corpus is).
+the baseline minus 0.005 macro-F1 on each. Measured on 2026-11-30 (2 cores), model / baseline,
+identical for both configurations: BBC News 0.9758 / 0.9758; Rotten Tomatoes 0.8021 / 0.7996;
+CrowdFlower tweets 0.7201 / 0.7194; election tweets 0.9666 / 0.9657; SMS spam 0.9811 / 0.9811;
+Home Assistant intent 0.9277 / 0.9277 and domain 0.8494 / 0.8494. The features are the
+baseline's and the solver converges to the same optimum, so the margin is for float noise, not
+for a weaker model (the docstring of each corpus loader says what the corpus is).
 """
 
 from __future__ import annotations

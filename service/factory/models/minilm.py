@@ -34,17 +34,17 @@ Why this recipe (measured figures in "Figures" below):
   and int8 scored them 1.8x faster (7.7 s vs 14.0 s). `quantization` in bench/minilm_bench.py
   re-measures it.
 
-Figures (2 cores shared with other jobs; bench/minilm_bench.py, tests/integration/
-test_minilm_accuracy.py), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
-- Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7514 vs 0.7198 (+0.032;
-  encoder alone 0.7431, n-gram alone 0.7189; blend weights (0.75, 0.25)). 389 s wall on a busy
-  machine (probe 12 s, fine-tuning 326 s, export + quantisation + n-gram + blend 51 s): over the
-  3-minute goal there; the fine-tuning share is ~120 s on the idle machine by the per-step figure.
-- 3,000 tweets, same job: 0.7374 vs 0.6994 (+0.038; encoder alone 0.7399, weights (0.5, 0.5)).
+Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; README "Base
+models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
+- Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7537 vs 0.7198 (+0.034;
+  encoder alone 0.7469, n-gram alone 0.7189; blend weights (0.75, 0.25)). 170 s on the quiet
+  2-core machine (load and probe 10 s, fine-tuning 130 s, export and quantisation beside the
+  n-gram fits, then the blend, 30 s); 235 s with other jobs on the cores.
 - Integration test (few hundred examples, 10-20 steps): tweets 0.6609 vs 0.5887, 42 intents
   0.8956 vs 0.8696, BBC articles 0.9766 vs 0.9544.
-- Serving (int8, batch 32, tweets): 98 texts/s through `classify` vs 63 for a plain transformers
-  loop with the same weights (1.56x); single text p50 12.7 ms, p99 22 ms in process.
+- Serving (int8, fused graph, batch 32, tweets): 180 texts/s through `classify` vs 71 for a plain
+  transformers loop with the same weights (2.55x); single text p50 9.3 ms in process, 12.8 ms
+  over HTTP (p99 19.9 ms).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ The recipe (why each step, see `minilm` for the measured figures):
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import tempfile
@@ -464,27 +465,35 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
             losses = []
     train_seconds = clock() - started - probe_seconds
 
-    # 4. Export.
+    # 4. Export, while the n-gram side models fit in threads: they need nothing from the
+    # encoder, and export is mostly Python (it holds the GIL) while the n-gram fits are mostly
+    # numpy and scikit-learn (they release it). Measured on 10k tweets: the export-to-end phase
+    # went from 45 s to 30 s (10k tweets in 182 s -> 170 s in all).
     if control.cancelled():
         raise TrainingCancelled
-    onnx_bytes = export_onnx(network, quantize)
-    model = MiniLMModel(heads, onnx_bytes, tokenizer_json, seq_len, max_chunks,
-                        [(1.0, 0.0)] * len(heads), None, spec.kind)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ngram-side") as pool:
+        partial_future = (pool.submit(fit_ngram, train_ex, train_w, spec, control)
+                          if ngram and holdout_idx else None)
+        side_future = pool.submit(fit_ngram, examples, weights, spec, control) if ngram else None
+        onnx_bytes = export_onnx(network, quantize)
+        model = MiniLMModel(heads, onnx_bytes, tokenizer_json, seq_len, max_chunks,
+                            [(1.0, 0.0)] * len(heads), None, spec.kind)
 
-    # 5. The n-gram side model and the blend weights.
-    blend_weights = [(1.0, 0.0)] * len(heads)
-    side: NGramModel | None = None
-    if ngram:
-        if holdout_idx:
-            held_ex = [examples[i] for i in holdout_idx]
-            partial = fit_ngram(train_ex, train_w, spec, control)
-            blend_weights = choose_weights(
-                heads, model.encoder_logits([e.text for e in held_ex]),
-                partial.predict_proba([e.text for e in held_ex]),
-                held_ex)
-        else:
-            blend_weights = [DEFAULT_WEIGHTS] * len(heads)
-        side = fit_ngram(examples, weights, spec, control)
+        # 5. The n-gram side model and the blend weights.
+        blend_weights = [(1.0, 0.0)] * len(heads)
+        side: NGramModel | None = None
+        if ngram:
+            if partial_future is not None:
+                held_ex = [examples[i] for i in holdout_idx]
+                partial = partial_future.result()
+                blend_weights = choose_weights(
+                    heads, model.encoder_logits([e.text for e in held_ex]),
+                    partial.predict_proba([e.text for e in held_ex]),
+                    held_ex)
+            else:
+                blend_weights = [DEFAULT_WEIGHTS] * len(heads)
+            assert side_future is not None
+            side = side_future.result()
     model.weights = blend_weights
     model.ngram = side
     model.info = {

@@ -29,6 +29,7 @@ from service.factory.data import Example
 from service.factory.models.base import Head, Hyperparameters
 from service.factory.models.ngram import NGramModel
 from service.factory.models.ngram import fit as fit_ngram
+from tests.support.baseline import baseline_f1
 from tests.support.corpora import (
     election_tweets,
     home_assistant_two_targets,
@@ -53,21 +54,6 @@ def macro_f1(gold: list[str], predicted: list[str]) -> float:
     from sklearn.metrics import f1_score
 
     return float(f1_score(gold, predicted, average="macro"))
-
-
-def baseline_f1(train_rows: list[tuple[str, str]], test_rows: list[tuple[str, str]]) -> float:
-    """scikit-learn's word 1-2 + char_wb 2-5 TF-IDF and LogisticRegression(C=10)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_union
-
-    vectorizer = make_union(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
-    model = LogisticRegression(C=10, max_iter=1000).fit(
-        vectorizer.fit_transform([t for t, _ in train_rows]), [y for _, y in train_rows])
-    return macro_f1([y for _, y in test_rows],
-                    list(model.predict(vectorizer.transform([t for t, _ in test_rows]))))
 
 
 def fit(rows: list[tuple[str, str]], labels: tuple[str, ...],

@@ -42,6 +42,7 @@ from service.factory.models.base import (
 )
 from service.factory.models.minilm import BATCH_SIZE, DEFAULT_SEQ_LEN, MAX_CHUNKS
 from tests.support import corpora
+from tests.support.baseline import baseline_f1 as baseline
 from tests.support.factory import bbc_news, split
 from tests.support.factory_intents import intent_examples
 
@@ -56,21 +57,6 @@ CORPORA: dict[str, Callable[[], Rows]] = {
     "intents": lambda: [(f"user: {t}", y) for t, y in intent_examples()],
     "bbc": bbc_news,
 }
-
-
-def baseline(train_rows: Rows, test_rows: Rows) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline, make_union
-
-    model = make_pipeline(
-        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
-        LogisticRegression(C=10, max_iter=2000))
-    model.fit([t for t, _ in train_rows], [y for _, y in train_rows])
-    return float(f1_score([y for _, y in test_rows], model.predict([t for t, _ in test_rows]),
-                          average="macro"))
 
 
 def fit(train_rows: Rows, hyper: Hyperparameters = MISTRAL_EXAMPLE,
@@ -93,7 +79,7 @@ def macro_f1(model: Any, test_rows: Rows) -> dict[str, float]:
     """The blended model's macro-F1, and each side's alone."""
     from sklearn.metrics import f1_score
 
-    from service.factory.models.minilm_onnx import softmax
+    from service.factory.models.scoring import softmax
 
     texts, gold = [t for t, _ in test_rows], [y for _, y in test_rows]
     labels = model.heads[0].labels
@@ -173,8 +159,9 @@ def serving(trained: Any, texts: Sequence[str], seconds: float, n_latency: int,
 def quantization(trained: Any, test_rows: Rows, seconds: float) -> dict[str, Any]:
     """The int8 graph against the float32 export of the same network: agreement of the
     encoder's top label, largest probability difference, macro-F1 of each blend, items/s."""
-    from service.factory.models.minilm_onnx import MiniLMModel, softmax
+    from service.factory.models.minilm_onnx import MiniLMModel
     from service.factory.models.minilm_train import export_onnx
+    from service.factory.models.scoring import softmax
 
     int8 = trained.model
     fp32 = MiniLMModel(int8.heads, export_onnx(trained.network, quantize=False),

@@ -19,6 +19,7 @@ from service.factory.data import Example, TargetSpec
 from service.factory.models.base import Hyperparameters, SilentControl, TrainingData, TrainingSpec
 from service.factory.models.minilm import MiniLM
 from tests.support import corpora
+from tests.support.baseline import baseline_f1
 from tests.support.factory import bbc_news, split
 from tests.support.factory_intents import intent_examples
 
@@ -45,21 +46,6 @@ MEASURED = {
     "intents": {"baseline": 0.8696, "model": 0.8956, "seconds": 19},  # +0.026, floor -0.01
     "bbc": {"baseline": 0.9544, "model": 0.9766, "seconds": 60},  # +0.022, floor -0.01
 }
-
-
-def baseline_f1(train_rows: Rows, test_rows: Rows) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline, make_union
-
-    model = make_pipeline(
-        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
-        LogisticRegression(C=10, max_iter=2000))
-    model.fit([t for t, _ in train_rows], [y for _, y in train_rows])
-    return float(f1_score([y for _, y in test_rows], model.predict([t for t, _ in test_rows]),
-                          average="macro"))
 
 
 def minilm_f1(train_rows: Rows, test_rows: Rows, steps: int, seq_len: int) -> float:

@@ -14,17 +14,15 @@ for a weaker model (the docstring of each corpus loader says what the corpus is)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from sklearn.pipeline import make_union
 
 from service.factory.data import Example
 from service.factory.models.base import Head, Hyperparameters
 from service.factory.models.ngram import fit
+from tests.support.baseline import baseline_f1
 from tests.support.corpora import (
     election_tweets,
     home_assistant_two_targets,
@@ -58,16 +56,6 @@ CORPORA: dict[str, Callable[[], Rows]] = {
     "sms_spam": _single(sms_spam, "spam"),
     "home_assistant": _two_targets,
 }
-
-
-def baseline_f1(train: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]]) -> float:
-    pipeline = make_union(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
-    x = pipeline.fit_transform([t for t, _ in train])
-    model = LogisticRegression(C=10, max_iter=1000).fit(x, [y for _, y in train])
-    predicted = model.predict(pipeline.transform([t for t, _ in test]))
-    return float(f1_score([y for _, y in test], predicted, average="macro"))
 
 
 @pytest.mark.parametrize("corpus", sorted(CORPORA))

@@ -51,6 +51,7 @@ import numpy.typing as npt
 import orjson
 
 from service.factory.models.base import Head, ModelFormatError, Scores
+from service.factory.models.scoring import labelled, sigmoid, slices, softmax
 
 if TYPE_CHECKING:
     from service.factory.models.ngram import NGramModel
@@ -74,26 +75,6 @@ RUN_OVERHEAD = 32
 #: of a label cannot veto the encoder with an unbounded term.
 PROB_FLOOR = 1e-6
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
-
-
-def softmax(z: F32) -> F32:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: F32 = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
-def sigmoid(z: F32) -> F32:
-    out: F32 = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
-    return out
-
-
-def slices(heads: Sequence[Head]) -> list[slice]:
-    out, start = [], 0
-    for head in heads:
-        out.append(slice(start, start + len(head.labels)))
-        start += len(head.labels)
-    return out
 
 
 def evidence(head: Head, p: F32) -> F32:
@@ -289,11 +270,7 @@ class MiniLMModel:
                 for k, (h, s) in enumerate(zip(self.heads, slices(self.heads), strict=True))]
 
     def classify(self, texts: Sequence[str]) -> list[Scores]:
-        results: list[Scores] = [{} for _ in texts]
-        for head, p in zip(self.heads, self.predict_proba(texts), strict=True):
-            for i, row in enumerate(p.astype(np.float64).round(6).tolist()):
-                results[i][head.name] = dict(zip(head.labels, row, strict=True))
-        return results
+        return labelled(self.heads, self.predict_proba(texts), len(texts))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,8 @@ from service.factory.models.minilm_onnx import (
     evidence,
     mean_by_owner,
     padded_batches,
-    slices,
 )
+from service.factory.models.scoring import slices
 
 if TYPE_CHECKING:
     from service.factory.models.ngram import NGramModel

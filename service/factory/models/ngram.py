@@ -76,6 +76,7 @@ from service.factory.models.base import (
 )
 from service.factory.models.evaluation import evaluate_probabilities, label_matrix
 from service.factory.models.ngram_features import Block, Featurizer
+from service.factory.models.scoring import labelled, probabilities
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -107,26 +108,6 @@ def _workers() -> int:
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(_workers(), thread_name_prefix="ngram")
-
-
-def _softmax(z: F32) -> F32:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: F32 = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
-def _sigmoid(z: F32) -> F32:
-    out: F32 = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
-    return out
-
-
-def _slices(heads: Sequence[Head]) -> list[slice]:
-    out, start = [], 0
-    for head in heads:
-        out.append(slice(start, start + len(head.labels)))
-        start += len(head.labels)
-    return out
 
 
 @dataclass
@@ -165,15 +146,10 @@ class NGramModel:
     def predict_proba(self, texts: Sequence[str]) -> list[F32]:
         """One (n, labels) matrix per head, in head order."""
         z = self.logits(texts)
-        return [_softmax(z[:, s]) if h.loss_function == "single_class" else _sigmoid(z[:, s])
-                for h, s in zip(self.heads, _slices(self.heads), strict=True)]
+        return probabilities(self.heads, z)
 
     def classify(self, texts: Sequence[str]) -> list[Scores]:
-        results: list[Scores] = [{} for _ in texts]
-        for head, p in zip(self.heads, self.predict_proba(texts), strict=True):
-            for i, row in enumerate(p.astype(np.float64).round(6).tolist()):
-                results[i][head.name] = dict(zip(head.labels, row, strict=True))
-        return results
+        return labelled(self.heads, self.predict_proba(texts), len(texts))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -338,8 +314,7 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
         nonlocal evaluation
         model = model_of()
         z = np.asarray(x_csc @ model.weights, dtype=np.float32) + model.bias
-        probs = [_softmax(z[:, s]) if h.loss_function == "single_class" else _sigmoid(z[:, s])
-                 for h, s in zip(model.heads, _slices(model.heads), strict=True)]
+        probs = probabilities(model.heads, z)
         train_loss = evaluate_probabilities(model.heads, probs, examples).loss
         valid_loss = valid_acc = None
         if validation:

@@ -45,7 +45,12 @@ from service.factory.models.base import (
     TrainingFile,
     TrainingSpec,
 )
-from service.factory.models.registry import Registry, UnknownBaseModel, default_registry
+from service.factory.models.registry import (
+    LEGACY_BASE,
+    Registry,
+    UnknownBaseModel,
+    default_registry,
+)
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, Store, now
@@ -201,7 +206,7 @@ class JobManager:
     def _job_base(self, job: JobRecord) -> BaseModel:
         """The base model a stored job trains (jobs from before base models had names trained
         the n-gram model)."""
-        return self.registry.get(str(job.doc.get("base_model") or "local-ngram"))
+        return self.registry.get(str(job.doc.get("base_model") or LEGACY_BASE))
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id)

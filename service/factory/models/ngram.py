@@ -373,13 +373,9 @@ class NGram:
                    checkpoints=spec.checkpoints)
 
     def load(self, directory: Path) -> Predictor:
-        meta_path = directory / "model.json"
-        try:
-            meta = orjson.loads(meta_path.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise ModelFormatError(f"{meta_path} cannot be read ({exc}); train the model "
-                                   "again") from None
-        if meta.get("format") == 1 and "base_model" not in meta:
+        # A model of the first format keeps its weights in weights.npz (this one: ngram.npz);
+        # each loader reads model.json itself and says what is wrong with a damaged directory.
+        if (directory / "weights.npz").exists() and not (directory / "ngram.npz").exists():
             from service.factory.models.ngram_v1 import LegacyNGramModel
 
             return LegacyNGramModel.load(directory)

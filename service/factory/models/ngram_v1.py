@@ -22,6 +22,7 @@ import numpy.typing as npt
 import orjson
 
 from service.factory.models.base import Head, ModelFormatError, Scores
+from service.factory.models.scoring import labelled, probabilities
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -190,18 +191,6 @@ class Featurizer:
         return Csr(indptr, cols, vals)
 
 
-def _sigmoid(z: F32) -> F32:
-    out: F32 = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
-    return out
-
-
-def _softmax(z: F32) -> F32:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: F32 = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
 @dataclass
 class LegacyNGramModel:
     """A trained model: featurizer, heads, and one weight matrix for all heads' labels.
@@ -222,13 +211,6 @@ class LegacyNGramModel:
     def kind(self) -> str:
         return str(self.info.get("kind", "text"))
 
-    def _slices(self) -> list[slice]:
-        out, start = [], 0
-        for head in self.heads:
-            out.append(slice(start, start + len(head.labels)))
-            start += len(head.labels)
-        return out
-
     def logits(self, x: Csr) -> F32:
         rows = self.row_of.take(x.indices)
         contrib = self.weights.take(rows, axis=0)
@@ -242,21 +224,11 @@ class LegacyNGramModel:
 
     def predict_proba(self, texts: Sequence[str]) -> list[F32]:
         """One (n, labels) matrix per head."""
-        z = self.logits(self.featurizer.transform(texts))
-        return [
-            _softmax(z[:, s]) if head.loss_function == "single_class" else _sigmoid(z[:, s])
-            for head, s in zip(self.heads, self._slices(), strict=True)
-        ]
+        return probabilities(self.heads, self.logits(self.featurizer.transform(texts)))
 
     def classify(self, texts: Sequence[str]) -> list[Scores]:
         """Mistral's `results`: per text, per target, every label's score."""
-        probs = self.predict_proba(texts)
-        results: list[Scores] = [{} for _ in texts]
-        for head, p in zip(self.heads, probs, strict=True):
-            values = p.astype(np.float64).round(6).tolist()
-            for i, row in enumerate(values):
-                results[i][head.name] = dict(zip(head.labels, row, strict=True))
-        return results
+        return labelled(self.heads, self.predict_proba(texts), len(texts))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

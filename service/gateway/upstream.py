@@ -45,6 +45,7 @@ from service.gateway.errors import (
 )
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import UpstreamSpec
+from service.gateway.scrub import quote, scrub
 from service.gateway.settings import Settings
 from service.gateway.transport import PooledTransport
 
@@ -344,8 +345,10 @@ class UpstreamClient:
             # worth another attempt. Transports disagree on names (httpx-aiohttp called a dropped
             # connection a ConnectTimeout), so the type is only reported, not acted upon.
             if not isinstance(exc, httpx.TransportError | OSError):
-                log.warning("upstream %s: unexpected %s from the transport, treated as a "
-                            "connection failure", self.spec.name, type(exc).__name__, exc_info=True)
+                # No traceback: its frames hold the request's headers, the key among them.
+                log.warning("upstream %s: unexpected %s from the transport (%s), treated as a "
+                            "connection failure", self.spec.name, type(exc).__name__,
+                            self._scrub(str(exc)))
             self._count(endpoint, "connect_error")
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None
@@ -418,8 +421,8 @@ class UpstreamClient:
                     text = "; ".join(self._describe_detail(item) for item in value[:5])
                     break
         if text is None:
-            text = self._snippet(response.content) or (response.reason_phrase or "no message")
-        return self._scrub(text)[:_MAX_MESSAGE_CHARS]
+            return self._snippet(response.content) or (response.reason_phrase or "no message")
+        return quote(text, self.spec.secrets(), _MAX_MESSAGE_CHARS)
 
     @staticmethod
     def _describe_detail(item: Any) -> str:
@@ -429,13 +432,11 @@ class UpstreamClient:
         return str(item)
 
     def _snippet(self, content: bytes) -> str:
-        return self._scrub(content[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip())
+        """The start of a foreign body, scrubbed before it is cut (scrub.py says why)."""
+        return quote(content, self.spec.secrets(), _MAX_MESSAGE_CHARS)
 
     def _scrub(self, text: str) -> str:
-        for secret in self.spec.secrets():
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.spec.secrets())
 
     @property
     def closed(self) -> bool:

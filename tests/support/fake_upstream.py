@@ -89,7 +89,18 @@ class Drop:
     """Close the connection without sending any HTTP response."""
 
 
-Fault = Status | Slow | WrongCount | Drop
+@dataclass(frozen=True)
+class Echo:
+    """Answer `code` with a body that echoes the request's Authorization header after `pad` dots,
+    as a debugging proxy in front of an upstream may: text/plain, or, with `json`, inside Mistral's
+    `message`. `pad` places the key across whatever cut the gateway makes."""
+
+    code: int
+    pad: int = 0
+    json: bool = False
+
+
+Fault = Status | Slow | WrongCount | Drop | Echo
 
 
 @dataclass
@@ -229,6 +240,13 @@ class FakeUpstream:
         pause = self.delay_s + (fault.seconds if isinstance(fault, Slow) else 0.0)
         if pause > 0 and await _client_left_during(receive, pause):
             return  # nobody to answer; and a server shutdown need not wait for the full pause
+        if isinstance(fault, Echo):
+            text = "." * fault.pad + f"you sent Authorization: {authorization}"
+            if fault.json:
+                await _respond(send, fault.code, {"object": "error", "message": text})
+            else:
+                await _respond_text(send, fault.code, text)
+            return
         if isinstance(fault, Status):
             headers = [] if fault.retry_after is None else [(b"retry-after", _fmt(fault.retry_after))]
             await _respond(send, fault.code, fault.body or _default_error_body(fault.code), headers)
@@ -325,6 +343,14 @@ async def _respond(send: Send, status: int, payload: Any,
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_text(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

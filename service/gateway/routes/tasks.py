@@ -11,6 +11,7 @@ from service.gateway.errors import UnknownTask
 from service.gateway.registry import Registry, TaskSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.runtime import RuntimeDep
+from service.gateway.scrub import scrub
 
 router = APIRouter(tags=["tasks"])
 
@@ -18,12 +19,15 @@ router = APIRouter(tags=["tasks"])
 def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
              default_timeout_s: float) -> dict[str, Any]:
     upstream = registry.upstreams[task.upstream]
+    secrets = upstream.secrets()
     return {
         "name": task.name,
         "kind": task.kind,
         "model": task.model,
-        "upstream": {"name": upstream.name, "base_url": upstream.base_url,
-                     "api_key_env": upstream.api_key_env, "proxy": upstream.proxy_shown},
+        # Scrubbed too: an operator may have pasted the key into a URL (`?key=...`).
+        "upstream": {"name": upstream.name, "base_url": scrub(upstream.base_url, secrets),
+                     "api_key_env": upstream.api_key_env,
+                     "proxy": scrub(upstream.proxy_shown, secrets) if upstream.proxy_shown else None},
         "cache_ttl_s": default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s,
         "timeout_s": task.timeout_s or default_timeout_s,
         "threshold": task.threshold,

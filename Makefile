@@ -1,7 +1,7 @@
 # Thin wrappers over the commands the README shows. `make run` and `make test` work on a fresh clone.
 PY ?= python3
 
-.PHONY: install install-dev run test lint pytest bench
+.PHONY: install install-dev run test lint docs-build docs pytest bench
 
 install:
 	$(PY) -m pip install -q -e .
@@ -16,16 +16,24 @@ TORCH_PIP_ARGS ?=
 
 install-dev:
 	$(PY) -m pip install -q $(TORCH) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e '.[dev,encoder]'
+	$(PY) -m pip install -q -e '.[dev,encoder,docs]'
 
 run: install
 	classifier-gateway demo
 
 test: install-dev lint pytest
 
-lint:
+lint: docs-build
 	ruff check service tests bench
 	mypy
+
+# The docs site (docs/, mkdocs.yml). --strict turns a broken link, a missing anchor or a page left out
+# of the navigation into a failure; do not add --quiet, which hides those warnings and so passes.
+docs-build:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8001
 
 pytest:
 	$(PY) -m pytest -q

@@ -2,7 +2,7 @@
 
 Why not httpx's own transport or `httpx-aiohttp`: on a cache miss the upstream call is the largest
 share of the gateway's CPU, and most of it is client machinery, not the exchange. `bench/
-upstream_transport.py` (figures in the README) measured plain httpx at a few hundred requests/s against
+upstream_transport.py` (figures in docs/performance.md) measured plain httpx at a few hundred requests/s against
 a fast upstream, httpx on aiohttp's transport at about half of plain aiohttp, and this transport
 ahead of both. It keeps httpx's API: `httpx.Request` in, `httpx.Response` out, httpx's exception
 types, so the client code and its tests (`httpx.MockTransport`) do not depend on it.

@@ -4,8 +4,8 @@ Transport: httpx's request/response types over `PooledTransport` (transport.py: 
 a keep-alive pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path
 httpx's own pool and the client's per-request machinery (URL merging, cookies, auth and redirect
 handling, none of which is wanted: the URL is fixed, there are no cookies and no redirects) cost far
-more CPU than the exchange itself; `bench/upstream_transport.py` has the figures (README,
-Performance). Everything except `_default_transport` is transport-agnostic: tests inject
+more CPU than the exchange itself; `bench/upstream_transport.py` has the figures
+(docs/performance.md). Everything except `_default_transport` is transport-agnostic: tests inject
 `httpx.MockTransport`, and any `httpx.AsyncBaseTransport` can replace it in one place.
 
 Failure policy, in one place:

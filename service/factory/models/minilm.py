@@ -34,7 +34,7 @@ Why this recipe (measured figures in "Figures" below):
   and int8 scored them 1.8x faster (7.7 s vs 14.0 s). `quantization` in bench/minilm_bench.py
   re-measures it.
 
-Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; README "Base
+Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
 - Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7537 vs 0.7198 (+0.034;
   encoder alone 0.7469, n-gram alone 0.7189; blend weights (0.75, 0.25)). 170 s on the quiet

@@ -35,7 +35,7 @@ What each hyperparameter does to this model:
 - `seq_len`: no effect (every n-gram of the text counts).
 - `seed`: no effect (the solver is deterministic).
 
-Figures (bench/factory_bench.py, 2 cores): see README "Factory models".
+Figures (bench/factory_bench.py, 2 cores): see docs/factory.md "Base models".
 """
 
 from __future__ import annotations

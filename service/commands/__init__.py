@@ -1,17 +1,47 @@
-"""The workflow commands of `classifier-gateway`, one module per command group: `data`,
-`finetune`, `jobs`, `models`, `tasks`, `classify`. `service/cli.py` registers them with
-`register(sub)` and stays the one entry point (exit codes, `UserError`)."""
+"""The commands of `classifier-gateway`, one module per command group.
+
+`GROUPS` is the registry: each name is a module `service.commands.<name>` whose `register(sub)`
+adds its command(s) to the parser, in this order in `--help`. Adding a command group is adding its
+module and one line here. A command module imports only the shared helpers of `HELPERS`, never
+another command module nor the entry point `service/cli.py`, and the helpers import no command:
+so there is no import cycle, and each command module can be read (and imported) on its own.
+`tests/unit/test_cli_structure.py` holds them to it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import TypeAlias
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
+GROUPS: tuple[str, ...] = (
+    "serve",
+    "factory",
+    "demo",
+    "data",
+    "finetune",
+    "jobs",
+    "models",
+    "tasks",
+    "classify",  # classify and classify-chat
+)
+
 
 def register(sub: Sub) -> None:
-    from service.commands import classify, data, finetune, jobs, models, tasks
+    for name in GROUPS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
 
-    for module in (data, finetune, jobs, models, tasks, classify):
-        module.register(sub)
+
+#: The modules that commands share; each imports only helpers listed before it (and the project's
+#: gateway and factory packages), never a command module.
+HELPERS: tuple[str, ...] = (
+    "errors",     # UserError, TransientError
+    "output",     # tables, JSON, timestamps, the progress line
+    "api",        # HTTP clients of the upstream and the gateway; where they are, their keys
+    "tasksfile",  # safe edits of the gateway's tasks file, its --tasks argument
+    "datacheck",  # what a training file holds, and why it cannot be used
+    "prepare",    # turning a raw corpus into train/validation files
+    "jobwatch",   # watching a fine-tuning job to its end and registering its model
+)

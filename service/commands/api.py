@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from service.cli import UserError
+from service.commands.errors import TransientError, UserError
 
 DEFAULT_FACTORY_URL = "http://127.0.0.1:8100"
 DEFAULT_MISTRAL_URL = "https://api.mistral.ai"
@@ -67,6 +67,18 @@ def upstream_from(args: argparse.Namespace) -> Upstream:
     return Upstream("local", url.rstrip("/"), "FACTORY_API_KEY")
 
 
+def well_known_upstream(name: str) -> Upstream | None:
+    """`local` and `mistral` as `finetune --upstream` means them; None for any other name."""
+    if name == "local":
+        return Upstream("local", (os.environ.get("FACTORY_URL") or DEFAULT_FACTORY_URL).rstrip("/"),
+                        "FACTORY_API_KEY")
+    if name == "mistral":
+        return Upstream("mistral",
+                        (os.environ.get("MISTRAL_URL") or DEFAULT_MISTRAL_URL).rstrip("/"),
+                        "MISTRAL_API_KEY")
+    return None
+
+
 def error_message(response: httpx.Response) -> str:
     """The server's own reason, from any of the error shapes that Mistral, the factory and the
     gateway use (`{"error": {"message"}}`, `{"message"}`, `{"detail": str | [{loc, msg}]}`)."""
@@ -91,11 +103,6 @@ def error_message(response: httpx.Response) -> str:
                     parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
             return "; ".join(parts)
     return str(body)[:200]
-
-
-class TransientError(UserError):
-    """The server is unreachable, overloaded or failing for now (connection refused, timeout, 429,
-    5xx): worth another try when watching a job, which must not be given up for one bad poll."""
 
 
 class Api:

@@ -11,8 +11,8 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from service.cli import UserError
 from service.commands.api import add_gateway_arguments, gateway_api
+from service.commands.errors import UserError
 from service.commands.output import print_json, short, table
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from service.cli import UserError
+from service.commands.datacheck import describe_report, errors_text, problem
+from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.prepare import Plan, PrepareError, plan, read_report, write_jsonl
-from service.factory.data import DEFAULT_LONG_TEXT_CHARS, ValidationReport, validate_file
+from service.factory.data import ValidationReport, validate_file
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -59,48 +60,6 @@ def register(sub: Sub) -> None:
 
 # -- validate ---------------------------------------------------------------------------------
 
-def describe_report(name: str, report: ValidationReport) -> str:
-    """A readable summary of one file: what it is, its targets and labels, what looks wrong."""
-    lines = []
-    n_targets = len(report.targets)
-    lines.append(f"{name}: {report.kind or 'no'} data, {report.valid} valid examples of "
-                 f"{report.lines} lines, {n_targets} target{'s' * (n_targets != 1)}")
-    for stats in report.targets.values():
-        kind = "multi-label" if stats.loss_function == "multi_class" else "single-label"
-        lines.append(f"  target {stats.name} ({kind}, {len(stats.label_counts)} labels, "
-                     f"{stats.examples} examples):")
-        rows = [(label, count) for label, count in sorted(stats.label_counts.items(),
-                                                          key=lambda kv: (-kv[1], kv[0]))]
-        lines.extend("    " + row for row in table(["label", "examples"], rows).splitlines())
-    duplicates = f"duplicates: {report.duplicates}"
-    if report.conflicting_duplicates:
-        duplicates += f" ({report.conflicting_duplicates} with different labels)"
-    mean = round(report.total_chars / report.valid) if report.valid else 0
-    lines.append(f"  {duplicates}; empty texts: {report.empty_texts}; very long texts "
-                 f"(> {DEFAULT_LONG_TEXT_CHARS} chars): {report.long_texts}")
-    lines.append(f"  text length: mean {mean} chars, max {report.max_chars}")
-    return "\n".join(lines)
-
-
-def _errors_text(name: str, report: ValidationReport) -> list[str]:
-    out = [f"{name}: {error}" for error in report.errors]
-    if report.error_count > len(report.errors):
-        out.append(f"{name}: ... and {report.error_count - len(report.errors)} more invalid lines")
-    return out
-
-
-def problem(name: str, report: ValidationReport) -> str | None:
-    """One line saying why the file cannot be used, or None when it can."""
-    if report.error_count:
-        first = report.errors[0] if report.errors else None
-        return (f"{name}: {report.error_count} invalid line{'s' * (report.error_count != 1)}"
-                + (f" (first: {first})" if first else ""))
-    if not report.valid:
-        return f"{name}: no examples; each line needs {{\"text\", \"labels\"}} or " \
-               "{\"messages\", \"labels\"}"
-    return None
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     reports: list[tuple[str, ValidationReport]] = []
     for path in args.files:
@@ -120,7 +79,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                               for name, report in reports]})
     else:
         for name, report in reports:
-            for line in _errors_text(name, report):
+            for line in errors_text(name, report):
                 print(line)
             print(describe_report(name, report))
     if problems:
@@ -167,7 +126,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     name = str(args.input)
     if report.error_count and not args.skip_invalid:
-        for line in _errors_text(name, report):
+        for line in errors_text(name, report):
             print(line)
         reason = problem(name, report)
         raise UserError(f"{reason}; fix the file, or pass --skip-invalid to drop such lines")

@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from service.cli import UserError
 from service.commands import tasksfile
 from service.commands.api import (
     DEFAULT_MODELS,
-    Api,
-    TransientError,
     Upstream,
     add_upstream_arguments,
     upload_file,
     upstream_api,
     upstream_from,
 )
-from service.commands.data import problem
-from service.commands.jobs import FINAL_STATUSES, failure_reason, get_job, last_metrics
-from service.commands.output import Progress, print_json
-from service.commands.tasks import add_tasks_file_argument, register_task, task_rows
+from service.commands.datacheck import problem
+from service.commands.errors import UserError
+from service.commands.jobwatch import finish, follow_up_command, watch_interactively
+from service.commands.output import print_json
+from service.commands.tasksfile import add_tasks_file_argument
 from service.factory.data import ValidationReport, validate_file
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -100,166 +97,6 @@ def job_request(args: argparse.Namespace, upstream: Upstream, train_id: str,
     }
 
 
-def total_steps(job: dict[str, Any]) -> int | None:
-    """The job's number of steps: as requested, or else as the upstream planned it (Mistral's job
-    metadata gives tokens per step and tokens in all, once the job is validated)."""
-    steps = (job.get("hyperparameters") or {}).get("training_steps")
-    if isinstance(steps, int):
-        return steps
-    metadata = job.get("metadata") or {}
-    per_step, tokens = metadata.get("train_tokens_per_step"), metadata.get("train_tokens")
-    if isinstance(per_step, int | float) and isinstance(tokens, int | float) and per_step > 0:
-        return round(tokens / per_step)
-    return None
-
-
-def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
-    metrics = last_metrics(job)
-    total = total_steps(job)
-    step = metrics.get("step")
-    parts = [str(job.get("status"))]  # the job's id is on the line before, `job ... created`
-    if step is not None:
-        parts.append(f"step {step}/{total}" if total else f"step {step}")
-    for key, name in (("train_loss", "train loss"), ("valid_loss", "valid loss")):
-        if isinstance(metrics.get(key), int | float):
-            parts.append(f"{name} {metrics[key]:.4f}")
-    status = job.get("status")
-    done = total if status == "SUCCESS" else step
-    return "  ".join(parts), done if isinstance(done, int) else None, total
-
-
-#: How long `watch` keeps polling through transient errors before it gives up.
-TRANSIENT_PATIENCE_S = 60.0
-
-
-def watch(api: Api, job_id: str, progress: Progress, poll_interval: float,
-          patience_s: float = TRANSIENT_PATIENCE_S, follow_up: str | None = None
-          ) -> dict[str, Any]:
-    """Poll the job until it ends. Starts it if the upstream validated it but did not start it.
-    A failing poll (server restarting, rate limit) is retried for `patience_s`: the job runs on
-    the server either way, and giving up would leave it unregistered."""
-    started = False
-    failing_since: float | None = None
-    while True:
-        try:
-            job = get_job(api, job_id)
-        except TransientError as exc:
-            now = time.monotonic()
-            failing_since = failing_since or now
-            if now - failing_since > patience_s:
-                progress.close()
-                raise UserError(f"{exc} (for {patience_s:.0f}s while watching job {job_id}; it "
-                                f"may still run: "
-                                f"`{follow_up or f'classifier-gateway jobs wait {job_id}'}`)"
-                                ) from None
-            progress.update(f"{exc}; retrying")
-            time.sleep(min(max(poll_interval, 0.5) * 2, 10.0))
-            continue
-        failing_since = None
-        if job.get("status") == "VALIDATED" and not started and not job.get("auto_start"):
-            job = api.post(f"/v1/fine_tuning/jobs/{job_id}/start")
-            started = True
-        message, done, total = progress_line(job)
-        progress.update(message, done, total)
-        if job.get("status") in FINAL_STATUSES:
-            progress.close()
-            return job
-        time.sleep(poll_interval)
-
-
-def ask(question: str) -> bool:
-    """Yes/no on the terminal; anything but yes (or no answer at all) is no."""
-    sys.stderr.write(question)
-    sys.stderr.flush()
-    try:
-        answer = sys.stdin.readline()
-    except (KeyboardInterrupt, OSError):
-        answer = ""
-    if not answer:
-        sys.stderr.write("\n")
-    return answer.strip().lower() in ("y", "yes")
-
-
-def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
-                        follow_up: str) -> dict[str, Any] | None:
-    """`watch`, with Ctrl-C offering to cancel. Returns None when the user stopped watching."""
-    progress = Progress()
-    interval = args.poll_interval or (5.0 if args.upstream == "mistral" else 1.0)
-    try:
-        return watch(api, job_id, progress, interval, follow_up=follow_up)
-    except KeyboardInterrupt:
-        progress.close()
-        if ask(f"Cancel job {job_id}? [y/N] "):
-            job = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-            print(f"job {job_id}: {job.get('status') if isinstance(job, dict) else 'cancelled'}",
-                  file=sys.stderr)
-        else:
-            print(f"job {job_id} keeps running; follow it with `{follow_up}`", file=sys.stderr)
-        return None
-
-
-def warn_if_elsewhere(path: Path, upstream: Upstream) -> None:
-    """The tasks file's upstream of that name wins (an operator may route it through a proxy),
-    but if it points somewhere else than where the model was trained, the gateway may not find
-    the model: say so."""
-    if not path.exists():
-        return
-    existing = tasksfile.load(path).upstreams.get(upstream.name)
-    if existing is not None and existing.base_url != upstream.base_url:
-        print(f"note: upstream {upstream.name!r} in {path} is {existing.base_url}, but this model "
-              f"was trained on {upstream.base_url}; change it there if the gateway should ask "
-              "the latter", file=sys.stderr)
-
-
-def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
-           kind: str, multi_label: list[str], started_at: float | None) -> int:
-    """Report the outcome; on SUCCESS register the model under the task."""
-    job_id = job.get("id")
-    status = job.get("status")
-    if status != "SUCCESS":
-        if args.json:
-            print_json({"job": job})
-        if status == "CANCELLED":
-            raise UserError(f"job {job_id} was cancelled; nothing registered")
-        raise UserError(f"job {job_id} {status}: {failure_reason(job)}")
-    model = job.get("fine_tuned_model")
-    if not model:
-        raise UserError(f"job {job_id} succeeded but names no fine_tuned_model; see "
-                        f"`classifier-gateway jobs get {job_id}`")
-    targets = job.get("classifier_targets") or []
-    if targets:
-        multi_label = [t["name"] for t in targets
-                       if isinstance(t, dict) and t.get("loss_function") == "multi_class"]
-    if isinstance(upstream, Upstream):
-        warn_if_elsewhere(args.tasks, upstream)
-    register_task(args.tasks, args.task, upstream, model=model, kind=kind,
-                  multi_label_targets=multi_label)
-    row = next(r for r in task_rows(args.tasks) if r["name"] == args.task)
-    metrics = last_metrics(job)
-    if args.json:
-        print_json({"job": job, "metrics": metrics, "task": row, "tasks_file": str(args.tasks)})
-        return 0
-    took = f" in {time.monotonic() - started_at:.0f}s" if started_at else ""
-    print(f"job {job_id} SUCCESS{took}")
-    shown = [f"{name} {metrics[key]:.4f}" for key, name in (
-        ("train_loss", "train loss"), ("valid_loss", "valid loss"),
-        ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
-    if shown:
-        print(f"  metrics at step {metrics.get('step')}: " + ", ".join(shown))
-    evaluation = job.get("evaluation")  # the local factory's extra: held-out scores per target
-    if isinstance(evaluation, dict):
-        for target, scores in (evaluation.get("targets") or {}).items():
-            if isinstance(scores, dict) and "accuracy" in scores:
-                extra = (f", macro F1 {scores['macro_f1']:.4f}"
-                         if isinstance(scores.get("macro_f1"), int | float) else "")
-                print(f"  validation, target {target}: accuracy {scores['accuracy']:.4f}{extra} "
-                      f"on {scores.get('examples')} examples")
-    print(f"  model: {model}")
-    print(f"task {args.task} -> {model} on {row['upstream']} ({row['kind']}), saved in "
-          f"{args.tasks}")
-    return 0
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     upstream = upstream_from(args)
     train = _validate(args.train)
@@ -300,39 +137,3 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if final is None:
         return 130
     return finish(args, final, upstream, kind, multi_label, started_at)
-
-
-def follow_up_command(job_id: str, args: argparse.Namespace, upstream: str, task: str | None,
-                      kind: str) -> str:
-    """The `jobs wait` line that finishes this job's work where this command left it: same
-    upstream, same tasks file, same task."""
-    parts = ["classifier-gateway", "jobs", "wait", job_id]
-    if task:
-        parts += ["--task", task, "--kind", kind, "--tasks", str(args.tasks)]
-    if upstream == "mistral":
-        parts += ["--upstream", "mistral"]
-    if getattr(args, "upstream_url", None):
-        parts += ["--upstream-url", args.upstream_url]
-    return shlex.join(parts)
-
-
-def cmd_wait(args: argparse.Namespace) -> int:
-    """`jobs wait`: the watching half of `finetune`, for a job started with --no-wait."""
-    upstream = upstream_from(args)
-    with upstream_api(upstream) as api:
-        follow_up = follow_up_command(args.job_id, args, upstream.name, args.task, args.kind)
-        print(f"job {args.job_id} on {upstream.label}", file=sys.stderr)
-        started_at = time.monotonic()
-        final = watch_interactively(api, args.job_id, args, follow_up)
-    if final is None:
-        return 130
-    if not args.task:
-        status = final.get("status")
-        if args.json:
-            print_json({"job": final})
-        if status != "SUCCESS":
-            raise UserError(f"job {args.job_id} {status}: {failure_reason(final)}")
-        if not args.json:
-            print(f"job {args.job_id} SUCCESS: {final.get('fine_tuned_model')}")
-        return 0
-    return finish(args, final, upstream, args.kind, [], started_at)

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+import sys
+import time
 from typing import Any, TypeAlias
 
-from service.cli import UserError
 from service.commands.api import add_upstream_arguments, upstream_api, upstream_from
-from service.commands.output import print_json, table
+from service.commands.errors import UserError
+from service.commands.jobwatch import (
+    FINAL_STATUSES,
+    failure_reason,
+    finish,
+    follow_up_command,
+    get_job,
+    watch_interactively,
+)
+from service.commands.output import print_json, table, when
+from service.commands.tasksfile import add_tasks_file_argument
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-FINAL_STATUSES = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
-
 
 def register(sub: Sub) -> None:
-    from service.commands.finetune import cmd_wait
-    from service.commands.tasks import add_tasks_file_argument
-
     jobs = sub.add_parser("jobs", help="list, inspect, cancel and wait for fine-tuning jobs",
                           description="Fine-tuning jobs on the upstream (--upstream local|mistral).")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -57,46 +62,6 @@ def register(sub: Sub) -> None:
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
     p.set_defaults(handler=cmd_wait)
-
-
-def when(timestamp: Any) -> str:
-    if not isinstance(timestamp, int | float):
-        return "-"
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def get_job(api: Any, job_id: str) -> dict[str, Any]:
-    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
-    if not isinstance(job, dict) or "status" not in job:
-        raise UserError(f"{api.what} returned no job for {job_id}")
-    return job
-
-
-def last_metrics(job: dict[str, Any]) -> dict[str, Any]:
-    """The newest checkpoint's metrics, with its step (checkpoints may come in any order)."""
-    checkpoints = [c for c in job.get("checkpoints") or [] if isinstance(c, dict)]
-    if not checkpoints:
-        return {}
-    newest = max(checkpoints, key=lambda c: c.get("step_number") or 0)
-    return {"step": newest.get("step_number"), **(newest.get("metrics") or {})}
-
-
-def failure_reason(job: dict[str, Any]) -> str:
-    """Why a job ended badly, from whatever the server tells (message field, or the last event
-    that carries an error)."""
-    for key in ("message", "error"):
-        value = job.get(key)
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, dict) and value.get("message"):
-            return str(value["message"])
-    for event in reversed(job.get("events") or []):
-        data = event.get("data") if isinstance(event, dict) else None
-        if isinstance(data, dict):
-            for key in ("error", "message", "reason"):
-                if data.get(key):
-                    return str(data[key])
-    return "the server gave no reason"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -174,3 +139,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     else:
         print(f"job {args.job_id}: {job.get('status')}")
     return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """`jobs wait`: the watching half of `finetune`, for a job started with --no-wait."""
+    upstream = upstream_from(args)
+    with upstream_api(upstream) as api:
+        follow_up = follow_up_command(args.job_id, args, upstream.name, args.task, args.kind)
+        print(f"job {args.job_id} on {upstream.label}", file=sys.stderr)
+        started_at = time.monotonic()
+        final = watch_interactively(api, args.job_id, args, follow_up)
+    if final is None:
+        return 130
+    if not args.task:
+        status = final.get("status")
+        if args.json:
+            print_json({"job": final})
+        if status != "SUCCESS":
+            raise UserError(f"job {args.job_id} {status}: {failure_reason(final)}")
+        if not args.json:
+            print(f"job {args.job_id} SUCCESS: {final.get('fine_tuned_model')}")
+        return 0
+    return finish(args, final, upstream, args.kind, [], started_at)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import TypeAlias
 
-from service.cli import UserError
 from service.commands import tasksfile
 from service.commands.api import add_upstream_arguments, upstream_api, upstream_from
-from service.commands.jobs import when
-from service.commands.output import print_json, table
-from service.commands.tasks import add_tasks_file_argument
+from service.commands.errors import UserError
+from service.commands.output import print_json, table, when
+from service.commands.tasksfile import add_tasks_file_argument
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

@@ -4,22 +4,14 @@ with the gateway's parser, written atomically), so a running gateway picks chang
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
-from service.cli import UserError
 from service.commands import tasksfile
-from service.commands.api import DEFAULT_FACTORY_URL, DEFAULT_MISTRAL_URL, Upstream
+from service.commands.errors import UserError
 from service.commands.output import print_json, table
+from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def add_tasks_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=Path, default=tasksfile.default_tasks_path(),
-                        metavar="FILE",
-                        help="the gateway's tasks file (GATEWAY_TASKS_FILE, default %(default)s)")
 
 
 def register(sub: Sub) -> None:
@@ -59,25 +51,6 @@ def register(sub: Sub) -> None:
     p.set_defaults(handler=cmd_remove)
 
 
-def well_known_upstream(name: str) -> Upstream | None:
-    """`local` and `mistral` as `finetune --upstream` means them."""
-    if name == "local":
-        return Upstream("local", (os.environ.get("FACTORY_URL") or DEFAULT_FACTORY_URL).rstrip("/"),
-                        "FACTORY_API_KEY")
-    if name == "mistral":
-        return Upstream("mistral",
-                        (os.environ.get("MISTRAL_URL") or DEFAULT_MISTRAL_URL).rstrip("/"),
-                        "MISTRAL_API_KEY")
-    return None
-
-
-def task_rows(path: Path) -> list[dict[str, Any]]:
-    registry = tasksfile.load(path)
-    return [{"name": t.name, "kind": t.kind, "upstream": t.upstream,
-             "base_url": registry.upstreams[t.upstream].base_url, "model": t.model}
-            for _, t in sorted(registry.tasks.items())]
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     if not args.tasks.exists():
         raise UserError(f"no tasks file at {args.tasks}: pass --tasks FILE or set "
@@ -91,24 +64,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(table(["task", "kind", "upstream", "model"],
                     [(r["name"], r["kind"], r["upstream"], r["model"]) for r in rows]))
     return 0
-
-
-def register_task(path: Path, name: str, upstream: Upstream | str, **settings: Any) -> None:
-    """Point a task at a model; adds a well-known upstream when the file lacks it."""
-
-    def change(data: tasksfile.Data) -> None:
-        current = data["tasks"].get(name) or {}
-        upstream_name = upstream if isinstance(upstream, str) else upstream.name
-        if not upstream_name:
-            upstream_name = current.get("upstream") or "local"
-        spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
-        if spec is not None:
-            tasksfile.ensure_upstream(data, spec)
-        if not current and not settings.get("model"):
-            raise UserError(f"task {name!r} is new: give its --model")
-        tasksfile.set_task(data, name, {"upstream": upstream_name, **settings})
-
-    tasksfile.edit(path, change)
 
 
 def cmd_set(args: argparse.Namespace) -> int:

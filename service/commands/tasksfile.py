@@ -5,11 +5,12 @@ must never appear at the path: every edit is validated with the gateway's own pa
 temporary file in the same directory, flushed to disk and renamed over the old one (atomic on
 POSIX). An advisory lock next to the file keeps two CLI runs from losing each other's edits.
 Edits go through ruamel.yaml's round trip, so an operator's comments, key order and quoting survive
-them.
+them. `tasks`, `finetune`, `jobs wait` and `models delete` all use this module.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -22,8 +23,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from service.cli import UserError
-from service.commands.api import Upstream
+from service.commands.api import Upstream, well_known_upstream
+from service.commands.errors import UserError
 from service.gateway.registry import Registry, RegistryError, parse_registry
 
 Data = dict[str, Any]
@@ -38,6 +39,11 @@ def _round_trip() -> YAML:
 def default_tasks_path() -> Path:
     """The same default as `classifier-gateway serve`, so both find the same file."""
     return Path(os.environ.get("GATEWAY_TASKS_FILE", "tasks.yaml"))
+
+
+def add_tasks_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", type=Path, default=default_tasks_path(), metavar="FILE",
+                        help="the gateway's tasks file (GATEWAY_TASKS_FILE, default %(default)s)")
 
 
 def read(path: Path) -> Data:
@@ -158,3 +164,29 @@ def remove_task(data: Data, name: str) -> None:
         known = ", ".join(sorted(data["tasks"])) or "none"
         raise UserError(f"no task named {name!r} in the tasks file (tasks: {known})")
     del data["tasks"][name]
+
+
+def task_rows(path: Path) -> list[dict[str, Any]]:
+    """The tasks of the file as `tasks list` shows them, sorted by name."""
+    registry = load(path)
+    return [{"name": t.name, "kind": t.kind, "upstream": t.upstream,
+             "base_url": registry.upstreams[t.upstream].base_url, "model": t.model}
+            for _, t in sorted(registry.tasks.items())]
+
+
+def register_task(path: Path, name: str, upstream: Upstream | str, **settings: Any) -> None:
+    """Point a task at a model; adds a well-known upstream when the file lacks it."""
+
+    def change(data: Data) -> None:
+        current = data["tasks"].get(name) or {}
+        upstream_name = upstream if isinstance(upstream, str) else upstream.name
+        if not upstream_name:
+            upstream_name = current.get("upstream") or "local"
+        spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
+        if spec is not None:
+            ensure_upstream(data, spec)
+        if not current and not settings.get("model"):
+            raise UserError(f"task {name!r} is new: give its --model")
+        set_task(data, name, {"upstream": upstream_name, **settings})
+
+    edit(path, change)

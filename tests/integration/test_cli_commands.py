@@ -272,9 +272,9 @@ def test_watching_gives_up_after_its_patience_when_the_server_stays_down() -> No
     import io
     import socket
 
-    from service.cli import UserError
     from service.commands.api import Api
-    from service.commands.finetune import watch
+    from service.commands.errors import UserError
+    from service.commands.jobwatch import watch
     from service.commands.output import Progress
 
     with socket.socket() as s:
@@ -293,7 +293,7 @@ def test_watching_gives_up_after_its_patience_when_the_server_stays_down() -> No
 def test_finetune_notes_when_the_tasks_file_points_the_upstream_elsewhere(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from service.commands.api import Upstream
-    from service.commands.finetune import warn_if_elsewhere
+    from service.commands.jobwatch import warn_if_elsewhere
 
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(yaml.safe_dump({"upstreams": {"local": {"base_url": "http://proxy:9000"}},

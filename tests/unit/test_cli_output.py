@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from service.commands.api import Upstream, error_message
-from service.commands.finetune import job_request, progress_line, suffix_for, total_steps
-from service.commands.jobs import failure_reason, last_metrics
+from service.commands.finetune import job_request, suffix_for
+from service.commands.jobwatch import failure_reason, last_metrics, progress_line, total_steps
 from service.commands.output import Progress, table
 
 

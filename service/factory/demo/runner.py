@@ -27,13 +27,16 @@ from typing import Any
 import httpx
 import yaml
 
+from service.commands.errors import UserError
+
 HERE = Path(__file__).resolve().parent
 PACKAGE_ROOT = HERE.parents[2]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
 
-class DemoError(Exception):
-    """A problem the user can fix; the CLI prints it as one line."""
+class DemoError(UserError):
+    """A problem the user can fix; the command line prints it as one line and exits 1, as it does
+    for every other command's `UserError`."""
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,8 @@ def train_task(client: httpx.Client, task: DemoTask) -> str:
 
 def write_tasks_file(path: Path, factory_url: str, models: dict[str, str],
                      factory_key_env: str | None = None) -> None:
-    """The gateway's tasks file (DESIGN.md): upstream `local` is the factory (with the name of the
-    variable holding its key, when it has one; never the key itself)."""
+    """The gateway's tasks file: upstream `local` is the factory (with the name of the variable
+    holding its key, when it has one; never the key itself)."""
     tasks = {task.name: {"upstream": "local", "model": models[task.name], "kind": task.kind,
                          "cache_ttl_s": 3600} for task in TASKS}
     local: dict[str, str] = {"base_url": factory_url}

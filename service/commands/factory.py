@@ -1,0 +1,48 @@
+"""`classifier-gateway factory`: run the local, Mistral-compatible classifier factory.
+
+Settings come from `FACTORY_*` variables, and the flags below override the most used ones; uvicorn
+and the factory's app are imported when the command runs, so that the other commands do not pay
+for them at every start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, TypeAlias
+
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(sub: Sub) -> None:
+    p = sub.add_parser("factory", help="run the local Mistral-compatible classifier factory "
+                                       "(settings from FACTORY_* variables or flags)")
+    p.add_argument("--host", help="bind address (FACTORY_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (FACTORY_PORT, default 8100)")
+    p.add_argument("--data-dir", type=Path,
+                   help="files, jobs and models (FACTORY_DATA_DIR, default ./factory-data)")
+    p.add_argument("--log-level", help="debug|info|warning|error (FACTORY_LOG_LEVEL)")
+    p.set_defaults(handler=cmd_factory)
+
+
+def cmd_factory(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.factory.app import create_app
+    from service.factory.settings import FactorySettings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host, "port": args.port, "data_dir": args.data_dir,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = FactorySettings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, loop="uvloop", http="httptools", access_log=False)
+    return 0

@@ -1,0 +1,53 @@
+"""`classifier-gateway serve`: run the gateway.
+
+Settings come from `GATEWAY_*` variables, and the flags below override the most used ones; the
+server and the gateway's app are imported when the command runs, so that the other commands do not
+pay for uvicorn and the gateway at every start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any, TypeAlias
+
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(sub: Sub) -> None:
+    p = sub.add_parser("serve", help="run the gateway (settings from GATEWAY_* variables or flags)")
+    p.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
+    p.add_argument("--tasks", type=Path, help="tasks file (GATEWAY_TASKS_FILE, default tasks.yaml)")
+    p.add_argument("--redis-url", help="Redis URL, empty for no cache (GATEWAY_REDIS_URL)")
+    p.add_argument("--log-level", help="debug|info|warning|error (GATEWAY_LOG_LEVEL)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.gateway.app import create_app
+    from service.gateway.server import GatewayServer
+    from service.gateway.settings import Settings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host, "port": args.port, "tasks_file": args.tasks,
+            "redis_url": args.redis_url, "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, loop="uvloop", http="httptools",
+                            access_log=False,
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
+    GatewayServer(config, app.state.lifecycle, settings.shutdown_delay_s).run()
+    return 0

@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from service.gateway.protocols import Route
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -143,7 +145,7 @@ async def gateway_upstream_client(url: str, conc: int) -> Any:
 
     async def post(body: bytes) -> Any:
         loop_time = time.monotonic()
-        return await client.classify("classifications", "ft:bench", ["one text"],
+        return await client.classify(Route.text("ft:bench"), ["one text"],
                                      deadline=loop_time + 10)
     try:
         yield post
@@ -198,7 +200,7 @@ def validation_cost(items: int = 32, repeat: int = 2000) -> dict[str, float]:
     """Microseconds to check one parsed upstream response of `items` results, two ways."""
     import timeit
 
-    from service.gateway.upstream import check_results
+    from service.gateway.protocols.mistral import check_results
     from service.wire import ClassificationResponse
 
     scores = {"negative": 0.1, "neutral": 0.2, "positive": 0.7}

@@ -1,6 +1,6 @@
 """Mistral's classification wire format, shared by the gateway and the factory.
 
-The shapes follow `shared/reference/mistral-api.md` (and Mistral's public OpenAPI spec): request
+The shapes follow Mistral's public API reference and OpenAPI spec: request
 models forbid unknown keys, because the real API answers a misspelt field such as `inputs` with a 422
 and a client that works against us must also work against Mistral. Response models allow extra keys,
 because we add fields (`label`, `labels`, `task`) that Mistral's clients simply ignore.
@@ -8,6 +8,7 @@ because we add fields (`label`, `labels`, `task`) that Mistral's clients simply 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,3 +83,22 @@ class ErrorBody(BaseModel):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+
+
+def render_messages(messages: Iterable[Mapping[str, Any]]) -> str:
+    """One text per conversation: `role: content` lines, so that who said what stays a feature.
+
+    The factory's models read conversations this way, and the gateway renders them the same
+    way for upstreams that only take text (TEI, vLLM, Infinity, KServe v2)."""
+    parts = []
+    for message in messages:
+        parts.append(f"{message.get('role', 'user')}: {content_text(message.get('content'))}")
+    return "\n".join(parts)
+
+
+def content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+    return ""

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import orjson
 
+from service.wire import content_text, render_messages
+
 Kind = Literal["text", "chat"]
 LossFunction = Literal["single_class", "multi_class"]
 ROLES = ("system", "user", "assistant", "tool")
@@ -144,22 +146,6 @@ class ValidationReport:
             "max_chars": self.max_chars,
             "mean_chars": round(self.total_chars / self.valid, 1) if self.valid else 0.0,
         }
-
-
-def render_messages(messages: Iterable[Mapping[str, Any]]) -> str:
-    """One text per conversation: `role: content` lines, so that who said what stays a feature."""
-    parts = []
-    for message in messages:
-        parts.append(f"{message.get('role', 'user')}: {_content_text(message.get('content'))}")
-    return "\n".join(parts)
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
-    return ""
 
 
 class _Validator:
@@ -322,7 +308,7 @@ class _Validator:
                 stats.multi_label_examples += 1
                 stats.label_counts.update(value)
         content = text if messages is None else "".join(
-            _content_text(m.get("content")) for m in messages)
+            content_text(m.get("content")) for m in messages)
         if not content.strip():
             report.empty_texts += 1
         chars = len(text)

@@ -28,23 +28,29 @@ from service.gateway.errors import (
     UpstreamError,
 )
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Result, Route
 
-Result = dict[str, Any]
 _SHUTDOWN_MESSAGE = "The gateway is shutting down; retry on another replica."
 
 
 class BatchSender(Protocol):
     """What the batcher needs of an upstream client."""
 
-    async def classify(self, endpoint: str, model: str, inputs: list[Any], *,
+    async def classify(self, route: Route, inputs: list[Any], *,
                        deadline: float) -> list[Result]: ...
 
 
 @dataclass(frozen=True)
 class LaneKey:
+    """One queue per model on an upstream; `endpoint` is the metric label of its path."""
+
     upstream: str
     endpoint: str
-    model: str
+    route: Route
+
+    @property
+    def model(self) -> str:
+        return self.route.model
 
 
 @dataclass(eq=False)
@@ -227,14 +233,14 @@ class MicroBatcher:
         metrics.child(metrics.batch_size, key.upstream, key.endpoint).observe(len(batch))
         try:
             results = await lane.sender.classify(
-                key.endpoint, key.model, [item.payload for item in batch],
+                key.route, [item.payload for item in batch],
                 deadline=max(item.deadline for item in batch),
             )
             if len(results) != len(batch):
                 raise UpstreamBadResponse(
                     f"Upstream {key.upstream!r} returned {len(results)} results for "
-                    f"{len(batch)} inputs of model {key.model!r}; the upstream is not speaking "
-                    "Mistral's classification API correctly."
+                    f"{len(batch)} inputs of model {key.model!r}; check that the upstream "
+                    "speaks the protocol its tasks-file entry names."
                 )
         except (GatewayError, UpstreamError) as exc:
             failed = True

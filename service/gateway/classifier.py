@@ -1,13 +1,23 @@
-"""Classifier: one request's journey through cache, single flight, batcher and upstream.
+"""Classifier: one request's journey through cache, single flight, batcher, upstream and the
+task's fallbacks.
 
 Routes stay thin: they validate and shape; this module decides where each item's answer comes from.
-Cached values are the upstream's raw per-item result, so a task's threshold or label post-processing can
-change without invalidating the cache, and tasks sharing a model share cache entries.
+Cached values are the upstream's per-item result in Mistral's shape, so a task's threshold or label
+post-processing can change without invalidating the cache, and tasks sharing a model share cache
+entries. Entries are keyed by the model that answered: a fallback's answers never pass for the
+primary's once it is back.
+
+Fallbacks: when the task's model fails after its retries, or its circuit is open
+(`UpstreamUnavailable`), answers with a broken body (`UpstreamBadResponse`) or times out with time
+left on the request's deadline, the items the cache did not answer go to the task's fallbacks in
+order, each with its own cache lookup and batching. A 4xx the upstream blames on the request
+(`UpstreamRejected`) is never retried elsewhere: another model would refuse it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,17 +25,21 @@ from typing import Any, Literal
 
 import orjson
 
-from service.gateway.batcher import LaneKey, MicroBatcher, OnResults, PendingItem, Result
+from service.gateway.batcher import LaneKey, MicroBatcher, OnResults, PendingItem
 from service.gateway.cache import ResultCache, cache_key
 from service.gateway.errors import (
     ClientGone,
     UpstreamBadResponse,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Result, Route
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.upstream import UpstreamPool
+
+log = logging.getLogger("service.gateway.classifier")
 
 CacheStatus = Literal["hit", "miss", "partial"]
 Disconnected = Callable[[], Awaitable[None]]
@@ -36,8 +50,30 @@ _RESEND_MIN_S = 0.01
 
 @dataclass(frozen=True)
 class Outcome:
+    """`models`: the models that answered, the task's own first; more than one only when a
+    fallback answered the items the cache did not."""
+
     results: list[Result]
     cache_status: CacheStatus
+    models: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> str:
+        """The model that answered: the fallback's when one did."""
+        return self.models[-1]
+
+
+#: Failures after which the task's fallbacks are tried (see the module docstring).
+FALLBACK_ON = (UpstreamUnavailable, UpstreamBadResponse, UpstreamTimeout)
+
+
+def cache_scope(upstream: UpstreamSpec, route: Route) -> str:
+    """What, besides the model and the item, makes a cached answer this route's. Mistral's keeps
+    the key it always had (the base URL), so caches survive the upgrade; single-target protocols
+    add the target and labels the answer was named with."""
+    if upstream.protocol == "mistral":
+        return upstream.base_url
+    return f"{upstream.protocol}:{upstream.base_url}#{route.target}:{','.join(route.labels)}"
 
 
 def _cache_status(hits: int, total: int) -> CacheStatus:
@@ -69,7 +105,7 @@ class CurrentUpstream:
     pool: UpstreamPool
     specs: Callable[[], Mapping[str, UpstreamSpec]]
 
-    async def classify(self, endpoint: str, model: str, inputs: list[Any], *,
+    async def classify(self, route: Route, inputs: list[Any], *,
                        deadline: float) -> list[Result]:
         spec = self.specs().get(self.name)
         if spec is None:
@@ -77,7 +113,7 @@ class CurrentUpstream:
                 f"Upstream {self.name!r} was removed from the tasks file while these items "
                 "were queued; retry, and the request will use the current tasks.",
                 retry_after_s=1.0)
-        return await self.pool.get(spec).classify(endpoint, model, inputs, deadline=deadline)
+        return await self.pool.get(spec).classify(route, inputs, deadline=deadline)
 
 
 class Classifier:
@@ -98,15 +134,64 @@ class Classifier:
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
                        disconnected: Disconnected | None = None) -> Outcome:
-        """One raw upstream result per item, in input order.
+        """One result per item, in input order, from the cache, the task's model or, when that
+        fails, its fallbacks (see the module docstring).
 
         `disconnected` returns when the caller hangs up; its items are then released, so that
         nobody's abandoned work is sent upstream."""
         timeout_s = task.timeout_s or self._default_timeout_s
         deadline = time.monotonic() + timeout_s
         ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
-        keys = [cache_key(self._prefix, upstream.base_url, task.endpoint, task.model, item)
-                for item in items]
+        route = task.route()
+        try:
+            results, misses = await self._answer(task, upstream, route, items, ttl_s, deadline,
+                                                 timeout_s, read_cache, disconnected)
+            return Outcome(results, _cache_status(len(items) - misses, len(items)), (task.model,))
+        except FALLBACK_ON as exc:
+            if not task.fallbacks:
+                raise
+            first = exc
+        return await self._fall_back(task, items, ttl_s, deadline, timeout_s, read_cache,
+                                     disconnected, first)
+
+    async def _fall_back(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
+                         timeout_s: float, read_cache: bool, disconnected: Disconnected | None,
+                         first: UpstreamError) -> Outcome:
+        reasons = [f"{task.upstream}/{task.model}: {first.message}"]
+        specs = self._upstream_specs()
+        for ref in task.fallbacks:
+            spec = specs.get(ref.upstream)
+            if spec is None or deadline - time.monotonic() <= _RESEND_MIN_S:
+                break
+            route = task.fallback_route(ref)
+            try:
+                results, misses = await self._answer(task, spec, route, items, ttl_s, deadline,
+                                                     timeout_s, read_cache, disconnected)
+            except FALLBACK_ON as exc:
+                self._metrics.child(self._metrics.fallbacks, task.name, ref.upstream,
+                                    "error").inc()
+                reasons.append(f"{ref.upstream}/{ref.model}: {exc.message}")
+                continue
+            self._metrics.child(self._metrics.fallbacks, task.name, ref.upstream, "ok").inc()
+            log.info("task %s: answered by fallback %s/%s (%s)", task.name, ref.upstream,
+                     ref.model, reasons[0])
+            return Outcome(results, _cache_status(len(items) - misses, len(items)),
+                           (task.model, ref.model))
+        message = (f"Task {task.name!r}: its model and every fallback failed ("
+                   + "; ".join(reasons) + ").")
+        if len(reasons) == 1:
+            message = (f"Task {task.name!r}: its model failed and the deadline left no time "
+                       f"for a fallback ({reasons[0]}).")
+        raise type(first)(message, retry_after_s=first.retry_after_s)
+
+    async def _answer(self, task: TaskSpec, upstream: UpstreamSpec, route: Route,
+                      items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
+                      read_cache: bool, disconnected: Disconnected | None
+                      ) -> tuple[list[Result], int]:
+        """Results from the cache and one upstream; also how many items the cache missed."""
+        scope = cache_scope(upstream, route)
+        endpoint = upstream.wire.endpoint(route)
+        keys = [cache_key(self._prefix, scope, endpoint, route.model, item) for item in items]
         # Identical items within one request are looked up and sent once.
         unique: dict[str, Any] = {}
         for key, item in zip(keys, items, strict=True):
@@ -116,11 +201,11 @@ class Classifier:
             found = await self._lookup(task, list(unique))
         misses = [(key, item) for key, item in unique.items() if key not in found]
         if misses:
-            found.update(await self._fetch(task, upstream, misses, ttl_s, deadline, timeout_s,
+            lane = LaneKey(upstream.name, endpoint, route)
+            found.update(await self._fetch(task, lane, misses, ttl_s, deadline, timeout_s,
                                            disconnected))
         miss_keys = {key for key, _ in misses}
-        hits = sum(1 for key in keys if key not in miss_keys)
-        return Outcome([found[key] for key in keys], _cache_status(hits, len(keys)))
+        return [found[key] for key in keys], sum(1 for key in keys if key in miss_keys)
 
     async def _lookup(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
         assert self._cache is not None
@@ -142,7 +227,7 @@ class Classifier:
         metrics.child(lookups, task.name, "miss").inc(len(keys) - len(found))
         return found
 
-    async def _fetch(self, task: TaskSpec, upstream: UpstreamSpec,
+    async def _fetch(self, task: TaskSpec, lane: LaneKey,
                      misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                      timeout_s: float, disconnected: Disconnected | None) -> dict[str, Result]:
         """Results for `misses`. An item shared through single flight travels with the deadline
@@ -152,22 +237,21 @@ class Classifier:
         out: dict[str, Result] = {}
         while True:
             try:
-                out.update(await self._fetch_once(task, upstream, misses, ttl_s, deadline,
+                out.update(await self._fetch_once(task, lane, misses, ttl_s, deadline,
                                                   timeout_s, disconnected))
                 return out
             except _BorrowedTimeout as borrowed:
                 out.update(borrowed.done)
                 misses = [(key, item) for key, item in misses if key not in out]
 
-    async def _fetch_once(self, task: TaskSpec, upstream: UpstreamSpec,
+    async def _fetch_once(self, task: TaskSpec, lane: LaneKey,
                           misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                           timeout_s: float, disconnected: Disconnected | None
                           ) -> dict[str, Result]:
-        sender = self._senders.get(upstream.name)
+        sender = self._senders.get(lane.upstream)
         if sender is None:
-            sender = self._senders[upstream.name] = CurrentUpstream(
-                upstream.name, self._upstreams, self._upstream_specs)
-        lane = LaneKey(upstream.name, task.endpoint, task.model)
+            sender = self._senders[lane.upstream] = CurrentUpstream(
+                lane.upstream, self._upstreams, self._upstream_specs)
         pending = self._batcher.submit(lane, sender, misses, ttl_s=ttl_s, deadline=deadline)
         released = False
 
@@ -272,7 +356,7 @@ def decorate(task: TaskSpec, result: Result) -> dict[str, Any]:
         scores = body.get("scores") if isinstance(body, dict) else None
         if not isinstance(scores, dict) or not scores:
             raise UpstreamBadResponse(
-                f"Upstream result for target {target!r} of model {task.model!r} has no scores."
+                f"Upstream result for target {target!r} of task {task.name!r} has no scores."
             )
         if target in task.multi_label_targets:
             chosen = sorted((lbl for lbl, s in scores.items() if s >= task.threshold),

@@ -71,6 +71,12 @@ class GatewayMetrics:
             "gateway_cache_errors", "Redis operations that failed or timed out (the gateway then "
             "serves without the cache).", ["operation"], registry=registry,
         )
+        self.fallbacks = Counter(
+            "gateway_fallbacks", "Requests (or the part of one the cache did not answer) sent to "
+            "a task's fallback because the model before it failed; `upstream` is the fallback's, "
+            "`result` whether it answered (ok) or failed too (error).",
+            ["task", "upstream", "result"], registry=registry,
+        )
         self.registry_reloads = Counter(
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,

@@ -20,6 +20,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.gateway import protocols
+from service.gateway.protocols import Route, UpstreamProtocol
+
 log = logging.getLogger("service.gateway.registry")
 
 TaskKind = Literal["text", "chat"]
@@ -36,6 +39,24 @@ class UpstreamSpec(BaseModel):
     proxy: str | None = Field(
         default=None, description="HTTP(S) proxy to reach the upstream through, e.g. an egress "
         "proxy in front of api.mistral.ai: http://[user:password@]host:port.")
+    protocol: str = Field(
+        default="mistral", description="The server's classification API: "
+        + " | ".join(protocols.NAMES) + ".")
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Most inputs per upstream call; larger batches are split. "
+        "Default: what the server says (TEI's /info), else the gateway's batch size.")
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        if value not in protocols.PROTOCOLS:
+            raise ValueError(f"unknown protocol {value!r}; expected one of "
+                             f"{', '.join(protocols.NAMES)}")
+        return value
+
+    @property
+    def wire(self) -> UpstreamProtocol:
+        return protocols.get(self.protocol)
 
     @field_validator("base_url")
     @classmethod
@@ -77,6 +98,18 @@ class UpstreamSpec(BaseModel):
         return os.environ.get(self.api_key_env) or None
 
 
+class ModelRef(BaseModel):
+    """A model on an upstream, as a fallback names it. `target` and `labels` as on a task, for
+    single-target servers; default: the task's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upstream: str
+    model: str = Field(min_length=1)
+    target: str | None = Field(default=None, min_length=1)
+    labels: tuple[str, ...] | None = None
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -84,6 +117,15 @@ class TaskSpec(BaseModel):
     upstream: str
     model: str = Field(min_length=1)
     kind: TaskKind = "text"
+    target: str | None = Field(
+        default=None, min_length=1, description="Single-target servers (TEI, vLLM, Infinity, "
+        "KServe v2): the key the scores appear under. Default: the task's name.")
+    labels: tuple[str, ...] = Field(
+        default=(), description="The model's classes in index order, for servers that answer "
+        "with unnamed probabilities (vLLM; KServe v2 unless its model metadata gives them).")
+    fallbacks: tuple[ModelRef, ...] = Field(
+        default=(), description="Tried in order when the upstream fails after its retries or "
+        "its circuit is open; never for a 4xx caused by the request itself.")
     cache_ttl_s: int | None = Field(default=None, ge=0, description="0 disables caching.")
     timeout_s: float | None = Field(default=None, gt=0)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -91,9 +133,25 @@ class TaskSpec(BaseModel):
         default=(), description="Targets that get a `labels` list (scores >= threshold)."
     )
 
-    @property
-    def endpoint(self) -> str:
-        return "classifications" if self.kind == "text" else "chat/classifications"
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("labels must be distinct")
+        return value
+
+    def route(self) -> Route:
+        """The primary model, as its upstream's protocol needs to know it."""
+        return Route(self.kind, self.model, self.target or self.name, self.labels)
+
+    def fallback_route(self, ref: ModelRef) -> Route:
+        return Route(self.kind, ref.model, ref.target or self.target or self.name,
+                     self.labels if ref.labels is None else ref.labels)
+
+    def candidates(self) -> list[tuple[str, Route]]:
+        """(upstream name, route) for the primary, then each fallback in order."""
+        return [(self.upstream, self.route()),
+                *((ref.upstream, self.fallback_route(ref)) for ref in self.fallbacks)]
 
 
 class RegistryError(ValueError):
@@ -157,13 +215,37 @@ def parse_registry(data: Any, source: str = "tasks file") -> Registry:
         except TypeError:
             errors.append(f"tasks.{name}: expected a mapping of settings")
             continue
-        if task.upstream not in upstreams and f"upstreams.{task.upstream}" not in " ".join(errors):
-            errors.append(f"tasks.{name}.upstream: unknown upstream {task.upstream!r}; "
-                          f"defined upstreams: {sorted(upstreams) or 'none'}")
+        errors.extend(_check_task(task, upstreams, raw_upstreams, f"tasks.{name}"))
         tasks[task.name] = task
     if errors:
         raise RegistryError(f"{source}: " + "; ".join(errors))
     return Registry(upstreams=upstreams, tasks=tasks)
+
+
+def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared: Mapping[Any, Any],
+                where: str) -> list[str]:
+    """What the task's fields cannot say alone: its upstreams exist, their protocols can name
+    the model's classes, and no fallback repeats a model tried before it."""
+    errors: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (upstream, route) in enumerate(task.candidates()):
+        field = f"{where}.upstream" if i == 0 else f"{where}.fallbacks[{i - 1}]"
+        spec = upstreams.get(upstream)
+        if spec is None:
+            if upstream not in declared:  # an invalid upstream already has its own error
+                errors.append(f"{field}: unknown upstream {upstream!r}; defined upstreams: "
+                              f"{sorted(map(str, declared)) or 'none'}")
+            continue
+        if (upstream, route.model) in seen:
+            errors.append(f"{field}: model {route.model!r} on upstream {upstream!r} is already "
+                          "tried before this one; a fallback must be another model or upstream")
+        seen.add((upstream, route.model))
+        wire = spec.wire
+        if wire.labels_by_index and not route.labels and not wire.labels_from_server:
+            errors.append(f"{field}: upstream {upstream!r} speaks {wire.name}, which answers with "
+                          "unnamed probabilities; list the model's classes in index order "
+                          "under the task's `labels` (its config's id2label)")
+    return errors
 
 
 def load_registry(path: Path) -> Registry:

@@ -1,5 +1,10 @@
 """UpstreamClient: one pooled HTTP client per upstream, with retries and a circuit breaker.
 
+What is said on the wire (paths, bodies, answers, error bodies, model metadata) belongs to the
+upstream's protocol (`service.gateway.protocols`: Mistral's API, TEI, vLLM, Infinity, KServe v2);
+this module keeps what every protocol shares: deadlines, retries, the breaker, batch splitting to
+the server's limit, metrics and scrubbing.
+
 Transport: httpx's request/response types over `PooledTransport` (transport.py: asyncio + httptools,
 a keep-alive pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path
 httpx's own pool and the client's per-request machinery (URL merging, cookies, auth and redirect
@@ -13,8 +18,8 @@ Failure policy, in one place:
   the upstream's `Retry-After`, at most `retry_attempts` attempts, and never past the caller's deadline:
   a retry that cannot start before the deadline fails at once with `UpstreamUnavailable`;
 - running out of time during an attempt is `UpstreamTimeout`; any other 4xx is `UpstreamRejected`
-  (retrying the same body will not help); a 2xx body that breaks the wire format is
-  `UpstreamBadResponse`;
+  (retrying the same body will not help); a 2xx body that breaks the protocol's format, or holds
+  a different number of results than inputs, is `UpstreamBadResponse`;
 - a circuit breaker per upstream counts consecutive failed attempts; once open it fails calls fast
   (no connection, no queueing behind a dead peer) until `circuit_reset_s` has passed, then lets a
   single probe through and closes again on its success.
@@ -44,6 +49,7 @@ from service.gateway.errors import (
     UpstreamUnavailable,
 )
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Result, Route, ServerInfo
 from service.gateway.registry import UpstreamSpec
 from service.gateway.scrub import quote, scrub
 from service.gateway.settings import Settings
@@ -51,9 +57,12 @@ from service.gateway.transport import PooledTransport
 
 log = logging.getLogger("service.gateway.upstream")
 
-ENDPOINTS = ("classifications", "chat/classifications")
 CircuitState = Literal["closed", "open", "half_open"]
 _MAX_MESSAGE_CHARS = 300
+#: How long what a server said about a model (labels, batch limit) is kept, and how long a failed
+#: attempt to ask is remembered before the next request asks again.
+_INFO_TTL_S = 300.0
+_INFO_RETRY_S = 5.0
 
 
 class CircuitBreaker:
@@ -160,31 +169,8 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds)
 
 
-def check_results(payload: Any) -> list[dict[str, Any]] | str:
-    """The `results` list of a classification response, or what is wrong with it.
-
-    A hand-written walk rather than pydantic: it runs once per upstream response on the hot path and
-    costs a fraction of `ClassificationResponse.model_validate` (see tests/unit/test_upstream.py)."""
-    if not isinstance(payload, dict):
-        return "the body is not a JSON object"
-    results = payload.get("results")
-    if not isinstance(results, list):
-        return "the body has no 'results' list"
-    for i, entry in enumerate(results):
-        if not isinstance(entry, dict) or not entry:
-            return f"results[{i}] is not an object of targets"
-        for target, value in entry.items():
-            scores = value.get("scores") if isinstance(value, dict) else None
-            if not isinstance(scores, dict):
-                return f"results[{i}].{target} has no 'scores' object"
-            for label, score in scores.items():
-                if type(score) is not float and type(score) is not int:  # bool is neither
-                    return f"results[{i}].{target}.scores.{label} is not a number"
-    return results
-
-
 class UpstreamClient:
-    """Sends classification batches to one upstream (Mistral or the local factory)."""
+    """Sends classification batches to one upstream, in the upstream's protocol."""
 
     def __init__(self, spec: UpstreamSpec, settings: Settings, metrics: GatewayMetrics, *,
                  transport: httpx.AsyncBaseTransport | None = None,
@@ -195,8 +181,11 @@ class UpstreamClient:
         self.metrics = metrics
         self._rng = rng or random.Random()
         self._clock = clock
-        base = spec.base_url.removesuffix("/v1")
-        self._urls = {endpoint: httpx.URL(f"{base}/v1/{endpoint}") for endpoint in ENDPOINTS}
+        self.wire = spec.wire
+        self._root = self.wire.root(spec.base_url)
+        self._urls: dict[Route, tuple[httpx.URL, str]] = {}
+        self._info: dict[str, tuple[float, ServerInfo | str]] = {}
+        self._info_pending: dict[str, asyncio.Future[ServerInfo | str]] = {}
         # Requests go straight to the transport: httpx.AsyncClient's per-request work (URL merging,
         # cookie extraction, auth and redirect machinery) is a large share of the CPU per call, and
         # none of it is wanted here: the URL is fixed, there are no cookies and no redirects.
@@ -218,32 +207,138 @@ class UpstreamClient:
         """True while calls fail fast (open), or while only a probe may pass (half-open)."""
         return self.breaker.state != "closed"
 
-    async def classify(self, endpoint: str, model: str, inputs: list[Any], *,
-                       deadline: float) -> list[dict[str, Any]]:
-        """POST /v1/<endpoint> {"model", "input": inputs}; return the `results` list.
+    def _url(self, route: Route) -> tuple[httpx.URL, str]:
+        found = self._urls.get(route)
+        if found is None:
+            found = self._urls[route] = (httpx.URL(self._root + self.wire.path(route)),
+                                         self.wire.endpoint(route))
+        return found
 
-        `deadline` is absolute, in `time.monotonic()` seconds. Raises the UpstreamError subclasses of
-        errors.py; never includes the key in a message."""
-        url = self._urls.get(endpoint)
-        if url is None:
-            raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
+    async def classify(self, route: Route, inputs: list[Any], *,
+                       deadline: float) -> list[Result]:
+        """One result per input in Mistral's shape (`{target: {"scores": {label: p}}}`).
+
+        `deadline` is absolute, in `time.monotonic()` seconds. A batch larger than the server's
+        limit (the upstream's `max_batch_size`, else what the server says, as TEI's
+        `max_client_batch_size`) goes as several calls at once. Raises the UpstreamError
+        subclasses of errors.py; never includes the key in a message."""
         if self._closed:
             raise UpstreamUnavailable(f"upstream {self.spec.name!r}: the client is closed "
                                       "(the gateway is shutting down or the upstream was reconfigured)",
                                       retry_after_s=1.0)
-        body = orjson.dumps({"model": model, "input": inputs})
         budget = deadline - self._clock()
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._with_retries(endpoint, url, body, deadline, budget)
+            info = await self._server_info(route, deadline)
+            limit = self.spec.max_batch_size or (info.max_batch_size if info else None)
+            if limit is None or len(inputs) <= limit:
+                return await self._call(route, inputs, info, deadline, budget)
+            parts = await asyncio.gather(
+                *(self._call(route, inputs[i:i + limit], info, deadline, budget)
+                  for i in range(0, len(inputs), limit)), return_exceptions=True)
+            failed = next((p for p in parts if isinstance(p, BaseException)), None)
+            if failed is not None:
+                raise failed
+            return [result for part in parts if isinstance(part, list) for result in part]
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _with_retries(self, endpoint: str, url: httpx.URL, body: bytes, deadline: float,
-                            budget: float) -> list[dict[str, Any]]:
+    async def _call(self, route: Route, inputs: list[Any], info: ServerInfo | None,
+                    deadline: float, budget: float) -> list[Result]:
+        url, endpoint = self._url(route)
+        body = self.wire.encode(route, inputs)
+
+        def decode(payload: Any) -> list[Result] | str:
+            results = self.wire.decode(route, payload, len(inputs), info)
+            if isinstance(results, list) and len(results) != len(inputs):
+                return f"it holds {len(results)} results for {len(inputs)} inputs"
+            return results
+
+        return await self._with_retries(endpoint, url, body, decode, deadline, budget)
+
+    async def _server_info(self, route: Route, deadline: float) -> ServerInfo | None:
+        """What the server says about the model (labels, batch limit), when the protocol can ask
+        and the tasks file leaves something to ask for; kept for `_INFO_TTL_S`, one request in
+        flight per model. A failed answer matters only when the labels depend on it."""
+        wire = self.wire
+        path = wire.info_path(route)
+        needs_labels = wire.labels_by_index and not route.labels
+        if path is None or not (needs_labels or self.spec.max_batch_size is None):
+            return None
+        now = self._clock()
+        cached = self._info.get(route.model)
+        if cached is None or cached[0] <= now:
+            pending = self._info_pending.get(route.model)
+            if pending is None:
+                pending = asyncio.get_running_loop().create_future()
+                self._info_pending[route.model] = pending
+                try:
+                    found = await self._fetch_info(route, path, deadline)
+                except UpstreamError as exc:
+                    found = exc.message
+                finally:
+                    del self._info_pending[route.model]
+                ttl = _INFO_TTL_S if isinstance(found, ServerInfo) else _INFO_RETRY_S
+                cached = self._info[route.model] = (self._clock() + ttl, found)
+                pending.set_result(found)
+            else:
+                cached = (0.0, await asyncio.shield(pending))
+        found = cached[1]
+        if isinstance(found, ServerInfo):
+            if needs_labels and not found.labels:
+                raise UpstreamBadResponse(
+                    f"upstream {self.spec.name!r} ({wire.name}) does not say the labels of model "
+                    f"{route.model!r}; list its classes in index order under the task's `labels`")
+            return found
+        if needs_labels:
+            raise UpstreamBadResponse(
+                f"upstream {self.spec.name!r} ({wire.name}): cannot read the labels of model "
+                f"{route.model!r} from {path}: {found}; list them under the task's `labels`")
+        log.warning("upstream %s: no model info from %s (%s); using the gateway's batch size",
+                    self.spec.name, path, found)
+        return None
+
+    async def _fetch_info(self, route: Route, path: str, deadline: float) -> ServerInfo | str:
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise self._timeout("info", remaining, 1)
+        request = httpx.Request("GET", httpx.URL(self._root + path), headers=self._auth_headers(),
+                                extensions={"timeout": {k: remaining + 1.0 for k in
+                                                        ("connect", "read", "write", "pool")}})
+        try:
+            async with asyncio.timeout(remaining):
+                response = await self._transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            self._count("info", "timeout")
+            raise self._timeout("info", remaining, 1) from None
+        except Exception as exc:  # a boundary: any transport failure is "could not ask"
+            self._count("info", "connect_error")
+            return f"connection failed ({type(exc).__name__})"
+        self._count("info", str(response.status_code))
+        if response.status_code != 200:
+            return f"{response.status_code}: {self._message(response)}"
+        try:
+            payload = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return "the answer is not JSON"
+        return self.wire.read_info(route, payload)
+
+    def _auth_headers(self) -> list[tuple[bytes, bytes]]:
+        key = self.spec.api_key()
+        if key:
+            return [*self._headers, (b"authorization", f"Bearer {key}".encode())]
+        return self._headers
+
+    async def _with_retries(self, endpoint: str, url: httpx.URL, body: bytes,
+                            decode: Callable[[Any], list[Result] | str], deadline: float,
+                            budget: float) -> list[Result]:
         attempts = self.settings.retry_attempts
         attempt = 0
         while True:
@@ -260,7 +355,8 @@ class UpstreamClient:
             if attempt > 1:
                 self.metrics.upstream_retries.inc()
             try:
-                results = await self._attempt(endpoint, url, body, deadline, budget, attempt)
+                results = await self._attempt(endpoint, url, body, decode, deadline, budget,
+                                              attempt)
             except _Retryable as failure:
                 self._last_failure = failure.reason
                 self.breaker.failure()
@@ -310,13 +406,11 @@ class UpstreamClient:
         delay = self._rng.uniform(0.0, ceiling)
         return max(delay, retry_after_s) if retry_after_s is not None else delay
 
-    async def _attempt(self, endpoint: str, url: httpx.URL, body: bytes, deadline: float, budget: float,
-                       attempt: int) -> list[dict[str, Any]]:
+    async def _attempt(self, endpoint: str, url: httpx.URL, body: bytes,
+                       decode: Callable[[Any], list[Result] | str], deadline: float, budget: float,
+                       attempt: int) -> list[Result]:
         remaining = max(deadline - self._clock(), 0.001)
-        headers = self._headers
-        key = self.spec.api_key()
-        if key:
-            headers = [*headers, (b"authorization", f"Bearer {key}".encode())]
+        headers = self._auth_headers()
         # The deadline is enforced by asyncio.timeout around the whole exchange (httpx's timeouts
         # are per socket operation); the transport's own timeouts sit just behind it, except the
         # connect timeout, which is shorter so that a dead host leaves time for another attempt.
@@ -363,12 +457,12 @@ class UpstreamClient:
                 raise UpstreamBadResponse(
                     f"upstream {self.spec.name!r} answered {status} with a body that is not JSON "
                     f"({self._snippet(response.content)}); check that its base URL points at a "
-                    "Mistral-compatible API") from None
-            checked = check_results(payload)
+                    f"server of its protocol, {self.wire.name}") from None
+            checked = decode(payload)
             if isinstance(checked, str):
                 raise UpstreamBadResponse(
                     f"upstream {self.spec.name!r} answered {status} with a body that is not a "
-                    f"classification response: {checked}")
+                    f"{self.wire.name} classification response: {self._scrub(checked)}")
             return checked
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -403,33 +497,15 @@ class UpstreamClient:
             log.info("upstream %s: circuit closed, the upstream answers again", self.spec.name)
 
     def _message(self, response: httpx.Response) -> str:
-        """The upstream's own explanation (Mistral: `message`; FastAPI: `detail`), scrubbed."""
-        text: str | None = None
+        """The upstream's own explanation (as its protocol words it), scrubbed."""
         try:
             payload = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             payload = None
-        if isinstance(payload, dict):
-            for field in ("message", "detail", "error"):
-                value = payload.get(field)
-                if isinstance(value, dict):
-                    value = value.get("message")
-                if isinstance(value, str) and value:
-                    text = value
-                    break
-                if isinstance(value, list) and value:
-                    text = "; ".join(self._describe_detail(item) for item in value[:5])
-                    break
+        text = self.wire.error_text(payload)
         if text is None:
             return self._snippet(response.content) or (response.reason_phrase or "no message")
         return quote(text, self.spec.secrets(), _MAX_MESSAGE_CHARS)
-
-    @staticmethod
-    def _describe_detail(item: Any) -> str:
-        if isinstance(item, dict):
-            loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-            return f"{loc or 'body'}: {item.get('msg', 'invalid')}"
-        return str(item)
 
     def _snippet(self, content: bytes) -> str:
         """The start of a foreign body, scrubbed before it is cut (scrub.py says why)."""
@@ -514,5 +590,4 @@ class UpstreamPool:
                 log.exception("closing the client of upstream %s failed", client.spec.name)
 
 
-__all__ = ["CircuitBreaker", "UpstreamClient", "UpstreamError", "UpstreamPool", "check_results",
-           "parse_retry_after"]
+__all__ = ["CircuitBreaker", "UpstreamClient", "UpstreamError", "UpstreamPool", "parse_retry_after"]

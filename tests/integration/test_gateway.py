@@ -297,7 +297,7 @@ async def test_wrong_result_count_is_a_clear_502(tmp_path: Path) -> None:
         s.upstream.inject(WrongCount(-1))
         r = await post(s, "/classify", {"task": "sentiment", "input": ["a", "b"]})
     assert r.status_code == 502
-    assert "returned 1 results for 2 inputs" in r.json()["error"]["message"]
+    assert "1 results for 2 inputs" in r.json()["error"]["message"]
 
 
 async def test_upstream_overloaded_after_retries_is_503_with_retry_after(tmp_path: Path) -> None:

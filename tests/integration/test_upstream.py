@@ -19,6 +19,7 @@ from service.gateway.errors import (
     UpstreamUnavailable,
 )
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Route
 from service.gateway.registry import UpstreamSpec
 from service.gateway.settings import Settings
 from service.gateway.upstream import UpstreamClient, UpstreamPool
@@ -95,10 +96,10 @@ def circuit_gauge(metrics: GatewayMetrics) -> float | None:
 async def test_results_in_input_order(client: UpstreamClient, upstream: FakeUpstream,
                                       metrics: GatewayMetrics) -> None:
     texts = ["terrible", "fine", "great", "fine"]
-    results = await client.classify("classifications", "ft:classifier:x", texts, deadline=in_s(5))
+    results = await client.classify(Route.text("ft:classifier:x"), texts, deadline=in_s(5))
     assert results == [expected_result(t) for t in texts]
     conv = {"messages": [{"role": "user", "content": "hello"}]}
-    chat = await client.classify("chat/classifications", "ft:chat", [conv], deadline=in_s(5))
+    chat = await client.classify(Route.chat("ft:chat"), [conv], deadline=in_s(5))
     assert chat == [expected_result(conv)]
     assert [(c.endpoint, c.model, c.inputs, c.authorization) for c in upstream.calls] == [
         ("classifications", "ft:classifier:x", texts, None),
@@ -112,16 +113,19 @@ async def test_results_in_input_order(client: UpstreamClient, upstream: FakeUpst
     assert duration == 1
 
 
-async def test_returns_exactly_the_results_list(client: UpstreamClient, upstream: FakeUpstream) -> None:
+async def test_a_wrong_number_of_results_is_a_bad_response(client: UpstreamClient,
+                                                            upstream: FakeUpstream) -> None:
     upstream.inject(WrongCount(-1))
-    results = await client.classify("classifications", "m", ["a", "b", "c"], deadline=in_s(5))
-    assert results == [expected_result("a"), expected_result("b")]
+    with pytest.raises(UpstreamBadResponse, match="2 results for 3 inputs"):
+        await client.classify(Route.text("m"), ["a", "b", "c"], deadline=in_s(5))
+    assert await client.classify(Route.text("m"), ["a", "b"], deadline=in_s(5)) == [
+        expected_result("a"), expected_result("b")]
 
 
 async def test_retries_5xx_then_succeeds(client: UpstreamClient, upstream: FakeUpstream,
                                          metrics: GatewayMetrics) -> None:
     upstream.inject(Status(500), Status(503))
-    results = await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+    results = await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert results == [expected_result("x")]
     assert len(upstream.calls) == 3
     assert all(c.inputs == ["x"] for c in upstream.calls)
@@ -133,7 +137,7 @@ async def test_retries_5xx_then_succeeds(client: UpstreamClient, upstream: FakeU
 async def test_dropped_connection_is_retried(client: UpstreamClient, upstream: FakeUpstream,
                                              metrics: GatewayMetrics) -> None:
     upstream.inject(Drop())
-    results = await client.classify("classifications", "m", ["x", "y"], deadline=in_s(5))
+    results = await client.classify(Route.text("m"), ["x", "y"], deadline=in_s(5))
     assert results == [expected_result("x"), expected_result("y")]
     assert len(upstream.calls) == 2
     assert attempts(metrics, "connect_error") == 1
@@ -143,7 +147,7 @@ async def test_dropped_connection_is_retried(client: UpstreamClient, upstream: F
 async def test_retry_after_is_honoured(client: UpstreamClient, upstream: FakeUpstream) -> None:
     upstream.inject(Status(429, retry_after=0.4))
     started = time.monotonic()
-    results = await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+    results = await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     # The client's own backoff is at most 0.05 s here; only Retry-After explains the wait.
     assert time.monotonic() - started >= 0.4
     assert results == [expected_result("x")]
@@ -154,7 +158,7 @@ async def test_429_after_retries_is_unavailable_with_retry_after(
         client: UpstreamClient, upstream: FakeUpstream, metrics: GatewayMetrics) -> None:
     upstream.inject(*[Status(429, retry_after=0.05)] * 3)
     with pytest.raises(UpstreamUnavailable) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert len(upstream.calls) == 3
     assert caught.value.status_code == 503
     assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 0.05
@@ -168,7 +172,7 @@ async def test_retry_after_past_the_deadline_fails_at_once(client: UpstreamClien
     upstream.inject(Status(503, retry_after=30))
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert time.monotonic() - started < 4  # did not sleep towards the deadline
     assert len(upstream.calls) == 1
     assert caught.value.retry_after_s == 30
@@ -186,7 +190,7 @@ async def test_4xx_is_rejected_without_retry(client: UpstreamClient, upstream: F
                                              message: str) -> None:
     upstream.inject(fault)
     with pytest.raises(UpstreamRejected) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert caught.value.upstream_status == status
     assert caught.value.status_code == 502
     assert message in caught.value.message and str(status) in caught.value.message
@@ -196,7 +200,7 @@ async def test_4xx_is_rejected_without_retry(client: UpstreamClient, upstream: F
 
 async def test_upstream_422_detail_is_summarised(client: UpstreamClient, upstream: FakeUpstream) -> None:
     with pytest.raises(UpstreamRejected) as caught:
-        await client.classify("classifications", "m", [123], deadline=in_s(5))
+        await client.classify(Route.text("m"), [123], deadline=in_s(5))
     assert caught.value.upstream_status == 422
     assert "input" in caught.value.message
     assert len(upstream.calls) == 1
@@ -208,7 +212,7 @@ async def test_malformed_2xx_is_bad_response(client: UpstreamClient, upstream: F
                                              body: dict[str, object]) -> None:
     upstream.inject(Status(200, body=body))
     with pytest.raises(UpstreamBadResponse) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert caught.value.status_code == 502
     assert len(upstream.calls) == 1
 
@@ -218,21 +222,21 @@ async def test_timeout_names_the_deadline(client: UpstreamClient, upstream: Fake
     upstream.inject(Slow(10))
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(0.3))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(0.3))
     assert time.monotonic() - started < 5
     assert caught.value.status_code == 504
     assert "0.30 s left of the request's deadline" in caught.value.message
     assert len(upstream.calls) == 1
     assert attempts(metrics, "timeout") == 1
     # The connection was given up, not left to answer later: the next call is served normally.
-    assert await client.classify("classifications", "m", ["y"], deadline=in_s(5)) == [
+    assert await client.classify(Route.text("m"), ["y"], deadline=in_s(5)) == [
         expected_result("y")]
 
 
 async def test_timeout_after_retries(client: UpstreamClient, upstream: FakeUpstream) -> None:
     upstream.inject(Status(500), Slow(10))
     with pytest.raises(UpstreamTimeout) as caught:
-        await client.classify("classifications", "m", ["x"], deadline=in_s(0.5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(0.5))
     assert "attempt 2 of 3" in caught.value.message
     assert len(upstream.calls) == 2
 
@@ -242,7 +246,7 @@ async def test_unreachable_upstream_is_unavailable(metrics: GatewayMetrics) -> N
     client = UpstreamClient(spec, make_settings(), metrics)
     try:
         with pytest.raises(UpstreamUnavailable) as caught:
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     finally:
         await client.aclose()
     assert "connection failed" in caught.value.message
@@ -259,7 +263,7 @@ async def test_circuit_opens_fails_fast_and_recovers_through_a_probe(
         assert circuit_gauge(metrics) == 0
         upstream.inject(*[Status(500)] * 3)
         with pytest.raises(UpstreamUnavailable) as first:
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert "circuit breaker" in first.value.message
         assert client.circuit_open
         assert circuit_gauge(metrics) == 1
@@ -268,19 +272,19 @@ async def test_circuit_opens_fails_fast_and_recovers_through_a_probe(
         # Open: callers fail fast with Retry-After and the upstream sees nothing.
         for _ in range(5):
             with pytest.raises(UpstreamUnavailable) as fast:
-                await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
             assert fast.value.retry_after_s is not None and 0 < fast.value.retry_after_s <= 0.5
         assert len(upstream.calls) == 3
         assert attempts(metrics, "circuit_open") == 5
 
         # After circuit_reset_s one probe goes through; its success closes the circuit.
         await asyncio.sleep(0.55)
-        assert await client.classify("classifications", "m", ["x"], deadline=in_s(5)) == [
+        assert await client.classify(Route.text("m"), ["x"], deadline=in_s(5)) == [
             expected_result("x")]
         assert not client.circuit_open
         assert circuit_gauge(metrics) == 0
         assert len(upstream.calls) == 4
-        assert await client.classify("classifications", "m", ["z"], deadline=in_s(5)) == [
+        assert await client.classify(Route.text("m"), ["z"], deadline=in_s(5)) == [
             expected_result("z")]
     finally:
         await client.aclose()
@@ -294,14 +298,14 @@ async def test_failed_probe_reopens_the_circuit(upstream: FakeUpstream,
     try:
         upstream.inject(Status(502), Status(502), Status(502))
         with pytest.raises(UpstreamUnavailable):
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         await asyncio.sleep(0.35)
         with pytest.raises(UpstreamUnavailable):  # the probe fails
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert len(upstream.calls) == 3  # one probe, no retry behind it
         assert client.circuit_open
         with pytest.raises(UpstreamUnavailable):  # open again: fails fast
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert len(upstream.calls) == 3
     finally:
         await client.aclose()
@@ -315,15 +319,15 @@ async def test_key_is_sent_as_bearer_and_never_shown(upstream: FakeUpstream, met
     spec = UpstreamSpec(name="fake", base_url=upstream.url, api_key_env=KEY_ENV)
     client = UpstreamClient(spec, make_settings(retry_attempts=2), metrics)
     try:
-        assert await client.classify("classifications", "m", ["x"], deadline=in_s(5)) == [
+        assert await client.classify(Route.text("m"), ["x"], deadline=in_s(5)) == [
             expected_result("x")]
         upstream.inject(Status(401, body={"message": f"Invalid API key {KEY}"}))
         with pytest.raises(UpstreamRejected) as rejected:
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         upstream.inject(Status(500, body={"detail": f"crashed handling Bearer {KEY}"}),
                         Status(503, body={"error": {"message": KEY}}))
         with pytest.raises(UpstreamUnavailable) as unavailable:
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     finally:
         await client.aclose()
     assert [c.authorization for c in upstream.calls] == [f"Bearer {KEY}"] * 4
@@ -342,9 +346,9 @@ async def test_key_is_read_at_call_time(upstream: FakeUpstream, metrics: Gateway
     client = UpstreamClient(spec, make_settings(), metrics)
     try:
         monkeypatch.delenv(KEY_ENV, raising=False)
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         monkeypatch.setenv(KEY_ENV, "rotated")
-        await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     finally:
         await client.aclose()
     assert [c.authorization for c in upstream.calls] == [None, "Bearer rotated"]
@@ -357,17 +361,17 @@ async def test_pool_reuses_clients_and_replaces_changed_specs(upstream: FakeUpst
     spec = UpstreamSpec(name="fake", base_url=upstream.url)
     first = pool.get(spec)
     assert pool.get(UpstreamSpec(name="fake", base_url=upstream.url)) is first
-    await first.classify("classifications", "m", ["x"], deadline=in_s(5))
+    await first.classify(Route.text("m"), ["x"], deadline=in_s(5))
     changed = UpstreamSpec(name="fake", base_url=upstream.url + "/v1")  # same server, new spec
     second = pool.get(changed)
     assert second is not first
-    assert await second.classify("classifications", "m", ["y"], deadline=in_s(5)) == [
+    assert await second.classify(Route.text("m"), ["y"], deadline=in_s(5)) == [
         expected_result("y")]
     await pool.aclose()
     with pytest.raises(UpstreamUnavailable):
-        await second.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await second.classify(Route.text("m"), ["x"], deadline=in_s(5))
     with pytest.raises(UpstreamUnavailable):
-        await first.classify("classifications", "m", ["x"], deadline=in_s(5))
+        await first.classify(Route.text("m"), ["x"], deadline=in_s(5))
     assert [c.inputs for c in upstream.calls] == [["x"], ["y"]]
 
 
@@ -379,7 +383,7 @@ async def test_replaced_client_finishes_its_inflight_calls(upstream: FakeUpstrea
         old = pool.get(UpstreamSpec(name="fake", base_url=upstream.url))
         upstream.inject(Slow(0.3))
         inflight = asyncio.create_task(
-            old.classify("classifications", "m", ["slow"], deadline=in_s(5)))
+            old.classify(Route.text("m"), ["slow"], deadline=in_s(5)))
         for _ in range(500):
             if upstream.calls:
                 break
@@ -399,6 +403,6 @@ async def test_concurrent_calls_share_the_pool(client: UpstreamClient, upstream:
     upstream.delay_s = 0.05
     texts = [f"text {i}" for i in range(64)]
     results = await asyncio.gather(*(
-        client.classify("classifications", "m", [text], deadline=in_s(10)) for text in texts))
+        client.classify(Route.text("m"), [text], deadline=in_s(10)) for text in texts))
     assert results == [[expected_result(text)] for text in texts]
     assert sorted(c.inputs[0] for c in upstream.calls) == sorted(texts)

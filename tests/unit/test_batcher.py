@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.gateway.batcher import LaneKey, MicroBatcher, PendingItem, Result
+from service.gateway.batcher import LaneKey, MicroBatcher, PendingItem
 from service.gateway.errors import QueueFull, ShuttingDown, UpstreamBadResponse, UpstreamUnavailable
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Result, Route
 
-LANE = LaneKey("local", "classifications", "m1")
+LANE = LaneKey("local", "classifications", Route.text("m1"))
 FAR = 1e12  # a deadline that never matters
 
 
@@ -25,7 +26,7 @@ class GatedSender:
         self.error: Exception | None = None
         self.drop_one = False
 
-    async def classify(self, endpoint: str, model: str, inputs: list[Any], *,
+    async def classify(self, route: Route, inputs: list[Any], *,
                        deadline: float) -> list[Result]:
         self.batches.append(list(inputs))
         if self.gate is not None:

@@ -9,11 +9,11 @@ import pytest
 
 from service.factory.data import (
     TargetSpec,
-    render_messages,
     resolve_targets,
     validate_file,
     validate_lines,
 )
+from service.wire import render_messages
 
 
 def _lines(*objects: object) -> list[str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from service.gateway.protocols import Route
 from service.gateway.registry import RegistryError, RegistryWatcher, load_registry, parse_registry
 
 GOOD = {
@@ -22,8 +23,9 @@ GOOD = {
 def test_valid_file_parses_with_defaults() -> None:
     reg = parse_registry(GOOD)
     assert reg.upstreams["local"].base_url == "http://127.0.0.1:8100"
-    assert reg.tasks["sentiment"].endpoint == "classifications"
-    assert reg.tasks["intent"].endpoint == "chat/classifications"
+    assert reg.upstreams["local"].protocol == "mistral"
+    assert reg.tasks["sentiment"].route() == Route("text", "ft:a", "sentiment", ())
+    assert reg.tasks["intent"].route() == Route("chat", "ft:b", "intent", ())
     assert reg.tasks["intent"].multi_label_targets == ("topics",)
     assert reg.tasks["sentiment"].threshold == 0.5 and reg.tasks["sentiment"].timeout_s is None
 

@@ -17,12 +17,13 @@ from prometheus_client import CollectorRegistry
 
 from service.gateway.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.protocols import Route
+from service.gateway.protocols.mistral import check_results
 from service.gateway.registry import UpstreamSpec
 from service.gateway.settings import Settings
 from service.gateway.upstream import (
     CircuitBreaker,
     UpstreamClient,
-    check_results,
     parse_retry_after,
 )
 
@@ -174,7 +175,7 @@ async def test_endpoint_and_body_on_the_wire() -> None:
     client = make_client(handler)
     try:
         conv = {"messages": [{"role": "user", "content": "é"}]}
-        assert await client.classify("chat/classifications", "ft:m", [conv], deadline=in_s(5)) == [
+        assert await client.classify(Route.chat("ft:m"), [conv], deadline=in_s(5)) == [
             OK_RESULT]
     finally:
         await client.aclose()
@@ -184,20 +185,13 @@ async def test_endpoint_and_body_on_the_wire() -> None:
     assert "authorization" not in seen[0].headers
 
 
-async def test_unknown_endpoint_is_a_programming_error() -> None:
-    client = make_client(ok)
-    try:
-        with pytest.raises(ValueError, match="unknown endpoint"):
-            await client.classify("moderations", "m", ["x"], deadline=in_s(5))
-    finally:
-        await client.aclose()
 
 
 async def test_non_json_error_body_is_quoted_briefly() -> None:
     client = make_client(lambda request: httpx.Response(400, text="<html>" + "x" * 5000))
     try:
         with pytest.raises(UpstreamRejected) as caught:
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
     finally:
         await client.aclose()
     assert caught.value.message.startswith("upstream 'u' rejected the request with 400: <html>")
@@ -224,19 +218,19 @@ async def test_half_open_probe_is_alone_and_closes_the_circuit() -> None:
     try:
         for _ in range(2):
             with pytest.raises(UpstreamUnavailable):
-                await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert client.circuit_open and calls == 2
         await asyncio.sleep(0.06)
         failing = False
-        probe = asyncio.create_task(client.classify("classifications", "m", ["x"], deadline=in_s(5)))
+        probe = asyncio.create_task(client.classify(Route.text("m"), ["x"], deadline=in_s(5)))
         await asyncio.wait_for(probe_arrived.wait(), 5)
         with pytest.raises(UpstreamUnavailable, match="circuit breaker"):
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert calls == 3  # the second caller did not reach the upstream
         release.set()
         assert await probe == [OK_RESULT]
         assert not client.circuit_open
-        assert await client.classify("classifications", "m", ["y"], deadline=in_s(5)) == [OK_RESULT]
+        assert await client.classify(Route.text("m"), ["y"], deadline=in_s(5)) == [OK_RESULT]
     finally:
         await client.aclose()
 
@@ -256,16 +250,16 @@ async def test_cancelled_probe_does_not_wedge_the_circuit() -> None:
                          circuit_reset_s=0.05)
     try:
         with pytest.raises(UpstreamUnavailable):
-            await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         await asyncio.sleep(0.06)
         mode = "hang"
-        probe = asyncio.create_task(client.classify("classifications", "m", ["x"], deadline=in_s(5)))
+        probe = asyncio.create_task(client.classify(Route.text("m"), ["x"], deadline=in_s(5)))
         await asyncio.sleep(0.01)
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe
         mode = "ok"
-        assert await client.classify("classifications", "m", ["x"], deadline=in_s(5)) == [OK_RESULT]
+        assert await client.classify(Route.text("m"), ["x"], deadline=in_s(5)) == [OK_RESULT]
         assert not client.circuit_open
     finally:
         await client.aclose()
@@ -277,7 +271,7 @@ async def test_rejections_do_not_open_the_circuit() -> None:
     try:
         for _ in range(4):
             with pytest.raises(UpstreamRejected):
-                await client.classify("classifications", "m", ["x"], deadline=in_s(5))
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert not client.circuit_open
     finally:
         await client.aclose()
@@ -293,7 +287,7 @@ async def test_past_deadline_never_calls_out() -> None:
     client = make_client(handler)
     try:
         with pytest.raises(UpstreamTimeout):
-            await client.classify("classifications", "m", ["x"], deadline=time.monotonic() - 1)
+            await client.classify(Route.text("m"), ["x"], deadline=time.monotonic() - 1)
     finally:
         await client.aclose()
     assert calls == []
@@ -314,7 +308,7 @@ async def test_transport_errors_are_retried(error: Exception) -> None:
 
     client = make_client(handler)
     try:
-        assert await client.classify("classifications", "m", ["x"], deadline=in_s(5)) == [OK_RESULT]
+        assert await client.classify(Route.text("m"), ["x"], deadline=in_s(5)) == [OK_RESULT]
     finally:
         await client.aclose()
     assert calls == 2
@@ -325,7 +319,7 @@ async def test_past_deadline_does_not_count_against_the_upstream() -> None:
     try:
         for _ in range(3):
             with pytest.raises(UpstreamTimeout):
-                await client.classify("classifications", "m", ["x"], deadline=time.monotonic())
+                await client.classify(Route.text("m"), ["x"], deadline=time.monotonic())
         assert not client.circuit_open
     finally:
         await client.aclose()

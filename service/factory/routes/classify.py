@@ -15,7 +15,6 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Response
 
-from service.factory.data import render_messages
 from service.factory.errors import TooLarge
 from service.factory.models.base import Predictor
 from service.factory.state import FactoryState, get_state
@@ -25,6 +24,7 @@ from service.wire import (
     ChatClassificationRequest,
     ClassificationRequest,
     Conversation,
+    render_messages,
 )
 
 router = APIRouter(prefix="/v1")

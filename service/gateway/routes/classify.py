@@ -64,14 +64,23 @@ def response_id() -> str:
     return f"{_ids.getrandbits(128):032x}"
 
 
+def answer_headers(outcome: Outcome) -> dict[str, str]:
+    """`X-Cache`; `X-Model`, the model that answered (a fallback's when one did), and
+    `X-Fallback-From`, the task's own model, when a fallback answered."""
+    headers = {"X-Cache": outcome.cache_status, "X-Model": outcome.model}
+    if len(outcome.models) > 1:
+        headers["X-Fallback-From"] = outcome.models[0]
+    return headers
+
+
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     body = {
         "id": response_id(),
         "task": task.name,
-        "model": task.model,
+        "model": outcome.model,
         "results": [decorate(task, result) for result in outcome.results],
     }
-    return JSONResponse(body, headers={"X-Cache": outcome.cache_status})
+    return JSONResponse(body, headers=answer_headers(outcome))
 
 
 CACHE_CONTROL_DOC = {"parameters": [{

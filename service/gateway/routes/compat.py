@@ -14,7 +14,7 @@ from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import openapi_body, parse_body
-from service.gateway.routes.classify import CACHE_CONTROL_DOC, response_id, run
+from service.gateway.routes.classify import CACHE_CONTROL_DOC, answer_headers, response_id, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import runtime_of
@@ -24,8 +24,8 @@ router = APIRouter(prefix="/v1", tags=["mistral-compatible"])
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
-    body = {"id": response_id(), "model": task.model, "results": outcome.results}
-    return JSONResponse(body, headers={"X-Cache": outcome.cache_status, "X-Task": task.name})
+    body = {"id": response_id(), "model": outcome.model, "results": outcome.results}
+    return JSONResponse(body, headers={**answer_headers(outcome), "X-Task": task.name})
 
 
 @router.post("/classifications", summary="Mistral's classification endpoint",

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.gateway.errors import UnknownTask
-from service.gateway.registry import Registry, TaskSpec
+from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.runtime import RuntimeDep
 from service.gateway.scrub import scrub
@@ -16,18 +16,29 @@ from service.gateway.scrub import scrub
 router = APIRouter(tags=["tasks"])
 
 
+def shown(upstream: UpstreamSpec) -> dict[str, Any]:
+    secrets = upstream.secrets()
+    # Scrubbed too: an operator may have pasted the key into a URL (`?key=...`).
+    return {"name": upstream.name, "base_url": scrub(upstream.base_url, secrets),
+            "protocol": upstream.protocol, "api_key_env": upstream.api_key_env,
+            "proxy": scrub(upstream.proxy_shown, secrets) if upstream.proxy_shown else None}
+
+
 def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
              default_timeout_s: float) -> dict[str, Any]:
     upstream = registry.upstreams[task.upstream]
-    secrets = upstream.secrets()
+    route = task.route()
     return {
         "name": task.name,
         "kind": task.kind,
         "model": task.model,
-        # Scrubbed too: an operator may have pasted the key into a URL (`?key=...`).
-        "upstream": {"name": upstream.name, "base_url": scrub(upstream.base_url, secrets),
-                     "api_key_env": upstream.api_key_env,
-                     "proxy": scrub(upstream.proxy_shown, secrets) if upstream.proxy_shown else None},
+        "upstream": shown(upstream),
+        "target": route.target,
+        "labels": list(route.labels),
+        "fallbacks": [{"upstream": shown(registry.upstreams[ref.upstream]),
+                       "model": ref.model, "target": task.fallback_route(ref).target,
+                       "labels": list(task.fallback_route(ref).labels)}
+                      for ref in task.fallbacks],
         "cache_ttl_s": default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s,
         "timeout_s": task.timeout_s or default_timeout_s,
         "threshold": task.threshold,

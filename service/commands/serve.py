@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -27,8 +26,6 @@ def register(sub: Sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.gateway.app import create_app
     from service.gateway.server import GatewayServer
     from service.gateway.settings import Settings
@@ -45,9 +42,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, loop="uvloop", http="httptools",
-                            access_log=False,
-                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
-    GatewayServer(config, app.state.lifecycle, settings.shutdown_delay_s).run()
+    GatewayServer.for_app(app, settings, app.state.lifecycle).run()
     return 0

@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_reset_s: float = Field(default=5.0, gt=0)
 
+    # Client connections (connections.py): slow or stalled clients are closed, 408 where a request
+    # is half read. A head is a few hundred bytes: 10 s is generous for any client on a working
+    # network. 30 s reads GATEWAY_MAX_BODY_BYTES (1 MiB) at 35 kB/s, a poor mobile link.
+    head_timeout_s: float = Field(default=10.0, gt=0, description="Time to send a request head.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Time to send a request body.")
+    # Each connection is a file descriptor: keep this under `ulimit -n` less the upstream pools
+    # (GATEWAY_MAX_CONNECTIONS each) and Redis; at the bound the longest-waiting client is evicted.
+    max_open_connections: int = Field(default=1024, ge=1)
+
     # Shutdown: after SIGTERM, keep serving (not ready) for shutdown_delay_s so load balancers stop
     # sending, then give in-flight requests up to drain_timeout_s to finish.
     shutdown_delay_s: float = Field(default=1.0, ge=0)

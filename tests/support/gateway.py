@@ -12,9 +12,11 @@ from typing import Any
 import yaml
 
 from service.gateway.app import create_app
+from service.gateway.server import GatewayServer
 from service.gateway.settings import Settings
 from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
-from tests.support.servers import ThreadedServer, serve
+from tests.support.redis_server import free_port
+from tests.support.servers import ThreadedServer
 
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {
     "sentiment": {"upstream": "fake", "model": "ft:classifier:test:sentiment", "kind": "text"},
@@ -48,7 +50,10 @@ class GatewayStack:
 @contextlib.contextmanager
 def gateway_stack(tmp_path: Path, *, redis_url: str = "", tasks: dict[str, dict[str, Any]] | None = None,
                   targets: dict[str, list[str]] | None = None, api_key_env: str | None = None,
-                  proxy: str | None = None, **settings: Any) -> Iterator[GatewayStack]:
+                  proxy: str | None = None, gateway_server: bool = False,
+                  **settings: Any) -> Iterator[GatewayStack]:
+    """`gateway_server`: run the gateway's own server (connection limits, shutdown), as
+    `classifier-gateway serve` does, instead of a plain uvicorn server."""
     with running_fake_upstream(targets) as upstream:
         tasks_file = tmp_path / "tasks.yaml"
         write_tasks(tasks_file, str(upstream.url), tasks if tasks is not None else DEFAULT_TASKS,
@@ -60,5 +65,14 @@ def gateway_stack(tmp_path: Path, *, redis_url: str = "", tasks: dict[str, dict[
         }
         config.update(settings)
         gw_settings = Settings(**config)
-        with serve(create_app(gw_settings)) as server:
+        app = create_app(gw_settings)
+        if gateway_server:
+            own = GatewayServer.for_app(app, gw_settings, app.state.lifecycle, port=free_port(),
+                                        log_level="warning")
+            server = ThreadedServer(None, server=own).start()
+        else:
+            server = ThreadedServer(app).start()
+        try:
             yield GatewayStack(server.url, upstream, tasks_file, gw_settings, server)
+        finally:
+            server.stop()

@@ -14,11 +14,19 @@ from tests.support.redis_server import free_port
 
 
 class ThreadedServer:
-    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
-        self.port = port or free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                     **{"log_level": "warning", "lifespan": "on", **config})
-        self.server = uvicorn.Server(self.config)
+    def __init__(self, app: Any, port: int | None = None, *,
+                 server: uvicorn.Server | None = None, **config: Any) -> None:
+        """`server`: a ready-made server (the gateway's own, say) to run instead of a plain
+        uvicorn.Server over `app`, `port` and `config`."""
+        if server is not None:
+            self.port = server.config.port
+            self.config = server.config
+            self.server = server
+        else:
+            self.port = port or free_port()
+            self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                         **{"log_level": "warning", "lifespan": "on", **config})
+            self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -464,7 +464,7 @@ class UpstreamClient:
                     f"upstream {self.spec.name!r} answered {status} with a body that is not a "
                     f"{self.wire.name} classification response: {self._scrub(checked)}")
             return checked
-        if status == 429 or status >= 500:
+        if status == 429 or status >= 500 or status in self.wire.server_errors:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             what = "rate limited" if status == 429 else "server error"
             reason = f"{status} {what}: {self._message(response)}"

@@ -112,3 +112,51 @@ def test_a_missing_file_at_start_up_says_what_to_do_then_loads_when_it_appears(
     assert "no tasks file yet" in (watcher.last_error or "")
     path.write_text("upstreams: {u: {base_url: 'http://x'}}\ntasks: {a: {upstream: u, model: m}}\n")
     assert watcher.reload() and list(watcher.current.tasks) == ["a"]
+
+
+def with_upstreams(extra: dict[str, object], tasks: dict[str, object]) -> dict[str, object]:
+    return {"upstreams": {**GOOD["upstreams"], **extra}, "tasks": tasks}  # type: ignore[dict-item]
+
+
+def test_protocol_target_labels_and_fallbacks_parse() -> None:
+    reg = parse_registry(with_upstreams(
+        {"tei": {"base_url": "http://tei:80", "protocol": "tei", "max_batch_size": 16},
+         "vllm": {"base_url": "http://vllm:8000", "protocol": "vllm"}},
+        {"toxic": {"upstream": "vllm", "model": "clf", "labels": ["clean", "toxic"],
+                   "fallbacks": [{"upstream": "tei", "model": "tox-v1", "target": "tox"},
+                                 {"upstream": "local", "model": "ft:tox"}]}}))
+    task = reg.tasks["toxic"]
+    assert reg.upstreams["tei"].protocol == "tei" and reg.upstreams["tei"].max_batch_size == 16
+    assert task.candidates() == [
+        ("vllm", Route("text", "clf", "toxic", ("clean", "toxic"))),
+        ("tei", Route("text", "tox-v1", "tox", ("clean", "toxic"))),
+        ("local", Route("text", "ft:tox", "toxic", ("clean", "toxic")))]
+
+
+@pytest.mark.parametrize(("upstreams", "task", "message"), [
+    ({"x": {"base_url": "http://x", "protocol": "triton"}}, {"upstream": "x", "model": "m"},
+     "upstreams.x.protocol: Value error, unknown protocol 'triton'; expected one of mistral, "
+     "tei, vllm, infinity, kserve-v2"),
+    ({"v": {"base_url": "http://v", "protocol": "vllm"}}, {"upstream": "v", "model": "m"},
+     "tasks.t.upstream: upstream 'v' speaks vllm, which answers with unnamed probabilities; "
+     "list the model's classes in index order under the task's `labels`"),
+    ({}, {"upstream": "local", "model": "m", "fallbacks": [{"upstream": "nowhere", "model": "m"}]},
+     "tasks.t.fallbacks[0]: unknown upstream 'nowhere'"),
+    ({}, {"upstream": "local", "model": "m", "fallbacks": [{"upstream": "local", "model": "m"}]},
+     "tasks.t.fallbacks[0]: model 'm' on upstream 'local' is already tried before this one"),
+    ({}, {"upstream": "local", "model": "m", "labels": ["a", "a"]},
+     "tasks.t.labels: Value error, labels must be distinct"),
+    ({"t": {"base_url": "http://t", "protocol": "tei", "max_batch_size": 0}},
+     {"upstream": "t", "model": "m"}, "upstreams.t.max_batch_size: Input should be greater"),
+])
+def test_protocol_fields_are_checked_at_load(upstreams: dict[str, object], task: dict[str, object],
+                                             message: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_registry(with_upstreams(upstreams, {"t": task}))
+    assert message in str(caught.value)
+
+
+def test_kserve_without_labels_loads_because_its_metadata_may_name_them() -> None:
+    reg = parse_registry(with_upstreams({"k": {"base_url": "http://k", "protocol": "kserve-v2"}},
+                                        {"t": {"upstream": "k", "model": "m"}}))
+    assert reg.tasks["t"].route().labels == ()

@@ -65,6 +65,9 @@ class UpstreamProtocol(Protocol):
     labels_by_index: ClassVar[bool]
     #: Whether `info_path` can tell the labels (TEI's `/info`, KServe's model metadata).
     labels_from_server: ClassVar[bool]
+    #: 4xx statuses that mean the server failed, not the request (TEI's 424 "inference
+    #: failed"): retried and counted against the upstream like a 5xx.
+    server_errors: ClassVar[frozenset[int]]
 
     def root(self, base_url: str) -> str:
         """The server's root, from the upstream's `base_url` as operators write it."""

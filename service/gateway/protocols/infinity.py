@@ -25,6 +25,7 @@ class Infinity:
     name: ClassVar[str] = "infinity"
     labels_by_index: ClassVar[bool] = False
     labels_from_server: ClassVar[bool] = False
+    server_errors: ClassVar[frozenset[int]] = frozenset()
 
     def root(self, base_url: str) -> str:
         return base_url

@@ -55,6 +55,7 @@ class KServeV2:
     name: ClassVar[str] = "kserve-v2"
     labels_by_index: ClassVar[bool] = True
     labels_from_server: ClassVar[bool] = True
+    server_errors: ClassVar[frozenset[int]] = frozenset()
 
     def root(self, base_url: str) -> str:
         return base_url

@@ -51,6 +51,7 @@ class Mistral:
     name: ClassVar[str] = "mistral"
     labels_by_index: ClassVar[bool] = False
     labels_from_server: ClassVar[bool] = False
+    server_errors: ClassVar[frozenset[int]] = frozenset()
 
     def root(self, base_url: str) -> str:
         # Operators write Mistral's base URL either way: https://api.mistral.ai or .../v1.

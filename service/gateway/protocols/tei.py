@@ -32,6 +32,7 @@ class TEI:
     name: ClassVar[str] = "tei"
     labels_by_index: ClassVar[bool] = False
     labels_from_server: ClassVar[bool] = True
+    server_errors: ClassVar[frozenset[int]] = frozenset({424})
 
     def root(self, base_url: str) -> str:
         return base_url

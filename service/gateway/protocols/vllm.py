@@ -28,6 +28,7 @@ class VLLM:
     name: ClassVar[str] = "vllm"
     labels_by_index: ClassVar[bool] = True
     labels_from_server: ClassVar[bool] = False
+    server_errors: ClassVar[frozenset[int]] = frozenset()
 
     def root(self, base_url: str) -> str:
         return base_url.removesuffix("/v1")

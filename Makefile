@@ -14,9 +14,16 @@ install:
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
+# Infinity, the real server the `infinity` upstream protocol is tested against, pins numpy<2,
+# uvicorn<0.33 and sentence-transformers<4, which clash with ours: it gets its own virtualenv that
+# sees our site-packages (torch comes from there, so nothing large is downloaded).
+INFINITY ?= infinity-emb[server,torch]==0.0.78
+
 install-dev:
 	$(PY) -m pip install -q $(TORCH) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e '.[dev,encoder,docs]'
+	test -x .venv-infinity/bin/infinity_emb || ( $(PY) -m venv --system-site-packages .venv-infinity \
+		&& .venv-infinity/bin/pip install -q '$(INFINITY)' )
 
 run: install
 	classifier-gateway demo

@@ -20,12 +20,10 @@ from service.gateway.errors import install_error_handlers
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware, KeyChecker
 from service.gateway.registry import RegistryWatcher
-from service.gateway.routes import classify, compat, health, tasks
-from service.gateway.routes.body import install_body_schemas
+from service.gateway.routes import health, hot, tasks
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.upstream import UpstreamPool
-from service.wire import ChatClassificationRequest, ClassificationRequest
 
 log = logging.getLogger("service.gateway")
 BATCH_DRAIN_S = 5.0
@@ -129,13 +127,9 @@ def create_app(settings: Settings | None = None, *,
     )
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
-    for module in (classify, compat, tasks, health):
+    hot.install(app)
+    for module in (tasks, health):
         app.include_router(module.router)
-    install_body_schemas(app, [classify.ClassifyRequest, classify.ClassifyChatRequest,
-                               ClassificationRequest, ChatClassificationRequest])
-    handlers = {"/classify": classify.classify, "/classify-chat": classify.classify_chat,
-                "/v1/classifications": compat.classifications,
-                "/v1/chat/classifications": compat.chat_classifications}
     app.front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
-                             metrics=metrics, handlers=handlers)
+                             metrics=metrics, handlers=hot.handlers())
     return app

@@ -19,10 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.gateway.errors import ClientGone, error_response, render_error
 from service.gateway.metrics import UNKNOWN, GatewayMetrics
 
-# Routes whose requests are counted per task; any other path is not a classification.
-CLASSIFY_ROUTES = frozenset({
-    "/classify", "/classify-chat", "/v1/classifications", "/v1/chat/classifications",
-})
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 TASK_LABEL = "task_label"
 Handler = Callable[[Request], Awaitable[Response]]
@@ -57,6 +53,7 @@ class GatewayMiddleware:
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        # The hot classification routes (routes/hot.py): counted per task, called directly.
         self.handlers = dict(handlers or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +61,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path not in CLASSIFY_ROUTES:
+        if path not in self.handlers:  # not a classification route (routes/hot.py)
             if path not in OPEN_PATHS and not self.keys.allows(_header(scope, b"authorization")):
                 await _unauthorized(scope, receive, send)
                 return
@@ -130,7 +127,8 @@ class GatewayMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _too_large(limit, scope, receive, send)
+                await _too_large(limit, scope, receive, send,
+                                 body_done=not message.get("more_body", False))
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -162,6 +160,46 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+# Reading and dropping the rest of a refused body costs about a millisecond per megabyte on loopback,
+# and GATEWAY_BODY_TIMEOUT_S bounds its time; past 64 MiB (64x the default body limit) answering at
+# once and closing is the better deal, even though a client still sending may then see a reset.
+_DISCARD_MAX_BYTES = 64 * 1024 * 1024
+
+
+async def _answer_unread(response: Response, scope: Scope, receive: Receive, send: Send, *,
+                         body_done: bool = False) -> None:
+    """Send `response` to a request whose body has not been read to its end.
+
+    Closing a connection while the client is still sending makes the kernel reset it, and the
+    client, busy writing, never reads the answer: an 8 MB body with `Connection: close` got a reset
+    instead of its 413. So the rest of the body is read and dropped first, then the answer goes out.
+    A client that sent `Expect: 100-continue` is waiting, not sending: answered at once."""
+    if not body_done and _has_body(scope) and _header(scope, b"expect") is None:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > _DISCARD_MAX_BYTES:
+            response.headers["connection"] = "close"
+        else:
+            dropped = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # gone: nobody to answer
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                if dropped > _DISCARD_MAX_BYTES:
+                    response.headers["connection"] = "close"
+                    break
+    await response(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    length = _header(scope, b"content-length")
+    if length is not None:
+        return length != b"0"
+    return _header(scope, b"transfer-encoding") is not None
+
+
 async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
     response = error_response(
         401, "unauthorized",
@@ -169,13 +207,15 @@ async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
         "configured in GATEWAY_API_KEYS.",
         {"WWW-Authenticate": "Bearer"},
     )
-    await response(scope, receive, send)
+    await _answer_unread(response, scope, receive, send)
 
 
-async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send, *,
+                     body_done: bool = False) -> None:
+    """413, before the body is read (Content-Length over the limit) or partway through it."""
     response = error_response(
         413, "payload_too_large",
         f"Request body exceeds {limit} bytes (GATEWAY_MAX_BODY_BYTES); split the input into "
         "several requests.",
     )
-    await response(scope, receive, send)
+    await _answer_unread(response, scope, receive, send, body_done=body_done)

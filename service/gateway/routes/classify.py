@@ -1,4 +1,6 @@
-"""`POST /classify` and `POST /classify-chat`: the gateway's own API, by task name."""
+"""`POST /classify` and `POST /classify-chat`: the gateway's own API, by task name.
+
+The routes themselves (paths, docs) are declared in hot.py."""
 
 from __future__ import annotations
 
@@ -7,20 +9,17 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from service.gateway.classifier import Outcome, decorate
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.body import openapi_body, parse_body
+from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
 from service.wire import Conversation
-
-router = APIRouter(tags=["classify"])
 
 
 class ClassifyRequest(BaseModel):
@@ -89,8 +88,6 @@ CACHE_CONTROL_DOC = {"parameters": [{
 }]}
 
 
-@router.post("/classify", summary="Classify one text or a list of texts with a task's model",
-             openapi_extra={**openapi_body(ClassifyRequest), **CACHE_CONTROL_DOC})
 async def classify(request: Request) -> JSONResponse:
     body = await parse_body(request, ClassifyRequest)
     runtime = runtime_of(request)
@@ -101,8 +98,6 @@ async def classify(request: Request) -> JSONResponse:
     return respond(task, outcome)
 
 
-@router.post("/classify-chat", summary="Classify one conversation or a list of them",
-             openapi_extra={**openapi_body(ClassifyChatRequest), **CACHE_CONTROL_DOC})
 async def classify_chat(request: Request) -> JSONResponse:
     body = await parse_body(request, ClassifyChatRequest)
     runtime = runtime_of(request)

@@ -7,20 +7,17 @@ response is Mistral's shape exactly; gateway extras go into headers only.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from starlette.requests import Request
 
 from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.body import openapi_body, parse_body
-from service.gateway.routes.classify import CACHE_CONTROL_DOC, answer_headers, response_id, run
+from service.gateway.routes.body import parse_body
+from service.gateway.routes.classify import answer_headers, response_id, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import runtime_of
 from service.wire import ChatClassificationRequest, ClassificationRequest
-
-router = APIRouter(prefix="/v1", tags=["mistral-compatible"])
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
@@ -28,8 +25,6 @@ def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     return JSONResponse(body, headers={**answer_headers(outcome), "X-Task": task.name})
 
 
-@router.post("/classifications", summary="Mistral's classification endpoint",
-             openapi_extra={**openapi_body(ClassificationRequest), **CACHE_CONTROL_DOC})
 async def classifications(request: Request) -> JSONResponse:
     body = await parse_body(request, ClassificationRequest)
     runtime = runtime_of(request)
@@ -40,8 +35,6 @@ async def classifications(request: Request) -> JSONResponse:
     return respond(task, await run(runtime, request, task, upstream, texts))
 
 
-@router.post("/chat/classifications", summary="Mistral's chat classification endpoint",
-             openapi_extra={**openapi_body(ChatClassificationRequest), **CACHE_CONTROL_DOC})
 async def chat_classifications(request: Request) -> JSONResponse:
     body = await parse_body(request, ChatClassificationRequest)
     runtime = runtime_of(request)

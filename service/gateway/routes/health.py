@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service.gateway.responses import JSONResponse
+from service.gateway.routes.openapi import METRICS_RESPONSES, Health, Readiness
 from service.gateway.runtime import RuntimeDep
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", summary="The process is alive", responses={200: {"model": Health}})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Ready for traffic: tasks loaded and not draining")
+@router.get("/readyz", summary="Ready for traffic: tasks loaded and not draining",
+            responses={200: {"model": Readiness},
+                       503: {"model": Readiness, "description": "Not ready: see `problems`."}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """A degraded cache does not fail readiness: the gateway serves without it (fail open), and
     taking every replica out of rotation because Redis is down would turn a slowdown into an outage.
@@ -40,6 +43,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(body, status_code=503 if problems else 200)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses=METRICS_RESPONSES)
 async def metrics(runtime: RuntimeDep) -> Response:
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from fastapi.exceptions import RequestValidationError
 
 from service.gateway.errors import EmptyInput, PayloadTooLarge
 from service.gateway.settings import Settings
@@ -27,13 +28,25 @@ def conversations_payload(conversations: Sequence[Conversation], settings: Setti
     for index, conversation in enumerate(conversations):
         item = conversation.model_dump(exclude_none=True)
         chars = sum(
-            len(m.content) if isinstance(m.content, str) else len(orjson.dumps(m.content))
+            len(m.content) if isinstance(m.content, str) else _json_size(index, m.content)
             for m in conversation.messages
             if m.content is not None
         )
         _check_size(index, chars, settings)
         payload.append(item)
     return payload
+
+
+def _json_size(index: int, content: Any) -> int:
+    """Characters of structured content as JSON; a 422 for what JSON libraries cannot send on (an
+    integer beyond 64 bits: valid JSON, but neither the upstream nor the cache key can carry it)."""
+    try:
+        return len(orjson.dumps(content))
+    except orjson.JSONEncodeError as exc:
+        raise RequestValidationError([{
+            "loc": ("body", "input", index, "messages"), "type": "value_error",
+            "msg": f"message content cannot be sent on as JSON ({exc}); keep integers within "
+                   "64 bits"}]) from None
 
 
 def _check_count(count: int, settings: Settings) -> None:

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from service.gateway.errors import UnknownTask
 from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
+from service.gateway.routes.openapi import TaskDescription, TaskList, error_responses
 from service.gateway.runtime import RuntimeDep
 from service.gateway.scrub import scrub
 
@@ -46,7 +47,8 @@ def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
     }
 
 
-@router.get("/tasks", summary="Every task the gateway serves")
+@router.get("/tasks", summary="Every task the gateway serves",
+            responses={200: {"model": TaskList}, **error_responses(401)})
 async def list_tasks(runtime: RuntimeDep) -> JSONResponse:
     registry = runtime.registry.current
     s = runtime.settings
@@ -57,7 +59,8 @@ async def list_tasks(runtime: RuntimeDep) -> JSONResponse:
     })
 
 
-@router.get("/tasks/{name}", summary="One task")
+@router.get("/tasks/{name}", summary="One task",
+            responses={200: {"model": TaskDescription}, **error_responses(401, 404, 422)})
 async def get_task(name: str, runtime: RuntimeDep) -> JSONResponse:
     registry = runtime.registry.current
     task = registry.task(name)

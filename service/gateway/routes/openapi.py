@@ -1,0 +1,131 @@
+"""What the OpenAPI document says each route answers: every status a client can get, with its schema.
+
+The routes render their bodies themselves (`JSONResponse`, errors through `errors.render_error`), so
+FastAPI cannot infer these; they are declared here once and attached to each route by `responses`.
+A client generated from the document then knows every error the docs list (docs/api.md, Errors),
+and tests/integration/test_gateway_schemathesis.py checks that no answer falls outside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.wire import ClassificationResponse
+
+
+class ErrorInfo(BaseModel):
+    type: str = Field(description="Stable machine-readable kind, e.g. `unknown_task`.")
+    message: str = Field(description="What went wrong and what to do about it.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: `{"error": {"type", "message"}}`."""
+
+    error: ErrorInfo
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    """A 422 also carries FastAPI's (and Mistral's) `detail` list, which the official SDK reads."""
+
+    detail: list[ValidationIssue]
+
+
+class LabelledTarget(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    scores: dict[str, float]
+    label: str | None = Field(default=None, description="The top label (single-label target).")
+    labels: list[str] | None = Field(
+        default=None, description="Labels at or over the task's threshold (multi-label target).")
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    task: str
+    model: str = Field(description="The model that answered (a fallback's when one did).")
+    results: list[dict[str, LabelledTarget]] = Field(description="One per input, in input order.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="`ready`, `degraded` (serving without the cache) or `not ready`.")
+    problems: list[str]
+
+
+class TaskDescription(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    model: str
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskDescription]
+    last_reload_error: str | None
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
+                                "schema": {"type": "integer"}}}
+
+ERRORS: dict[int, tuple[str, type[BaseModel], bool]] = {
+    400: ("A text task on the chat route, or the reverse.", ErrorResponse, False),
+    401: ("Missing or invalid client key (`Authorization: Bearer <key>`, GATEWAY_API_KEYS).",
+          ErrorResponse, False),
+    404: ("Unknown task or model (the message lists the known ones).", ErrorResponse, False),
+    408: ("The request head or body did not arrive within GATEWAY_HEAD_TIMEOUT_S / "
+          "GATEWAY_BODY_TIMEOUT_S; the connection is closed.", ErrorResponse, False),
+    413: ("Body over GATEWAY_MAX_BODY_BYTES, too many items, or an item too long.",
+          ErrorResponse, False),
+    422: ("Malformed body, wrong types, or empty input.", ValidationErrorResponse, False),
+    429: ("The model's batch queue is full (`queue_full`).", ErrorResponse, True),
+    502: ("The upstream rejected the request (4xx) or answered something that is not a "
+          "classification response.", ErrorResponse, False),
+    503: ("The upstream is unavailable (down, circuit open, overloaded after retries), the "
+          "gateway is shutting down, or it holds its maximum of busy connections.",
+          ErrorResponse, True),
+    504: ("No answer within the task's deadline.", ErrorResponse, False),
+}
+CLASSIFY_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses` for these error statuses."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        description, model, retry_after = ERRORS[status]
+        entry: dict[str, Any] = {"description": description, "model": model}
+        if retry_after:
+            entry["headers"] = _RETRY_AFTER
+        out[status] = entry
+    return out
+
+
+def classify_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A hot classification route: `model` on 200, with its headers, and every error."""
+    ok = {"description": "One result per input, in input order.", "model": model, "headers": {
+        "X-Cache": {"description": "`hit`, `miss` or `partial`.", "schema": {"type": "string"}},
+        "X-Model": {"description": "The model that answered.", "schema": {"type": "string"}}}}
+    return {200: ok, **error_responses(*CLASSIFY_ERRORS)}
+
+
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Prometheus text exposition format.",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+__all__ = ["ClassificationResponse", "ClassifyResponse", "ErrorResponse", "Health", "Readiness",
+           "TaskDescription", "TaskList",
+           "ValidationErrorResponse", "classify_responses", "error_responses"]

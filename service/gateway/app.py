@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *,
             on_reload=lambda result: metrics.registry_reloads.labels(result).inc(),
         )
         watcher.reload()
-        watcher.start()
+        await watcher.start()
         cache = None
         if settings.redis_url:
             cache = ResultCache.from_url(

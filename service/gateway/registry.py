@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import watchfiles
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -264,18 +265,38 @@ def load_registry(path: Path) -> Registry:
 
 
 class RegistryWatcher:
-    """Holds the current registry and swaps it when the file changes or on `reload()` (SIGHUP)."""
+    """Holds the current registry and swaps it when the file changes or on `reload()` (SIGHUP).
+
+    Two ways to notice a change, both ending in the same cheap `stat()` comparison:
+
+    - a watch on the file's directory (inotify, through the `watchfiles` package that uvicorn also
+      uses), so that a file written by `classifier-gateway finetune` is served within
+      milliseconds. The directory, not the file: the CLI replaces the file by a rename, and a
+      Kubernetes ConfigMap update swaps the `..data` symlink beside it, neither of which an inotify
+      watch on the file itself would report;
+    - polling every `poll_interval_s`, always on, for what raises no event: network and some
+      overlay filesystems, a symlinked file edited in another directory, a directory that does not
+      exist yet, or a platform where the watch cannot start.
+    """
 
     def __init__(self, path: Path, poll_interval_s: float = 2.0,
-                 on_reload: Callable[[str], None] | None = None) -> None:
+                 on_reload: Callable[[str], None] | None = None, *, watch: bool = True) -> None:
         self.path = path
+        #: The path as `GET /tasks` shows it: absolute, symlinks kept (a ConfigMap's path is the
+        #: one operators know, not the kubelet's timestamped directory behind it).
+        self.absolute_path = os.path.abspath(path)
         self.poll_interval_s = poll_interval_s
+        self.watch = watch
         self._on_reload = on_reload
         self._signature: tuple[float, int, int] | None = None
         self.last_error: str | None = None
         self.current = Registry(upstreams={}, tasks={})
         self.loaded = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_watch = asyncio.Event()
+        self._directory_exists = asyncio.Event()
+        #: Whether the directory watch is running (else only polling notices changes).
+        self.watching = False
 
     def _file_signature(self) -> tuple[float, int, int] | None:
         try:
@@ -313,23 +334,66 @@ class RegistryWatcher:
             self._on_reload("success")
         return True
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._poll(), name="registry-watch")
+    async def start(self) -> None:
+        """Start polling and the watch. Once this returns, the watch is set up: a change made
+        after it raises an event (the watch task runs up to its first await, and watchfiles adds
+        the inotify watch before that)."""
+        loop = asyncio.get_running_loop()
+        self._stop_watch = asyncio.Event()
+        self._directory_exists = asyncio.Event()
+        self._tasks = [loop.create_task(self._poll(), name="registry-poll")]
+        if self.watch:
+            self._tasks.append(loop.create_task(self._watch(), name="registry-watch"))
+            await asyncio.sleep(0)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._stop_watch.set()  # ends the watch's thread, which a cancel alone leaves running
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
+
+    def _check(self) -> None:
+        """Reload when the file at the path is another file, or the same one changed."""
+        if self._file_signature() == self._signature:
+            return
+        try:
+            self.reload()
+        except Exception as exc:  # the watcher must outlive any one bad file
+            self.last_error = f"{self.path}: {exc!r}"
+            log.exception("reloading the tasks file failed; keeping the last good one")
 
     async def _poll(self) -> None:
-        # Polling, not inotify: a Kubernetes ConfigMap update swaps a symlink, which inotify on the
-        # file itself misses; stat() of the path follows it.
         while True:
             await asyncio.sleep(self.poll_interval_s)
-            if self._file_signature() != self._signature:
-                try:
-                    self.reload()
-                except Exception as exc:  # the watcher must outlive any one bad file
-                    self.last_error = f"{self.path}: {exc!r}"
-                    log.exception("reloading the tasks file failed; keeping the last good one")
+            self._check()
+            if not self._directory_exists.is_set() and self._directory().is_dir():
+                self._directory_exists.set()
+
+    def _directory(self) -> Path:
+        return self.path.parent if str(self.path.parent) else Path(".")
+
+    async def _watch(self) -> None:
+        directory = self._directory()
+        if not directory.is_dir():  # watchfiles would wait on it silently, never reporting
+            log.warning("cannot watch %s for changes, it does not exist; the tasks file is "
+                        "checked every %gs until it does", directory, self.poll_interval_s)
+            await self._directory_exists.wait()  # set by polling
+        try:
+            # Every entry of the directory, unfiltered and not recursive: what changed does not
+            # matter, only whether the path now stats differently. step=50: changes are reported
+            # once 50 ms pass without another, so a burst (a ConfigMap swap) is one check.
+            watch = watchfiles.awatch(directory, watch_filter=None, recursive=False, step=50,
+                                      stop_event=self._stop_watch, rust_timeout=1000,
+                                      ignore_permission_denied=True)
+            self.watching = True
+            log.debug("watching %s for changes to %s", directory, self.path.name)
+            async for _changes in watch:
+                self._check()
+        except Exception as exc:  # no inotify, no such directory, too many watches, ...
+            log.warning("cannot watch %s for changes (%s); the tasks file is checked every %gs "
+                        "instead", directory, exc, self.poll_interval_s)
+        finally:
+            self.watching = False

@@ -56,6 +56,11 @@ async def list_tasks(runtime: RuntimeDep) -> JSONResponse:
         "tasks": [describe(t, registry, s.cache_ttl_s, s.timeout_s)
                   for _, t in sorted(registry.tasks.items())],
         "last_reload_error": runtime.registry.last_error,
+        # Where the tasks come from, so that `classifier-gateway finetune` can tell whether the
+        # file it wrote is the one served, and how soon a change is seen.
+        "tasks_file": runtime.registry.absolute_path,
+        "tasks_file_watched": runtime.registry.watching,
+        "tasks_poll_interval_s": runtime.registry.poll_interval_s,
     })
 
 

@@ -41,6 +41,7 @@ HELPERS: tuple[str, ...] = (
     "output",     # tables, JSON, timestamps, the progress line
     "api",        # HTTP clients of the upstream and the gateway; where they are, their keys
     "tasksfile",  # safe edits of the gateway's tasks file, its --tasks argument
+    "served",     # whether the running gateway serves a task just written
     "datacheck",  # what a training file holds, and why it cannot be used
     "prepare",    # turning a raw corpus into train/validation files
     "jobwatch",   # watching a fine-tuning job to its end and registering its model

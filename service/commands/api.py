@@ -52,11 +52,12 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the upstream's address (else FACTORY_URL or MISTRAL_URL)")
 
 
-def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+def add_gateway_arguments(parser: argparse.ArgumentParser, purpose: str = "the running gateway"
+                          ) -> None:
     parser.add_argument("--gateway-url", metavar="URL",
                         default=os.environ.get("GATEWAY_URL", DEFAULT_GATEWAY_URL),
-                        help="the running gateway (GATEWAY_URL, default %(default)s); its client "
-                             "key is read from GATEWAY_API_KEY")
+                        help=f"{purpose} (GATEWAY_URL, default %(default)s); its client key is "
+                             "read from GATEWAY_API_KEY")
 
 
 def upstream_from(args: argparse.Namespace) -> Upstream:
@@ -154,6 +155,24 @@ class Api:
             raise UserError(f"{self.what} answered {method} {path} with something that is not "
                             "JSON; is the address right?") from None
 
+    def first_line(self, path: str, limit: int = 1 << 20) -> bytes:
+        """The first non-blank line of a text resource (a JSONL file's content), read as a stream
+        so that a large file is not downloaded for it."""
+        buffer = b""
+        try:
+            with self._client.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    raise UserError(f"{self.what} answered HTTP {response.status_code} to GET "
+                                    f"{path}")
+                for chunk in response.iter_bytes():
+                    buffer += chunk
+                    if b"\n" in buffer.lstrip() or len(buffer) >= limit:
+                        break
+        except httpx.TransportError as exc:
+            raise TransientError(f"talking to {self.what} at {self.base_url} failed: {exc}"
+                                 ) from None
+        return next((line for line in buffer.split(b"\n") if line.strip()), b"")
+
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
 
@@ -175,10 +194,11 @@ def upstream_api(upstream: Upstream, transport: httpx.BaseTransport | None = Non
                start_hint=hint, transport=transport)
 
 
-def gateway_api(args: argparse.Namespace) -> Api:
+def gateway_api(args: argparse.Namespace, timeout_s: float = 60.0) -> Api:
     return Api(args.gateway_url.rstrip("/"), what="the gateway",
                key=os.environ.get("GATEWAY_API_KEY") or None, key_env="GATEWAY_API_KEY",
-               start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL")
+               start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL",
+               timeout_s=timeout_s)
 
 
 def upload_file(api: Api, path: Path) -> dict[str, Any]:

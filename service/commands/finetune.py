@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -19,6 +18,7 @@ from service.commands import tasksfile
 from service.commands.api import (
     DEFAULT_MODELS,
     Upstream,
+    add_gateway_arguments,
     add_upstream_arguments,
     upload_file,
     upstream_api,
@@ -59,6 +59,7 @@ def register(sub: Sub) -> None:
     p.add_argument("--poll-interval", type=float, metavar="S",
                    help="seconds between status checks (default 1 on local, 5 on mistral)")
     add_tasks_file_argument(p)
+    add_gateway_arguments(p, "once the task is registered, wait until this gateway serves it")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document at the end (progress still goes to stderr)")
     p.set_defaults(handler=cmd_finetune)
@@ -132,8 +133,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 print(f"when it is done, register it with: {follow_up}")
             return 0
         print(f"job {job_id} created (model {job.get('model')})", file=sys.stderr)
-        started_at = time.monotonic()
         final = watch_interactively(api, job_id, args, follow_up)
     if final is None:
         return 130
-    return finish(args, final, upstream, kind, multi_label, started_at)
+    return finish(args, final, upstream, kind, multi_label)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any, TypeAlias
 
-from service.commands.api import add_upstream_arguments, upstream_api, upstream_from
+from service.commands.api import (
+    add_gateway_arguments,
+    add_upstream_arguments,
+    upstream_api,
+    upstream_from,
+)
 from service.commands.errors import UserError
 from service.commands.jobwatch import (
     FINAL_STATUSES,
@@ -15,6 +19,7 @@ from service.commands.jobwatch import (
     finish,
     follow_up_command,
     get_job,
+    resolve_kind,
     watch_interactively,
 )
 from service.commands.output import print_json, table, when
@@ -54,12 +59,14 @@ def register(sub: Sub) -> None:
                                        "fine-tuned model under that task on SUCCESS.")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--task", metavar="NAME", help="register the model under this task")
-    p.add_argument("--kind", choices=("text", "chat"), default="text",
-                   help="the task's kind, with --task (default %(default)s)")
+    p.add_argument("--kind", choices=("text", "chat"),
+                   help="the task's kind, with --task (default: the kind of data the job was "
+                        "trained on)")
     p.add_argument("--poll-interval", type=float, metavar="S",
                    help="seconds between status checks (default 1 on local, 5 on mistral)")
     add_tasks_file_argument(p)
     add_upstream_arguments(p)
+    add_gateway_arguments(p, "with --task, wait until this gateway serves the task")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
     p.set_defaults(handler=cmd_wait)
 
@@ -147,10 +154,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     with upstream_api(upstream) as api:
         follow_up = follow_up_command(args.job_id, args, upstream.name, args.task, args.kind)
         print(f"job {args.job_id} on {upstream.label}", file=sys.stderr)
-        started_at = time.monotonic()
         final = watch_interactively(api, args.job_id, args, follow_up)
-    if final is None:
-        return 130
+        if final is None:
+            return 130
+        kind = (resolve_kind(api, final, args.kind)
+                if args.task and final.get("status") == "SUCCESS" else args.kind or "text")
     if not args.task:
         status = final.get("status")
         if args.json:
@@ -160,4 +168,4 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"job {args.job_id} SUCCESS: {final.get('fine_tuned_model')}")
         return 0
-    return finish(args, final, upstream, args.kind, [], started_at)
+    return finish(args, final, upstream, kind, [])

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from service.commands import tasksfile
-from service.commands.api import Api, Upstream
+from service.commands.api import Api, Upstream, gateway_api
 from service.commands.errors import TransientError, UserError
 from service.commands.output import Progress, print_json
+from service.commands.served import wait_until_served
 
 FINAL_STATUSES = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
 
@@ -167,9 +170,86 @@ def warn_if_elsewhere(path: Path, upstream: Upstream) -> None:
               "the latter", file=sys.stderr)
 
 
+def job_duration_s(job: dict[str, Any]) -> float | None:
+    """How long the job took, from its creation to its final status: its own figure, not the time
+    this command watched it (a job waited for may have ended long before)."""
+    created = job.get("created_at")
+    if not isinstance(created, int | float):
+        return None
+    ended: list[float] = [e["created_at"] for e in job.get("events") or []
+                          if isinstance(e, dict) and e.get("name") == "status-updated"
+                          and (e.get("data") or {}).get("status") in FINAL_STATUSES
+                          and isinstance(e.get("created_at"), int | float)]
+    end = max(ended) if ended else job.get("modified_at")
+    if not isinstance(end, int | float) or end < created:
+        return None
+    return float(end - created)
+
+
+def duration_text(seconds: float) -> str:
+    """19s, 4m 05s, 1h 02m: short, and exact enough for a training run."""
+    whole = round(seconds)
+    if whole < 90:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+def kind_of_example(line: bytes) -> str | None:
+    """text or chat, from one JSONL training example."""
+    try:
+        example = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(example, dict):
+        if "messages" in example:
+            return "chat"
+        if "text" in example:
+            return "text"
+    return None
+
+
+def job_kind(api: Api, job: dict[str, Any]) -> str | None:
+    """Whether the job's model classifies texts or conversations, from what it was trained on:
+    the local factory says so in the job's validation reports and on the model; Mistral's API does
+    not, so the first example of the training file tells."""
+    for report in (job.get("validation") or {}).values():
+        if isinstance(report, dict) and report.get("kind") in ("text", "chat"):
+            return str(report["kind"])
+    files = [f if isinstance(f, str) else (f or {}).get("file_id")
+             for f in job.get("training_files") or []]
+    for file_id in files:
+        if not isinstance(file_id, str):
+            continue
+        try:
+            line = api.first_line(f"/v1/files/{file_id}/content")
+        except UserError:
+            continue
+        kind = kind_of_example(line)
+        if kind:
+            return kind
+    return None
+
+
+def resolve_kind(api: Api, job: dict[str, Any], asked: str | None) -> str:
+    """The task's kind: the job's own, which `--kind` may state but not contradict (a chat model
+    registered as a text task answers every `classify-chat` with 400)."""
+    found = job_kind(api, job)
+    if asked and found and asked != found:
+        raise UserError(f"job {job.get('id')} was trained on {found} data, not {asked}: drop "
+                        f"--kind (the job's kind is used), or pass --kind {found}")
+    kind = asked or found
+    if kind is None:
+        raise UserError(f"cannot tell whether job {job.get('id')} was trained on text or chat "
+                        "data; pass --kind text or --kind chat")
+    return kind
+
+
 def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
-           kind: str, multi_label: list[str], started_at: float | None) -> int:
-    """Report the outcome; on SUCCESS register the model under the task."""
+           kind: str, multi_label: list[str]) -> int:
+    """Report the outcome; on SUCCESS register the model under the task, and return once the
+    running gateway serves it (or say why it does not)."""
     job_id = job.get("id")
     status = job.get("status")
     if status != "SUCCESS":
@@ -186,17 +266,23 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
     if targets:
         multi_label = [t["name"] for t in targets
                        if isinstance(t, dict) and t.get("loss_function") == "multi_class"]
+    tasks_path = args.tasks.absolute()
     if isinstance(upstream, Upstream):
-        warn_if_elsewhere(args.tasks, upstream)
-    tasksfile.register_task(args.tasks, args.task, upstream, model=model, kind=kind,
-                  multi_label_targets=multi_label)
-    row = next(r for r in tasksfile.task_rows(args.tasks) if r["name"] == args.task)
+        warn_if_elsewhere(tasks_path, upstream)
+    tasksfile.register_task(tasks_path, args.task, upstream, model=model, kind=kind,
+                            multi_label_targets=multi_label)
+    row = next(r for r in tasksfile.task_rows(tasks_path) if r["name"] == args.task)
     metrics = last_metrics(job)
+    with gateway_api(args, timeout_s=5.0) as gateway:
+        served = wait_until_served(gateway, args.task, str(model), tasks_path)
+    if served.note:
+        print(f"note: {served.note}", file=sys.stderr)
     if args.json:
-        print_json({"job": job, "metrics": metrics, "task": row, "tasks_file": str(args.tasks)})
+        print_json({"job": job, "metrics": metrics, "task": row, "tasks_file": str(tasks_path),
+                    "gateway": served.to_dict()})
         return 0
-    took = f" in {time.monotonic() - started_at:.0f}s" if started_at else ""
-    print(f"job {job_id} SUCCESS{took}")
+    took = job_duration_s(job)
+    print(f"job {job_id} SUCCESS" + (f" in {duration_text(took)}" if took is not None else ""))
     shown = [f"{name} {metrics[key]:.4f}" for key, name in (
         ("train_loss", "train loss"), ("valid_loss", "valid loss"),
         ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
@@ -212,17 +298,20 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
                       f"on {scores.get('examples')} examples")
     print(f"  model: {model}")
     print(f"task {args.task} -> {model} on {row['upstream']} ({row['kind']}), saved in "
-          f"{args.tasks}")
+          f"{tasks_path}")
+    if served.serving:
+        print(f"the gateway at {served.gateway_url} serves it")
     return 0
 
 
 def follow_up_command(job_id: str, args: argparse.Namespace, upstream: str, task: str | None,
-                      kind: str) -> str:
+                      kind: str | None) -> str:
     """The `jobs wait` line that finishes this job's work where this command left it: same
-    upstream, same tasks file, same task."""
+    upstream, same tasks file (absolute, so that it works from any directory), same task."""
     parts = ["classifier-gateway", "jobs", "wait", job_id]
     if task:
-        parts += ["--task", task, "--kind", kind, "--tasks", str(args.tasks)]
+        parts += ["--task", task, *(["--kind", kind] if kind else []),
+                  "--tasks", str(args.tasks.absolute())]
     if upstream == "mistral":
         parts += ["--upstream", "mistral"]
     if getattr(args, "upstream_url", None):

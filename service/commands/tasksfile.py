@@ -41,8 +41,15 @@ def default_tasks_path() -> Path:
     return Path(os.environ.get("GATEWAY_TASKS_FILE", "tasks.yaml"))
 
 
+def absolute_path(value: str) -> Path:
+    """A path made absolute where it is given: messages and `jobs wait` lines then name the file
+    wherever they are read or run (a relative `tasks.yaml` is another file in another directory)."""
+    return Path(value).absolute()
+
+
 def add_tasks_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=Path, default=default_tasks_path(), metavar="FILE",
+    parser.add_argument("--tasks", type=absolute_path, default=default_tasks_path().absolute(),
+                        metavar="FILE",
                         help="the gateway's tasks file (GATEWAY_TASKS_FILE, default %(default)s)")
 
 

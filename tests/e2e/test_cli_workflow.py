@@ -63,10 +63,11 @@ class Stack:
     workdir: Path
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            ) -> subprocess.CompletedProcess[str]:
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
                               env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+                              timeout=timeout, input=input_text,
+                              stdin=subprocess.DEVNULL if input_text is None else None)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         gateway = spawn(["-m", "service.cli", "serve", "--port", str(gateway_port), "--tasks",
                          str(tasks)], port=gateway_port, log=workdir / "gateway.log",
-                        env={"GATEWAY_TASKS_POLL_INTERVAL_S": "0.1", "GATEWAY_REDIS_URL": "",
+                        # An hour: the gateway must see each new task through the watch on its
+                        # directory, as `finetune ...; classify ...` in a script needs.
+                        env={"GATEWAY_TASKS_POLL_INTERVAL_S": "3600", "GATEWAY_REDIS_URL": "",
                              "FACTORY_API_KEY": FACTORY_KEY})
     except Exception:
         stop(factory)
         raise
-    env = {**base_env, "FACTORY_URL": f"http://127.0.0.1:{factory_port}",
+    env = {**base_env, "PYTHONPATH": str(REPO), "FACTORY_URL": f"http://127.0.0.1:{factory_port}",
            "FACTORY_API_KEY": FACTORY_KEY, "GATEWAY_URL": f"http://127.0.0.1:{gateway_port}",
            "GATEWAY_TASKS_FILE": str(tasks)}
     try:
@@ -105,16 +108,6 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("classifier-gateway: "), result.stderr
     return lines[-1]
-
-
-def wait_for_task(stack: Stack, name: str, model: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        tasks = httpx.get(f"{stack.gateway_url}/tasks").json()["tasks"]
-        if any(t["name"] == name and t["model"] == model for t in tasks):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the gateway did not pick up task {name} -> {model}: {tasks}")
 
 
 def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
@@ -145,12 +138,14 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr
 
-    wait_for_task(stack, "news", model.group(1))
+    # `finetune` returns once the gateway serves the task, so a script can classify right away
+    # (the gateway polls its tasks file hourly here: only its directory watch can be this quick).
     validation = [orjson.loads(line) for line in
                   (data_dir / "validation.jsonl").read_bytes().splitlines()][:20]
     answered = stack.cli("classify", "--task", "news", "--json",
                          *[v["text"] for v in validation])
     assert answered.returncode == 0, answered.stderr
+    assert f"the gateway at {stack.gateway_url} serves it" in tuned.stdout
     results = orjson.loads(answered.stdout)["results"]
     correct = sum(r["topic"]["label"] == v["labels"]["topic"]
                   for r, v in zip(results, validation, strict=True))
@@ -261,7 +256,7 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     assert waited.returncode == 0, waited.stderr
     model = re.search(r"^task later -> (\S+) on local", waited.stdout, re.MULTILINE)
     assert model, waited.stdout
-    wait_for_task(stack, "later", model.group(1))
+    assert f"the gateway at {stack.gateway_url} serves it" in waited.stdout
     got = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
     assert (got["status"], got["fine_tuned_model"]) == ("SUCCESS", model.group(1))
 
@@ -380,7 +375,7 @@ def test_a_chat_classifier_is_registered_as_a_chat_task(stack: Stack) -> None:
     assert tuned.returncode == 0, tuned.stderr
     body = orjson.loads(tuned.stdout)
     assert body["task"]["kind"] == "chat" and body["job"]["status"] == "SUCCESS"
-    wait_for_task(stack, "chat-topic", body["task"]["model"])
+    assert body["gateway"] == {"gateway_url": stack.gateway_url, "serving": True, "note": None}
     conversation = stack.workdir / "conversation.json"
     conversation.write_bytes(orjson.dumps([
         {"role": "user", "content": "What is this article about?"},
@@ -393,6 +388,63 @@ def test_a_chat_classifier_is_registered_as_a_chat_task(stack: Stack) -> None:
     assert row.startswith("assistant: The new smartphone") and row.split()[-3:-1] == ["topic", "tech"]
     wrong_route = stack.cli("classify", "--task", "chat-topic", "hello")
     assert wrong_route.returncode == 1 and "HTTP 400" in one_line_error(wrong_route)
+
+
+def test_jobs_wait_registers_a_chat_model_as_a_chat_task_with_the_jobs_own_duration(
+        stack: Stack) -> None:
+    """`jobs wait JOB --task NAME` without --kind: the kind comes from the job (it used to default
+    to text, and classify-chat then answered 400), and the duration printed is the job's own (it
+    used to be how long this command watched: 0s for a job that had ended long before)."""
+    started = stack.cli("finetune", "--task", "unused", "--train", str(chat_corpus(stack)),
+                        "--training-steps", "20", "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    job_id = orjson.loads(started.stdout)["job"]["id"]
+    assert stack.cli("jobs", "wait", job_id, "--poll-interval", "0.2").returncode == 0
+
+    waited = stack.cli("jobs", "wait", job_id, "--task", "chat-later")
+    assert waited.returncode == 0, waited.stderr
+    assert re.search(r"^task chat-later -> \S+ on local \(chat\)", waited.stdout, re.MULTILINE)
+    job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
+    ended = max(e["created_at"] for e in job["events"] if e["name"] == "status-updated")
+    assert f"job {job_id} SUCCESS in {ended - job['created_at']}s\n" in waited.stdout
+    answered = stack.cli("classify-chat", "--task", "chat-later", "--messages", "-",
+                         input_text='[{"role": "user", "content": "What is the new phone like?"}]')
+    assert answered.returncode == 0, answered.stderr
+
+    wrong = stack.cli("jobs", "wait", job_id, "--task", "chat-later", "--kind", "text")
+    assert wrong.returncode == 1
+    assert one_line_error(wrong) == (f"classifier-gateway: job {job_id} was trained on chat data, "
+                                     "not text: drop --kind (the job's kind is used), or pass "
+                                     "--kind chat")
+
+
+def test_a_tasks_file_elsewhere_is_named_in_full_and_the_gateway_says_it_serves_another(
+        stack: Stack, tmp_path: Path) -> None:
+    """Run from another directory without GATEWAY_TASKS_FILE, `jobs wait` writes ./tasks.yaml
+    there: it prints that file's absolute path, and warns that the gateway serves another one."""
+    started = stack.cli("finetune", "--task", "unused", "--train",
+                        str(small_corpus(stack, "elsewhere.jsonl")), "--training-steps", "10",
+                        "--no-wait", "--json")
+    job_id = orjson.loads(started.stdout)["job"]["id"]
+    env = {k: v for k, v in stack.env.items() if k != "GATEWAY_TASKS_FILE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "jobs", "wait", job_id, "--task", "elsewhere",
+         "--poll-interval", "0.2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    here = tmp_path / "tasks.yaml"
+    assert f"(text), saved in {here}\n" in result.stdout
+    assert (f"note: the gateway at {stack.gateway_url} serves {stack.tasks}, not {here}, so it "
+            "will not serve task elsewhere: register it there (`--tasks "
+            f"{stack.tasks}`), or start the gateway with `--tasks {here}`") in result.stderr
+    assert "elsewhere" not in stack.tasks.read_text() and "elsewhere" in here.read_text()
+
+    down = f"http://127.0.0.1:{free_port()}"
+    again = stack.cli("jobs", "wait", job_id, "--task", "elsewhere", "--tasks", str(here),
+                      "--gateway-url", down)
+    assert again.returncode == 0, again.stderr
+    assert (f"note: no gateway answers at {down}; a gateway started with `--tasks {here}` will "
+            "serve task elsewhere") in again.stderr
 
 
 def test_watching_survives_a_factory_restart_and_reports_the_failed_job(

@@ -102,3 +102,27 @@ def test_total_steps_as_requested_or_as_the_upstream_planned_them() -> None:
     assert total_steps({"hyperparameters": {"training_steps": None},
                         "metadata": {"train_tokens_per_step": 1000, "train_tokens": 100_000}}) == 100
     assert total_steps({"hyperparameters": {}, "metadata": None}) is None
+
+
+def test_a_jobs_duration_is_its_own_not_the_time_it_was_watched() -> None:
+    """`jobs wait` on a job that ended long ago printed "SUCCESS in 0s" (the watch took no time);
+    the duration is the job's, from its creation to its final status."""
+    from service.commands.jobwatch import duration_text, job_duration_s
+
+    job = {"created_at": 1_000, "modified_at": 5_000, "events": [
+        {"name": "status-updated", "data": {"status": "RUNNING"}, "created_at": 1_010},
+        {"name": "status-updated", "data": {"status": "SUCCESS"}, "created_at": 1_200},
+        {"name": "checkpoint", "data": {}, "created_at": 1_300}]}
+    assert job_duration_s(job) == 200
+    assert duration_text(200) == "3m 20s"
+    assert job_duration_s({"created_at": 1_000, "modified_at": 1_019}) == 19  # no events: Mistral's list
+    assert duration_text(19) == "19s" and duration_text(3_725) == "1h 02m"
+    assert job_duration_s({"modified_at": 1_019}) is None
+
+
+def test_the_kind_of_a_training_example() -> None:
+    from service.commands.jobwatch import kind_of_example
+
+    assert kind_of_example(b'{"messages": [{"role": "user", "content": "hi"}], "labels": {}}') == "chat"
+    assert kind_of_example(b'{"text": "hi", "labels": {"a": "b"}}') == "text"
+    assert kind_of_example(b"not json") is None

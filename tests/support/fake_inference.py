@@ -166,3 +166,34 @@ def running_vllm(labels: Sequence[str], **options: Any) -> Iterator[FakeServer]:
     with serve(vllm_app(fake, **options)) as server:
         fake.server = server
         yield fake
+
+
+def main() -> None:
+    """Run one fake on a port, for the benches: `python -m tests.support.fake_inference tei
+    --port 9000 --labels a,b,c`."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Run a fake TEI or vLLM server.")
+    parser.add_argument("kind", choices=["tei", "vllm"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--labels", default="negative,neutral,positive")
+    parser.add_argument("--max-client-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    fake = FakeServer(tuple(args.labels.split(",")))
+    fake.calls = _Discard()
+    app = (tei_app(fake, max_client_batch_size=args.max_client_batch_size) if args.kind == "tei"
+           else vllm_app(fake))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+class _Discard(list[Any]):
+    """A calls list that keeps nothing: a bench sends more requests than are worth keeping."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,9 @@ class ClassifierHyperparameters(BaseModel):
     epochs: float | None = Field(default=None, gt=0, le=10_000)
     seq_len: int | None = Field(default=None, ge=1, le=32_768)  # each base model checks its range
     fim_ratio: float | None = Field(default=None, ge=0, le=1)  # completion-only; ignored
+    #: Beyond Mistral's fields: `false` trains `local-minilm` on the encoder alone (no n-gram
+    #: evidence blended in), the form that exports to TEI/KServe with the factory's scores.
+    ngram_blend: bool | None = None
 
 
 class JobIn(BaseModel):

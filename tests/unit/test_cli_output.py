@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from service.commands.api import Upstream, error_message
+from service.commands.errors import UserError
 from service.commands.finetune import job_request, suffix_for
 from service.commands.jobwatch import failure_reason, last_metrics, progress_line, total_steps
 from service.commands.output import Progress, table
@@ -87,7 +88,7 @@ def test_failure_reason_from_a_message_or_the_last_event() -> None:
 def test_job_request_sends_only_given_hyperparameters_and_a_safe_suffix() -> None:
     args = argparse.Namespace(training_steps=5, learning_rate=None, weight_decay=None,
                               warmup_fraction=0.1, model=None, suffix=None,
-                              task="News Topics (BBC) 2025")
+                              task="News Topics (BBC) 2025", no_ngram_blend=False)
     body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), "f1", None)
     assert body["hyperparameters"] == {"training_steps": 5, "warmup_fraction": 0.1}
     assert body["model"] == "local-ngram" and body["job_type"] == "classifier"
@@ -95,6 +96,16 @@ def test_job_request_sends_only_given_hyperparameters_and_a_safe_suffix() -> Non
     assert body["validation_files"] == []
     assert body["suffix"] == "news-topics-bbc-20" and len(body["suffix"]) <= 18
     assert suffix_for("!!!") == "classifier"
+
+
+def test_no_ngram_blend_is_a_factory_hyperparameter_that_mistral_is_never_sent() -> None:
+    args = argparse.Namespace(training_steps=None, learning_rate=None, weight_decay=None,
+                              warmup_fraction=None, model="local-minilm", suffix=None,
+                              task="t", no_ngram_blend=True)
+    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), "f1", None)
+    assert body["hyperparameters"] == {"ngram_blend": False}
+    with pytest.raises(UserError, match="Mistral's API does not take it"):
+        job_request(args, Upstream("mistral", "http://x", "MISTRAL_API_KEY"), "f1", None)
 
 
 def test_total_steps_as_requested_or_as_the_upstream_planned_them() -> None:

@@ -57,6 +57,10 @@ class Hyperparameters:
     epochs: float | None = None
     seq_len: int | None = None
     seed: int = 0
+    #: A factory extension (not Mistral's): `False` trains `local-minilm` without the n-gram
+    #: model's evidence in its scores, so that the model exports to an inference server with the
+    #: factory's own scores (`service.factory.export`). `None`: the model's default (blend on).
+    ngram_blend: bool | None = None
 
     @classmethod
     def from_job(cls, values: Mapping[str, Any], seed: int = 0) -> Hyperparameters:
@@ -76,6 +80,8 @@ class Hyperparameters:
             epochs=None if values.get("epochs") is None else float(values["epochs"]),
             seq_len=None if values.get("seq_len") is None else int(values["seq_len"]),
             seed=seed,
+            ngram_blend=None if values.get("ngram_blend") is None
+            else bool(values["ngram_blend"]),
         )
 
     def steps(self, examples: int, batch_size: int, *, default_epochs: float,

@@ -2,8 +2,11 @@
 
 A model directory holds `model.json`, `encoder.onnx` (MiniLM + mean pooling + every head's
 linear layer: `(sequences, total labels)` logits), `tokenizer.json` (copied from the base model,
-so a serving factory needs neither the weights package nor transformers) and `ngram/`, the
-`local-ngram` model fitted on the same data. Scores are the per-head blend
+so a serving factory needs neither the weights package nor transformers), `ngram/`, the
+`local-ngram` model fitted on the same data, and `encoder.fp32.safetensors`: the fine-tuned
+network's float32 weights (87 MB; the int8 graph is 23 MB). Serving never reads them; they are what
+`service.factory.export` writes a Hugging Face directory from, since the int8 graph has lost
+precision that cannot be recovered. Models trained before they were kept export as ONNX only. Scores are the per-head blend
 
     z = encoder_weight * mean_over_chunks(encoder logits) + ngram_weight * ngram log-evidence
 
@@ -62,6 +65,7 @@ I64 = npt.NDArray[np.int64]
 NAME = "local-minilm"
 FORMAT = 1
 ONNX_FILE = "encoder.onnx"
+FP32_FILE = "encoder.fp32.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 NGRAM_DIR = "ngram"
 #: Sequences per onnxruntime call and padded tokens per call: bounded so that a long batch of long
@@ -91,6 +95,14 @@ def blend(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
     if ngram_evidence is not None and weights[1]:
         z = z + weights[1] * ngram_evidence
     return softmax(z) if head.loss_function == "single_class" else sigmoid(z)
+
+
+def export_scale(weights: tuple[float, float]) -> float:
+    """The factor on a head's logits in an export of the encoder alone: the encoder's blend weight
+    when the n-gram weight is 0 (the served scores are then exactly `softmax(a * logits)`, which
+    the export reproduces), else 1 (the encoder as trained; its scores then differ from the
+    blend's, see `minilm_train.export_figures`)."""
+    return weights[0] if not weights[1] else 1.0
 
 
 class Chunker:
@@ -230,6 +242,10 @@ class MiniLMModel:
     ngram: NGramModel | None = None
     kind: str = "text"
     info: dict[str, Any] = field(default_factory=dict)
+    #: Training only: the fine-tuned network's float32 state dict (`Network` names) and the
+    #: encoder's transformers config, saved for export (see the module docstring).
+    fp32_state: dict[str, npt.NDArray[np.float32]] | None = None
+    encoder_config: dict[str, Any] | None = None
     _session: Any = None
     _chunker: Chunker | None = None
 
@@ -278,12 +294,19 @@ class MiniLMModel:
         (directory / TOKENIZER_FILE).write_text(self.tokenizer_json, encoding="utf-8")
         if self.ngram is not None:
             self.ngram.save(directory / NGRAM_DIR)
+        if self.fp32_state is not None:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in self.fp32_state.items()},
+                      str(directory / FP32_FILE))
         meta = {"format": FORMAT, "base_model": NAME, "kind": self.kind,
                 "seq_len": self.seq_len, "max_chunks": self.max_chunks,
                 "weights": [list(w) for w in self.weights], "ngram": self.ngram is not None,
                 "heads": [{"name": h.name, "labels": list(h.labels),
                            "loss_function": h.loss_function, "weight": h.weight}
                           for h in self.heads],
+                "fp32_weights": FP32_FILE if self.fp32_state is not None else None,
+                "encoder_config": self.encoder_config,
                 "info": self.info}
         (directory / "model.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 import torch
 from torch import nn
 
@@ -54,6 +55,7 @@ from service.factory.models.minilm_onnx import (
     MiniLMModel,
     blend,
     evidence,
+    export_scale,
     mean_by_owner,
     padded_batches,
 )
@@ -77,6 +79,9 @@ GRID = tuple((a, b) for a in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 #: Without held-out data: a product of the two models' distributions.
 DEFAULT_WEIGHTS = (1.0, 1.0)
 CHECKPOINT_VALID_MAX = 128
+#: Texts `export_figures` measures on (held-out first): enough for a max difference to mean
+#: something, ~1-2 s on 2 CPU cores.
+FIGURE_TEXTS = 64
 TRAIN_MAX_CHUNKS = 1
 #: Transformer layers (of 6) below the fine-tuned ones, kept at their pretrained weights.
 FROZEN_LAYERS = 0
@@ -496,18 +501,55 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
             side = side_future.result()
     model.weights = blend_weights
     model.ngram = side
+    model.fp32_state = {name: t.detach().cpu().float().numpy().copy()
+                        for name, t in network.state_dict().items()}
+    model.encoder_config = orjson.loads(  # JSON: to_dict() keeps id2label's int keys
+        getattr(network.encoder, "config").to_json_string(use_diff=False))  # noqa: B009
+    figure_texts = [e.text for e in
+                    ([examples[i] for i in holdout_idx] or list(data.validation) or examples)
+                    [:FIGURE_TEXTS]]
     model.info = {
         "kind": spec.kind, "examples": n, "holdout": len(holdout_idx), "steps": steps,
         "batch_size": batch, "frozen_layers": frozen_layers,
         "trained_examples": steps * batch, "seq_len": seq_len, "device": dev.type,
         "quantized": quantize, "blend": [list(w) for w in blend_weights],
         "probe_seconds": round(probe_seconds, 3), "finetune_seconds": round(train_seconds, 3),
+        "export_figures": export_figures(model, network, figure_texts,
+                                         "held-out" if holdout_idx else
+                                         "validation" if data.validation else "training"),
         "train_seconds": round(clock() - started, 3)}
     evaluation = None
     if data.validation:
         evaluation = evaluate_probabilities(
             heads, model.predict_proba([e.text for e in data.validation]), data.validation)
     return Trained(model, evaluation, network)
+
+
+def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
+                   source: str) -> dict[str, Any]:
+    """What an export loses against the factory's answer, measured on `texts` (`source`: which
+    examples), per head, largest and mean absolute probability difference:
+    - `blend`: the served scores vs the encoder's alone (what a server running the export
+      computes; 0 when the model was trained with `ngram_blend: false`);
+    - `int8`: the served int8 graph vs the float32 network (a Hugging Face export is float32).
+    `service.factory.export` prints them; ~1-2 s for 64 short texts on 2 CPU cores."""
+    if not texts:
+        return {}
+    served = model.predict_proba(texts)
+    z8 = model.encoder_logits(texts)
+    z32 = torch_logits(network, model.tokenizer_json, texts, model.seq_len, model.max_chunks)
+    out: dict[str, Any] = {"texts": len(texts), "source": source, "targets": {}}
+    for head, s, p, w in zip(model.heads, slices(model.heads), served, model.weights,
+                             strict=True):
+        scale = (export_scale(w), 0.0)
+        alone = blend(head, z8[:, s], None, scale)
+        fp32 = blend(head, z32[:, s], None, scale)
+        out["targets"][head.name] = {
+            "blend_max": round(float(np.abs(p - alone).max()), 6),
+            "blend_mean": round(float(np.abs(p - alone).mean()), 6),
+            "int8_max": round(float(np.abs(fp32 - alone).max()), 6),
+            "int8_mean": round(float(np.abs(fp32 - alone).mean()), 6)}
+    return out
 
 
 def embed_logits(network: Network, sequences: Sequence[Sequence[int]], device: torch.device,

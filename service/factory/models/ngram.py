@@ -363,6 +363,10 @@ class NGram:
         return 1.0 + total_chars / 2e5 * 1.0e-1 + total_chars * 4e-6
 
     def check(self, hyper: Hyperparameters) -> tuple[str, str] | None:
+        if hyper.ngram_blend is not None:
+            return ("ngram_blend", "ngram_blend turns the n-gram evidence in local-minilm's "
+                                   "scores on or off; local-ngram is the n-gram model itself: "
+                                   "leave ngram_blend out, or train local-minilm")
         return None
 
     def train(self, data: TrainingData, spec: TrainingSpec,

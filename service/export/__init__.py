@@ -1,0 +1,4 @@
+"""Exporting fine-tuned factory models to the inference servers that scale serving past one
+factory (KServe, onnxruntime, transformers-based servers): `writer` writes the directories,
+`kserve_model` is the KServe model server that serves an ONNX export, `hf_modeling` the model code a
+Hugging Face export carries."""

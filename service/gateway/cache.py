@@ -32,6 +32,7 @@ from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyErro
 
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.redis_link import RedisLink, check_userinfo
+from service.gateway.resilience import ProbeGate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -217,9 +218,8 @@ class ResultCache:
         self._metrics = metrics
         self._clock = clock
         self._max_pending_writes = max_pending_writes
-        self._degraded = False
-        self._retry_at = 0.0
-        self._probing = False
+        # Backing off after an error, then one probe: the mechanism the upstream breaker uses too.
+        self._gate = ProbeGate(clock=clock)
         # Strong references: the event loop keeps only weak ones to tasks, and a write task that is
         # garbage-collected mid-flight would vanish silently.
         self._pending: set[asyncio.Task[None]] = set()
@@ -258,7 +258,7 @@ class ResultCache:
     def state(self) -> CacheState:
         if self._conn is None:
             return "disabled"
-        return "degraded" if self._degraded else "ok"
+        return "ok" if self._gate.is_closed else "degraded"
 
     @property
     def kind(self) -> CacheKind:
@@ -304,7 +304,7 @@ class ResultCache:
             return None
         finally:
             if probe:
-                self._probing = False
+                self._gate.release()
         self._succeeded()
         if failed_writes:
             self._write_rejected(failed_writes)
@@ -319,7 +319,7 @@ class ResultCache:
         Entries with ttl_s <= 0 are skipped (caching disabled for that task). Must be called from
         the event loop. Call `drain()` (or `aclose()`) at shutdown so pending writes land.
         """
-        if self._conn is None or (self._degraded and self._clock() < self._retry_at):
+        if self._conn is None or self._gate.backing_off():
             return  # backing off: skip now rather than hold entries that will be dropped
         self._buffer.extend((key, value, ttl) for key, value, ttl in entries if ttl > 0)
         if self._buffer and self._flush_handle is None:
@@ -361,7 +361,7 @@ class ResultCache:
             return False
         finally:
             if probe:
-                self._probing = False
+                self._gate.release()
         self._succeeded()
         return True
 
@@ -421,17 +421,12 @@ class ResultCache:
         # its own `finally`, and a stuck probe flag would keep the cache degraded for ever.
         self._pending.discard(task)
         if probe:
-            self._probing = False
+            self._gate.release()
 
     def _admit(self) -> bool | None:
         """May this call use Redis? None = no (backing off, or another call is probing);
         True = yes, as the one probe after a backoff; False = yes, Redis is believed healthy."""
-        if not self._degraded:
-            return False
-        if self._probing or self._clock() < self._retry_at:
-            return None
-        self._probing = True
-        return True
+        return self._gate.admit()
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.cache_errors.labels(operation=operation).inc()
@@ -440,9 +435,7 @@ class ResultCache:
             # this call goes without the cache but the others keep using it.
             logger.debug("Redis cache %s skipped: the connection pool is full", operation)
             return
-        self._retry_at = self._clock() + self._backoff_s
-        if not self._degraded:
-            self._degraded = True
+        if self._gate.open(self._backoff_s):
             reason = (f"timed out after {self._timeout_s}s" if isinstance(exc, TimeoutError)
                       else f"{type(exc).__name__}: {exc}")
             logger.warning("Redis cache %s on %s failed (%s); serving without the cache, next "
@@ -450,8 +443,7 @@ class ResultCache:
                            self._backoff_s)
 
     def _succeeded(self) -> None:
-        if self._degraded:
-            self._degraded = False
+        if self._gate.close():
             logger.info("Redis cache on %s answers again; cache back in use", self.description)
 
 

@@ -60,6 +60,10 @@ class GatewayMetrics:
         self.upstream_retries = Counter(
             "gateway_upstream_retries", "Upstream attempts that were retries.", registry=registry,
         )
+        self.upstream_retries_throttled = Counter(
+            "gateway_upstream_retries_throttled", "Retries not made because the upstream's retry "
+            "budget (GATEWAY_RETRY_BUDGET) was spent.", ["upstream"], registry=registry,
+        )
         self.circuit_open = Gauge(
             "gateway_circuit_open", "1 while the upstream's circuit breaker is open.",
             ["upstream"], registry=registry,

@@ -16,13 +16,17 @@ more CPU than the exchange itself; `bench/upstream_transport.py` has the figures
 Failure policy, in one place:
 - connection errors, 429 and 5xx are retried with exponential backoff and full jitter, never less than
   the upstream's `Retry-After`, at most `retry_attempts` attempts, and never past the caller's deadline:
-  a retry that cannot start before the deadline fails at once with `UpstreamUnavailable`;
+  a retry that cannot start before the deadline fails at once with `UpstreamUnavailable`; retries
+  of failures (not of 429s) also need the retry budget (`retry_budget` of calls, resilience.py);
+- 429 is backpressure, not failure: its `Retry-After` is waited (within the deadline), and it never
+  counts against the circuit;
 - running out of time during an attempt is `UpstreamTimeout`; any other 4xx is `UpstreamRejected`
   (retrying the same body will not help); a 2xx body that breaks the protocol's format, or holds
   a different number of results than inputs, is `UpstreamBadResponse`;
-- a circuit breaker per upstream counts consecutive failed attempts; once open it fails calls fast
-  (no connection, no queueing behind a dead peer) until `circuit_reset_s` has passed, then lets a
-  single probe through and closes again on its success.
+- a circuit breaker per upstream judges the failure rate of logical calls (each counted once, after
+  its retries) over a sliding window; once open it fails calls fast (no connection, no queueing
+  behind a dead peer) until `circuit_reset_s` has passed, then lets a single probe through (one
+  attempt) and closes again on its success.
 The upstream's key is sent as `Authorization: Bearer` and scrubbed from every message we build.
 """
 
@@ -36,7 +40,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import orjson
@@ -51,83 +55,18 @@ from service.gateway.errors import (
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result, Route, ServerInfo
 from service.gateway.registry import UpstreamSpec
+from service.gateway.resilience import CircuitBreaker, GateState, RetryBudget
 from service.gateway.scrub import quote, scrub
 from service.gateway.settings import Settings
 from service.gateway.transport import PooledTransport
 
 log = logging.getLogger("service.gateway.upstream")
 
-CircuitState = Literal["closed", "open", "half_open"]
 _MAX_MESSAGE_CHARS = 300
 #: How long what a server said about a model (labels, batch limit) is kept, and how long a failed
 #: attempt to ask is remembered before the next request asks again.
 _INFO_TTL_S = 300.0
 _INFO_RETRY_S = 5.0
-
-
-class CircuitBreaker:
-    """Closed -> open after `threshold` consecutive failures -> half-open after `reset_s` (one probe
-    at a time) -> closed on the probe's success, or open again on its failure.
-
-    Not thread-safe; it lives on one event loop like the client that owns it."""
-
-    def __init__(self, threshold: int, reset_s: float, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[CircuitState], None] | None = None) -> None:
-        self.threshold = threshold
-        self.reset_s = reset_s
-        self._clock = clock
-        self._on_change = on_change
-        self.state: CircuitState = "closed"
-        self.failures = 0
-        self._opened_at = 0.0
-        self._probe_in_flight = False
-
-    def acquire(self) -> tuple[bool, float]:
-        """May an attempt go out now? `(False, seconds until the next probe)` when it may not;
-        `(True, 0)` otherwise. A granted half-open probe must end in success(), failure() or
-        release()."""
-        if self.state == "closed":
-            return True, 0.0
-        now = self._clock()
-        wait = self._opened_at + self.reset_s - now
-        if self.state == "open":
-            if wait > 0:
-                return False, wait
-            self._set("half_open")
-        if self._probe_in_flight:
-            return False, min(self.reset_s, 1.0)
-        self._probe_in_flight = True
-        return True, 0.0
-
-    def success(self) -> None:
-        self.failures = 0
-        self._probe_in_flight = False
-        if self.state != "closed":
-            self._set("closed")
-
-    def failure(self) -> None:
-        self.failures += 1
-        was_probe = self._probe_in_flight
-        self._probe_in_flight = False
-        if was_probe or self.state == "half_open" or (
-                self.state == "closed" and self.failures >= self.threshold):
-            self._opened_at = self._clock()
-            self._set("open")
-
-    def release(self) -> None:
-        """The attempt ended without a verdict (the caller went away): free the probe slot."""
-        self._probe_in_flight = False
-
-    def retry_after(self) -> float:
-        if self.state == "closed":
-            return 0.0
-        return max(0.0, self._opened_at + self.reset_s - self._clock())
-
-    def _set(self, state: CircuitState) -> None:
-        self.state = state
-        if self._on_change is not None:
-            self._on_change(state)
 
 
 class _Retryable(Exception):
@@ -194,8 +133,11 @@ class UpstreamClient:
                          (b"user-agent", b"classifier-gateway")]
         self._circuit_gauge = metrics.circuit_open.labels(spec.name)
         self._circuit_gauge.set(0)
-        self.breaker = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_reset_s,
-                                      clock=clock, on_change=self._on_circuit_change)
+        self.breaker = CircuitBreaker(
+            failure_rate=settings.circuit_failure_rate, min_calls=settings.circuit_min_calls,
+            window_s=settings.circuit_window_s, reset_s=settings.circuit_reset_s, clock=clock,
+            on_change=self._on_circuit_change)
+        self.budget = RetryBudget(settings.retry_budget, clock=clock)
         self._last_failure = ""
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -205,7 +147,7 @@ class UpstreamClient:
     @property
     def circuit_open(self) -> bool:
         """True while calls fail fast (open), or while only a probe may pass (half-open)."""
-        return self.breaker.state != "closed"
+        return self.breaker.is_open
 
     def _url(self, route: Route) -> tuple[httpx.URL, str]:
         found = self._urls.get(route)
@@ -339,65 +281,83 @@ class UpstreamClient:
     async def _with_retries(self, endpoint: str, url: httpx.URL, body: bytes,
                             decode: Callable[[Any], list[Result] | str], deadline: float,
                             budget: float) -> list[Result]:
-        attempts = self.settings.retry_attempts
+        """One logical call: attempts until success, a verdict that retrying cannot change, the
+        last attempt, the deadline, an open circuit or a spent retry budget. The breaker hears
+        the call's outcome once, at the end."""
+        breaker = self.breaker
+        admission = breaker.acquire()
+        if not admission.allowed:
+            self._count(endpoint, "circuit_open")
+            raise UpstreamUnavailable(
+                f"upstream {self.spec.name!r} is failing "
+                f"({self._last_failure or 'repeated errors'}); the circuit breaker stops calls "
+                f"to it for {admission.wait_s:.1f} s more, then probes it again",
+                retry_after_s=admission.wait_s)
+        probe = admission.probe
+        self.budget.record_call()
+        attempts = 1 if probe else self.settings.retry_attempts  # a probe's verdict comes fast
         attempt = 0
-        while True:
-            attempt += 1
-            if deadline - self._clock() <= 0:  # no time for an attempt: not the upstream's fault
-                raise self._timeout(endpoint, budget, attempt)
-            allowed, wait = self.breaker.acquire()
-            if not allowed:
-                self._count(endpoint, "circuit_open")
-                raise UpstreamUnavailable(
-                    f"upstream {self.spec.name!r} is failing "
-                    f"({self._last_failure or 'repeated errors'}); the circuit breaker stops calls "
-                    f"to it for {wait:.1f} s more, then probes it again", retry_after_s=wait)
-            if attempt > 1:
-                self.metrics.upstream_retries.inc()
-            try:
-                results = await self._attempt(endpoint, url, body, decode, deadline, budget,
-                                              attempt)
-            except _Retryable as failure:
-                self._last_failure = failure.reason
-                self.breaker.failure()
-                if self.breaker.state == "open":
-                    wait = self.breaker.retry_after()
-                    raise UpstreamUnavailable(
-                        f"upstream {self.spec.name!r} is unavailable: {failure.reason}; after "
-                        f"{self.breaker.failures} consecutive failures the circuit breaker stops "
-                        f"calls to it for {wait:.1f} s",
-                        retry_after_s=max(wait, failure.retry_after_s or 0.0),
-                    ) from None
-                now = self._clock()
-                delay = self._backoff(attempt, failure.retry_after_s)
-                if attempt >= attempts or now + delay >= deadline:
-                    why = (f"after {attempt} attempt{'s' if attempt > 1 else ''}"
-                           if attempt >= attempts else
-                           f"and a retry in {delay:.2f} s would pass the request's deadline")
-                    raise UpstreamUnavailable(
-                        f"upstream {self.spec.name!r} is unavailable: {failure.reason}, {why}; "
-                        "retry later", retry_after_s=failure.retry_after_s or max(delay, 1.0),
-                    ) from None
-                log.info("upstream %s: %s; retry %d of %d in %.3f s", self.spec.name,
-                         failure.reason, attempt, attempts - 1, delay)
-                await asyncio.sleep(delay)
-            except UpstreamTimeout:
-                self._last_failure = "timed out"
-                self.breaker.failure()
-                raise
-            except UpstreamBadResponse as exc:
-                self._last_failure = exc.message
-                self.breaker.failure()
-                raise
-            except UpstreamRejected:
-                self.breaker.success()  # it answered: alive, just unhappy with this request
-                raise
-            except BaseException:
-                self.breaker.release()  # cancelled: no verdict on the upstream
-                raise
+        failed = False  # an attempt failed for a reason that is the upstream's (not 429)
+        verdict: bool | None = None  # None: nothing to tell the breaker (cancelled, or 429 only)
+        try:
+            while True:
+                attempt += 1
+                if deadline - self._clock() <= 0:  # no time for an attempt
+                    verdict = False if failed else None
+                    raise self._timeout(endpoint, budget, attempt)
+                if attempt > 1:
+                    self.metrics.upstream_retries.inc()
+                try:
+                    results = await self._attempt(endpoint, url, body, decode, deadline, budget,
+                                                  attempt)
+                except _Retryable as failure:
+                    self._last_failure = failure.reason
+                    backpressure = failure.outcome == "429"
+                    failed = failed or not backpressure
+                    delay = self._backoff(attempt, failure.retry_after_s)
+                    retry_after = failure.retry_after_s or max(delay, 1.0)
+                    why = None
+                    if attempt >= attempts:
+                        why = (f"after {attempt} attempt{'s' if attempt > 1 else ''}"
+                               + (" (a probe of the circuit gets one)" if probe else ""))
+                    elif self._clock() + delay >= deadline:
+                        why = f"and a retry in {delay:.2f} s would pass the request's deadline"
+                    elif breaker.is_open:
+                        retry_after = max(breaker.retry_after(), retry_after)
+                        why = ("and the circuit breaker has opened meanwhile: calls fail fast for "
+                               f"{breaker.retry_after():.1f} s")
+                    elif not backpressure and not self.budget.try_spend():
+                        self.metrics.child(self.metrics.upstream_retries_throttled,
+                                           self.spec.name).inc()
+                        why = ("and the retry budget is spent (retries may be GATEWAY_RETRY_BUDGET "
+                               f"= {self.settings.retry_budget:g} of calls)")
+                    if why is not None:
+                        verdict = False if failed else None
+                        raise UpstreamUnavailable(
+                            f"upstream {self.spec.name!r} is unavailable: {failure.reason}, {why}; "
+                            "retry later", retry_after_s=retry_after) from None
+                    log.info("upstream %s: %s; retry %d of %d in %.3f s", self.spec.name,
+                             failure.reason, attempt, attempts - 1, delay)
+                    await asyncio.sleep(delay)
+                except UpstreamTimeout:
+                    self._last_failure = "timed out"
+                    verdict = False
+                    raise
+                except UpstreamBadResponse as exc:
+                    self._last_failure = exc.message
+                    verdict = False
+                    raise
+                except UpstreamRejected:
+                    verdict = True  # it answered: alive, just unhappy with this request
+                    raise
+                else:
+                    verdict = True
+                    return results
+        finally:
+            if verdict is None:
+                breaker.release(probe=probe)
             else:
-                self.breaker.success()
-                return results
+                breaker.record(verdict, probe=probe)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         """Full jitter (uniform in [0, min(cap, base * 2^(n-1))]), but never before Retry-After."""
@@ -487,11 +447,13 @@ class UpstreamClient:
     def _count(self, endpoint: str, status: str) -> None:
         self.metrics.child(self.metrics.upstream_requests, self.spec.name, endpoint, status).inc()
 
-    def _on_circuit_change(self, state: CircuitState) -> None:
+    def _on_circuit_change(self, state: GateState) -> None:
         self._circuit_gauge.set(0 if state == "closed" else 1)
         if state == "open":
-            log.warning("upstream %s: circuit opened after %d consecutive failures (last: %s); "
-                        "failing fast for %.1f s", self.spec.name, self.breaker.failures,
+            calls, failures = self.breaker.window()
+            log.warning("upstream %s: circuit open (%d of %d calls failed in the last %g s, or a "
+                        "probe failed; last: %s); failing fast for %.1f s", self.spec.name,
+                        failures, calls, self.settings.circuit_window_s,
                         self._last_failure or "?", self.breaker.reset_s)
         elif state == "closed":
             log.info("upstream %s: circuit closed, the upstream answers again", self.spec.name)

@@ -323,7 +323,7 @@ async def test_timeout_is_504_naming_the_deadline(tmp_path: Path) -> None:
 
 
 async def test_circuit_opens_then_recovers(tmp_path: Path) -> None:
-    with gateway_stack(tmp_path, retry_attempts=1, circuit_failure_threshold=2,
+    with gateway_stack(tmp_path, retry_attempts=1, circuit_min_calls=2,
                        circuit_reset_s=0.5) as s:
         s.upstream.inject(Status(500), Status(500))
         for i in range(2):

@@ -63,7 +63,7 @@ async def test_no_piece_of_any_key_crosses_a_boundary(tmp_path: Path,
     faults = [Echo(code, start, as_json) for code in (400, 500) for as_json in (False, True)
               for start in starts]
     with gateway_stack(tmp_path, api_key_env="TEST_ECHO_KEY", api_keys=client_key,
-                       retry_attempts=1, circuit_failure_threshold=10_000) as s:
+                       retry_attempts=1, circuit_min_calls=10_000) as s:
         s.upstream.inject(*faults)
         seen: list[str] = []
         async with httpx.AsyncClient(base_url=s.url, timeout=10,

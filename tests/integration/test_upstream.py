@@ -54,7 +54,7 @@ def upstream(fake: FakeUpstream) -> FakeUpstream:
 
 def make_settings(**overrides: float) -> Settings:
     values: dict[str, float] = dict(retry_attempts=3, retry_backoff_s=0.01, retry_backoff_max_s=0.05,
-                                    circuit_failure_threshold=5, circuit_reset_s=0.5,
+                                    circuit_min_calls=5, circuit_reset_s=0.5,
                                     connect_timeout_s=1.0)
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -257,14 +257,15 @@ async def test_unreachable_upstream_is_unavailable(metrics: GatewayMetrics) -> N
 async def test_circuit_opens_fails_fast_and_recovers_through_a_probe(
         upstream: FakeUpstream, metrics: GatewayMetrics) -> None:
     assert upstream.url is not None
-    settings = make_settings(circuit_failure_threshold=3, circuit_reset_s=0.5)
+    settings = make_settings(circuit_min_calls=3, circuit_reset_s=0.5, retry_attempts=1)
     client = UpstreamClient(UpstreamSpec(name="fake", base_url=upstream.url), settings, metrics)
     try:
         assert circuit_gauge(metrics) == 0
         upstream.inject(*[Status(500)] * 3)
-        with pytest.raises(UpstreamUnavailable) as first:
-            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
-        assert "circuit breaker" in first.value.message
+        for i in range(3):  # 3 failed calls of 3 (min_calls): 100% >= 50%
+            assert not client.circuit_open, i
+            with pytest.raises(UpstreamUnavailable, match="after 1 attempt"):
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
         assert client.circuit_open
         assert circuit_gauge(metrics) == 1
         assert len(upstream.calls) == 3
@@ -293,12 +294,14 @@ async def test_circuit_opens_fails_fast_and_recovers_through_a_probe(
 async def test_failed_probe_reopens_the_circuit(upstream: FakeUpstream,
                                                 metrics: GatewayMetrics) -> None:
     assert upstream.url is not None
-    settings = make_settings(circuit_failure_threshold=2, circuit_reset_s=0.3, retry_attempts=2)
+    settings = make_settings(circuit_min_calls=2, circuit_reset_s=0.3, retry_attempts=1)
     client = UpstreamClient(UpstreamSpec(name="fake", base_url=upstream.url), settings, metrics)
     try:
         upstream.inject(Status(502), Status(502), Status(502))
-        with pytest.raises(UpstreamUnavailable):
-            await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
+        for _ in range(2):
+            with pytest.raises(UpstreamUnavailable):
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
+        assert client.circuit_open
         await asyncio.sleep(0.35)
         with pytest.raises(UpstreamUnavailable):  # the probe fails
             await client.classify(Route.text("m"), ["x"], deadline=in_s(5))

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -170,6 +171,11 @@ class FakeUpstream:
         self.url: str | None = None  # set by start() / running_fake_upstream
         self._lock = threading.Lock()
         self._faults: collections.deque[Fault] = collections.deque()
+        # Random faults, for load under a flaky upstream: with no queued fault, a request gets
+        # `random_fault` with probability `fault_rate` (seeded: the same run, the same faults).
+        self.fault_rate = 0.0
+        self.random_fault: Fault = Status(500)
+        self._rng = random.Random(10)
         self._server: Any = None
         # An object with an async __call__, not a bound method: uvicorn takes a bound method for an
         # ASGI2 app.
@@ -284,6 +290,8 @@ class FakeUpstream:
             inputs = list(value) if isinstance(value, list) else ([] if value is None else [value])
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
+            if fault is None and self.fault_rate and self._rng.random() < self.fault_rate:
+                fault = self.random_fault
             self.calls.append(Call(endpoint, model, inputs, authorization, fault))
         return fault
 

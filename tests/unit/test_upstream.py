@@ -21,11 +21,7 @@ from service.gateway.protocols import Route
 from service.gateway.protocols.mistral import check_results
 from service.gateway.registry import UpstreamSpec
 from service.gateway.settings import Settings
-from service.gateway.upstream import (
-    CircuitBreaker,
-    UpstreamClient,
-    parse_retry_after,
-)
+from service.gateway.upstream import UpstreamClient, parse_retry_after
 
 OK_RESULT = {"t": {"scores": {"a": 0.25, "b": 0.75}}}
 
@@ -45,7 +41,7 @@ def ok(request: httpx.Request) -> httpx.Response:
 
 def make_client(handler: Callable[[httpx.Request], Any], **settings: float) -> UpstreamClient:
     values: dict[str, float] = dict(retry_attempts=3, retry_backoff_s=0.001, retry_backoff_max_s=0.002,
-                                    circuit_failure_threshold=3, circuit_reset_s=0.2)
+                                    circuit_min_calls=3, circuit_reset_s=0.2)
     values.update(settings)
     return UpstreamClient(UpstreamSpec(name="u", base_url="http://upstream.test"),
                           Settings(**values),  # type: ignore[arg-type]
@@ -55,70 +51,6 @@ def make_client(handler: Callable[[httpx.Request], Any], **settings: float) -> U
 
 def in_s(seconds: float) -> float:
     return time.monotonic() + seconds
-
-
-# ------------------------------------------------------------------------------------- circuit breaker
-def state(breaker: CircuitBreaker) -> str:
-    """Read through a function so that mypy does not narrow the attribute between calls."""
-    return breaker.state
-
-
-def test_breaker_opens_after_consecutive_failures_only() -> None:
-    clock = Clock()
-    states: list[str] = []
-    breaker = CircuitBreaker(3, 5.0, clock=clock, on_change=states.append)
-    for _ in range(2):
-        breaker.failure()
-    breaker.success()  # resets the streak
-    breaker.failure()
-    breaker.failure()
-    assert state(breaker) == "closed" and breaker.acquire() == (True, 0.0)
-    breaker.failure()
-    assert state(breaker) == "open" and states == ["open"]
-    allowed, wait = breaker.acquire()
-    assert not allowed and wait == pytest.approx(5.0)
-    clock.now += 4.0
-    allowed, wait = breaker.acquire()
-    assert not allowed and wait == pytest.approx(1.0)
-    assert breaker.retry_after() == pytest.approx(1.0)
-
-
-def test_half_open_lets_one_probe_through_and_closes_on_success() -> None:
-    clock = Clock()
-    states: list[str] = []
-    breaker = CircuitBreaker(1, 5.0, clock=clock, on_change=states.append)
-    breaker.failure()
-    clock.now += 5.0
-    assert breaker.acquire() == (True, 0.0)
-    assert state(breaker) == "half_open"
-    allowed, _ = breaker.acquire()  # a second caller while the probe is out
-    assert not allowed
-    breaker.success()
-    assert state(breaker) == "closed" and breaker.failures == 0
-    assert states == ["open", "half_open", "closed"]
-
-
-def test_failed_probe_reopens_for_a_full_period() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(2, 5.0, clock=clock)
-    breaker.failure()
-    breaker.failure()
-    clock.now += 6.0
-    assert breaker.acquire()[0]
-    breaker.failure()
-    assert state(breaker) == "open"
-    allowed, wait = breaker.acquire()
-    assert not allowed and wait == pytest.approx(5.0)
-
-
-def test_abandoned_probe_frees_the_slot() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(1, 1.0, clock=clock)
-    breaker.failure()
-    clock.now += 1.0
-    assert breaker.acquire()[0]
-    breaker.release()
-    assert breaker.acquire()[0]  # the next caller may probe
 
 
 # ---------------------------------------------------------------------------------- parsing, checking
@@ -213,7 +145,7 @@ async def test_half_open_probe_is_alone_and_closes_the_circuit() -> None:
         await release.wait()
         return ok(request)
 
-    client = make_client(handler, retry_attempts=1, circuit_failure_threshold=2,
+    client = make_client(handler, retry_attempts=1, circuit_min_calls=2,
                          circuit_reset_s=0.05)
     try:
         for _ in range(2):
@@ -246,7 +178,7 @@ async def test_cancelled_probe_does_not_wedge_the_circuit() -> None:
             await hang.wait()
         return ok(request)
 
-    client = make_client(handler, retry_attempts=1, circuit_failure_threshold=1,
+    client = make_client(handler, retry_attempts=1, circuit_min_calls=1,
                          circuit_reset_s=0.05)
     try:
         with pytest.raises(UpstreamUnavailable):
@@ -267,7 +199,7 @@ async def test_cancelled_probe_does_not_wedge_the_circuit() -> None:
 
 async def test_rejections_do_not_open_the_circuit() -> None:
     client = make_client(lambda request: httpx.Response(400, json={"message": "bad"}),
-                         circuit_failure_threshold=2)
+                         circuit_min_calls=2)
     try:
         for _ in range(4):
             with pytest.raises(UpstreamRejected):
@@ -315,7 +247,7 @@ async def test_transport_errors_are_retried(error: Exception) -> None:
 
 
 async def test_past_deadline_does_not_count_against_the_upstream() -> None:
-    client = make_client(ok, circuit_failure_threshold=1)
+    client = make_client(ok, circuit_min_calls=1)
     try:
         for _ in range(3):
             with pytest.raises(UpstreamTimeout):

@@ -23,6 +23,8 @@ from service.gateway.registry import RegistryWatcher
 from service.gateway.routes import health, hot, tasks
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
+from service.gateway.shadow import ShadowRunner
+from service.gateway.store import open_store
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway")
@@ -96,8 +98,12 @@ def create_app(settings: Settings | None = None, *,
             cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
             default_timeout_s=settings.timeout_s,
         )
+        store = open_store(settings.feedback_redis_url or settings.redis_url,
+                           settings.cache_prefix, max(settings.redis_socket_timeout_s, 1.0))
+        shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
+        classifier.shadow = shadow
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
-                                    classifier, lifecycle)
+                                    classifier, lifecycle, store=store)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -110,12 +116,14 @@ def create_app(settings: Settings | None = None, *,
             if sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await watcher.stop()
+            await shadow.aclose()
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).
             await batcher.drain(min(settings.drain_timeout_s, BATCH_DRAIN_S))
             if cache is not None:
                 await cache.aclose()
+            await store.aclose()
             await upstreams.aclose()
 
     app = GatewayApp(

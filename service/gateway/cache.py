@@ -450,6 +450,14 @@ class ResultCache:
 # -- URL parsing -------------------------------------------------------------------------------------
 
 
+def redis_py_client(url: str, socket_timeout_s: float) -> _RedisPyBackend:
+    """A redis-py client for any scheme the cache takes (standalone, Sentinel, Cluster), for the
+    gateway's other Redis data (store.py): `.client` to use, `aclose()` to close."""
+    backend = _connect(url, socket_timeout_s, "redis-py")
+    assert isinstance(backend, _RedisPyBackend)
+    return backend
+
+
 def _connect(url: str, socket_timeout_s: float, client: RedisClient = "link") -> _Backend:
     parts = urlsplit(url)
     check_userinfo(parts, "GATEWAY_REDIS_URL")

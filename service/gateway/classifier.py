@@ -17,11 +17,12 @@ order, each with its own cache lookup and batching. A 4xx the upstream blames on
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -50,17 +51,46 @@ _RESEND_MIN_S = 0.01
 
 @dataclass(frozen=True)
 class Outcome:
-    """`models`: the models that answered, the task's own first; more than one only when a
-    fallback answered the items the cache did not."""
+    """`models[i]`: the model that answered item i (the task's, its canary's, or a fallback's);
+    `fallback_from`: the model that failed when a fallback answered some items."""
 
     results: list[Result]
     cache_status: CacheStatus
-    models: tuple[str, ...] = ()
+    models: list[str]
+    fallback_from: str | None = None
 
     @property
     def model(self) -> str:
-        """The model that answered: the fallback's when one did."""
-        return self.models[-1]
+        """The model that answered every item; the first one's when items split."""
+        return self.models[0]
+
+    @property
+    def split(self) -> bool:
+        return any(m != self.models[0] for m in self.models)
+
+
+class ShadowSink(Protocol):
+    """Where answered items go to be compared with the task's shadow model (shadow.py)."""
+
+    def offer(self, task: TaskSpec, items: Sequence[Any], results: Sequence[Result],
+              models: Sequence[str]) -> None: ...
+
+
+def sticky_share(task: str, model: str, item: Any) -> float:
+    """A number in [0, 1) fixed by the task, the candidate model and the item: the same input goes
+    to the same model for as long as the weights stand (so cached answers stay consistent), and a
+    new candidate draws a fresh split."""
+    digest = hashlib.blake2b(orjson.dumps((task, model, item), option=orjson.OPT_SORT_KEYS),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+@dataclass(frozen=True)
+class _Served:
+    results: list[Result]
+    misses: int
+    model: str
+    fallback_from: str | None
 
 
 #: Failures after which the task's fallbacks are tried (see the module docstring).
@@ -130,58 +160,112 @@ class Classifier:
         self._prefix = cache_prefix
         self._default_ttl_s = default_ttl_s
         self._default_timeout_s = default_timeout_s
+        #: Set by the app once built (they answer through this classifier): see shadow.py.
+        self.shadow: ShadowSink | None = None
 
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
                        disconnected: Disconnected | None = None) -> Outcome:
-        """One result per item, in input order, from the cache, the task's model or, when that
-        fails, its fallbacks (see the module docstring).
+        """One result per item, in input order, from the cache, the task's model (or its canary,
+        for the items the canary's weight sends there) or, when that fails, its fallbacks (see
+        the module docstring). Items answered by the task's model are then offered to its shadow.
 
         `disconnected` returns when the caller hangs up; its items are then released, so that
         nobody's abandoned work is sent upstream."""
         timeout_s = task.timeout_s or self._default_timeout_s
         deadline = time.monotonic() + timeout_s
         ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
-        route = task.route()
-        try:
-            results, misses = await self._answer(task, upstream, route, items, ttl_s, deadline,
-                                                 timeout_s, read_cache, disconnected)
-            return Outcome(results, _cache_status(len(items) - misses, len(items)), (task.model,))
-        except FALLBACK_ON as exc:
-            if not task.fallbacks:
-                raise
-            first = exc
-        return await self._fall_back(task, items, ttl_s, deadline, timeout_s, read_cache,
-                                     disconnected, first)
+        canary = task.canary
+        if canary is None or canary.weight <= 0.0:
+            served = await self._serve(task, task.candidates(), items, ttl_s, deadline,
+                                       timeout_s, read_cache, disconnected)
+            results, models = served.results, [served.model] * len(items)
+            misses, fallback_from = served.misses, served.fallback_from
+        else:
+            chosen = [sticky_share(task.name, canary.model, item) < canary.weight
+                      for item in items]
+            groups = [(chain, [i for i, c in enumerate(chosen) if c == to_canary])
+                      for chain, to_canary in ((task.candidates(), False),
+                                               (task.canary_candidates(), True))]
+            groups = [(chain, where) for chain, where in groups if where]
+            done = await asyncio.gather(
+                *(self._serve(task, chain, [items[i] for i in where], ttl_s, deadline, timeout_s,
+                              read_cache, disconnected) for chain, where in groups),
+                return_exceptions=True)
+            failed = next((d for d in done if isinstance(d, BaseException)), None)
+            if failed is not None:
+                raise failed
+            results = [{}] * len(items)
+            models = [""] * len(items)
+            misses, fallback_from = 0, None
+            for (_, where), part in zip(groups, done, strict=True):
+                assert isinstance(part, _Served)
+                for i, result in zip(where, part.results, strict=True):
+                    results[i], models[i] = result, part.model
+                misses += part.misses
+                fallback_from = fallback_from or part.fallback_from
+        counted = self._metrics.model_items
+        for model in dict.fromkeys(models):
+            self._metrics.child(counted, task.name, model).inc(models.count(model))
+        if task.shadow is not None and self.shadow is not None:
+            self.shadow.offer(task, items, results, models)
+        return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
+                       fallback_from)
 
-    async def _fall_back(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
-                         timeout_s: float, read_cache: bool, disconnected: Disconnected | None,
-                         first: UpstreamError) -> Outcome:
-        reasons = [f"{task.upstream}/{task.model}: {first.message}"]
+    async def answer(self, task: TaskSpec, upstream: str, route: Route,
+                     items: Sequence[Any]) -> list[Result]:
+        """One model's answers, through the cache and its batcher lane, under the task's TTL and
+        deadline, with no fallback: for shadow comparisons."""
+        spec = self._upstream_specs().get(upstream)
+        if spec is None:
+            raise UpstreamUnavailable(f"Upstream {upstream!r} is not in the tasks file.")
+        timeout_s = task.timeout_s or self._default_timeout_s
+        ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
+        results, _ = await self._answer(task, spec, route, items, ttl_s,
+                                        time.monotonic() + timeout_s, timeout_s, True, None)
+        return results
+
+    async def _serve(self, task: TaskSpec, chain: list[tuple[str, Route]], items: Sequence[Any],
+                     ttl_s: int, deadline: float, timeout_s: float, read_cache: bool,
+                     disconnected: Disconnected | None) -> _Served:
+        """The first model of `chain` that answers: the task's (or canary's), then its
+        fallbacks. With a single model, its error is the caller's as it is."""
         specs = self._upstream_specs()
-        for ref in task.fallbacks:
-            spec = specs.get(ref.upstream)
-            if spec is None or deadline - time.monotonic() <= _RESEND_MIN_S:
+        reasons: list[str] = []
+        first: UpstreamError | None = None
+        for position, (name, route) in enumerate(chain):
+            spec = specs.get(name)
+            if spec is None:
+                reasons.append(f"{name}/{route.model}: the upstream is no longer in the tasks file")
+                continue
+            if position > 0 and deadline - time.monotonic() <= _RESEND_MIN_S:
                 break
-            route = task.fallback_route(ref)
             try:
                 results, misses = await self._answer(task, spec, route, items, ttl_s, deadline,
                                                      timeout_s, read_cache, disconnected)
             except FALLBACK_ON as exc:
-                self._metrics.child(self._metrics.fallbacks, task.name, ref.upstream,
-                                    "error").inc()
-                reasons.append(f"{ref.upstream}/{ref.model}: {exc.message}")
+                if len(chain) == 1:
+                    raise
+                if position > 0:
+                    self._metrics.child(self._metrics.fallbacks, task.name, name, "error").inc()
+                first = first or exc
+                reasons.append(f"{name}/{route.model}: {exc.message}")
                 continue
-            self._metrics.child(self._metrics.fallbacks, task.name, ref.upstream, "ok").inc()
-            log.info("task %s: answered by fallback %s/%s (%s)", task.name, ref.upstream,
-                     ref.model, reasons[0])
-            return Outcome(results, _cache_status(len(items) - misses, len(items)),
-                           (task.model, ref.model))
-        message = (f"Task {task.name!r}: its model and every fallback failed ("
-                   + "; ".join(reasons) + ").")
+            if position == 0:
+                return _Served(results, misses, route.model, None)
+            self._metrics.child(self._metrics.fallbacks, task.name, name, "ok").inc()
+            log.info("task %s: answered by %s/%s after %s", task.name, name, route.model,
+                     "; ".join(reasons))
+            return _Served(results, misses, route.model, chain[0][1].model)
+        if first is None:
+            raise UpstreamUnavailable(f"Task {task.name!r}: no upstream left to ask ("
+                                      + "; ".join(reasons) + ").", retry_after_s=1.0)
         if len(reasons) == 1:
             message = (f"Task {task.name!r}: its model failed and the deadline left no time "
                        f"for a fallback ({reasons[0]}).")
+        else:
+            message = (f"Task {task.name!r}: its model and every fallback failed ("
+                       + "; ".join(reasons) + ").")
         raise type(first)(message, retry_after_s=first.retry_after_s)
 
     async def _answer(self, task: TaskSpec, upstream: UpstreamSpec, route: Route,

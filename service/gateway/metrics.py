@@ -81,6 +81,20 @@ class GatewayMetrics:
             "`result` whether it answered (ok) or failed too (error).",
             ["task", "upstream", "result"], registry=registry,
         )
+        self.model_items = Counter(
+            "gateway_model_items", "Items answered, by task and by the model that answered (the "
+            "task's, its canary's or a fallback's; only models the tasks file names).",
+            ["task", "model"], registry=registry,
+        )
+        self.shadow_comparisons = Counter(
+            "gateway_shadow_comparisons", "Items compared with a task's shadow model, per target: "
+            "whether the top labels agree.", ["task", "target", "agreement"], registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "gateway_shadow_dropped", "Shadow comparisons given up: queue_full (shed under load), "
+            "timeout, error, target_missing (the shadow did not answer a target).",
+            ["task", "reason"], registry=registry,
+        )
         self.registry_reloads = Counter(
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,

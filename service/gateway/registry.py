@@ -111,6 +111,41 @@ class ModelRef(BaseModel):
     labels: tuple[str, ...] | None = None
 
 
+class CanarySpec(BaseModel):
+    """A candidate model that answers a sticky share of the task's items (`weight`, 0-1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    weight: float = Field(ge=0.0, le=1.0)
+    upstream: str | None = Field(default=None, description="Default: the task's upstream.")
+    target: str | None = Field(default=None, min_length=1)
+    labels: tuple[str, ...] | None = None
+
+
+class ShadowSpec(BaseModel):
+    """A model that also sees a sampled share of the task's items (`sample`, 0-1), only to be
+    compared with the task's model; its answers never reach the caller."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    sample: float = Field(ge=0.0, le=1.0)
+    upstream: str | None = Field(default=None, description="Default: the task's upstream.")
+    target: str | None = Field(default=None, min_length=1)
+    labels: tuple[str, ...] | None = None
+
+
+class ReviewSpec(BaseModel):
+    """Which answers go to the review queue: top-two margin under `max_margin`, plus a random
+    control share `sample`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_margin: float = Field(default=0.2, ge=0.0, le=1.0)
+    sample: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,6 +162,12 @@ class TaskSpec(BaseModel):
     fallbacks: tuple[ModelRef, ...] = Field(
         default=(), description="Tried in order when the upstream fails after its retries or "
         "its circuit is open; never for a 4xx caused by the request itself.")
+    canary: CanarySpec | None = None
+    shadow: ShadowSpec | None = None
+    review: ReviewSpec | None = None
+    previous: ModelRef | None = Field(
+        default=None, description="The model before the last `tasks promote`, for `tasks "
+        "rollback`; not served.")
     cache_ttl_s: int | None = Field(default=None, ge=0, description="0 disables caching.")
     timeout_s: float | None = Field(default=None, gt=0)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -153,6 +194,27 @@ class TaskSpec(BaseModel):
         """(upstream name, route) for the primary, then each fallback in order."""
         return [(self.upstream, self.route()),
                 *((ref.upstream, self.fallback_route(ref)) for ref in self.fallbacks)]
+
+    def other_route(self, spec: CanarySpec | ShadowSpec) -> tuple[str, Route]:
+        return (spec.upstream or self.upstream,
+                Route(self.kind, spec.model, spec.target or self.target or self.name,
+                      self.labels if spec.labels is None else spec.labels))
+
+    def canary_candidates(self) -> list[tuple[str, Route]]:
+        """The canary, then the task's own chain: a failing canary falls back to the model it
+        is compared with, so that trying a candidate never costs callers an error."""
+        assert self.canary is not None
+        return [self.other_route(self.canary), *self.candidates()]
+
+    def shadow_route(self) -> tuple[str, Route]:
+        assert self.shadow is not None
+        return self.other_route(self.shadow)
+
+    def models(self) -> list[str]:
+        """Every model the task names: the bounded set of `model` metric label values."""
+        found = [self.model, *(ref.model for ref in self.fallbacks)]
+        found += [spec.model for spec in (self.canary, self.shadow) if spec is not None]
+        return list(dict.fromkeys(found))
 
 
 class RegistryError(ValueError):
@@ -226,11 +288,21 @@ def parse_registry(data: Any, source: str = "tasks file") -> Registry:
 def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared: Mapping[Any, Any],
                 where: str) -> list[str]:
     """What the task's fields cannot say alone: its upstreams exist, their protocols can name
-    the model's classes, and no fallback repeats a model tried before it."""
+    the model's classes, no fallback repeats a model tried before it, and a canary or shadow
+    is another model than the task's."""
     errors: list[str] = []
     seen: set[tuple[str, str]] = set()
-    for i, (upstream, route) in enumerate(task.candidates()):
-        field = f"{where}.upstream" if i == 0 else f"{where}.fallbacks[{i - 1}]"
+    chain = [(f"{where}.upstream" if i == 0 else f"{where}.fallbacks[{i - 1}]", upstream, route)
+             for i, (upstream, route) in enumerate(task.candidates())]
+    for name, spec_ in (("canary", task.canary), ("shadow", task.shadow)):
+        if spec_ is None:
+            continue
+        upstream, route = task.other_route(spec_)
+        if (upstream, route.model) == (task.upstream, task.model):
+            errors.append(f"{where}.{name}.model: {route.model!r} on {upstream!r} is the task's "
+                          f"own model; a {name} must be another model (or upstream)")
+        errors.extend(_check_route(f"{where}.{name}", upstream, route, upstreams, declared))
+    for field, upstream, route in chain:
         spec = upstreams.get(upstream)
         if spec is None:
             if upstream not in declared:  # an invalid upstream already has its own error
@@ -247,6 +319,21 @@ def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared:
                           "unnamed probabilities; list the model's classes in index order "
                           "under the task's `labels` (its config's id2label)")
     return errors
+
+
+def _check_route(field: str, upstream: str, route: Route, upstreams: Mapping[str, UpstreamSpec],
+                 declared: Mapping[Any, Any]) -> list[str]:
+    spec = upstreams.get(upstream)
+    if spec is None:
+        if upstream in declared:
+            return []
+        return [f"{field}.upstream: unknown upstream {upstream!r}; defined upstreams: "
+                f"{sorted(map(str, declared)) or 'none'}"]
+    wire = spec.wire
+    if wire.labels_by_index and not route.labels and not wire.labels_from_server:
+        return [f"{field}: upstream {upstream!r} speaks {wire.name}, which answers with unnamed "
+                "probabilities; list the model's classes in index order under `labels`"]
+    return []
 
 
 def load_registry(path: Path) -> Registry:

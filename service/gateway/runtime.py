@@ -13,6 +13,7 @@ from service.gateway.classifier import Classifier
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import RegistryWatcher
 from service.gateway.settings import Settings
+from service.gateway.store import MemoryShadowStore, ShadowStore
 from service.gateway.upstream import UpstreamPool
 
 
@@ -33,6 +34,7 @@ class Runtime:
     cache: ResultCache | None
     classifier: Classifier
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    store: ShadowStore = field(default_factory=MemoryShadowStore)
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         default="link", description="Client for a standalone Redis: the gateway's own pipelined "
         "link, or redis-py (Sentinel and Cluster always use redis-py).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Default TTL of a cached result.")
+    feedback_redis_url: str = Field(
+        default="", description="Redis for shadow comparison counts shared by the replicas; "
+        "default: GATEWAY_REDIS_URL (empty for both: this process's memory).")
+    # At most this many items wait for a shadow model's answer; beyond it comparisons are
+    # dropped (counted), so a slow shadow never holds memory or sockets the callers need.
+    shadow_max_pending: int = Field(default=256, ge=1)
     cache_prefix: str = "cgw:v1"
 
     # Client authentication: comma-separated keys, or the path of a file with one key per line.

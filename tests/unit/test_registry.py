@@ -160,3 +160,43 @@ def test_kserve_without_labels_loads_because_its_metadata_may_name_them() -> Non
     reg = parse_registry(with_upstreams({"k": {"base_url": "http://k", "protocol": "kserve-v2"}},
                                         {"t": {"upstream": "k", "model": "m"}}))
     assert reg.tasks["t"].route().labels == ()
+
+
+@pytest.mark.parametrize(("task", "message"), [
+    ({"canary": {"model": "ft:a", "weight": 0.1}},
+     "tasks.t.canary.model: 'ft:a' on 'local' is the task's own model"),
+    ({"canary": {"model": "ft:b", "weight": 1.5}}, "tasks.t.canary.weight: Input should be less"),
+    ({"shadow": {"model": "ft:b", "sample": -0.1}}, "tasks.t.shadow.sample: Input should be greater"),
+    ({"shadow": {"model": "ft:b", "sample": 0.2, "upstream": "nowhere"}},
+     "tasks.t.shadow.upstream: unknown upstream 'nowhere'"),
+    ({"shadow": {"model": "ft:a", "sample": 0.2}},
+     "tasks.t.shadow.model: 'ft:a' on 'local' is the task's own model"),
+    ({"review": {"max_margin": 2}}, "tasks.t.review.max_margin: Input should be less"),
+])
+def test_canary_shadow_and_review_are_checked_at_load(task: dict[str, object], message: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_registry(with_upstreams({}, {"t": {"upstream": "local", "model": "ft:a", **task}}))
+    assert message in str(caught.value)
+
+
+def test_canary_and_shadow_routes_default_to_the_tasks_upstream_and_target() -> None:
+    reg = parse_registry(with_upstreams({}, {"t": {
+        "upstream": "local", "model": "ft:a", "target": "sentiment",
+        "canary": {"model": "ft:b", "weight": 0.1},
+        "shadow": {"model": "ft:c", "sample": 0.5, "upstream": "mistral"}}}))
+    task = reg.tasks["t"]
+    assert task.canary_candidates() == [("local", Route("text", "ft:b", "sentiment", ())),
+                                        ("local", Route("text", "ft:a", "sentiment", ()))]
+    assert task.shadow_route() == ("mistral", Route("text", "ft:c", "sentiment", ()))
+    assert task.models() == ["ft:a", "ft:b", "ft:c"]
+
+
+def test_sticky_share_is_fixed_per_item_and_uniform() -> None:
+    from service.gateway.classifier import sticky_share
+
+    shares = [sticky_share("t", "ft:b", f"text {i}") for i in range(20000)]
+    assert shares[:50] == [sticky_share("t", "ft:b", f"text {i}") for i in range(50)]
+    assert all(0.0 <= s < 1.0 for s in shares)
+    assert abs(sum(s < 0.1 for s in shares) / len(shares) - 0.1) < 0.01
+    # A new candidate draws a fresh split rather than the same items.
+    assert [sticky_share("t", "ft:c", f"text {i}") for i in range(50)] != shares[:50]

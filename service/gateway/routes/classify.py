@@ -64,21 +64,25 @@ def response_id() -> str:
 
 
 def answer_headers(outcome: Outcome) -> dict[str, str]:
-    """`X-Cache`; `X-Model`, the model that answered (a fallback's when one did), and
-    `X-Fallback-From`, the task's own model, when a fallback answered."""
-    headers = {"X-Cache": outcome.cache_status, "X-Model": outcome.model}
-    if len(outcome.models) > 1:
-        headers["X-Fallback-From"] = outcome.models[0]
+    """`X-Cache`; `X-Model`, the model that answered (a canary's or a fallback's when one did;
+    comma-separated when items split between models), and `X-Fallback-From`, the model that
+    failed, when a fallback answered."""
+    headers = {"X-Cache": outcome.cache_status,
+               "X-Model": ", ".join(dict.fromkeys(outcome.models))}
+    if outcome.fallback_from is not None:
+        headers["X-Fallback-From"] = outcome.fallback_from
     return headers
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
-    body = {
+    body: dict[str, Any] = {
         "id": response_id(),
         "task": task.name,
         "model": outcome.model,
         "results": [decorate(task, result) for result in outcome.results],
     }
+    if outcome.split:
+        body["models"] = outcome.models
     return JSONResponse(body, headers=answer_headers(outcome))
 
 

@@ -50,8 +50,29 @@ class LabelledTarget(BaseModel):
 class ClassifyResponse(BaseModel):
     id: str
     task: str
-    model: str = Field(description="The model that answered (a fallback's when one did).")
+    model: str = Field(description="The model that answered (a canary's or a fallback's when "
+                       "one did); the first item's when items split between models.")
+    models: list[str] | None = Field(
+        default=None, description="Only when items split between the task's model and its "
+        "canary (or a fallback): the model that answered each item, in input order.")
     results: list[dict[str, LabelledTarget]] = Field(description="One per input, in input order.")
+
+
+class ShadowTarget(BaseModel):
+    compared: int
+    agreed: int
+    agreement: float | None = Field(description="agreed / compared; null before any comparison.")
+    confusion: dict[str, dict[str, int]] = Field(
+        description="Counts by the task model's top label, then the shadow's top label.")
+
+
+class ShadowReport(BaseModel):
+    task: str
+    model: str
+    shadow: dict[str, Any]
+    shared: bool = Field(description="Whether the counts live in Redis, shared by every replica "
+                         "(else in this process only).")
+    targets: dict[str, ShadowTarget]
 
 
 class Health(BaseModel):
@@ -85,7 +106,8 @@ ERRORS: dict[int, tuple[str, type[BaseModel], bool]] = {
     400: ("A text task on the chat route, or the reverse.", ErrorResponse, False),
     401: ("Missing or invalid client key (`Authorization: Bearer <key>`, GATEWAY_API_KEYS).",
           ErrorResponse, False),
-    404: ("Unknown task or model (the message lists the known ones).", ErrorResponse, False),
+    404: ("Unknown task or model (the message lists the known ones), or a task without the "
+          "shadow model asked about.", ErrorResponse, False),
     408: ("The request head or body did not arrive within GATEWAY_HEAD_TIMEOUT_S / "
           "GATEWAY_BODY_TIMEOUT_S; the connection is closed.", ErrorResponse, False),
     413: ("Body over GATEWAY_MAX_BODY_BYTES, too many items, or an item too long.",
@@ -118,7 +140,10 @@ def classify_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]
     """A hot classification route: `model` on 200, with its headers, and every error."""
     ok = {"description": "One result per input, in input order.", "model": model, "headers": {
         "X-Cache": {"description": "`hit`, `miss` or `partial`.", "schema": {"type": "string"}},
-        "X-Model": {"description": "The model that answered.", "schema": {"type": "string"}}}}
+        "X-Model": {"description": "The model that answered (comma-separated when items split "
+                    "between models).", "schema": {"type": "string"}},
+        "X-Fallback-From": {"description": "Only when a fallback answered: the model that "
+                            "failed.", "schema": {"type": "string"}}}}
     return {200: ok, **error_responses(*CLASSIFY_ERRORS)}
 
 
@@ -127,5 +152,6 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 __all__ = ["ClassificationResponse", "ClassifyResponse", "ErrorResponse", "Health", "Readiness",
+           "ShadowReport",
            "TaskDescription", "TaskList",
            "ValidationErrorResponse", "classify_responses", "error_responses"]

@@ -10,7 +10,12 @@ from fastapi import APIRouter
 from service.gateway.errors import UnknownTask
 from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
-from service.gateway.routes.openapi import TaskDescription, TaskList, error_responses
+from service.gateway.routes.openapi import (
+    ShadowReport,
+    TaskDescription,
+    TaskList,
+    error_responses,
+)
 from service.gateway.runtime import RuntimeDep
 from service.gateway.scrub import scrub
 
@@ -40,6 +45,14 @@ def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
                        "model": ref.model, "target": task.fallback_route(ref).target,
                        "labels": list(task.fallback_route(ref).labels)}
                       for ref in task.fallbacks],
+        "canary": None if task.canary is None else {
+            "model": task.canary.model, "weight": task.canary.weight,
+            "upstream": task.canary.upstream or task.upstream},
+        "shadow": None if task.shadow is None else {
+            "model": task.shadow.model, "sample": task.shadow.sample,
+            "upstream": task.shadow.upstream or task.upstream},
+        "previous": None if task.previous is None else task.previous.model_dump(
+            exclude_none=True),
         "cache_ttl_s": default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s,
         "timeout_s": task.timeout_s or default_timeout_s,
         "threshold": task.threshold,
@@ -74,3 +87,31 @@ async def get_task(name: str, runtime: RuntimeDep) -> JSONResponse:
         raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
     s = runtime.settings
     return JSONResponse(describe(task, registry, s.cache_ttl_s, s.timeout_s))
+
+
+@router.get("/tasks/{name}/shadow", summary="How a task's shadow model agrees with its model",
+            responses={200: {"model": ShadowReport}, **error_responses(401, 404, 422)})
+async def get_shadow(name: str, runtime: RuntimeDep) -> JSONResponse:
+    """Per target: items compared, how many top labels agreed, and the confusion table (the task
+    model's top label, then the shadow's), counted since this pair of models was configured."""
+    task = runtime.registry.current.task(name)
+    if task is None or task.shadow is None:
+        known = sorted(n for n, t in runtime.registry.current.tasks.items() if t.shadow)
+        what = "Unknown task" if task is None else "No shadow model for task"
+        raise UnknownTask(f"{what} {name!r}; tasks with a shadow: {', '.join(known) or 'none'}.")
+    upstream, route = task.shadow_route()
+    tables = await runtime.store.read(task.name, task.model, route.model)
+    targets: dict[str, Any] = {}
+    for target, table in sorted(tables.items()):
+        compared = sum(table.values())
+        agreed = sum(n for (ours, theirs), n in table.items() if ours == theirs)
+        confusion: dict[str, dict[str, int]] = {}
+        for (ours, theirs), n in sorted(table.items()):
+            confusion.setdefault(ours, {})[theirs] = n
+        targets[target] = {"compared": compared, "agreed": agreed,
+                           "agreement": round(agreed / compared, 6) if compared else None,
+                           "confusion": confusion}
+    return JSONResponse({"task": task.name, "model": task.model,
+                         "shadow": {"model": route.model, "upstream": upstream,
+                                    "sample": task.shadow.sample},
+                         "shared": runtime.store.shared, "targets": targets})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -91,9 +92,12 @@ async def test_a_failing_canary_falls_back_to_the_tasks_model(tmp_path: Path,
 
 
 async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await predicate():
-            await asyncio.sleep(0.05)
+    """Poll `predicate` (background comparisons have no event to wait on from outside)."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true within {timeout_s} s")
+        await asyncio.sleep(0.05)
 
 
 async def test_shadow_agreement_and_confusion_match_what_each_model_answers(

@@ -1,12 +1,15 @@
-"""`classifier-gateway tasks list | set | remove`: edit the gateway's tasks file safely (validated
-with the gateway's parser, written atomically), so a running gateway picks changes up at once."""
+"""`classifier-gateway tasks list | show | set | remove | promote | rollback`: read and edit the
+gateway's tasks file safely (validated with the gateway's parser, written atomically), so a running
+gateway picks changes up at once. `promote` makes a task's canary or shadow its model and keeps the
+old one as `previous`; `rollback` puts `previous` back."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from service.commands import tasksfile
+from service.commands.api import add_gateway_arguments, gateway_api
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
@@ -43,6 +46,35 @@ def register(sub: Sub) -> None:
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_set)
+
+    p = actions.add_parser("show", help="one task's settings, and its shadow's agreement figures",
+                           description="A task's settings from the tasks file and, when the "
+                                       "gateway answers, how its shadow model agrees with it.")
+    p.add_argument("name", metavar="NAME")
+    add_tasks_file_argument(p)
+    add_gateway_arguments(p, "the gateway asked for the shadow figures")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_show)
+
+    p = actions.add_parser("promote", help="make the task's canary or shadow its model",
+                           description="Make the task's canary (or shadow) model its model; the "
+                                       "current model is kept as `previous` for `tasks "
+                                       "rollback`. The canary or shadow entry is removed.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--from", dest="source", choices=("canary", "shadow"),
+                   help="which to promote when the task has both")
+    add_tasks_file_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_promote)
+
+    p = actions.add_parser("rollback", help="put the task's previous model back",
+                           description="Make the task's `previous` model (kept by `tasks "
+                                       "promote`) its model again; the model it replaces "
+                                       "becomes `previous`, so a rollback can be undone.")
+    p.add_argument("name", metavar="NAME")
+    add_tasks_file_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_rollback)
 
     p = actions.add_parser("remove", help="remove a task")
     p.add_argument("name", metavar="NAME")
@@ -87,3 +119,124 @@ def cmd_remove(args: argparse.Namespace) -> int:
     else:
         print(f"task {args.name} removed from {args.tasks}")
     return 0
+
+
+def _task(data: dict[str, Any], name: str) -> dict[str, Any]:
+    task = data["tasks"].get(name)
+    if not isinstance(task, dict):
+        known = ", ".join(sorted(data["tasks"])) or "none"
+        raise UserError(f"no task {name!r} in the tasks file; known tasks: {known}")
+    return task
+
+
+def _swap(task: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Make `new` ({model, upstream?, target?, labels?}) the task's model; return the old one in
+    the same shape."""
+    old: dict[str, Any] = {"upstream": task["upstream"], "model": task["model"]}
+    for key in ("target", "labels"):
+        if key in task:
+            old[key] = task[key]
+    task["upstream"] = new.get("upstream") or task["upstream"]
+    task["model"] = new["model"]
+    for key in ("target", "labels"):
+        if key in new:
+            task[key] = new[key]
+    return old
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    promoted: dict[str, Any] = {}
+
+    def change(data: dict[str, Any]) -> None:
+        task = _task(data, args.name)
+        present = [k for k in ("canary", "shadow") if task.get(k)]
+        if not present:
+            raise UserError(f"task {args.name!r} has no canary or shadow model to promote; add "
+                            "one to the tasks file first")
+        source = args.source or (present[0] if len(present) == 1 else None)
+        if source is None:
+            raise UserError(f"task {args.name!r} has both a canary and a shadow: say which with "
+                            "--from canary or --from shadow")
+        if source not in present:
+            raise UserError(f"task {args.name!r} has no {source}; it has: {', '.join(present)}")
+        entry = dict(task.pop(source))
+        task["previous"] = _swap(task, entry)
+        promoted.update(model=task["model"], previous=task["previous"]["model"], source=source)
+
+    tasksfile.edit(args.tasks, change)
+    if args.json:
+        print_json({"tasks_file": str(args.tasks), "task": args.name, **promoted})
+    else:
+        print(f"task {args.name}: {promoted['source']} {promoted['model']} promoted; previous "
+              f"model {promoted['previous']} kept for `tasks rollback` ({args.tasks})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    done: dict[str, Any] = {}
+
+    def change(data: dict[str, Any]) -> None:
+        task = _task(data, args.name)
+        previous = task.get("previous")
+        if not previous:
+            raise UserError(f"task {args.name!r} has no previous model to roll back to (`tasks "
+                            "promote` keeps one)")
+        task["previous"] = _swap(task, dict(previous))
+        done.update(model=task["model"], replaced=task["previous"]["model"])
+
+    tasksfile.edit(args.tasks, change)
+    if args.json:
+        print_json({"tasks_file": str(args.tasks), "task": args.name, **done})
+    else:
+        print(f"task {args.name}: back on {done['model']} (replaced {done['replaced']}, now "
+              f"`previous`) in {args.tasks}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = tasksfile.load(args.tasks)
+    task = registry.task(args.name)
+    if task is None:
+        known = ", ".join(sorted(registry.tasks)) or "none"
+        raise UserError(f"no task {args.name!r} in {args.tasks}; known tasks: {known}")
+    settings = task.model_dump(exclude_none=True, exclude_defaults=True)
+    report: dict[str, Any] | None = None
+    unavailable: str | None = None
+    if task.shadow is not None:
+        try:
+            with gateway_api(args, timeout_s=10.0) as api:
+                report = api.get(f"/tasks/{args.name}/shadow")
+        except UserError as exc:
+            unavailable = str(exc)
+    if args.json:
+        print_json({"tasks_file": str(args.tasks), "task": settings, "shadow_report": report,
+                    "shadow_report_error": unavailable})
+        return 0
+    rows = [(key, _shown(value)) for key, value in settings.items()]
+    print(table(["setting", "value"], rows))
+    if report is not None:
+        print()
+        print(f"shadow {report['shadow']['model']} vs {task.model} "
+              f"({'all replicas' if report['shared'] else 'this gateway process only'}):")
+        targets = report["targets"]
+        if not targets:
+            print("  no comparisons yet")
+        for target, figures in targets.items():
+            rate = figures["agreement"]
+            print(f"  {target}: {figures['agreed']} of {figures['compared']} agree"
+                  + (f" ({rate:.1%})" if rate is not None else ""))
+            cells = sorted({theirs for row in figures["confusion"].values() for theirs in row})
+            print(table([f"{task.model} \\ shadow", *cells],
+                        [(ours, *(row.get(c, 0) for c in cells))
+                         for ours, row in sorted(figures["confusion"].items())]))
+    elif unavailable is not None:
+        print(f"\nshadow figures unavailable: {unavailable}")
+    return 0
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_shown(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)

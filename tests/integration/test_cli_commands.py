@@ -304,3 +304,34 @@ def test_finetune_notes_when_the_tasks_file_points_the_upstream_elsewhere(
     assert capsys.readouterr().err == (
         f"note: upstream 'local' in {tasks} is http://proxy:9000, but this model was trained on "
         "http://127.0.0.1:8100; change it there if the gateway should ask the latter\n")
+
+
+def test_tasks_promote_keeps_previous_and_rollback_puts_it_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"},
+                      "tei": {"base_url": "http://tei:80", "protocol": "tei"}},
+        "tasks": {"s": {"upstream": "local", "model": "ft:v3",
+                        "canary": {"model": "ft:v4", "weight": 0.1},
+                        "shadow": {"model": "tei-v5", "upstream": "tei", "sample": 0.2}}}}))
+    code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
+    assert code == 1 and "both a canary and a shadow: say which with --from" in err
+    code, out, _ = run(capsys, "tasks", "promote", "s", "--from", "shadow", "--tasks", str(tasks))
+    assert code == 0 and "shadow tei-v5 promoted; previous model ft:v3 kept" in out
+    task = load_registry(tasks).tasks["s"]
+    assert (task.upstream, task.model, task.shadow) == ("tei", "tei-v5", None)
+    assert task.previous is not None and (task.previous.upstream, task.previous.model) == (
+        "local", "ft:v3")
+    assert task.canary is not None and task.canary.model == "ft:v4"  # untouched
+    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks), "--json")
+    assert code == 0 and orjson.loads(out)["model"] == "ft:v3"
+    task = load_registry(tasks).tasks["s"]
+    assert (task.upstream, task.model) == ("local", "ft:v3")
+    assert task.previous is not None and task.previous.model == "tei-v5"  # undoable
+    # The canary's upstream defaults to the task's (local): promoting keeps it there.
+    code, out, _ = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
+    task = load_registry(tasks).tasks["s"]
+    assert (code, task.upstream, task.model, task.canary) == (0, "local", "ft:v4", None)
+    code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
+    assert code == 1 and "has no canary or shadow model to promote" in err

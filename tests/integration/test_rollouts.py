@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 import uuid
 from collections import Counter
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from service.cli import main
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
 from tests.support.fake_inference import expected as tei_expected
@@ -40,6 +42,14 @@ def gateway(tmp_path: Path, redis: RedisServer, upstreams: dict[str, Any],
                               "retry_backoff_s": 0.01, "drain_timeout_s": 2.0, **settings}
     with serve(create_app(Settings(**config))) as server:
         yield server.url
+
+
+def cli_output(*argv: str) -> str:
+    """`classifier-gateway ARGV` in process; its standard output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
 
 
 def top(scores: dict[str, float]) -> str:
@@ -126,6 +136,8 @@ async def test_shadow_agreement_and_confusion_match_what_each_model_answers(
             await wait_for(all_compared)
             report = (await client.get("/tasks/sentiment/shadow")).json()
             metrics = (await client.get("/metrics")).text
+            shown = cli_output("tasks", "show", "sentiment", "--tasks",
+                               str(tmp_path / "tasks.yaml"), "--gateway-url", gw)
     # Answers are the primary's own, untouched by the shadow.
     for text, result in zip(texts, answered, strict=True):
         assert result["sentiment"]["scores"] == pytest.approx(expected_scores(text, TARGETS)["sentiment"])
@@ -142,6 +154,8 @@ async def test_shadow_agreement_and_confusion_match_what_each_model_answers(
     assert report["shared"] is True and report["shadow"]["model"] == "tei-v4"
     assert (f'gateway_shadow_comparisons_total{{agreement="agree",target="sentiment",'
             f'task="sentiment"}} {agreed}.0') in metrics
+    assert f"sentiment: {agreed} of 210 agree ({agreed / 210:.1%})" in shown
+    assert "shadow tei-v4 vs ft:v3 (all replicas)" in shown
 
 
 async def test_a_down_or_slow_shadow_changes_no_answer_and_only_loses_comparisons(

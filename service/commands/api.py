@@ -127,6 +127,17 @@ class Api:
         self._client.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.send(method, path, **kwargs)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise UserError(f"{self.what} answered {method} {path} with something that is not "
+                            "JSON; is the address right?") from None
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The raw response of a request that succeeded (2xx); every failure a `UserError`."""
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError:
@@ -147,13 +158,7 @@ class Api:
         if response.status_code >= 400:
             raise UserError(f"{self.what} answered HTTP {response.status_code} to {method} {path}: "
                             f"{error_message(response)}")
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise UserError(f"{self.what} answered {method} {path} with something that is not "
-                            "JSON; is the address right?") from None
+        return response
 
     def first_line(self, path: str, limit: int = 1 << 20) -> bytes:
         """The first non-blank line of a text resource (a JSONL file's content), read as a stream

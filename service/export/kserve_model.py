@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ def build_model(name: str, directory: Path) -> Any:
             output = InferOutput(name=OUTPUT_NAME, shape=list(probs.shape), datatype="FP32")
             output.set_data_from_numpy(probs, binary_data=False)
             return InferResponse(model_name=name, infer_outputs=[output],
-                                 response_id=payload.id)
+                                 response_id=payload.id or uuid.uuid4().hex)
 
     return ExportedClassifier()
 

@@ -5,9 +5,9 @@ failure is counted and swallowed, and after one the cache stays away from Redis 
 seconds (state "degraded") so that a slow or dead Redis costs requests nothing while it is down. After
 the backoff one call probes Redis again; the first success brings the state back to "ok".
 
-Supported URLs (see `from_url`): `redis://`, `rediss://`, `unix://` (standalone, parsed by redis-py),
-`redis+sentinel://` / `rediss+sentinel://` (Sentinel) and `redis+cluster://` / `rediss+cluster://`
-(Redis Cluster). An empty URL gives a disabled cache.
+Supported URLs (see `from_url`, parsed by redis_url.py for every scheme and client): `redis://`,
+`rediss://`, `unix://` (standalone), `redis+sentinel://` / `rediss+sentinel://` (Sentinel) and
+`redis+cluster://` / `rediss+cluster://` (Redis Cluster). An empty URL gives a disabled cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import orjson
 from redis.asyncio import Redis
@@ -31,7 +30,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyError
 
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.redis_link import RedisLink, check_userinfo
+from service.gateway.redis_link import RedisLink
+from service.gateway.redis_url import RedisURL, parse_redis_url
 from service.gateway.resilience import ProbeGate
 
 logger = logging.getLogger(__name__)
@@ -41,20 +41,8 @@ CacheState = Literal["disabled", "ok", "degraded"]
 CacheKind = Literal["disabled", "standalone", "sentinel", "cluster"]
 RedisClient = Literal["link", "redis-py"]
 
-SUPPORTED_URLS = (
-    "redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix:///path/to/redis.sock[?db=N], "
-    "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db] "
-    "(rediss+sentinel:// for TLS), "
-    "redis+cluster://[[user]:password@]host[:port][,host[:port]...] (rediss+cluster:// for TLS)"
-)
-_SENTINEL_PORT = 26379
 _MAX_RIDE_ALONG = 64  # held writes that may share a lookup's pipeline
 _REFUSED_WRITE_CODES = ("OOM", "MISCONF", "READONLY")
-_REDIS_PORT = 6379
-# Query parameters understood in sentinel and cluster URLs (standalone URLs are parsed by redis-py).
-_TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-_SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
-_POOL_PARAMS = ("max_connections",)
 
 
 def cache_key(prefix: str, upstream: str, endpoint: str, model: str, item: Any) -> str:
@@ -459,148 +447,58 @@ def redis_py_client(url: str, socket_timeout_s: float) -> _RedisPyBackend:
 
 
 def _connect(url: str, socket_timeout_s: float, client: RedisClient = "link") -> _Backend:
-    parts = urlsplit(url)
-    check_userinfo(parts, "GATEWAY_REDIS_URL")
-    scheme = parts.scheme.lower()
+    """The backend for `url`, parsed once by redis_url.py whatever its scheme and client."""
+    parsed = parse_redis_url(url)
     timeouts: dict[str, Any] = {
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": socket_timeout_s,
         "retry": _no_retry(),
     }
-    if scheme in ("redis", "rediss", "unix") and client == "redis-py":
-        where = parts.path if scheme == "unix" else parts.hostname or "localhost"
-        port = "" if scheme == "unix" or parts.port is None else f":{parts.port}"
-        return _RedisPyBackend("standalone", Redis.from_url(url, **timeouts),
-                               f"{scheme}://{where}{port}")
-    if scheme in ("redis", "rediss", "unix"):
-        return _LinkBackend(RedisLink.from_url(_without_pool_size(url), timeout_s=socket_timeout_s))
-    if scheme in ("redis+sentinel", "rediss+sentinel"):
-        return _sentinel(parts.netloc, parts.path, parts.query, scheme.startswith("rediss"),
-                         timeouts)
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        return _cluster(parts.netloc, parts.path, parts.query, scheme.startswith("rediss"),
-                        timeouts)
-    raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in the cache URL; use one of: "
-                     f"{SUPPORTED_URLS}")
+    pool: dict[str, Any] = ({"max_connections": parsed.max_connections}
+                            if parsed.max_connections is not None else {})
+    if parsed.kind == "standalone" and client == "link":
+        if parsed.max_connections is not None:
+            # Earlier releases sized redis-py's pool with it: a URL that worked then must not stop
+            # the gateway now. One pipelined connection needs no pool size.
+            logger.warning("max_connections in GATEWAY_REDIS_URL is ignored: a standalone Redis is "
+                           "reached over one pipelined connection")
+        return _LinkBackend(RedisLink.from_url(url, timeout_s=socket_timeout_s))
+    if parsed.kind == "standalone":
+        where: dict[str, Any] = ({"unix_socket_path": parsed.unix_path}
+                                 if parsed.unix_path is not None else
+                                 {"host": parsed.hosts[0][0], "port": parsed.hosts[0][1]})
+        return _RedisPyBackend("standalone", Redis(
+            **where, db=parsed.db, username=parsed.username, password=parsed.password,
+            **timeouts, **parsed.tls_kwargs(), **pool), parsed.description)
+    if parsed.kind == "sentinel":
+        return _sentinel(parsed, timeouts, pool)
+    return _cluster(parsed, timeouts, pool)
 
 
-def _without_pool_size(url: str) -> str:
-    """Drop `max_connections` from a standalone URL: earlier releases passed it to redis-py's pool,
-    and a URL that worked then must not stop the gateway now. One pipelined connection needs no
-    pool size."""
-    parts = urlsplit(url)
-    params = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(name, value) for name, value in params if name != "max_connections"]
-    if len(kept) == len(params):
-        return url
-    logger.warning("max_connections in GATEWAY_REDIS_URL is ignored: a standalone Redis is reached "
-                   "over one pipelined connection")
-    return parts._replace(query=urlencode(kept)).geturl()
-
-
-def _userinfo_and_hosts(netloc: str, default_port: int, scheme: str
-                        ) -> tuple[str | None, str | None, list[tuple[str, int]]]:
-    userinfo, _, hostlist = netloc.rpartition("@")
-    username: str | None = None
-    password: str | None = None
-    if userinfo:
-        user, has_password, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if has_password else None
-    hosts: list[tuple[str, int]] = []
-    for raw in hostlist.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        if entry.startswith("["):  # [IPv6]:port
-            host, _, rest = entry[1:].partition("]")
-            port_text = rest.removeprefix(":")
-        else:
-            host, _, port_text = entry.partition(":")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise ValueError(f"bad port {port_text!r} for host {host!r} in the {scheme}:// cache "
-                             "URL; write host:port") from None
-        hosts.append((host, port))
-    if not hosts:
-        raise ValueError(f"the {scheme}:// cache URL names no host; write "
-                         f"{scheme}://host1:port1,host2:port2...")
-    return username, password, hosts
-
-
-def _query(query: str, allowed: tuple[str, ...], scheme: str) -> dict[str, Any]:
-    params: dict[str, Any] = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} in the {scheme}:// cache URL; "
-                         f"allowed: {', '.join(allowed)}")
-    if "max_connections" in params:
-        try:
-            params["max_connections"] = int(params["max_connections"])
-            if params["max_connections"] < 1:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"max_connections in the {scheme}:// cache URL must be a positive "
-                             f"integer, got {params['max_connections']!r}") from None
-    return params
-
-
-def _describe(scheme: str, hosts: list[tuple[str, int]], tail: str = "") -> str:
-    return f"{scheme}://" + ",".join(f"{host}:{port}" for host, port in hosts) + tail
-
-
-def _sentinel(netloc: str, path: str, query: str, tls: bool,
-              timeouts: dict[str, Any]) -> _Backend:
-    scheme = "rediss+sentinel" if tls else "redis+sentinel"
-    username, password, hosts = _userinfo_and_hosts(netloc, _SENTINEL_PORT, scheme)
-    segments = [unquote(s) for s in path.strip("/").split("/") if s]
-    if not segments or len(segments) > 2:
-        raise ValueError(f"the {scheme}:// cache URL needs the monitored master's name (and "
-                         f"optionally a db) as its path: {scheme}://host:26379/mymaster/0")
-    service = segments[0]
-    try:
-        db = int(segments[1]) if len(segments) == 2 else 0
-    except ValueError:
-        raise ValueError(f"the db in the {scheme}:// cache URL must be a number, got "
-                         f"{segments[1]!r}") from None
-    params = _query(query, _SENTINEL_PARAMS + _TLS_PARAMS + _POOL_PARAMS, scheme)
-    tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
-                                                  if k in _TLS_PARAMS}} if tls else {}
-    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
+def _sentinel(parsed: RedisURL, timeouts: dict[str, Any], pool: dict[str, Any]) -> _Backend:
+    tls = parsed.tls_kwargs()
     sentinel_kwargs: dict[str, Any] = {
-        **timeouts, **tls_kwargs,
-        "username": params.get("sentinel_username"),
-        "password": params.get("sentinel_password"),
+        **timeouts, **tls,
+        "username": parsed.sentinel_username, "password": parsed.sentinel_password,
     }
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        hosts, sentinel_kwargs=sentinel_kwargs, **timeouts, **tls_kwargs,
-        username=username, password=password, db=db,
+        list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, **timeouts, **tls,
+        username=parsed.username, password=parsed.password, db=parsed.db,
     )
-    master = sentinel.master_for(service, **pool_kwargs)
+    assert parsed.service is not None  # the parser requires it for Sentinel
+    master = sentinel.master_for(parsed.service, **pool)
 
     async def close_sentinels() -> None:
         for client in sentinel.sentinels:
             await client.aclose()
 
-    return _RedisPyBackend("sentinel", master, _describe(scheme, hosts, f"/{service}/{db}"),
-                       [close_sentinels])
+    return _RedisPyBackend("sentinel", master, parsed.description, [close_sentinels])
 
 
-def _cluster(netloc: str, path: str, query: str, tls: bool,
-             timeouts: dict[str, Any]) -> _Backend:
-    scheme = "rediss+cluster" if tls else "redis+cluster"
-    username, password, hosts = _userinfo_and_hosts(netloc, _REDIS_PORT, scheme)
-    if path.strip("/") not in ("", "0"):
-        raise ValueError(f"Redis Cluster has only db 0; remove {path!r} from the {scheme}:// "
-                         "cache URL")
-    params = _query(query, _TLS_PARAMS + _POOL_PARAMS, scheme)
-    tls_kwargs: dict[str, Any] = {"ssl": True, **{k: v for k, v in params.items()
-                                                  if k in _TLS_PARAMS}} if tls else {}
-    pool_kwargs = {k: v for k, v in params.items() if k in _POOL_PARAMS}
+def _cluster(parsed: RedisURL, timeouts: dict[str, Any], pool: dict[str, Any]) -> _Backend:
     # max_connections is per node; when all are busy redis-py raises rather than waits, which
     # the cache counts as an error (and backs off): raise it for very high concurrency.
-    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts],
-                          username=username, password=password, **timeouts, **tls_kwargs,
-                          **pool_kwargs)
-    return _RedisPyBackend("cluster", client, _describe(scheme, hosts))
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
+                          username=parsed.username, password=parsed.password, **timeouts,
+                          **parsed.tls_kwargs(), **pool)
+    return _RedisPyBackend("cluster", client, parsed.description)

@@ -23,22 +23,18 @@ import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import hiredis
 
-__all__ = ["Arg", "Command", "RedisLink", "RedisLinkError", "check_userinfo"]
+from service.gateway.redis_url import parse_redis_url
+
+__all__ = ["Arg", "Command", "RedisLink", "RedisLinkError"]
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
 
 SUPPORTED_URLS = ("redis://[[user]:password@]host[:port][/db], rediss://... (TLS), "
                   "unix:///path/to/redis.sock[?db=N][&password=...]")
-_DEFAULT_PORT = 6379
-_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
-_PARAMS = ("db", "username", "password", *_TLS_PARAMS)
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-_FALSE_STRINGS = ("0", "F", "FALSE", "N", "NO")  # as redis-py's to_bool
 # A timer may fire this much before its time (uvloop works in milliseconds); treat it as due rather
 # than re-arm it for a sliver.
 _TIMER_SLACK_S = 0.001
@@ -409,69 +405,16 @@ def _pack(command: Command) -> bytes:
     return cast(bytes, hiredis.pack_command(cast(Any, command)))
 
 
-def check_userinfo(parts: SplitResult, setting: str) -> None:
-    """An '@' after the host means a password with an unencoded '/', '?' or '#', which split the
-    URL in the wrong place: say so before any message could quote a piece of that password."""
-    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
-        raise ValueError(f"the URL in {setting} does not parse: percent-encode '/', '?', '#' and "
-                         "'@' in the user name and password (e.g. '/' as %2F)")
-
-
 def _parse_url(url: str, setting: str) -> _Endpoint:
-    """Errors name the part that is wrong, never the URL itself (it may carry a password)."""
-    parts = urlsplit(url.strip())
-    check_userinfo(parts, setting)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {setting}; the fast "
+    """redis_url.py parses (one parser for every scheme); the link takes standalone URLs only."""
+    parsed = parse_redis_url(url, setting)
+    if parsed.kind != "standalone":
+        raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} in {setting}; the fast "
                          f"link speaks to a standalone Redis: {SUPPORTED_URLS}")
-    params = {name: values[0] for name, values in parse_qs(parts.query).items()}
-    unknown = sorted(set(params) - set(_PARAMS))
-    if unknown:
-        raise ValueError(f"unsupported parameter(s) {', '.join(unknown)} in {setting}; "
-                         f"supported: {', '.join(_PARAMS)}")
-    tls_given = sorted(set(params) & set(_TLS_PARAMS))
-    if tls_given and scheme != "rediss":
-        raise ValueError(f"{', '.join(tls_given)} in {setting} only apply to rediss:// URLs")
-    username = unquote(parts.username) if parts.username else params.get("username")
-    password = unquote(parts.password) if parts.password else params.get("password")
-    if username and password is None:
-        raise ValueError(f"{setting} names the Redis user {username!r} but no password; write "
-                         f"{scheme}://user:password@host:port")
-    db_text = params.get("db")
-    if scheme == "unix":
-        path = unquote(parts.path)
-        if not path:
-            raise ValueError(f"the unix:// URL in {setting} has no socket path; write "
-                             "unix:///path/to/redis.sock")
-        host, port, unix_path = "", 0, path
-    else:
-        try:
-            port = parts.port or _DEFAULT_PORT
-        except ValueError:
-            raise ValueError(f"the port in {setting} must be a number from 1 to 65535") from None
-        host = unquote(parts.hostname) if parts.hostname else "localhost"
-        unix_path = None
-        if db_text is None:
-            db_text = unquote(parts.path).strip("/") or None
-    try:
-        db = int(db_text) if db_text is not None else 0
-        if db < 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"the db in {setting} must be a number (0, 1, ...), got "
-                         f"{db_text!r}") from None
-    cert_reqs_text = params.get("ssl_cert_reqs", "required")
-    cert_reqs = _CERT_REQS.get(cert_reqs_text.lower())
-    if cert_reqs is None:
-        raise ValueError(f"ssl_cert_reqs in {setting} must be none, optional or required, got "
-                         f"{cert_reqs_text!r}")
-    if "ssl_keyfile" in params and "ssl_certfile" not in params:
-        raise ValueError(f"ssl_keyfile in {setting} needs ssl_certfile (the client certificate)")
+    host, port = parsed.hosts[0] if parsed.hosts else ("", 0)
     return _Endpoint(
-        scheme=scheme, host=host, port=port, unix_path=unix_path, db=db, username=username,
-        password=password, ssl_cert_reqs=cert_reqs,
-        ssl_check_hostname=params.get("ssl_check_hostname", "").upper() not in _FALSE_STRINGS,
-        ssl_ca_certs=params.get("ssl_ca_certs"), ssl_certfile=params.get("ssl_certfile"),
-        ssl_keyfile=params.get("ssl_keyfile"),
+        scheme=parsed.scheme, host=host, port=port, unix_path=parsed.unix_path, db=parsed.db,
+        username=parsed.username, password=parsed.password, ssl_cert_reqs=parsed.ssl_cert_reqs,
+        ssl_check_hostname=parsed.ssl_check_hostname, ssl_ca_certs=parsed.ssl_ca_certs,
+        ssl_certfile=parsed.ssl_certfile, ssl_keyfile=parsed.ssl_keyfile,
     )

@@ -110,7 +110,7 @@ def test_supported_urls_build_without_connecting(url: str, kind: str, descriptio
     ("redis+cluster://:pa?ss@n1:7000", "percent-encode"),
     ("redis+sentinel://s1:26379", "master's name"),
     ("redis+sentinel://s1:26379/mymaster/zero", "must be a number"),
-    ("redis+sentinel://s1:26379/mymaster?timeout=1", "unknown parameter(s) timeout"),
+    ("redis+sentinel://s1:26379/mymaster?timeout=1", "unsupported parameter(s) timeout"),
     ("redis+cluster://n1:7000/1", "Redis Cluster has only db 0"),
     ("redis+cluster://n1:port", "bad port 'port'"),
     ("redis+cluster://", "names no host"),

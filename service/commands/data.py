@@ -45,7 +45,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
                    help="share of each label held out for validation (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the shuffles, for a reproducible split (default %(default)s)")
+                   help="seed of the split and of the order of each file (shuffled, so that "
+                        "any part of it mixes the labels; default %(default)s)")
     p.add_argument("--text-column", metavar="NAME", help="CSV: the column holding the text")
     p.add_argument("--label-column", metavar="NAME", help="CSV: the column holding the label")
     p.add_argument("--target", metavar="NAME",

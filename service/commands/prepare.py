@@ -231,8 +231,12 @@ def plan(report: ValidationReport, *, min_per_label: int = 10, max_per_label: in
         n_valid = min(len(members) - 1, round(len(members) * validation_fraction))
         validation.extend(members[:n_valid])
         train.extend(members[n_valid:])
-    result.train = sorted(train, key=lambda e: e.line)
-    result.validation = sorted(validation, key=lambda e: e.line)
+    # 5. Shuffled (seeded), not in the source's order: a source grouped by label would give a
+    # file grouped by label, whose first lines (`head -300 train.jsonl`) hold one label only.
+    rng.shuffle(train)
+    rng.shuffle(validation)
+    result.train = train
+    result.validation = validation
     return result
 
 

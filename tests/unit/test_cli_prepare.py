@@ -69,8 +69,8 @@ def test_chat_examples_keep_their_messages() -> None:
                          "labels": {"intent": "greet"}}) for i in range(10)]
     result = plan(validate_lines(raw), min_per_label=1, validation_fraction=0.0)
     assert result.kind == "chat"
-    assert orjson.loads(example_json(result.train[0]))["messages"] == [
-        {"role": "user", "content": "hi 0"}]
+    first = next(e for e in result.train if e.line == 1)
+    assert orjson.loads(example_json(first))["messages"] == [{"role": "user", "content": "hi 0"}]
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -107,3 +107,18 @@ def test_a_missing_csv_column_names_the_columns_there_are(tmp_path: Path) -> Non
     path.write_text("body,label\nx,y\n")
     with pytest.raises(PrepareError, match="no column 'text'; the header has 'body', 'label'"):
         read_report(path, text_column="text", label_column="label")
+
+
+def test_a_source_grouped_by_label_is_written_shuffled_with_the_seed() -> None:
+    """A CSV sorted by label used to give a train.jsonl sorted by label, so `head -300` of it was
+    a one-label file that fails validation. The order is a seeded shuffle: every stretch of the
+    file mixes the labels, and the same seed writes the same file."""
+    report = validate_lines(corpus({"a": 100, "b": 100, "c": 100}))
+    first = plan(report, validation_fraction=0.1, seed=3)
+    head = [e.labels["topic"] for e in first.train[:30]]
+    assert set(head) == {"a", "b", "c"}, head
+    assert [e.line for e in first.train] == [e.line for e in plan(report, seed=3,
+                                                                  validation_fraction=0.1).train]
+    assert [e.line for e in first.train] != [e.line for e in plan(report, seed=4,
+                                                                  validation_fraction=0.1).train]
+    assert {e.labels["topic"] for e in first.validation[:6]} == {"a", "b", "c"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import yaml
 from service.cli import build_parser, main
 from service.commands import tasksfile
 from service.gateway.registry import load_registry
+from tests.support.processes import REPO
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -335,3 +338,32 @@ def test_tasks_promote_keeps_previous_and_rollback_puts_it_back(
     assert (code, task.upstream, task.model, task.canary) == (0, "local", "ft:v4", None)
     code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
     assert code == 1 and "has no canary or shadow model to promote" in err
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    (("data", "validate", "{good}"), 141),  # as a Unix tool killed by SIGPIPE
+    (("tasks", "list", "--tasks", "{tasks}"), 141),
+    (("--help",), 0),  # argparse ignores a failed write of the help, then exits 0
+])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path, argv: tuple[str, ...],
+                                                            code: int) -> None:
+    """`... | head` with PYTHONUNBUFFERED=1 (the image sets it) used to end in a BrokenPipeError
+    traceback. The reader here is gone before the command writes anything, so every write fails,
+    as the ones after `head` has read its lines do."""
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"t{i}", "labels": {"a": "x" if i % 2 else "y"}}
+                                                  for i in range(40)])
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("upstreams: {u: {base_url: 'http://127.0.0.1:9'}}\n"
+                     "tasks: {news: {upstream: u, model: m1}, spam: {upstream: u, model: m2}}\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli",
+             *(a.format(good=good, tasks=tasks) for a in argv)],
+            cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == code

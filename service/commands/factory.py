@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from service.commands.lifecycle import run_until_stopped
+
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -43,6 +45,7 @@ def cmd_factory(args: argparse.Namespace) -> int:
     settings = FactorySettings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, loop="uvloop", http="httptools", access_log=False)
-    return 0
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, loop="uvloop", http="httptools",
+                            access_log=False)
+    return run_until_stopped(uvicorn.Server(config))

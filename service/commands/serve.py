@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from service.commands.lifecycle import run_until_stopped
+
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -42,5 +44,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    GatewayServer.for_app(app, settings, app.state.lifecycle).run()
-    return 0
+    return run_until_stopped(GatewayServer.for_app(app, settings, app.state.lifecycle))

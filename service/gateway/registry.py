@@ -25,6 +25,8 @@ from service.gateway import protocols
 from service.gateway.protocols import Route, UpstreamProtocol
 
 log = logging.getLogger("service.gateway.registry")
+# watchfiles logs every change it reports at INFO; the reload that may follow is what matters.
+logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
 
 TaskKind = Literal["text", "chat"]
 

@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.support.factory import REPO
 from tests.support.redis_server import RedisServer, free_port
@@ -97,3 +99,69 @@ def test_ctrl_c_stops_both_processes_cleanly(tmp_path: Path) -> None:
     for port in (gateway_port, factory_port):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data directory for the tests that stop the demo: the first run trains the two demo
+    tasks, the others reuse them (the demo finds the jobs that trained them), which saves time."""
+    return tmp_path_factory.mktemp("demo-data")
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _start_demo(data_dir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    gateway_port, factory_port = free_port(), free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "demo", "--port", str(gateway_port),
+         "--factory-port", str(factory_port), "--data-dir", str(data_dir), "--redis-url", ""],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return demo, gateway_port, factory_port
+
+
+def _read_until(demo: subprocess.Popen[bytes], marker: str) -> str:
+    assert demo.stdout is not None
+    seen = []
+    for line in demo.stdout:
+        seen.append(line.decode())
+        if marker in seen[-1]:
+            return "".join(seen)
+    raise AssertionError(f"the demo ended before {marker!r}: {''.join(seen)}")
+
+
+def test_a_closed_terminal_sighup_stops_both_servers(demo_data: Path) -> None:
+    """The servers run in sessions of their own, so the terminal's SIGHUP reaches only the demo;
+    it used to die of it and leave them holding their ports (the next `make run` failed)."""
+    demo, gateway_port, factory_port = _start_demo(demo_data)
+    _read_until(demo, "Press Ctrl-C")
+    demo.send_signal(signal.SIGHUP)
+    demo.communicate(timeout=30)
+    assert demo.returncode == 0
+    for port in (gateway_port, factory_port):
+        assert _port_closed(port), f"port {port} still served after SIGHUP"
+
+
+def test_sigterm_during_start_up_stops_the_server_already_started(demo_data: Path) -> None:
+    demo, gateway_port, factory_port = _start_demo(demo_data)
+    _read_until(demo, "Training the demo tasks")  # the factory is up, the gateway is not
+    demo.send_signal(signal.SIGTERM)
+    rest, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 130, rest  # stopped before it was ready: interrupted
+    assert "Stopping ..." in rest.decode() and "Traceback" not in rest.decode()
+    for port in (gateway_port, factory_port):
+        assert _port_closed(port), f"port {port} still served after SIGTERM"
+
+
+def test_servers_do_not_outlive_a_demo_killed_outright(demo_data: Path) -> None:
+    """SIGKILL runs no handler of the demo: the servers ask Linux to be stopped when it dies."""
+    demo, gateway_port, factory_port = _start_demo(demo_data)
+    _read_until(demo, "Press Ctrl-C")
+    demo.kill()
+    demo.communicate(timeout=30)
+    deadline = time.monotonic() + 30  # the servers' own graceful shutdown, not a measurement
+    while not (_port_closed(gateway_port) and _port_closed(factory_port)):
+        assert time.monotonic() < deadline, "a server outlived the demo"
+        time.sleep(0.1)

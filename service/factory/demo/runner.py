@@ -12,6 +12,7 @@ which; without it the gateway runs uncached.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,10 @@ class DemoOptions:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    """Print for the person watching; after SIGHUP the terminal is gone, and a failed print must
+    not keep the demo from stopping its servers."""
+    with contextlib.suppress(OSError, ValueError):
+        print(message, flush=True)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -121,18 +125,53 @@ def _redacted(url: str) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """In the child, before it runs: ask Linux to send it SIGTERM when the demo dies, however it
+    dies (SIGKILL and crashes included, which no handler of the demo sees). Elsewhere a no-op."""
+
+    def arrange() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the demo died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PACKAGE_ROOT), full_env.get("PYTHONPATH")) if p)
-    # A session of their own: Ctrl-C in the terminal reaches only the demo, which then stops each
-    # child once (a second SIGINT during uvicorn's shutdown prints tracebacks).
+    # A session of their own: Ctrl-C in the terminal (and SIGHUP when it closes) reaches only the
+    # demo, which then stops each child once (a second SIGINT during uvicorn's shutdown prints
+    # tracebacks). That makes the demo responsible for stopping them, on every way it ends.
     return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=full_env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+
+
+#: The signals that end the demo (besides SIGINT, which Python raises as KeyboardInterrupt):
+#: SIGTERM from a supervisor or `kill`, SIGHUP when its terminal closes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, from the demo's first line
+    on: whatever it is doing then (starting a server, training), the unwinding stops the
+    servers already started."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -232,15 +271,34 @@ def curl_lines(gateway_url: str, with_key: bool = False) -> list[str]:
 
 @contextlib.contextmanager
 def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The demo's servers, stopped however the block ends; a second Ctrl-C (or SIGTERM, SIGHUP)
+    while they stop is ignored, so that it cannot leave one of them running."""
     running: list[subprocess.Popen[bytes]] = []
     try:
         yield running
+    except KeyboardInterrupt:
+        if running:
+            _say("Stopping ...")
+        raise
     finally:
-        for process in reversed(running):
-            _stop(process)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGINT, *STOP_SIGNALS)}
+        try:
+            for process in reversed(running):
+                _stop(process)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def run_demo(options: DemoOptions) -> int:
+    """Set up, serve until told to stop; 0 when stopped while serving (Ctrl-C, SIGTERM, SIGHUP),
+    KeyboardInterrupt (130) when stopped before it was ready. The servers stop either way."""
+    with _stopped_by_signals():
+        return _run_demo(options)
+
+
+def _run_demo(options: DemoOptions) -> int:
     for port, what, flag in ((options.factory_port, "factory", "--factory-port"),
                              (options.port, "gateway", "--port")):
         if not _port_free(options.host, port):
@@ -288,8 +346,6 @@ def run_demo(options: DemoOptions) -> int:
             _say(f"  {line}")
         if options.once:
             return 0
-        # SIGTERM (e.g. from a process supervisor) stops both children too, as Ctrl-C does.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
             # Inside the try: a Ctrl-C right after the prompt must still stop cleanly.
             _say("Press Ctrl-C to stop both.")

@@ -110,6 +110,18 @@ def test_dockerfile_is_hadolint_clean() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
 
 
+def test_kserve_model_server_dockerfile_is_hadolint_clean_and_copies_the_runtime() -> None:
+    """deploy/kserve/Dockerfile: the image of the ServingRuntime in deploy/k8s/components/kserve;
+    it copies the scorer every ONNX export carries and pins what the e2e test ran."""
+    path = ROOT / "deploy" / "kserve" / "Dockerfile"
+    result = hadolint(path)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+    text = path.read_text()
+    (copy,) = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    assert (ROOT / copy).is_file()
+    assert "kserve==" in text and "onnxruntime==" in text and "USER 10001" in text
+
+
 def test_hadolint_really_lints(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y gcc\n")

@@ -1,9 +1,9 @@
 """The Kubernetes manifests: every overlay renders with kustomize and validates offline, strictly.
 
 Built-in kinds go through `kubernetes-validate --strict` (the published OpenAPI schemas, unknown
-fields rejected). The prometheus-operator kinds (ServiceMonitor, PrometheusRule) are CRDs that tool
-has no schema for (it only warns), so they are checked against the strict subset schemas vendored in
-deploy/k8s/schemas/, and any other kind without a schema fails the test instead of being waved
+fields rejected). The prometheus-operator kinds (ServiceMonitor, PrometheusRule) and KServe's
+(ServingRuntime, InferenceService) are CRDs that tool has no schema for (it only warns), so they are
+checked against the strict subset schemas vendored in deploy/k8s/schemas/, and any other kind without a schema fails the test instead of being waved
 through. The rest checks what a schema cannot: that the pieces fit each other and the gateway.
 """
 
@@ -32,11 +32,17 @@ from service.gateway.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = K8S / "schemas"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "kserve")
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com.v1.json",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"):
+        "servingruntime.serving.kserve.io.v1alpha1.json",
+    ("serving.kserve.io/v1beta1", "InferenceService"):
+        "inferenceservice.serving.kserve.io.v1beta1.json",
 }
+#: The label KServe puts on an InferenceService's predictor pods.
+ISVC_LABEL = "serving.kserve.io/inferenceservice"
 
 Doc = dict[str, Any]
 
@@ -104,6 +110,19 @@ def containers(doc: Doc) -> list[Doc]:
     return result
 
 
+def pods(docs: list[Doc]) -> list[tuple[str, dict[str, str], list[Doc]]]:
+    """(name, pod labels, containers) of every workload: Deployments and StatefulSets, and the
+    predictor pods KServe makes of an InferenceService (labelled with its name, running its
+    ServingRuntime's containers)."""
+    out = [(d["metadata"]["name"], d["spec"]["template"]["metadata"]["labels"], containers(d))
+           for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for isvc in (d for d in docs if d["kind"] == "InferenceService"):
+        runtime = find(docs, "ServingRuntime", isvc["spec"]["predictor"]["model"]["runtime"])
+        out.append((isvc["metadata"]["name"], {ISVC_LABEL: isvc["metadata"]["name"]},
+                    runtime["spec"]["containers"]))
+    return out
+
+
 def env_of(container: Doc) -> dict[str, Doc]:
     return {item["name"]: item for item in container.get("env", [])}
 
@@ -155,6 +174,14 @@ def test_a_typo_in_a_servicemonitor_fails_validation(tmp_path: Path) -> None:
     monitor["spec"]["endpoints"][0]["intervall"] = monitor["spec"]["endpoints"][0].pop("interval")
     problems = validate_all(docs, tmp_path)
     assert any("intervall" in p for p in problems), problems
+
+
+def test_a_typo_in_an_inferenceservice_fails_validation(tmp_path: Path) -> None:
+    docs = render("kserve")
+    predictor = find(docs, "InferenceService", "sentiment")["spec"]["predictor"]
+    predictor["model"]["storageUrl"] = predictor["model"].pop("storageUri")
+    problems = validate_all(docs, tmp_path)
+    assert any("storageUrl" in p for p in problems), problems
 
 
 def test_a_kind_without_any_schema_fails_instead_of_passing_with_a_warning(tmp_path: Path) -> None:
@@ -293,11 +320,10 @@ def test_hpa_pdb_and_network_policies_point_at_real_things(overlay: tuple[str, l
     pdb = find(docs, "PodDisruptionBudget", "classifier-gateway")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
-        selected = [w for w in docs if w["kind"] in ("Deployment", "StatefulSet")
-                    and policy["spec"]["podSelector"]["matchLabels"].items()
-                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [containers_ for _, labels, containers_ in pods(docs)
+                    if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
         assert len(selected) == 1, policy["metadata"]["name"]
-        ports = {p["name"] for c in containers(selected[0]) for p in c.get("ports", [])}
+        ports = {p["name"] for c in selected[0] for p in c.get("ports", [])}
         for rule in policy["spec"]["ingress"]:
             assert {p["port"] for p in rule["ports"]} <= ports, policy["metadata"]["name"]
 
@@ -373,3 +399,44 @@ def test_no_manifest_uses_a_latest_or_missing_image_tag(overlay: tuple[str, list
         if isinstance(node, dict) and "image" in node and isinstance(node["image"], str):
             image = node["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+
+
+def test_kserve_serves_exports_behind_the_gateway_with_the_factory_as_fallback() -> None:
+    """The pieces of deploy/k8s/components/kserve fit each other and the gateway: the task's
+    upstream is the predictor Service KServe makes of the InferenceService (`NAME-predictor`,
+    port 80), speaking `kserve-v2`, for the model name the runtime serves (`{{.Name}}`), with
+    the labels the export lists; the InferenceService picks the runtime by model format; the
+    factory's copy of the model is the fallback; only the gateway reaches the predictors."""
+    docs = render("kserve")
+    gateway = find(docs, "Deployment", "classifier-gateway")
+    configmap = find(docs, "ConfigMap", "classifier-gateway-tasks")
+    tasks_file = env_of(containers(gateway)[0])["GATEWAY_TASKS_FILE"]["value"]
+    registry = parse_registry(yaml.safe_load(configmap["data"][posixpath.basename(tasks_file)]),
+                              "tasks ConfigMap")
+    task = registry.tasks["sentiment"]
+    upstream = registry.upstreams[task.upstream]
+    assert upstream.protocol == "kserve-v2"
+    url = urlsplit(upstream.base_url)
+    assert url.port in (None, 80) and str(url.hostname).endswith("-predictor")
+    isvc = find(docs, "InferenceService", str(url.hostname).removesuffix("-predictor"))
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert task.model == isvc["metadata"]["name"]  # the runtime serves it under this name
+    assert task.labels == ("negative", "positive") and task.target == "sentiment"
+    assert [f.upstream for f in task.fallbacks] == ["local"]
+    model = isvc["spec"]["predictor"]["model"]
+    runtime = find(docs, "ServingRuntime", model["runtime"])
+    assert model["modelFormat"] in [{k: f[k] for k in ("name", "version")}
+                                    for f in runtime["spec"]["supportedModelFormats"]]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    (server,) = runtime["spec"]["containers"]
+    assert "--model_name={{.Name}}" in server["args"]
+    assert server["image"].split("/")[-1].split(":")[0] == "classifier-gateway-kserve"
+    # the runtime reads the export's directory where KServe mounts storageUri
+    dockerfile = (ROOT / "deploy" / "kserve" / "Dockerfile").read_text()
+    assert '"--model_dir=/mnt/models"' in dockerfile
+    assert "COPY service/export/kserve_model.py" in dockerfile
+    policy = find(docs, "NetworkPolicy", f"{isvc['metadata']['name']}-predictor")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {ISVC_LABEL: isvc["metadata"]["name"]}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "classifier-gateway"}}}]

@@ -8,9 +8,12 @@ opens it again. The cache's backoff after a Redis error and the breaker's open/h
 the same mechanism, so they are the same code.
 
 `CircuitBreaker`: judges a failure *rate*, not a streak. Each logical upstream call (after its
-retries) is recorded once, in a sliding window of `window_s` seconds (10 buckets); when the window
-holds at least `min_calls` calls and `failure_rate` of them or more failed, the gate opens for
-`reset_s`. The old breaker counted every failed attempt and opened after 5 in a row: with 30% of
+retries) is recorded once, in a sliding window of the last `window_calls` calls no older than
+`window_s`; when the window holds at least `min_calls` calls and `failure_rate` of them or more
+failed, the gate opens for `reset_s`. A window counted in calls, not only in time: after a busy
+healthy spell a time window holds hundreds of successes, and an upstream that then dies outright
+took 5.6 s to reach 50% in the bench; the last 10 calls reach it after 5 failures, whatever came
+before. The age limit keeps a quiet gateway from judging on calls made long ago. The old breaker counted every failed attempt and opened after 5 in a row: with 30% of
 attempts failing at random that is near certain within seconds, and then everything failed for
 5 s (65% of requests failed under that load). Counted once after retries, 30% random failures are
 0.3^attempts of calls (0.24% with 5 attempts), nowhere near a 50% threshold (3 failures of 5 at
@@ -147,6 +150,37 @@ class _Window:
         return index
 
 
+class _Outcomes:
+    """The last `size` verdicts no older than `max_age_s`: (calls, failures)."""
+
+    def __init__(self, size: int, max_age_s: float, clock: Clock) -> None:
+        self._entries: deque[tuple[float, bool]] = deque()
+        self._size = size
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._failures = 0
+
+    def add(self, ok: bool) -> None:
+        self._entries.append((self._clock(), ok))
+        self._failures += not ok
+        if len(self._entries) > self._size:
+            self._drop()
+
+    def totals(self) -> tuple[int, int]:
+        oldest = self._clock() - self._max_age_s
+        while self._entries and self._entries[0][0] < oldest:
+            self._drop()
+        return len(self._entries), self._failures
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._failures = 0
+
+    def _drop(self) -> None:
+        _, ok = self._entries.popleft()
+        self._failures -= not ok
+
+
 @dataclass(frozen=True)
 class Admission:
     """What `CircuitBreaker.acquire` decided: whether the call may go, whether it is the probe
@@ -165,14 +199,14 @@ _PROBE = Admission(True, probe=True)
 class CircuitBreaker:
     """A failure-rate breaker over a sliding window, on a ProbeGate (see the module docstring)."""
 
-    def __init__(self, *, failure_rate: float, min_calls: int, window_s: float, reset_s: float,
-                 clock: Clock = time.monotonic,
+    def __init__(self, *, failure_rate: float, min_calls: int, window_calls: int, window_s: float,
+                 reset_s: float, clock: Clock = time.monotonic,
                  on_change: Callable[[GateState], None] | None = None) -> None:
         self.failure_rate = failure_rate
         self.min_calls = min_calls
         self.reset_s = reset_s
         self.gate = ProbeGate(clock=clock, on_change=on_change)
-        self._window = _Window(window_s, 10, clock)  # a = calls, b = failures
+        self._window = _Outcomes(window_calls, window_s, clock)
 
     @property
     def state(self) -> GateState:
@@ -200,7 +234,7 @@ class CircuitBreaker:
             return
         if self.is_open:  # a call admitted before the circuit opened: its verdict is stale
             return
-        self._window.add(1, 0 if ok else 1)
+        self._window.add(ok)
         calls, failures = self._window.totals()
         if not ok and calls >= self.min_calls and failures >= self.failure_rate * calls:
             self.gate.open(self.reset_s)

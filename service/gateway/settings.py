@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     retry_budget: float = Field(default=0.5, ge=0)
     circuit_failure_rate: float = Field(default=0.5, gt=0, le=1)
     circuit_min_calls: int = Field(default=5, ge=1)
+    circuit_window_calls: int = Field(default=10, ge=1)
     circuit_window_s: float = Field(default=10.0, gt=0)
     circuit_reset_s: float = Field(default=5.0, gt=0)
 

@@ -135,7 +135,7 @@ class UpstreamClient:
         self._circuit_gauge.set(0)
         self.breaker = CircuitBreaker(
             failure_rate=settings.circuit_failure_rate, min_calls=settings.circuit_min_calls,
-            window_s=settings.circuit_window_s, reset_s=settings.circuit_reset_s, clock=clock,
+            window_calls=settings.circuit_window_calls, window_s=settings.circuit_window_s, reset_s=settings.circuit_reset_s, clock=clock,
             on_change=self._on_circuit_change)
         self.budget = RetryBudget(settings.retry_budget, clock=clock)
         self._last_failure = ""
@@ -451,9 +451,9 @@ class UpstreamClient:
         self._circuit_gauge.set(0 if state == "closed" else 1)
         if state == "open":
             calls, failures = self.breaker.window()
-            log.warning("upstream %s: circuit open (%d of %d calls failed in the last %g s, or a "
-                        "probe failed; last: %s); failing fast for %.1f s", self.spec.name,
-                        failures, calls, self.settings.circuit_window_s,
+            log.warning("upstream %s: circuit open (%d of the last %d calls failed, or a probe "
+                        "failed; last: %s); failing fast for %.1f s", self.spec.name,
+                        failures, calls,
                         self._last_failure or "?", self.breaker.reset_s)
         elif state == "closed":
             log.info("upstream %s: circuit closed, the upstream answers again", self.spec.name)

@@ -25,7 +25,9 @@ exactly the next two requests. `Drop()` closes the TCP connection without any HT
 the app served directly by uvicorn (as `serve` and `running_fake_upstream` do), because it reaches the
 connection's transport through uvicorn's `send` callable, which no ASGI interface exposes.
 
-`python -m tests.support.fake_upstream --port 8199` runs it as a process (for benches and e2e tests).
+`python -m tests.support.fake_upstream --port 8199` runs it as a process (for benches and e2e tests);
+`POST /_faults {"fault_rate": 0.3, "status": 500, "retry_after": null}` sets its random faults from
+outside (`fault_rate` and `random_fault` in-process), and answers how many calls it has seen.
 """
 
 from __future__ import annotations
@@ -226,6 +228,14 @@ class FakeUpstream:
             return
         body = await _read_body(receive)
         path: str = scope["path"]
+        if path == "/_faults":  # the random faults, set from another process (bench/faults.py)
+            settings = orjson.loads(body or b"{}")
+            with self._lock:
+                self.fault_rate = float(settings.get("fault_rate", self.fault_rate))
+                self.random_fault = Status(int(settings.get("status", 500)),
+                                           settings.get("retry_after"))
+            await _respond(send, 200, {"fault_rate": self.fault_rate, "calls": len(self.calls)})
+            return
         model_type = ROUTES.get(path)
         if model_type is None:
             await _respond(send, 404, {"detail": "Not Found"})

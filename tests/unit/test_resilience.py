@@ -21,7 +21,8 @@ def state(b: CircuitBreaker) -> str:
 
 
 def breaker(clock: Clock, states: list[str] | None = None) -> CircuitBreaker:
-    return CircuitBreaker(failure_rate=0.5, min_calls=10, window_s=10.0, reset_s=5.0, clock=clock,
+    return CircuitBreaker(failure_rate=0.5, min_calls=10, window_calls=20, window_s=10.0,
+                          reset_s=5.0, clock=clock,
                           on_change=None if states is None else states.append)
 
 
@@ -114,3 +115,16 @@ def test_retry_budget_is_a_fraction_of_calls_plus_a_floor() -> None:
     assert spent == 60  # 0.5 x 100 calls + 10
     clock.now += 10.5  # the window has moved on: calls and retries expired
     assert budget.try_spend()
+
+
+def test_a_busy_healthy_history_does_not_delay_opening() -> None:
+    """The window is the last `window_calls` calls: 1,000 successes a moment ago weigh no more
+    than 20 (a time window held them all, and a dead upstream took 5.6 s to open in the bench)."""
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(1000):
+        b.record(ok=True)
+    for i in range(10):
+        assert state(b) == "closed", i
+        b.record(ok=False)
+    assert state(b) == "open"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,10 +26,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="classifier-gateway",
         description="An inference gateway for fine-tuned text classifiers, and a local factory "
                     "that trains them.",
+        epilog="`classifier-gateway COMMAND --help` tells more about each command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register(sub)
+    _help_when_incomplete(parser)
     return parser
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("classifier-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
+def _help_when_incomplete(parser: argparse.ArgumentParser) -> None:
+    """`classifier-gateway` alone, or a command group without its action (`jobs`), prints that
+    parser's help instead of argparse's "the following arguments are required" error: someone who
+    types it is asking what there is."""
+    parser.set_defaults(handler=_printing_help(parser))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.required = False
+            for child in action.choices.values():
+                if any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    _help_when_incomplete(child)
+
+
+def _printing_help(parser: argparse.ArgumentParser) -> Handler:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+
+    return show
 
 
 #: The exit status of a Unix tool killed by SIGPIPE (128 + 13), which is what a reader that stops

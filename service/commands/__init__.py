@@ -39,7 +39,7 @@ def register(sub: Sub) -> None:
 HELPERS: tuple[str, ...] = (
     "errors",     # UserError, TransientError
     "output",     # tables, JSON, timestamps, the progress line
-    "lifecycle",  # how serve and factory run their server, and the exit status of a stop
+    "servers",    # what serve and factory share: their settings in --help, how they stop
     "api",        # HTTP clients of the upstream and the gateway; where they are, their keys
     "tasksfile",  # safe edits of the gateway's tasks file, its --tasks argument
     "served",     # whether the running gateway serves a task just written

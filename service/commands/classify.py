@@ -23,7 +23,8 @@ def register(sub: Sub) -> None:
                        description="Classify texts with a task of the running gateway. Without "
                                    "TEXT, reads one text per line from standard input.")
     p.add_argument("--task", required=True, metavar="NAME", help="a task of the gateway")
-    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="the texts to classify (none: one per line from standard input)")
     add_gateway_arguments(p)
     p.add_argument("--json", action="store_true", help="print the gateway's response")
     p.set_defaults(handler=cmd_classify)

@@ -25,7 +25,8 @@ def register(sub: Sub) -> None:
     p = actions.add_parser("validate", help="check JSONL files the way the factory will",
                            description="Check JSONL files with the factory's own rules: "
                                        "line-numbered errors, then a summary per file.")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="JSONL training files (one example per line)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_validate)
 

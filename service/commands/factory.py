@@ -12,14 +12,19 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from service.commands.lifecycle import run_until_stopped
+from service.commands.servers import run_until_stopped, settings_epilog
+from service.factory.settings import FactorySettings
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: Sub) -> None:
     p = sub.add_parser("factory", help="run the local Mistral-compatible classifier factory "
-                                       "(settings from FACTORY_* variables or flags)")
+                                       "(settings from FACTORY_* variables or flags)",
+                       description="Run the factory: Mistral's fine-tuning and classification API "
+                                   "on this machine, training classifiers from JSONL.",
+                       epilog=settings_epilog(FactorySettings, "FACTORY_"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="bind address (FACTORY_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (FACTORY_PORT, default 8100)")
     p.add_argument("--data-dir", type=Path,
@@ -32,7 +37,6 @@ def cmd_factory(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.factory.app import create_app
-    from service.factory.settings import FactorySettings
 
     overrides: dict[str, Any] = {
         key: value

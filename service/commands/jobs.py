@@ -42,13 +42,13 @@ def register(sub: Sub) -> None:
     p.set_defaults(handler=cmd_list)
 
     p = actions.add_parser("get", help="one job: status, metrics per checkpoint, events")
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID", help="the job's id (see `jobs list`)")
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_get)
 
     p = actions.add_parser("cancel", help="cancel a queued or running job")
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID", help="the job to cancel")
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_cancel)
@@ -57,7 +57,8 @@ def register(sub: Sub) -> None:
                            description="Show a job's progress until it ends (what `finetune` "
                                        "does after `--no-wait`); with --task, register the "
                                        "fine-tuned model under that task on SUCCESS.")
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID",
+                   help="the job to wait for (printed by `finetune --no-wait`)")
     p.add_argument("--task", metavar="NAME", help="register the model under this task")
     p.add_argument("--kind", choices=("text", "chat"),
                    help="the task's kind, with --task (default: the kind of data the job was "

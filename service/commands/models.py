@@ -36,7 +36,7 @@ def register(sub: Sub) -> None:
     p = actions.add_parser("delete", help="delete a fine-tuned model",
                            description="Delete a fine-tuned model. Refused while a task in the "
                                        "tasks file still uses it, unless --force.")
-    p.add_argument("model_id", metavar="MODEL_ID")
+    p.add_argument("model_id", metavar="MODEL_ID", help="the fine-tuned model's id (see `models list`)")
     p.add_argument("--force", action="store_true",
                    help="delete even if tasks in the tasks file still use the model")
     add_tasks_file_argument(p)
@@ -53,7 +53,7 @@ def register(sub: Sub) -> None:
                     "factory's scores) or `hf` (a transformers AutoModelForSequenceClassification "
                     "directory, float32, trust_remote_code). Blended models (trained without "
                     "--no-ngram-blend) export their encoder alone, with the difference measured.")
-    p.add_argument("model_id", metavar="MODEL_ID")
+    p.add_argument("model_id", metavar="MODEL_ID", help="the fine-tuned model to export")
     p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
                    help="onnx (default; answers as the factory does) or hf (float32)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",

@@ -12,13 +12,18 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from service.commands.lifecycle import run_until_stopped
+from service.commands.servers import run_until_stopped, settings_epilog
+from service.gateway.settings import Settings
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: Sub) -> None:
-    p = sub.add_parser("serve", help="run the gateway (settings from GATEWAY_* variables or flags)")
+    p = sub.add_parser("serve", help="run the gateway (settings from GATEWAY_* variables or flags)",
+                       description="Run the gateway. It serves the tasks of its tasks file and "
+                                   "reloads the file when it changes.",
+                       epilog=settings_epilog(Settings, "GATEWAY_"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
     p.add_argument("--tasks", type=Path, help="tasks file (GATEWAY_TASKS_FILE, default tasks.yaml)")
@@ -30,7 +35,6 @@ def register(sub: Sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.gateway.app import create_app
     from service.gateway.server import GatewayServer
-    from service.gateway.settings import Settings
 
     overrides: dict[str, Any] = {
         key: value

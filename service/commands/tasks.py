@@ -31,7 +31,7 @@ def register(sub: Sub) -> None:
 
     p = actions.add_parser("set", help="add a task, or change one",
                            description="Add a task or change one; settings not given are kept.")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the task to add or change")
     p.add_argument("--model", help="the model id (required for a new task)")
     p.add_argument("--upstream", help="the upstream's name in the tasks file; `local` and "
                                       "`mistral` are added with their defaults if missing "
@@ -50,7 +50,7 @@ def register(sub: Sub) -> None:
     p = actions.add_parser("show", help="one task's settings, and its shadow's agreement figures",
                            description="A task's settings from the tasks file and, when the "
                                        "gateway answers, how its shadow model agrees with it.")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the task to show")
     add_tasks_file_argument(p)
     add_gateway_arguments(p, "the gateway asked for the shadow figures")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -60,7 +60,7 @@ def register(sub: Sub) -> None:
                            description="Make the task's canary (or shadow) model its model; the "
                                        "current model is kept as `previous` for `tasks "
                                        "rollback`. The canary or shadow entry is removed.")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the task whose canary or shadow to promote")
     p.add_argument("--from", dest="source", choices=("canary", "shadow"),
                    help="which to promote when the task has both")
     add_tasks_file_argument(p)
@@ -71,13 +71,13 @@ def register(sub: Sub) -> None:
                            description="Make the task's `previous` model (kept by `tasks "
                                        "promote`) its model again; the model it replaces "
                                        "becomes `previous`, so a rollback can be undone.")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the task to roll back")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_rollback)
 
     p = actions.add_parser("remove", help="remove a task")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the task to remove")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_remove)

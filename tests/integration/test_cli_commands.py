@@ -367,3 +367,52 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path, argv
         os.close(write_end)
     assert done.stderr == ""
     assert done.returncode == code
+
+
+def test_no_arguments_or_a_bare_group_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to be argparse's "the following arguments are required: COMMAND"."""
+    code, out, err = run(capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: classifier-gateway ") and "finetune" in out and "serve" in out
+    code, out, _ = run(capsys, "jobs")
+    assert code == 0 and out.startswith("usage: classifier-gateway jobs ") and "wait" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"classifier-gateway {version('classifier-gateway')}\n"
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    missing = []
+    for command in all_commands(build_parser()):
+        parser = build_parser()
+        for name in command:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[name]
+        missing += [f"{' '.join(command)} {action.metavar or action.dest}"
+                    for action in parser._actions
+                    if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert not missing
+
+
+@pytest.mark.parametrize(("command", "settings", "prefix"), [
+    ("serve", "service.gateway.settings:Settings", "GATEWAY_"),
+    ("factory", "service.factory.settings:FactorySettings", "FACTORY_"),
+])
+def test_server_help_lists_every_setting_and_where_each_is_explained(
+        capsys: pytest.CaptureFixture[str], command: str, settings: str, prefix: str) -> None:
+    import importlib
+
+    module, name = settings.split(":")
+    fields = getattr(importlib.import_module(module), name).model_fields
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "docs/configuration.md#settings" in out
+    for field in fields:
+        assert f"\n  {prefix}{field.upper()}=" in out, field

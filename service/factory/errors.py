@@ -1,15 +1,20 @@
 """The factory's errors, answered in Mistral's error shape so that clients key on one format.
 
-422 stays FastAPI's `{"detail": [...]}` (Mistral's spec uses the same); everything else is
-`{"object": "error", "message", "type", "param", "code"}` (Mistral's error glossary).
+422 stays FastAPI's `{"detail": [...]}` (Mistral's spec uses the same), plus a `message` that says in
+plain words which field, which item, what was expected and what came (`service/plain_errors.py`);
+everything else is `{"object": "error", "message", "type", "param", "code"}` (Mistral's error
+glossary).
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.plain_errors import describe
 from service.wire import ErrorBody
 
 
@@ -60,5 +65,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_body(str(exc.detail), "invalid_request_error", None, None),
                             status_code=exc.status_code, headers=exc.headers)
 
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        return JSONResponse({"detail": jsonable_encoder(errors), "message": describe(errors)},
+                            status_code=422)
+
     app.add_exception_handler(FactoryError, factory_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

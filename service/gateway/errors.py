@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.gateway.responses import JSONResponse
+from service.plain_errors import describe
 
 log = logging.getLogger("service.gateway")
 
@@ -125,11 +126,9 @@ def error_response(status: int, error_type: str, message: str, headers: dict[str
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    """Which field, which item, what was expected and what came: `input[1] must be a string, not
+    a number (3)`, not pydantic's `input.list[str].1: Input should be a valid string`."""
+    return describe(exc.errors())
 
 
 def render_error(request: Request, exc: Exception) -> JSONResponse:

@@ -266,9 +266,13 @@ def test_classification_errors(factory: FactoryClient) -> None:
     assert r.status_code == 422
     locs = [d["loc"] for d in r.json()["detail"]]
     assert ["body", "input"] in locs and ["body", "inputs"] in locs
+    # Beside the detail list (Mistral's shape, what the SDK reads), a message in plain words.
+    assert r.json()["message"] == "`input` is missing; `inputs` is not a field here"
     r = factory.http.post("/v1/chat/classifications", json={"model": "m", "input": [
         {"messages": [{"role": "robot", "content": "x"}]}]})
     assert r.status_code == 422
+    assert r.json()["message"] == ("`input[0].messages[0].role` must be 'system', 'user', "
+                                   "'assistant' or 'tool', not 'robot'")
 
 
 def test_limits_on_classification(tmp_path: Path) -> None:

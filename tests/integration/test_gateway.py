@@ -366,8 +366,9 @@ async def test_upstream_key_is_sent_and_never_echoed(tmp_path: Path,
 @pytest.mark.parametrize(("body", "status", "needle"), [
     ({"task": "nope", "input": "x"}, 404, "known tasks: intent, sentiment"),
     ({"task": "intent", "input": "x"}, 400, "/classify-chat"),
-    ({"task": "sentiment"}, 422, "input: Field required"),
-    ({"task": "sentiment", "input": 5}, 422, "input"),
+    ({"task": "sentiment"}, 422, "`input` is missing"),
+    ({"task": "sentiment", "input": 5}, 422,
+     "`input` must be a string or a list of strings, not a number (5)"),
     ({"task": "sentiment", "input": []}, 422, "input is empty"),
     ({"task": "sentiment", "input": ["ok", ""]}, 422, "input[1] is an empty string"),
     ({"task": "sentiment", "input": ["x"] * 129}, 413, "limit is 128"),
@@ -400,7 +401,29 @@ async def test_chat_with_bad_role_is_422(stack: GatewayStack) -> None:
     r = await post(stack, "/classify-chat",
                    {"task": "intent", "input": {"messages": [{"role": "robot", "content": "x"}]}})
     assert r.status_code == 422
-    assert "role" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"] == (
+        "`input.messages[0].role` must be 'system', 'user', 'assistant' or 'tool', not 'robot'")
+
+
+@pytest.mark.parametrize(("route", "body", "message"), [
+    ("/classify", {"task": "sentiment", "input": ["ok", 3]},
+     "`input[1]` must be a string, not a number (3)"),
+    ("/classify-chat", {"task": "intent", "input": "hello"},
+     '`input` must be a conversation ({"messages": [...]}) or a list of conversations, not a '
+     "string ('hello')"),
+    ("/classify-chat", {"task": "intent", "input": [{"messages": [{"role": "user", "content": 5}]}]},
+     "`input[0].messages[0].content` must be a string or a list of objects, not a number (5)"),
+    ("/classify", {"task": "sentiment", "input": "x", "modle": "m"}, "`modle` is not a field here"),
+    ("/v1/classifications", {"input": "x"}, "`model` is missing"),
+])
+async def test_a_422_says_in_plain_words_which_field_which_item_and_what_was_expected(
+        stack: GatewayStack, route: str, body: Any, message: str) -> None:
+    """Not pydantic's `input.str: Input should be a valid string; input.list[str].1: ...` or
+    `input.Conversation.messages.0.role`; the `detail` list keeps pydantic's entries."""
+    r = await post(stack, route, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"] == message
+    assert r.json()["detail"]
 
 
 # --------------------------------------------------------------------------- auth

@@ -51,5 +51,6 @@ bench: install-dev
 	$(PY) -m bench.batching
 	$(PY) -m bench.upstream_transport
 	$(PY) -m bench.redis_link
+	$(PY) -m bench.faults
 	$(PY) -m bench.factory_bench
 	$(PY) -m bench.minilm_bench

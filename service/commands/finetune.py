@@ -42,7 +42,9 @@ def register(sub: Sub) -> None:
                     "--task in the tasks file (a running gateway picks it up without a restart). "
                     "Ctrl-C asks whether to cancel the job.")
     p.add_argument("--task", required=True, metavar="NAME", help="the task to register")
-    p.add_argument("--train", required=True, type=Path, metavar="FILE", help="training JSONL")
+    p.add_argument("--train", required=True, type=Path, metavar="FILE", action="append",
+                   help="training JSONL; repeat to train on several files (e.g. the old data "
+                        "and `feedback export`'s corrections)")
     p.add_argument("--validation", type=Path, metavar="FILE", help="validation JSONL")
     add_upstream_arguments(p)
     p.add_argument("--model", help=f"the base model (default: {DEFAULT_MODELS['local']} on local, "
@@ -58,6 +60,10 @@ def register(sub: Sub) -> None:
                         "model's evidence, so that `models export` gives a model that answers "
                         "on KServe as it does on the factory (the blend gained ~0.007 macro-F1 "
                         "on tweets)")
+    p.add_argument("--canary", type=float, metavar="WEIGHT",
+                   help="register the new model as the existing task's canary, answering this "
+                        "share (0-1) of its items, instead of replacing its model; `tasks "
+                        "promote` later makes it the task's model")
     p.add_argument("--suffix", help="a tag for the job (default: the task name)")
     p.add_argument("--no-wait", action="store_true",
                    help="start the job and return; then `jobs wait JOB_ID --task NAME`")
@@ -86,7 +92,7 @@ def suffix_for(task: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", task.lower()).strip("-")[:18] or "classifier"
 
 
-def job_request(args: argparse.Namespace, upstream: Upstream, train_id: str,
+def job_request(args: argparse.Namespace, upstream: Upstream, train_ids: list[str],
                 validation_id: str | None) -> dict[str, Any]:
     hyper = {key: value for key, value in {
         "training_steps": args.training_steps, "learning_rate": args.learning_rate,
@@ -100,7 +106,7 @@ def job_request(args: argparse.Namespace, upstream: Upstream, train_id: str,
     return {
         "model": args.model or DEFAULT_MODELS[upstream.name],
         "job_type": "classifier",
-        "training_files": [{"file_id": train_id, "weight": 1.0}],
+        "training_files": [{"file_id": train_id, "weight": 1.0} for train_id in train_ids],
         "validation_files": [validation_id] if validation_id else [],
         "hyperparameters": hyper,
         "suffix": args.suffix or suffix_for(args.task),
@@ -110,27 +116,45 @@ def job_request(args: argparse.Namespace, upstream: Upstream, train_id: str,
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     upstream = upstream_from(args)
-    train = _validate(args.train)
+    reports = [_validate(path) for path in args.train]
+    train = reports[0]
     kind = train.kind or "text"
+    for path, report in zip(args.train[1:], reports[1:], strict=True):
+        if report.kind != train.kind:
+            raise UserError(f"{path} is {report.kind} data but {args.train[0]} is {train.kind} "
+                            "data; train on one kind")
     if args.validation is not None:
         validation = _validate(args.validation)
         if validation.kind != train.kind:
-            raise UserError(f"{args.validation} is {validation.kind} data but {args.train} is "
+            raise UserError(f"{args.validation} is {validation.kind} data but {args.train[0]} is "
                             f"{train.kind} data; use the same kind for both")
-    if args.tasks.exists():
+    if args.canary is not None:
+        if not 0.0 < args.canary <= 1.0:
+            raise UserError(f"--canary {args.canary}: give the canary's share of items, "
+                            "between 0 (excluded) and 1")
+        existing = tasksfile.load(args.tasks).task(args.task) if args.tasks.exists() else None
+        if existing is None:
+            raise UserError(f"--canary needs an existing task to compare with; task "
+                            f"{args.task!r} is not in {args.tasks} (drop --canary to create it)")
+        if args.no_wait:
+            raise UserError("--canary registers the model when the job ends: drop --no-wait")
+    elif args.tasks.exists():
         tasksfile.load(args.tasks)  # a broken tasks file fails now, not after the training
-    multi_label = [s.name for s in train.targets.values() if s.loss_function == "multi_class"]
+    multi_label = sorted({s.name for report in reports for s in report.targets.values()
+                          if s.loss_function == "multi_class"})
     with upstream_api(upstream) as api:
-        print(f"uploading {args.train} ({train.valid} {kind} examples) to {upstream.label}",
-              file=sys.stderr, flush=True)
-        train_file = upload_file(api, args.train)
+        train_ids = []
+        for path, report in zip(args.train, reports, strict=True):
+            print(f"uploading {path} ({report.valid} {kind} examples) to {upstream.label}",
+                  file=sys.stderr, flush=True)
+            train_ids.append(upload_file(api, path)["id"])
         validation_id = None
         if args.validation is not None:
             print(f"uploading {args.validation} ({validation.valid} examples)", file=sys.stderr,
                   flush=True)
             validation_id = upload_file(api, args.validation)["id"]
         job = api.post("/v1/fine_tuning/jobs",
-                       json=job_request(args, upstream, train_file["id"], validation_id))
+                       json=job_request(args, upstream, train_ids, validation_id))
         if not isinstance(job, dict) or not job.get("id"):
             raise UserError(f"{upstream.label} did not return a job")
         job_id = str(job["id"])

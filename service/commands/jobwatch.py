@@ -269,8 +269,12 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
     tasks_path = args.tasks.absolute()
     if isinstance(upstream, Upstream):
         warn_if_elsewhere(tasks_path, upstream)
-    tasksfile.register_task(tasks_path, args.task, upstream, model=model, kind=kind,
-                            multi_label_targets=multi_label)
+    canary = getattr(args, "canary", None)
+    if canary is not None:
+        tasksfile.set_canary(tasks_path, args.task, upstream, model=str(model), weight=canary)
+    else:
+        tasksfile.register_task(tasks_path, args.task, upstream, model=model, kind=kind,
+                                multi_label_targets=multi_label)
     row = next(r for r in tasksfile.task_rows(tasks_path) if r["name"] == args.task)
     metrics = last_metrics(job)
     with gateway_api(args, timeout_s=5.0) as gateway:
@@ -297,8 +301,13 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
                 print(f"  validation, target {target}: accuracy {scores['accuracy']:.4f}{extra} "
                       f"on {scores.get('examples')} examples")
     print(f"  model: {model}")
-    print(f"task {args.task} -> {model} on {row['upstream']} ({row['kind']}), saved in "
-          f"{tasks_path}")
+    if canary is not None:
+        print(f"task {args.task}: canary {model} answers {canary:g} of its items (its model "
+              f"stays {row['model']}); `tasks promote {args.task}` when it has proven itself; "
+              f"saved in {tasks_path}")
+    else:
+        print(f"task {args.task} -> {model} on {row['upstream']} ({row['kind']}), saved in "
+              f"{tasks_path}")
     if served.serving:
         print(f"the gateway at {served.gateway_url} serves it")
     return 0

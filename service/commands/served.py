@@ -74,7 +74,9 @@ def wait_until_served(api: Api, task: str, model: str, tasks_file: Path,
             shown = api.get(f"/tasks/{task}")
         except UserError:  # 404 until the gateway reloads; a passing hiccup is retried too
             shown = None
-        if isinstance(shown, dict) and shown.get("model") == model:
+        canary = shown.get("canary") if isinstance(shown, dict) else None
+        if isinstance(shown, dict) and (shown.get("model") == model or (
+                isinstance(canary, dict) and canary.get("model") == model)):
             return Served(api.base_url, True)
         if time.monotonic() > deadline:
             break

@@ -197,3 +197,24 @@ def register_task(path: Path, name: str, upstream: Upstream | str, **settings: A
         set_task(data, name, {"upstream": upstream_name, **settings})
 
     edit(path, change)
+
+
+def set_canary(path: Path, name: str, upstream: Upstream | str, *, model: str,
+               weight: float) -> None:
+    """Make `model` the task's canary with `weight`; its upstream is named only when it is not
+    the task's own."""
+
+    def change(data: Data) -> None:
+        task = data["tasks"].get(name)
+        if not isinstance(task, dict):
+            raise UserError(f"task {name!r} is not in {path}: a canary needs a task to join")
+        upstream_name = upstream if isinstance(upstream, str) else upstream.name
+        spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
+        if spec is not None:
+            ensure_upstream(data, spec)
+        canary: dict[str, Any] = {"model": model, "weight": weight}
+        if upstream_name and upstream_name != task.get("upstream"):
+            canary["upstream"] = upstream_name
+        task["canary"] = canary
+
+    edit(path, change)

@@ -17,14 +17,16 @@ from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier, cache_writer
 from service.gateway.errors import install_error_handlers
+from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware, KeyChecker
 from service.gateway.registry import RegistryWatcher
+from service.gateway.routes import feedback as feedback_routes
 from service.gateway.routes import health, hot, tasks
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.shadow import ShadowRunner
-from service.gateway.store import open_store
+from service.gateway.store import open_redis, shadow_store
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway")
@@ -98,12 +100,18 @@ def create_app(settings: Settings | None = None, *,
             cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
             default_timeout_s=settings.timeout_s,
         )
-        store = open_store(settings.feedback_redis_url or settings.redis_url,
-                           settings.cache_prefix, max(settings.redis_socket_timeout_s, 1.0))
+        # Shadow counts, feedback and the review queue: off the hot path, so a generous timeout.
+        backend = open_redis(settings.feedback_redis_url or settings.redis_url,
+                             max(settings.redis_socket_timeout_s, 1.0))
+        store = shadow_store(backend, settings.cache_prefix)
+        feedback = FeedbackBook(None if backend is None else backend.client,
+                                settings.cache_prefix, metrics,
+                                window_s=settings.feedback_window_s,
+                                max_per_task=settings.feedback_max_per_task)
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
-                                    classifier, lifecycle, store=store)
+                                    classifier, lifecycle, store=store, feedback=feedback)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -117,6 +125,7 @@ def create_app(settings: Settings | None = None, *,
                 loop.remove_signal_handler(signal.SIGHUP)
             await watcher.stop()
             await shadow.aclose()
+            await feedback.aclose()
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).
@@ -136,7 +145,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     hot.install(app)
-    for module in (tasks, health):
+    for module in (tasks, feedback_routes, health):
         app.include_router(module.router)
     app.front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
                              metrics=metrics, handlers=hot.handlers())

@@ -58,6 +58,8 @@ class Outcome:
     cache_status: CacheStatus
     models: list[str]
     fallback_from: str | None = None
+    #: The response's id, set by the route (feedback names a response by it).
+    id: str = ""
 
     @property
     def model(self) -> str:

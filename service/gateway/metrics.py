@@ -95,6 +95,18 @@ class GatewayMetrics:
             "timeout, error, target_missing (the shadow did not answer a target).",
             ["task", "reason"], registry=registry,
         )
+        self.feedback_items = Counter(
+            "gateway_feedback_items", "Corrected labels acknowledged by POST /feedback.",
+            ["task"], registry=registry,
+        )
+        self.review_items = Counter(
+            "gateway_review_items", "Answers queued for review: low_margin (the model was unsure) "
+            "or control (the random control share).", ["task", "reason"], registry=registry,
+        )
+        self.review_dropped = Counter(
+            "gateway_review_dropped", "Answers picked for review but not queued (Redis failed).",
+            ["task"], registry=registry,
+        )
         self.registry_reloads = Counter(
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,

@@ -167,6 +167,9 @@ class TaskSpec(BaseModel):
     canary: CanarySpec | None = None
     shadow: ShadowSpec | None = None
     review: ReviewSpec | None = None
+    feedback: bool = Field(
+        default=False, description="Remember each response for GATEWAY_FEEDBACK_WINDOW_S so that "
+        "POST /feedback may name it by `id` and item index.")
     previous: ModelRef | None = Field(
         default=None, description="The model before the last `tasks promote`, for `tasks "
         "rollback`; not served.")

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # At most this many items wait for a shadow model's answer; beyond it comparisons are
     # dropped (counted), so a slow shadow never holds memory or sockets the callers need.
     shadow_max_pending: int = Field(default=256, ge=1)
+    # Responses of tasks with `feedback: true` are remembered this long for POST /feedback by id.
+    feedback_window_s: int = Field(default=86_400, ge=1)
+    # Feedback and review streams are trimmed (approximately, oldest first) beyond this per task.
+    feedback_max_per_task: int = Field(default=100_000, ge=1)
     cache_prefix: str = "cgw:v1"
 
     # Client authentication: comma-separated keys, or the path of a file with one key per line.

@@ -103,10 +103,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def open_store(url: str, prefix: str, socket_timeout_s: float) -> ShadowStore:
-    """A Redis store for `url` (any scheme the cache takes), or memory when `url` is empty."""
+def open_redis(url: str, socket_timeout_s: float) -> Any | None:
+    """The redis-py backend for `url` (any scheme the cache takes), or None when it is empty."""
     if not url:
-        return MemoryShadowStore()
+        return None
     from service.gateway.cache import redis_py_client
 
-    return RedisShadowStore(redis_py_client(url, socket_timeout_s), prefix)
+    return redis_py_client(url, socket_timeout_s)
+
+
+def shadow_store(backend: Any | None, prefix: str) -> ShadowStore:
+    return MemoryShadowStore() if backend is None else RedisShadowStore(backend, prefix)

@@ -24,15 +24,19 @@ from schemathesis.checks import (
 )
 
 from tests.support.gateway import DEFAULT_TASKS, gateway_stack
+from tests.support.redis_server import RedisServer
 
-EXAMPLES = 15  # per operation (10 operations): about 15 s on 2 busy cores
+EXAMPLES = 15  # per operation (13 operations): about 20 s on 2 busy cores
 KEY = "ck-" + secrets.token_hex(8)
 REAL = {"task": ["sentiment", "intent"], "model": [task["model"] for task in DEFAULT_TASKS.values()]}
 
 
 @pytest.fixture(scope="module")
-def gateway_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with gateway_stack(tmp_path_factory.mktemp("schemathesis"), api_keys=KEY) as stack:
+def gateway_schema(tmp_path_factory: pytest.TempPathFactory,
+                   redis_server: RedisServer) -> Iterator[Any]:
+    # With Redis: the cache, shadow counts and feedback answer as in production.
+    with gateway_stack(tmp_path_factory.mktemp("schemathesis"), redis_url=redis_server.url,
+                       api_keys=KEY) as stack:
         yield schemathesis.openapi.from_url(f"{stack.url}/openapi.json",
                                             headers={"Authorization": f"Bearer {KEY}"})
 

@@ -89,7 +89,7 @@ def test_job_request_sends_only_given_hyperparameters_and_a_safe_suffix() -> Non
     args = argparse.Namespace(training_steps=5, learning_rate=None, weight_decay=None,
                               warmup_fraction=0.1, model=None, suffix=None,
                               task="News Topics (BBC) 2025", no_ngram_blend=False)
-    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), "f1", None)
+    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), ["f1"], None)
     assert body["hyperparameters"] == {"training_steps": 5, "warmup_fraction": 0.1}
     assert body["model"] == "local-ngram" and body["job_type"] == "classifier"
     assert body["training_files"] == [{"file_id": "f1", "weight": 1.0}]
@@ -102,10 +102,10 @@ def test_no_ngram_blend_is_a_factory_hyperparameter_that_mistral_is_never_sent()
     args = argparse.Namespace(training_steps=None, learning_rate=None, weight_decay=None,
                               warmup_fraction=None, model="local-minilm", suffix=None,
                               task="t", no_ngram_blend=True)
-    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), "f1", None)
+    body = job_request(args, Upstream("local", "http://x", "FACTORY_API_KEY"), ["f1"], None)
     assert body["hyperparameters"] == {"ngram_blend": False}
     with pytest.raises(UserError, match="Mistral's API does not take it"):
-        job_request(args, Upstream("mistral", "http://x", "MISTRAL_API_KEY"), "f1", None)
+        job_request(args, Upstream("mistral", "http://x", "MISTRAL_API_KEY"), ["f1"], None)
 
 
 def test_total_steps_as_requested_or_as_the_upstream_planned_them() -> None:

@@ -4,6 +4,7 @@ The routes themselves (paths, docs) are declared in hot.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Sequence
@@ -48,10 +49,14 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    return await runtime.classifier.classify(task, upstream, items,
-                                             read_cache=reads_cache(
-                                                 request.headers.get("cache-control")),
-                                             disconnected=disconnected)
+    outcome = await runtime.classifier.classify(task, upstream, items,
+                                                read_cache=reads_cache(
+                                                    request.headers.get("cache-control")),
+                                                disconnected=disconnected)
+    outcome = dataclasses.replace(outcome, id=response_id())
+    if runtime.feedback is not None:
+        runtime.feedback.after(outcome.id, task, items, outcome)
+    return outcome
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret
@@ -76,7 +81,7 @@ def answer_headers(outcome: Outcome) -> dict[str, str]:
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     body: dict[str, Any] = {
-        "id": response_id(),
+        "id": outcome.id,
         "task": task.name,
         "model": outcome.model,
         "results": [decorate(task, result) for result in outcome.results],

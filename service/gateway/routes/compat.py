@@ -13,7 +13,7 @@ from service.gateway.classifier import Outcome
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import parse_body
-from service.gateway.routes.classify import answer_headers, response_id, run
+from service.gateway.routes.classify import answer_headers, run
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import runtime_of
@@ -21,7 +21,7 @@ from service.wire import ChatClassificationRequest, ClassificationRequest
 
 
 def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
-    body = {"id": response_id(), "model": outcome.model, "results": outcome.results}
+    body = {"id": outcome.id, "model": outcome.model, "results": outcome.results}
     return JSONResponse(body, headers={**answer_headers(outcome), "X-Task": task.name})
 
 

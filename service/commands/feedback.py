@@ -1,0 +1,140 @@
+"""`classifier-gateway feedback export` and `review export`: the gateway's corrected labels and
+review queue (kept in Redis by the gateway, paged through its `GET /feedback/{task}` and
+`GET /review/{task}`) as files: factory JSONL ready for `finetune`, or Label Studio tasks with the
+model's answers as predictions for pre-annotation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from service.commands.api import Api, add_gateway_arguments, gateway_api
+from service.commands.errors import UserError
+from service.commands.output import print_json
+from service.wire import render_messages
+
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(sub: Sub) -> None:
+    feedback = sub.add_parser("feedback", help="corrected labels sent to the gateway",
+                              description="Corrected labels sent to the gateway's POST /feedback.")
+    actions = feedback.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("export", help="write a task's corrections as training JSONL",
+                           description="Write a task's corrected labels (the latest per item) as "
+                                       "factory JSONL, ready for `finetune --train`.")
+    p.add_argument("--task", required=True, metavar="NAME")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL to write")
+    add_gateway_arguments(p, "the gateway that keeps the feedback")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_feedback_export)
+
+    review = sub.add_parser("review", help="the gateway's review queue of unsure answers",
+                            description="Answers the gateway queued for review (a task's "
+                                        "`review:` setting).")
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("export", help="write a task's review queue",
+                           description="Write a task's review queue: JSONL (the model's labels "
+                                       "as `labels`, with its scores; correct and train on it) "
+                                       "or Label Studio tasks with the model's answers as "
+                                       "predictions.")
+    p.add_argument("--task", required=True, metavar="NAME")
+    p.add_argument("--format", choices=("jsonl", "label-studio"), default="jsonl")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    add_gateway_arguments(p, "the gateway that keeps the review queue")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_review_export)
+
+
+def entries(api: Api, what: str, task: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(task kind, entry) for every entry of the stream, page by page."""
+    after = "0"
+    while True:
+        page = api.get(f"/{what}/{task}", params={"after": after, "limit": 1000})
+        if not isinstance(page, dict):
+            raise UserError(f"the gateway answered GET /{what}/{task} with something unexpected")
+        for entry in page.get("entries") or []:
+            yield str(page.get("kind", "text")), entry
+        after = page.get("next") or ""
+        if not after:
+            return
+
+
+def example(kind: str, item: Any, labels: Any) -> dict[str, Any]:
+    """One line of factory JSONL."""
+    if kind == "chat":
+        return {"messages": item.get("messages", []) if isinstance(item, dict) else [],
+                "labels": labels}
+    return {"text": item, "labels": labels}
+
+
+def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    try:
+        with path.open("w", encoding="utf-8") as out:
+            for line in lines:
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    with gateway_api(args) as api:
+        lines = [example(kind, e["input"], e["labels"]) for kind, e in
+                 entries(api, "feedback", args.task)]
+    _write_lines(args.out, lines)
+    if args.json:
+        print_json({"task": args.task, "out": str(args.out.absolute()), "examples": len(lines)})
+    else:
+        print(f"{len(lines)} corrected examples of task {args.task} written to "
+              f"{args.out.absolute()}")
+        if lines:
+            print(f"train on them with: classifier-gateway finetune --task {args.task} "
+                  f"--train OLD.jsonl --train {args.out} --canary 0.1", file=sys.stderr)
+    return 0
+
+
+def label_studio_task(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A Label Studio task: the text (a conversation rendered as `role: content` lines), and the
+    model's answer as a prediction, one `choices` result per target (labelling config:
+    `<Choices name="TARGET" toName="text">` per target)."""
+    item = entry["input"]
+    text = (render_messages(item.get("messages", [])) if kind == "chat" and isinstance(item, dict)
+            else str(item))
+    results = []
+    for target, labels in (entry.get("predicted") or {}).items():
+        choices = labels if isinstance(labels, list) else [labels]
+        results.append({"from_name": target, "to_name": "text", "type": "choices",
+                        "value": {"choices": choices}})
+    return {"data": {"text": text, "gateway_id": entry.get("id"),
+                     "reason": entry.get("reason"), "margin": entry.get("margin"),
+                     "scores": entry.get("scores")},
+            "predictions": [{"model_version": entry.get("model"),
+                             "score": round(1.0 - float(entry.get("margin", 0.0)), 6),
+                             "result": results}]}
+
+
+def cmd_review_export(args: argparse.Namespace) -> int:
+    with gateway_api(args) as api:
+        found = list(entries(api, "review", args.task))
+    if args.format == "label-studio":
+        try:
+            args.out.write_text(json.dumps([label_studio_task(kind, e) for kind, e in found],
+                                           ensure_ascii=False, indent=1), encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    else:
+        _write_lines(args.out, [{**example(kind, e["input"], e.get("predicted") or {}),
+                                 "scores": e.get("scores"), "model": e.get("model"),
+                                 "margin": e.get("margin"), "reason": e.get("reason")}
+                                for kind, e in found])
+    if args.json:
+        print_json({"task": args.task, "out": str(args.out.absolute()), "items": len(found),
+                    "format": args.format})
+    else:
+        print(f"{len(found)} queued answers of task {args.task} written to "
+              f"{args.out.absolute()} ({args.format})")
+    return 0

@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 
+from service.gateway.registry import load_registry
 from tests.support.factory import bbc_news
 from tests.support.processes import REPO, spawn, stop
 from tests.support.redis_server import free_port
@@ -490,3 +491,50 @@ def test_watching_survives_a_factory_restart_and_reports_the_failed_job(
     assert re.fullmatch(r"classifier-gateway: job \S+ FAILED: .+", one_line_error(
         subprocess.CompletedProcess([], 1, "", "".join(seen) + err)))
     assert "restart" not in stack.tasks.read_text()
+
+
+def test_finetune_on_two_files_as_a_canary_then_promote(stack: Stack) -> None:
+    """The loop's last step: the old data and the corrections train a new model, registered as
+    the existing task's canary (the task keeps its model), which `tasks promote` then makes the
+    task's model, keeping the old one for `tasks rollback`."""
+    first = stack.cli("finetune", "--task", "loop", "--train",
+                      str(small_corpus(stack, "loop-old.jsonl")), "--training-steps", "20")
+    assert first.returncode == 0, first.stderr
+    old_model = re.search(r"^task loop -> (\S+) on local", first.stdout, re.MULTILINE)
+    assert old_model, first.stdout
+    fixes = stack.workdir / "loop-fixes.jsonl"
+    fixes.write_bytes(orjson.dumps({"text": "The keeper saved two penalties in the shoot-out",
+                                    "labels": {"topic": "sports"}}) + b"\n")
+    canary = stack.cli("finetune", "--task", "loop", "--train", str(stack.workdir / "loop-old.jsonl"),
+                       "--train", str(fixes), "--canary", "0.25", "--training-steps", "20")
+    assert canary.returncode == 0, canary.stderr
+    assert canary.stderr.count("uploading ") == 2
+    new_model = re.search(r"^task loop: canary (\S+) answers 0.25 of its items \(its model stays "
+                          + re.escape(old_model.group(1)), canary.stdout, re.MULTILINE)
+    assert new_model, canary.stdout
+    assert f"the gateway at {stack.gateway_url} serves it" in canary.stdout
+    job = orjson.loads(stack.cli("jobs", "list", "--json").stdout)["data"][0]
+    assert len(job["training_files"]) == 2
+    shown = orjson.loads(httpx.get(f"{stack.gateway_url}/tasks/loop").content)
+    assert (shown["model"], shown["canary"]) == (
+        old_model.group(1), {"model": new_model.group(1), "weight": 0.25, "upstream": "local"})
+    # The canary answers its share of items, each the one the factory gives for that model.
+    texts = [f"{word} report number {i}" for i, word in
+             enumerate(["match", "chip", "league", "software"] * 100)]
+    answers = [httpx.post(f"{stack.gateway_url}/classify", timeout=60, json={
+        "task": "loop", "input": texts[i:i + 100]}).json() for i in range(0, 400, 100)]
+    models = [m for a in answers for m in a["models"]]  # every batch of 100 splits
+    answered = {"results": [r for a in answers for r in a["results"]]}
+    assert 0.18 <= models.count(new_model.group(1)) / len(models) <= 0.32
+    for model in (old_model.group(1), new_model.group(1)):
+        mine = [t for t, m in zip(texts, models, strict=True) if m == model]
+        direct = httpx.post(f"{stack.factory_url}/v1/classifications", json={
+            "model": model, "input": mine}, timeout=60,
+            headers={"Authorization": f"Bearer {FACTORY_KEY}"}).json()["results"]
+        via = [r for r, m in zip(answered["results"], models, strict=True) if m == model]
+        assert [r["topic"]["scores"] for r in via] == [d["topic"]["scores"] for d in direct]
+    promoted = stack.cli("tasks", "promote", "loop")
+    assert promoted.returncode == 0, promoted.stderr
+    task = load_registry(stack.tasks).tasks["loop"]
+    assert task.model == new_model.group(1) and task.canary is None
+    assert task.previous is not None and task.previous.model == old_model.group(1)

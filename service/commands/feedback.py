@@ -27,7 +27,7 @@ def register(sub: Sub) -> None:
     p = actions.add_parser("export", help="write a task's corrections as training JSONL",
                            description="Write a task's corrected labels (the latest per item) as "
                                        "factory JSONL, ready for `finetune --train`.")
-    p.add_argument("--task", required=True, metavar="NAME")
+    p.add_argument("--task", required=True, metavar="NAME", help="the task whose corrections")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL to write")
     add_gateway_arguments(p, "the gateway that keeps the feedback")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -42,9 +42,11 @@ def register(sub: Sub) -> None:
                                        "as `labels`, with its scores; correct and train on it) "
                                        "or Label Studio tasks with the model's answers as "
                                        "predictions.")
-    p.add_argument("--task", required=True, metavar="NAME")
-    p.add_argument("--format", choices=("jsonl", "label-studio"), default="jsonl")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    p.add_argument("--task", required=True, metavar="NAME", help="the task whose queue")
+    p.add_argument("--format", choices=("jsonl", "label-studio"), default="jsonl",
+                   help="jsonl (factory JSONL plus scores) or label-studio (a JSON list of "
+                        "tasks with predictions); default jsonl")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")
     add_gateway_arguments(p, "the gateway that keeps the review queue")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_review_export)

@@ -26,7 +26,7 @@ from schemathesis.checks import (
 from tests.support.gateway import DEFAULT_TASKS, gateway_stack
 from tests.support.redis_server import RedisServer
 
-EXAMPLES = 15  # per operation (13 operations): about 20 s on 2 busy cores
+EXAMPLES = 10  # per operation (13 operations): about 13 s on 2 busy cores
 KEY = "ck-" + secrets.token_hex(8)
 REAL = {"task": ["sentiment", "intent"], "model": [task["model"] for task in DEFAULT_TASKS.values()]}
 

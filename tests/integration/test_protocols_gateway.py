@@ -6,21 +6,17 @@ API stays the same whatever serves the task."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from service.gateway.app import create_app
-from service.gateway.settings import Settings
 from tests.support.fake_inference import FakeServer, expected, running_tei, running_vllm
 from tests.support.fake_upstream import Status, running_fake_upstream
+from tests.support.gateway import gateway_for
 from tests.support.redis_server import RedisServer, free_port
-from tests.support.servers import serve
 
 SENTIMENT = ("negative", "neutral", "positive")
 TOXICITY = ("clean", "toxic")
@@ -29,13 +25,8 @@ TOXICITY = ("clean", "toxic")
 @contextlib.contextmanager
 def gateway(tmp_path: Path, redis: RedisServer, upstreams: dict[str, Any],
             tasks: dict[str, Any], **settings: Any) -> Iterator[str]:
-    tasks_file = tmp_path / "tasks.yaml"
-    tasks_file.write_text(yaml.safe_dump({"upstreams": upstreams, "tasks": tasks}))
-    config: dict[str, Any] = {"tasks_file": tasks_file, "redis_url": redis.url,
-                              "cache_prefix": f"test:{uuid.uuid4().hex[:8]}",
-                              "retry_backoff_s": 0.01, "drain_timeout_s": 2.0, **settings}
-    with serve(create_app(Settings(**config))) as server:
-        yield server.url
+    with gateway_for(tmp_path, redis.url, upstreams, tasks, **settings) as url:
+        yield url
 
 
 async def post(url: str, path: str, body: Any) -> httpx.Response:

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import io
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from service.cli import main
-from service.gateway.app import create_app
-from service.gateway.settings import Settings
 from tests.support.fake_inference import expected as tei_expected
 from tests.support.fake_inference import running_tei
 from tests.support.fake_upstream import Slow, Status, expected_scores, running_fake_upstream
+from tests.support.gateway import gateway_for
 from tests.support.redis_server import RedisServer
-from tests.support.servers import serve
 
 LABELS = ["negative", "neutral", "positive"]
 TARGETS = {"sentiment": LABELS}
@@ -35,13 +31,8 @@ TARGETS = {"sentiment": LABELS}
 @contextlib.contextmanager
 def gateway(tmp_path: Path, redis: RedisServer, upstreams: dict[str, Any],
             tasks: dict[str, Any], **settings: Any) -> Iterator[str]:
-    tasks_file = tmp_path / "tasks.yaml"
-    tasks_file.write_text(yaml.safe_dump({"upstreams": upstreams, "tasks": tasks}))
-    config: dict[str, Any] = {"tasks_file": tasks_file, "redis_url": redis.url,
-                              "cache_prefix": f"test:{uuid.uuid4().hex[:8]}",
-                              "retry_backoff_s": 0.01, "drain_timeout_s": 2.0, **settings}
-    with serve(create_app(Settings(**config))) as server:
-        yield server.url
+    with gateway_for(tmp_path, redis.url, upstreams, tasks, **settings) as url:
+        yield url
 
 
 def cli_output(*argv: str) -> str:

@@ -16,7 +16,7 @@ from service.gateway.server import GatewayServer
 from service.gateway.settings import Settings
 from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
 from tests.support.redis_server import free_port
-from tests.support.servers import ThreadedServer
+from tests.support.servers import ThreadedServer, serve
 
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {
     "sentiment": {"upstream": "fake", "model": "ft:classifier:test:sentiment", "kind": "text"},
@@ -76,3 +76,16 @@ def gateway_stack(tmp_path: Path, *, redis_url: str = "", tasks: dict[str, dict[
             yield GatewayStack(server.url, upstream, tasks_file, gw_settings, server)
         finally:
             server.stop()
+
+
+@contextlib.contextmanager
+def gateway_for(tmp_path: Path, redis_url: str, upstreams: dict[str, Any],
+                tasks: dict[str, Any], **settings: Any) -> Iterator[str]:
+    """A real gateway (its URL) on a tasks file of several upstreams, any protocols."""
+    tasks_file = tmp_path / "tasks.yaml"
+    tasks_file.write_text(yaml.safe_dump({"upstreams": upstreams, "tasks": tasks}))
+    config: dict[str, Any] = {"tasks_file": tasks_file, "redis_url": redis_url,
+                              "cache_prefix": f"test:{uuid.uuid4().hex[:8]}",
+                              "retry_backoff_s": 0.01, "drain_timeout_s": 2.0, **settings}
+    with serve(create_app(Settings(**config))) as server:
+        yield server.url

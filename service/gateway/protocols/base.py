@@ -103,6 +103,24 @@ class UpstreamProtocol(Protocol):
         ...
 
 
+class Defaults:
+    """What most protocols share: the base URL is the server's root, and the server says nothing
+    about a model. A protocol module subclasses it and overrides what differs."""
+
+    labels_by_index: ClassVar[bool] = False
+    labels_from_server: ClassVar[bool] = False
+    server_errors: ClassVar[frozenset[int]] = frozenset()
+
+    def root(self, base_url: str) -> str:
+        return base_url
+
+    def info_path(self, route: Route) -> str | None:
+        return None
+
+    def read_info(self, route: Route, payload: Any) -> ServerInfo | str:
+        return ServerInfo()
+
+
 def render_text(item: Any) -> str:
     """A text, or a conversation rendered as the factory renders it for its own models
     (`role: content` lines), for servers that only take text."""
@@ -129,6 +147,17 @@ def scores_from_pairs(entries: Any, where: str) -> dict[str, float] | str:
             return f"{where}[{j}] needs a string 'label' and a numeric 'score'"
         scores[label] = float(score)
     return scores
+
+
+def results_from_pairs(rows: list[Any], target: str, where: str) -> list[Result] | str:
+    """One result per row of `{label, score}` lists (TEI's answer, Infinity's `data`)."""
+    results: list[Result] = []
+    for i, entry in enumerate(rows):
+        scores = scores_from_pairs(entry, f"{where}[{i}]")
+        if isinstance(scores, str):
+            return scores
+        results.append({target: {"scores": scores}})
+    return results
 
 
 def scores_from_probs(probs: Any, labels: Sequence[str], where: str) -> dict[str, float] | str:

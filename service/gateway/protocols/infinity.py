@@ -12,23 +12,19 @@ from typing import Any, ClassVar
 import orjson
 
 from service.gateway.protocols.base import (
+    Defaults,
     Result,
     Route,
     ServerInfo,
     first_message,
     render_text,
-    scores_from_pairs,
+    results_from_pairs,
 )
+from service.gateway.protocols.mistral import Mistral
 
 
-class Infinity:
+class Infinity(Defaults):
     name: ClassVar[str] = "infinity"
-    labels_by_index: ClassVar[bool] = False
-    labels_from_server: ClassVar[bool] = False
-    server_errors: ClassVar[frozenset[int]] = frozenset()
-
-    def root(self, base_url: str) -> str:
-        return base_url
 
     def path(self, route: Route) -> str:
         return "/classify"
@@ -45,21 +41,7 @@ class Infinity:
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
             return "the body has no 'data' list (Infinity's classify answer)"
-        results: list[Result] = []
-        for i, entry in enumerate(data):
-            scores = scores_from_pairs(entry, f"data[{i}]")
-            if isinstance(scores, str):
-                return scores
-            results.append({route.target: {"scores": scores}})
-        return results
+        return results_from_pairs(data, route.target, "data")
 
     def error_text(self, payload: Any) -> str | None:
-        from service.gateway.protocols.mistral import Mistral
-
         return first_message(payload, "error", "message") or Mistral().error_text(payload)
-
-    def info_path(self, route: Route) -> str | None:
-        return None
-
-    def read_info(self, route: Route, payload: Any) -> ServerInfo | str:
-        return ServerInfo()

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import orjson
 
 from service.gateway.protocols.base import (
+    Defaults,
     Result,
     Route,
     ServerInfo,
@@ -51,14 +52,10 @@ def _pick(outputs: list[Any]) -> Any:
     return named[0] if named else outputs[0]
 
 
-class KServeV2:
+class KServeV2(Defaults):
     name: ClassVar[str] = "kserve-v2"
     labels_by_index: ClassVar[bool] = True
     labels_from_server: ClassVar[bool] = True
-    server_errors: ClassVar[frozenset[int]] = frozenset()
-
-    def root(self, base_url: str) -> str:
-        return base_url
 
     def path(self, route: Route) -> str:
         return f"/v2/models/{quote(route.model, safe='')}/infer"

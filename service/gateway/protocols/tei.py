@@ -19,23 +19,20 @@ from typing import Any, ClassVar
 import orjson
 
 from service.gateway.protocols.base import (
+    Defaults,
     Result,
     Route,
     ServerInfo,
     first_message,
     render_text,
-    scores_from_pairs,
+    results_from_pairs,
 )
 
 
-class TEI:
+class TEI(Defaults):
     name: ClassVar[str] = "tei"
-    labels_by_index: ClassVar[bool] = False
     labels_from_server: ClassVar[bool] = True
     server_errors: ClassVar[frozenset[int]] = frozenset({424})
-
-    def root(self, base_url: str) -> str:
-        return base_url
 
     def path(self, route: Route) -> str:
         return "/predict"
@@ -51,13 +48,7 @@ class TEI:
                info: ServerInfo | None) -> list[Result] | str:
         if not isinstance(payload, list):
             return "the body is not a list of predictions (TEI's batch answer)"
-        results: list[Result] = []
-        for i, entry in enumerate(payload):
-            scores = scores_from_pairs(entry, f"[{i}]")
-            if isinstance(scores, str):
-                return scores
-            results.append({route.target: {"scores": scores}})
-        return results
+        return results_from_pairs(payload, route.target, "")
 
     def error_text(self, payload: Any) -> str | None:
         return first_message(payload, "error", "message")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import orjson
 
 from service.gateway.protocols.base import (
+    Defaults,
     Result,
     Route,
     ServerInfo,
@@ -24,11 +25,9 @@ from service.gateway.protocols.base import (
 )
 
 
-class VLLM:
+class VLLM(Defaults):
     name: ClassVar[str] = "vllm"
     labels_by_index: ClassVar[bool] = True
-    labels_from_server: ClassVar[bool] = False
-    server_errors: ClassVar[frozenset[int]] = frozenset()
 
     def root(self, base_url: str) -> str:
         return base_url.removesuffix("/v1")
@@ -63,9 +62,3 @@ class VLLM:
 
     def error_text(self, payload: Any) -> str | None:
         return first_message(payload, "error", "message", "detail")
-
-    def info_path(self, route: Route) -> str | None:
-        return None
-
-    def read_info(self, route: Route, payload: Any) -> ServerInfo | str:
-        return ServerInfo()

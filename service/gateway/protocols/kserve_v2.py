@@ -6,8 +6,10 @@ accepted too). With several outputs, the one named `probabilities` is read, else
 
 Classes come by index, so the labels are the task's `labels`, else the model metadata
 (`GET /v2/models/{model}`): the output tensor's `parameters.labels` (or the metadata's own
-`parameters.labels`), a list or a comma-separated string, as the runtime the factory exports for
-KServe publishes them. Errors are `{"error": "..."}`.
+`parameters.labels`), a list or a comma-separated string, where the server publishes tensor
+parameters (MLServer's model settings can; KServe's Python server drops them, so tasks on the
+factory's KServe export list their labels, as `models export` prints). Errors are
+`{"error": "..."}`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from service.commands.datacheck import describe_report, errors_text, problem
+from service.commands.datacheck import (
+    csv_problem,
+    describe_report,
+    errors_text,
+    problem,
+    training_problem,
+)
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.prepare import Plan, PrepareError, plan, read_report, write_jsonl
@@ -64,13 +70,18 @@ def register(sub: Sub) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     reports: list[tuple[str, ValidationReport]] = []
+    problems: list[str] = []
     for path in args.files:
+        if reason := csv_problem(path):  # one sentence, not an error on every line
+            problems.append(reason)
+            continue
         try:
             report = validate_file(path, keep_examples=False)
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
         reports.append((str(path), report))
-    problems = [p for name, report in reports if (p := problem(name, report))]
+    problems += [p for name, report in reports
+                 if (p := problem(name, report) or training_problem(name, report))]
     kinds = {report.kind for _, report in reports if report.kind}
     if len(kinds) > 1:
         problems.append("the files mix text and chat data: " + ", ".join(

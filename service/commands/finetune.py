@@ -24,12 +24,12 @@ from service.commands.api import (
     upstream_api,
     upstream_from,
 )
-from service.commands.datacheck import problem
+from service.commands.datacheck import csv_problem, problem, training_problem
 from service.commands.errors import UserError
 from service.commands.jobwatch import finish, follow_up_command, watch_interactively
 from service.commands.output import print_json
 from service.commands.tasksfile import add_tasks_file_argument
-from service.factory.data import ValidationReport, validate_file
+from service.factory.data import ValidationReport, merge_reports, validate_file
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -77,6 +77,11 @@ def register(sub: Sub) -> None:
 
 
 def _validate(path: Path) -> ValidationReport:
+    """The checks the upstream would make after the upload, made now: a bad file fails in a second,
+    not after an upload and a queued job."""
+    reason = csv_problem(path)
+    if reason:
+        raise UserError(reason)
     try:
         report = validate_file(path, keep_examples=False)
     except OSError as exc:
@@ -123,6 +128,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if report.kind != train.kind:
             raise UserError(f"{path} is {report.kind} data but {args.train[0]} is {train.kind} "
                             "data; train on one kind")
+    named = " + ".join(str(path) for path in args.train)
+    reason = training_problem(named, merge_reports(reports))  # the files train one model together
+    if reason:
+        raise UserError(f"{reason}; see the labels with `classifier-gateway data validate "
+                        f"{' '.join(str(path) for path in args.train)}`")
     if args.validation is not None:
         validation = _validate(args.validation)
         if validation.kind != train.kind:

@@ -197,9 +197,18 @@ def test_a_bad_file_fails_before_anything_is_uploaded(stack: Stack) -> None:
 
 
 def test_a_failed_job_gives_the_factorys_reason_and_registers_nothing(stack: Stack) -> None:
+    """A one-label file: `finetune` refuses it locally now, so the job is created directly on the
+    factory (as another client would), and `jobs wait` reports the factory's reason."""
     single = small_corpus(stack, "single.jsonl", labels=("tech",), per_label=10)
     before = stack.tasks.read_bytes()
-    result = stack.cli("finetune", "--task", "single", "--train", str(single))
+    auth = {"Authorization": f"Bearer {FACTORY_KEY}"}
+    uploaded = httpx.post(f"{stack.factory_url}/v1/files", headers=auth, data={
+        "purpose": "fine-tune"}, files={"file": ("single.jsonl", single.read_bytes())}).json()
+    job = httpx.post(f"{stack.factory_url}/v1/fine_tuning/jobs", headers=auth, json={
+        "model": "local-ngram", "job_type": "classifier", "auto_start": True,
+        "hyperparameters": {"training_steps": 10},
+        "training_files": [{"file_id": uploaded["id"], "weight": 1}]}).json()
+    result = stack.cli("jobs", "wait", job["id"], "--task", "single", "--poll-interval", "0.2")
     assert result.returncode == 1
     assert re.fullmatch(r"classifier-gateway: job \S+ FAILED_VALIDATION: target 'topic' has only "
                         r"the label\(s\) \['tech'\] .*needs at least two labels",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -93,9 +94,9 @@ def test_data_validate_lists_line_errors_and_exits_1_with_one_line(
 
 def test_data_validate_rejects_text_and_chat_files_together(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "labels": {"x": "y"}}])
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"}],
-                                               "labels": {"x": "y"}}])
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": t, "labels": {"x": t}} for t in "yz"])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": t}],
+                                               "labels": {"x": t}} for t in "yz"])
     code, _, err = run(capsys, "data", "validate", str(text), str(chat))
     assert code == 1 and "mix text and chat data" in err
 
@@ -416,3 +417,44 @@ def test_server_help_lists_every_setting_and_where_each_is_explained(
     assert "docs/configuration.md#settings" in out
     for field in fields:
         assert f"\n  {prefix}{field.upper()}=" in out, field
+
+
+def bbc_like_csv(path: Path) -> Path:
+    path.write_text('article,topic\n"Shares fell, and then rose",business\n"The striker scored",'
+                    'sport\n' * 3)
+    return path
+
+
+def test_data_validate_recognises_a_csv_and_points_to_data_prepare(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to report every line as "not valid JSON" (15,086 of them for the BBC corpus)."""
+    source = bbc_like_csv(tmp_path / "bbc.csv")
+    code, out, err = run(capsys, "data", "validate", str(source))
+    assert code == 1 and out == ""
+    assert err == (f"classifier-gateway: {source} is a CSV file (columns: article, topic), not "
+                   f"JSONL: turn it into training files with `classifier-gateway data prepare "
+                   f"{source} --text-column COLUMN --label-column COLUMN --out-dir DIR`\n")
+
+
+def test_finetune_checks_locally_what_the_server_would_refuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV, or a training file with one label (say `head -300` of a file grouped by label),
+    fails here in a second, before any upload; it used to fail on the server, after it. The
+    factory address is a closed port: reaching for it would be a different error."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("FACTORY_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        source = bbc_like_csv(tmp_path / "bbc.csv")
+        code, _, err = run(capsys, "finetune", "--task", "news", "--train", str(source))
+        assert code == 1 and f"{source} is a CSV file (columns: article, topic)" in err
+        one_label = write_jsonl(tmp_path / "tech.jsonl", [
+            {"text": f"gadget {i}", "labels": {"topic": "tech"}} for i in range(20)])
+        code, _, err = run(capsys, "finetune", "--task", "news", "--train", str(one_label))
+    assert code == 1
+    assert err == (f"classifier-gateway: {one_label}: target 'topic' has only the label 'tech': a "
+                   "classifier needs at least two labels per target; add examples of the others "
+                   "(a file cut from one grouped by label? `data prepare` writes it shuffled); "
+                   f"see the labels with `classifier-gateway data validate {one_label}`\n")
+    code, _, err = run(capsys, "data", "validate", str(one_label))
+    assert code == 1 and "target 'topic' has only the label 'tech'" in err

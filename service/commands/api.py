@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +200,29 @@ def upstream_api(upstream: Upstream, transport: httpx.BaseTransport | None = Non
                start_hint=hint, transport=transport)
 
 
+#: The client key convention (docs/configuration.md, "Client keys"): the gateway accepts the keys
+#: listed in GATEWAY_API_KEYS; a client sends one of them, read from GATEWAY_API_KEY.
+GATEWAY_KEY_ENV = "GATEWAY_API_KEY"
+#: What the demo's curl lines used to read; still accepted, with a warning, until it is renamed.
+DEPRECATED_GATEWAY_KEY_ENV = "GATEWAY_KEY"
+
+
+def gateway_key() -> str | None:
+    key = os.environ.get(GATEWAY_KEY_ENV)
+    if key:
+        return key
+    old = os.environ.get(DEPRECATED_GATEWAY_KEY_ENV)
+    if old:
+        print(f"classifier-gateway: warning: {DEPRECATED_GATEWAY_KEY_ENV} is deprecated; name the "
+              f"gateway's client key {GATEWAY_KEY_ENV} instead (it is used this time)",
+              file=sys.stderr)
+        return old
+    return None
+
+
 def gateway_api(args: argparse.Namespace, timeout_s: float = 60.0) -> Api:
-    return Api(args.gateway_url.rstrip("/"), what="the gateway",
-               key=os.environ.get("GATEWAY_API_KEY") or None, key_env="GATEWAY_API_KEY",
+    return Api(args.gateway_url.rstrip("/"), what="the gateway", key=gateway_key(),
+               key_env=GATEWAY_KEY_ENV,
                start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL",
                timeout_s=timeout_s)
 

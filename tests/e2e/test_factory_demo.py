@@ -71,7 +71,7 @@ def test_demo_with_keys_on_both_services_never_prints_them(tmp_path: Path) -> No
                                             "GATEWAY_API_KEYS": "gateway-secret-1,other"})
     assert "First answer: " in out and "Redis: disabled" in out
     assert "factory-secret-1" not in out and "gateway-secret-1" not in out
-    assert "$GATEWAY_KEY" in out
+    assert "$GATEWAY_API_KEY" in out and "$GATEWAY_KEY" not in out  # one name: docs, "Client keys"
     tasks = (tmp_path / "data" / "demo-tasks.yaml").read_text()
     assert "api_key_env: FACTORY_API_KEY" in tasks and "factory-secret-1" not in tasks
 

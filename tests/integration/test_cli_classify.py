@@ -109,6 +109,15 @@ def test_the_gateway_key_comes_from_the_environment_and_is_never_echoed(
         code, _, _ = run(capsys, "classify", "--task", "sentiment", "--gateway-url", stack.url, "x")
         assert code == 0
 
+        # The name the demo's curl lines used: still accepted, with a warning to rename it.
+        monkeypatch.delenv("GATEWAY_API_KEY")
+        monkeypatch.setenv("GATEWAY_KEY", "right-key")
+        code, _, err = run(capsys, "classify", "--task", "sentiment", "--gateway-url", stack.url,
+                           "x")
+        assert code == 0
+        assert err == ("classifier-gateway: warning: GATEWAY_KEY is deprecated; name the gateway's "
+                       "client key GATEWAY_API_KEY instead (it is used this time)\n")
+
 
 def test_a_gateway_that_is_down_says_how_to_start_it(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:

@@ -136,3 +136,15 @@ def test_the_site_includes_the_readme_sections_it_names() -> None:
 
 def test_the_architecture_page_draws_both_flows() -> None:
     assert page("architecture.md").count("```mermaid\n") == 2
+
+
+def test_the_client_key_convention_is_written_once_and_the_old_name_only_as_such() -> None:
+    """GATEWAY_API_KEYS on the gateway, GATEWAY_API_KEY in clients: one section says so, the
+    others link to it, and the demo's old `$GATEWAY_KEY` appears only where it is called old."""
+    pages = {path.name: path.read_text() for path in DOCS.glob("*.md")} | {"README.md": README}
+    assert sum("\n## Client keys\n" in text for text in pages.values()) == 1
+    assert "\n## Client keys\n" in pages["configuration.md"]
+    for name, text in pages.items():
+        for line in text.splitlines():
+            if "GATEWAY_KEY`" in line:
+                assert name == "configuration.md" and "used to" in line, (name, line)

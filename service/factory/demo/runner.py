@@ -259,7 +259,7 @@ def _gateway_key() -> str | None:
 
 
 def curl_lines(gateway_url: str, with_key: bool = False) -> list[str]:
-    auth = ' -H "Authorization: Bearer $GATEWAY_KEY"' if with_key else ""
+    auth = ' -H "Authorization: Bearer $GATEWAY_API_KEY"' if with_key else ""
     lines = []
     for task in TASKS:
         route = "/classify" if task.kind == "text" else "/classify-chat"
@@ -341,7 +341,8 @@ def _run_demo(options: DemoOptions) -> int:
         _say(f"First answer: {r.text}")
         _say("Try:")
         if gateway_key:
-            _say("  (GATEWAY_API_KEYS is set: export GATEWAY_KEY=<one of them> first)")
+            _say("  (GATEWAY_API_KEYS is set: export GATEWAY_API_KEY=<one of them> first, the "
+                 "variable classifier-gateway classify reads too)")
         for line in curl_lines(gateway_url, with_key=bool(gateway_key)):
             _say(f"  {line}")
         if options.once:

@@ -54,3 +54,4 @@ bench: install-dev
 	$(PY) -m bench.faults
 	$(PY) -m bench.factory_bench
 	$(PY) -m bench.minilm_bench
+	$(PY) -m bench.export_fidelity

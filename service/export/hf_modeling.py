@@ -4,9 +4,9 @@
 `modeling_minilm_classifier.py`, named by `auto_map` in its `config.json`).
 
 Why custom code: the factory's network is MiniLM + *mean pooling over the real tokens* + one linear
-layer. `BertForSequenceClassification` (and TEI's and vLLM's BERT classifiers) read the [CLS]
-token through a tanh pooler instead, so no stock architecture computes this model, and loading the
-weights into one would silently score with a random pooler. The export therefore has its own
+layer. `BertForSequenceClassification` reads the [CLS] token through a tanh pooler instead (TEI's
+and vLLM's BERT classifiers read [CLS] too), so no stock architecture computes this model, and
+loading the weights into one would silently score with a random pooler. The export therefore has its own
 `model_type`: transformers refuses it without `trust_remote_code=True`, rather than guessing.
 
     AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)

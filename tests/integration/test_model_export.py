@@ -97,6 +97,33 @@ def test_an_encoder_weight_without_ngram_weight_is_folded_into_the_graph(
     assert np.abs(served - expected).max() < 1e-6
 
 
+def test_each_target_gets_its_own_columns_and_a_multi_label_target_its_sigmoids(
+        minilm_dir: Path, tmp_path: Path) -> None:
+    """The network's two logits declared as two one-label multi-label targets: each export
+    directory carries its own column of the graph (a Slice) and scores it with a sigmoid, as the
+    factory does."""
+    two = tmp_path / "two"
+    shutil.copytree(minilm_dir, two)
+    meta = orjson.loads((two / "model.json").read_bytes())
+    meta["heads"] = [{"name": "is negative", "labels": ["negative"],
+                      "loss_function": "multi_class", "weight": 1.0},
+                     {"name": "is positive", "labels": ["positive"],
+                      "loss_function": "multi_class", "weight": 1.0}]
+    meta["weights"] = [[1.0, 0.0], [2.0, 0.0]]
+    (two / "model.json").write_bytes(orjson.dumps(meta))
+    for fmt in ("onnx", "hf"):
+        report = export(two, "m", fmt, tmp_path / fmt)
+        assert [t["directory"] for t in report["targets"]] == ["is_negative", "is_positive"]
+        config = orjson.loads((tmp_path / fmt / "is_positive" / "config.json").read_bytes())
+        assert config["problem_type"] == "multi_label_classification"
+        assert config["id2label"] == {"0": "positive"}
+    factory = MiniLMModel.load(two).predict_proba(TEXTS)
+    for k, directory in enumerate(("is_negative", "is_positive")):
+        served = ExportedModel(tmp_path / "onnx" / directory).probabilities(TEXTS)
+        assert served.shape == (len(TEXTS), 1)
+        assert np.abs(served - factory[k]).max() < 1e-6
+
+
 def test_a_blended_model_exports_its_encoder_and_says_how_far_that_is_from_the_factory(
         minilm_dir: Path, tmp_path: Path) -> None:
     blended = _with_weights(minilm_dir, tmp_path / "blended", [[0.75, 0.25]])

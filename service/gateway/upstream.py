@@ -17,7 +17,8 @@ Failure policy, in one place:
 - connection errors, 429 and 5xx are retried with exponential backoff and full jitter, never less than
   the upstream's `Retry-After`, at most `retry_attempts` attempts, and never past the caller's deadline:
   a retry that cannot start before the deadline fails at once with `UpstreamUnavailable`; retries
-  of failures (not of 429s) also need the retry budget (`retry_budget` of calls, resilience.py);
+  of failures (and of a 429 without `Retry-After`) also need the retry budget (`retry_budget` of
+  calls, resilience.py);
 - 429 is backpressure, not failure: its `Retry-After` is waited (within the deadline), and it never
   counts against the circuit;
 - running out of time during an attempt is `UpstreamTimeout`; any other 4xx is `UpstreamRejected`
@@ -326,7 +327,10 @@ class UpstreamClient:
                         retry_after = max(breaker.retry_after(), retry_after)
                         why = ("and the circuit breaker has opened meanwhile: calls fail fast for "
                                f"{breaker.retry_after():.1f} s")
-                    elif not backpressure and not self.budget.try_spend():
+                    elif (not backpressure or failure.retry_after_s is None) and \
+                            not self.budget.try_spend():
+                        # A 429 that says when to come back is waited out, free; one that does
+                        # not is paced by our backoff alone, so it is charged like a failure.
                         self.metrics.child(self.metrics.upstream_retries_throttled,
                                            self.spec.name).inc()
                         why = ("and the retry budget is spent (retries may be GATEWAY_RETRY_BUDGET "

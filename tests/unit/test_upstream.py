@@ -20,6 +20,7 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Route
 from service.gateway.protocols.mistral import check_results
 from service.gateway.registry import UpstreamSpec
+from service.gateway.resilience import RetryBudget
 from service.gateway.settings import Settings
 from service.gateway.upstream import UpstreamClient, parse_retry_after
 
@@ -255,3 +256,30 @@ async def test_past_deadline_does_not_count_against_the_upstream() -> None:
         assert not client.circuit_open
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(("first", "retried"), [
+    (httpx.Response(429, headers={"Retry-After": "0.01"}), True),  # waited out, free
+    (httpx.Response(429), False),  # no Retry-After: paced by our backoff, charged
+    (httpx.Response(500), False),
+])
+async def test_an_empty_retry_budget_stops_all_but_announced_backpressure(
+        first: httpx.Response, retried: bool) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return first if calls == 1 else ok(request)
+
+    client = make_client(handler)
+    client.budget = RetryBudget(0.0, min_per_s=0.0)  # nothing to spend
+    try:
+        if retried:
+            assert await client.classify(Route.text("m"), ["x"], deadline=in_s(5)) == [OK_RESULT]
+        else:
+            with pytest.raises(UpstreamUnavailable, match="retry budget is spent"):
+                await client.classify(Route.text("m"), ["x"], deadline=in_s(5))
+    finally:
+        await client.aclose()
+    assert calls == (2 if retried else 1)

@@ -92,6 +92,13 @@ def create_app(settings: Settings | None = None, *,
             if not await cache.ping():
                 log.warning("Redis at %s is not answering; serving without the cache until it "
                             "does", cache.description)
+            log.info("result cache: Redis at %s, TTL %ds unless a task sets cache_ttl_s",
+                     cache.description, settings.cache_ttl_s)
+        else:
+            # Said at start-up, because it is the first thing to check when latency is high:
+            # `serve` runs uncached unless told, where the demo picks up a local Redis.
+            log.info("result cache: none (GATEWAY_REDIS_URL or --redis-url is empty): every "
+                     "request goes to its upstream")
         upstreams = UpstreamPool(settings, metrics)
         batcher = build_batcher(settings, metrics, cache)
         classifier = Classifier(

@@ -15,10 +15,13 @@ from service.commands.api import (
 from service.commands.errors import UserError
 from service.commands.jobwatch import (
     FINAL_STATUSES,
+    duration_text,
+    evaluation_lines,
     failure_reason,
     finish,
     follow_up_command,
     get_job,
+    job_duration_s,
     resolve_kind,
     watch_interactively,
 )
@@ -96,13 +99,16 @@ def describe_job(job: dict[str, Any]) -> str:
         f"job {job.get('id')}: {job.get('status')}",
         f"  model: {job.get('model')}",
         f"  fine-tuned model: {job.get('fine_tuned_model') or '-'}",
-        f"  created: {when(job.get('created_at'))} UTC, modified: {when(job.get('modified_at'))} UTC",
-        "  hyperparameters: " + ", ".join(
+        f"  created: {when(job.get('created_at'))} UTC, modified: {when(job.get('modified_at'))} UTC"
+        + (f", took {duration_text(took)}" if (took := job_duration_s(job)) is not None
+           and job.get("status") in FINAL_STATUSES else ""),
+        "  hyperparameters: " + (", ".join(
             f"{k}={v}" for k, v in sorted((job.get("hyperparameters") or {}).items())
-            if v is not None),
+            if v is not None) or "the upstream's defaults"),
     ]
     if job.get("status") in ("FAILED", "FAILED_VALIDATION"):
         lines.append(f"  reason: {failure_reason(job)}")
+    lines.extend(f"  {line}" for line in evaluation_lines(job))
     for target in job.get("classifier_targets") or []:
         labels = target.get("labels") or []
         lines.append(f"  target {target.get('name')} ({target.get('loss_function')}): "

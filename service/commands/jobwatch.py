@@ -246,6 +246,21 @@ def resolve_kind(api: Api, job: dict[str, Any], asked: str | None) -> str:
     return kind
 
 
+def evaluation_lines(job: dict[str, Any]) -> list[str]:
+    """The final evaluation on the validation files, one line per target: the local factory's
+    extra (Mistral's API reports only the checkpoints' metrics)."""
+    evaluation = job.get("evaluation")
+    lines = []
+    if isinstance(evaluation, dict):
+        for target, scores in (evaluation.get("targets") or {}).items():
+            if isinstance(scores, dict) and "accuracy" in scores:
+                extra = (f", macro F1 {scores['macro_f1']:.4f}"
+                         if isinstance(scores.get("macro_f1"), int | float) else "")
+                lines.append(f"validation, target {target}: accuracy {scores['accuracy']:.4f}"
+                             f"{extra} on {scores.get('examples')} examples")
+    return lines
+
+
 def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
            kind: str, multi_label: list[str]) -> int:
     """Report the outcome; on SUCCESS register the model under the task, and return once the
@@ -292,14 +307,8 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
         ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
     if shown:
         print(f"  metrics at step {metrics.get('step')}: " + ", ".join(shown))
-    evaluation = job.get("evaluation")  # the local factory's extra: held-out scores per target
-    if isinstance(evaluation, dict):
-        for target, scores in (evaluation.get("targets") or {}).items():
-            if isinstance(scores, dict) and "accuracy" in scores:
-                extra = (f", macro F1 {scores['macro_f1']:.4f}"
-                         if isinstance(scores.get("macro_f1"), int | float) else "")
-                print(f"  validation, target {target}: accuracy {scores['accuracy']:.4f}{extra} "
-                      f"on {scores.get('examples')} examples")
+    for line in evaluation_lines(job):
+        print(f"  {line}")
     print(f"  model: {model}")
     if canary is not None:
         print(f"task {args.task}: canary {model} answers {canary:g} of its items (its model "

@@ -27,8 +27,10 @@ def register(sub: Sub) -> None:
                             description="Models on the upstream (--upstream local|mistral).")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    p = actions.add_parser("list", help="the models, fine-tuned ones first")
+    p = actions.add_parser("list", help="the models, fine-tuned ones first, with the tasks that "
+                                        "use each")
     p.add_argument("--fine-tuned", action="store_true", help="only fine-tuned models")
+    add_tasks_file_argument(p)
     add_upstream_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_list)
@@ -76,15 +78,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.fine_tuned:
         models = [m for m in models if _fine_tuned(m)]
     models.sort(key=lambda m: (not _fine_tuned(m), -(m.get("created") or 0), str(m.get("id"))))
+    users = tasksfile.model_users(args.tasks)
     if args.json:
-        print_json({"data": models})
+        print_json({"tasks_file": str(args.tasks),
+                    "data": [{**m, "used_by": users.get(str(m.get("id")), [])} for m in models]})
         return 0
     if not models:
         print("no models")
         return 0
-    print(table(["model", "fine-tuned", "created (UTC)"],
-                [(m.get("id"), "yes" if _fine_tuned(m) else "no", when(m.get("created")))
-                 for m in models]))
+    print(table(["model", "fine-tuned", "created (UTC)", "tasks"],
+                [(m.get("id"), "yes" if _fine_tuned(m) else "no", when(m.get("created")),
+                  ", ".join(users.get(str(m.get("id")), [])) or "-") for m in models]))
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -64,16 +65,19 @@ class Progress:
     """Progress of a long operation. On a terminal: one line redrawn in place, with a bar.
     Elsewhere: a plain line each time the message changes, so logs stay readable."""
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self._last = ""
         self._drawn = False
+        self._clock = clock
+        self._started = clock()
 
     def update(self, message: str, done: int | None = None, total: int | None = None) -> None:
         if self.tty:
             bar = _bar(done, total) if total else ""
-            text = f"{bar}{message}"
+            text = f"{bar}{message}  {self._timing(done, total)}"
             width = shutil.get_terminal_size((100, 20)).columns - 1
             self.stream.write("\r" + text[:width].ljust(min(width, max(len(self._last), len(text)))))
             self.stream.flush()
@@ -83,12 +87,28 @@ class Progress:
             self.stream.flush()
             self._last = message
 
+    def _timing(self, done: int | None, total: int | None) -> str:
+        """Elapsed time, and the time left at the rate so far (a terminal only: in a log each
+        line would differ, and one line per change is the point there)."""
+        elapsed = self._clock() - self._started
+        text = f"{clock_text(elapsed)} elapsed"
+        if done and total and 0 < done < total:
+            text += f", ETA {clock_text(elapsed / done * (total - done))}"
+        return text
+
     def close(self) -> None:
         """End the redrawn line, so that what follows starts on a fresh one."""
         if self.tty and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+def clock_text(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _bar(done: int | None, total: int, width: int = 16) -> str:

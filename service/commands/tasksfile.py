@@ -218,3 +218,23 @@ def set_canary(path: Path, name: str, upstream: Upstream | str, *, model: str,
         task["canary"] = canary
 
     edit(path, change)
+
+
+def model_users(path: Path) -> dict[str, list[str]]:
+    """Which tasks of the file use each model, and how: `news` (its model), `news (canary)`,
+    `news (shadow)`, `news (fallback)`, `news (previous)`. Empty when the file does not exist."""
+    if not path.exists():
+        return {}
+    users: dict[str, list[str]] = {}
+    for name, task in sorted(load(path).tasks.items()):
+        roles = [(task.model, name)]
+        roles += [(ref.model, f"{name} (fallback)") for ref in task.fallbacks]
+        if task.canary is not None:
+            roles.append((task.canary.model, f"{name} (canary)"))
+        if task.shadow is not None:
+            roles.append((task.shadow.model, f"{name} (shadow)"))
+        if task.previous is not None:
+            roles.append((task.previous.model, f"{name} (previous)"))
+        for model, user in roles:
+            users.setdefault(model, []).append(user)
+    return users

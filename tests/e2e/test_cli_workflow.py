@@ -167,7 +167,9 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     jobs = stack.cli("jobs", "list", "--json")
     assert any(j["fine_tuned_model"] == model.group(1) for j in orjson.loads(jobs.stdout)["data"])
     models = stack.cli("models", "list", "--fine-tuned")
-    assert model.group(1) in models.stdout
+    # Each model with the tasks that use it.
+    assert re.search(rf"^{re.escape(model.group(1))}  yes  .*  news$", models.stdout, re.MULTILINE), \
+        models.stdout
 
 
 def small_corpus(stack: Stack, name: str, labels: tuple[str, ...] = ("sports", "tech"),

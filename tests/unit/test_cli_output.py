@@ -44,6 +44,18 @@ def test_progress_redraws_one_line_with_a_bar_on_a_terminal() -> None:
     assert "\r[################] SUCCESS" in text
 
 
+def test_the_progress_bar_shows_the_elapsed_time_and_an_eta() -> None:
+    now = [100.0]
+    stream = io.StringIO()
+    progress = Progress(stream, tty=True, clock=lambda: now[0])
+    now[0] = 130.0
+    progress.update("RUNNING  step 25/100", 25, 100)
+    assert "RUNNING  step 25/100  0:30 elapsed, ETA 1:30" in stream.getvalue()
+    now[0] = 3_800.0
+    progress.update("SUCCESS  step 100/100", 100, 100)
+    assert stream.getvalue().rstrip().endswith("SUCCESS  step 100/100  1:01:40 elapsed")
+
+
 @pytest.mark.parametrize(("body", "expected"), [
     ({"error": {"type": "unknown_task", "message": "Unknown task 'x'."}}, "Unknown task 'x'."),
     ({"object": "error", "message": "No such job", "type": "invalid_request_error"}, "No such job"),
@@ -137,3 +149,20 @@ def test_the_kind_of_a_training_example() -> None:
     assert kind_of_example(b'{"messages": [{"role": "user", "content": "hi"}], "labels": {}}') == "chat"
     assert kind_of_example(b'{"text": "hi", "labels": {"a": "b"}}') == "text"
     assert kind_of_example(b"not json") is None
+
+
+def test_jobs_get_shows_the_hyperparameters_duration_and_final_evaluation() -> None:
+    from service.commands.jobs import describe_job
+
+    job = {"id": "j1", "status": "SUCCESS", "model": "local-ngram", "fine_tuned_model": "ft:x",
+           "created_at": 1_000, "modified_at": 1_019, "hyperparameters": {"training_steps": 100,
+                                                                         "learning_rate": 0.0001},
+           "evaluation": {"targets": {"topic": {"accuracy": 0.96875, "macro_f1": 0.9685,
+                                                "examples": 192}}}}
+    text = describe_job(job)
+    assert "created: 1970-01-01 00:16:40 UTC, modified: 1970-01-01 00:16:59 UTC, took 19s" in text
+    assert "  hyperparameters: learning_rate=0.0001, training_steps=100\n" in text
+    assert ("  validation, target topic: accuracy 0.9688, macro F1 0.9685 on 192 examples"
+            in text)
+    assert "hyperparameters: the upstream's defaults" in describe_job({**job,
+                                                                       "hyperparameters": {}})

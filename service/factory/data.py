@@ -2,7 +2,7 @@
 
 One line is one example: `{"text": "...", "labels": {...}}` for a text classifier, or
 `{"messages": [{"role": "user", "content": "..."}], "labels": {...}}` for a chat classifier
-(`shared/reference/mistral-api.md`, "Training data"). `labels` maps a target name to one label (a
+(Mistral's classifier training format; docs/factory.md, "Data"). `labels` maps a target name to one label (a
 string) or to several (a non-empty list of strings); a target with list values is multi-label.
 
 The module is pure (no I/O besides `validate_file`), so the factory can run it in a worker thread and

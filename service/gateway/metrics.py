@@ -1,7 +1,8 @@
 """Every Prometheus series the gateway exports, created against an injected registry.
 
-Names and labels are the contract of DESIGN.md. Label values come only from the task registry (an
-unknown task is `unknown`), so a caller cannot blow up cardinality by inventing task names.
+Names and labels are a contract (docs/metrics.md lists them, the alerts and the dashboard select on
+them). Label values come only from the task registry (an unknown task is `unknown`), so a caller
+cannot blow up cardinality by inventing task names.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The factory over real HTTP (uvicorn on a loopback port): files, jobs, models, classification,
-errors, auth and metrics, as `shared/reference/mistral-api.md` describes them."""
+errors, auth and metrics, in Mistral's wire format (docs/factory.md)."""
 
 from __future__ import annotations
 

@@ -148,3 +148,15 @@ def test_the_client_key_convention_is_written_once_and_the_old_name_only_as_such
         for line in text.splitlines():
             if "GATEWAY_KEY`" in line:
                 assert name == "configuration.md" and "used to" in line, (name, line)
+
+
+def test_nothing_cites_the_design_documents_outside_the_repository() -> None:
+    """Code, tests and docs cite what a reader of this repository can open."""
+    paths = [*ROOT.glob("service/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/**/*.py"),
+             *DOCS.glob("*.md"), ROOT / "README.md"]
+    for path in paths:
+        text = path.read_text()
+        for needle in ("DESIGN.md", "shared/reference", "../shared/", "mistral-api.md"):
+            if path.name == "test_docs.py":
+                continue
+            assert needle not in text, f"{path.relative_to(ROOT)} cites {needle}"

@@ -23,6 +23,7 @@ import yaml
 from service.commands.tasksfile import write_atomically
 from service.gateway.app import create_app
 from service.gateway.registry import RegistryWatcher
+from service.gateway.routes.openapi import TaskList
 from service.gateway.settings import Settings
 from tests.integration.test_deploy_configmap_reload import ConfigMapVolume, tasks_text
 from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
@@ -63,6 +64,7 @@ def test_a_file_replaced_by_a_rename_is_served_without_waiting_for_a_poll(tmp_pa
     settings = Settings(tasks_file=tasks, tasks_poll_interval_s=AN_HOUR, redis_url="")
     with serve(create_app(settings)) as server:
         listing = httpx.get(f"{server.url}/tasks").json()
+        TaskList.model_validate(listing)  # the documented schema (GET /openapi.json) holds
         assert listing["tasks_file"] == str(tasks) and listing["tasks_file_watched"] is True
         assert listing["tasks_poll_interval_s"] == AN_HOUR
         write_atomically(tasks, tasks_yaml(news="ft:classifier:local-ngram:v2",

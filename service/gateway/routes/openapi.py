@@ -97,6 +97,11 @@ class TaskDescription(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskDescription]
     last_reload_error: str | None
+    tasks_file: str = Field(description="The tasks file served, as an absolute path (symlinks "
+                                        "kept), so a client can tell whether it wrote this file.")
+    tasks_file_watched: bool = Field(description="Whether a watch on the file's directory "
+                                                 "reports changes at once (else only polling).")
+    tasks_poll_interval_s: float = Field(description="How often the file is also checked.")
 
 
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",

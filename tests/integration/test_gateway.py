@@ -566,3 +566,16 @@ async def test_a_client_gone_while_sending_its_body_is_counted_499(stack: Gatewa
             await asyncio.sleep(0.05)
     assert 'gateway_requests_total{route="/classify",status="499",task="unknown"} 1.0' in text
     assert stack.upstream.calls == []
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": [{"type": "text", "text": "hi", "n": 2**70}]},
+    {"role": "user", "content": "hi", "extra": [1, -(2**80)]},  # extra keys are sent on too
+])
+async def test_an_integer_beyond_64_bits_anywhere_in_a_conversation_is_a_422(
+        stack: GatewayStack, message: dict[str, Any]) -> None:
+    body = {"model": "ft:classifier:test:intent", "input": [{"messages": [message]}]}
+    r = await post(stack, "/v1/chat/classifications", body)
+    assert r.status_code == 422, r.text
+    assert "keep integers within 64 bits" in r.text
+    assert stack.upstream.calls == []

@@ -27,6 +27,7 @@ def conversations_payload(conversations: Sequence[Conversation], settings: Setti
     payload = []
     for index, conversation in enumerate(conversations):
         item = conversation.model_dump(exclude_none=True)
+        _json_size(index, item)  # extra keys of a message are sent on too: all must encode
         chars = sum(
             len(m.content) if isinstance(m.content, str) else _json_size(index, m.content)
             for m in conversation.messages
@@ -45,8 +46,8 @@ def _json_size(index: int, content: Any) -> int:
     except orjson.JSONEncodeError as exc:
         raise RequestValidationError([{
             "loc": ("body", "input", index, "messages"), "type": "value_error",
-            "msg": f"message content cannot be sent on as JSON ({exc}); keep integers within "
-                   "64 bits"}]) from None
+            "msg": f"the conversation cannot be sent on as JSON ({exc}); keep integers "
+                   "within 64 bits"}]) from None
 
 
 def _check_count(count: int, settings: Settings) -> None:

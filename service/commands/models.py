@@ -94,12 +94,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     if not args.force and args.tasks.exists():
-        users = sorted(name for name, task in tasksfile.load(args.tasks).tasks.items()
-                       if task.model == args.model_id)
+        # Every role that sends traffic (model, canary, shadow, fallback) would fail once the
+        # model is gone; `previous` would only break a later rollback, so it blocks too.
+        users = tasksfile.model_users(args.tasks).get(args.model_id, [])
         if users:
             raise UserError(f"task(s) {', '.join(users)} in {args.tasks} still use this model and "
                             "would fail once it is gone; point them at another model "
-                            "(`classifier-gateway tasks set`) or pass --force")
+                            "(`classifier-gateway tasks set`, `tasks promote`) or pass --force")
     with upstream_api(upstream_from(args)) as api:
         body = api.delete(f"/v1/models/{args.model_id}")
     if args.json:

@@ -549,3 +549,6 @@ def test_finetune_on_two_files_as_a_canary_then_promote(stack: Stack) -> None:
     task = load_registry(stack.tasks).tasks["loop"]
     assert task.model == new_model.group(1) and task.canary is None
     assert task.previous is not None and task.previous.model == old_model.group(1)
+    # The kept model is what `tasks rollback` needs: deleting it is refused, naming the role.
+    refused = stack.cli("models", "delete", old_model.group(1))
+    assert refused.returncode == 1 and "task(s) loop (previous)" in one_line_error(refused)

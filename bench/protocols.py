@@ -10,7 +10,9 @@ unique so every item reaches the server). Prints one JSON line per protocol.
 Servers: `mistral` is the fake Mistral-compatible upstream (tests/support/fake_upstream.py),
 `tei` and `vllm` the faithful fakes of tests/support/fake_inference.py (the real ones need a GPU
 build or a Rust binary), `infinity` the real Infinity serving a MiniLM classifier on the CPU
-(`make install-dev` makes its virtualenv); the model's own compute dominates there.
+(`make install-dev` makes its virtualenv), `kserve-v2` KServe's own model server serving a
+`local-minilm` model the factory trains and exports here (ONNX, the factory's int8 graph); the
+model's own compute dominates those two.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,6 +50,9 @@ def server(kind: str, tmp: Path) -> Iterator[tuple[str, str]]:
         with process(["-m", "tests.support.fake_inference", kind, "--port", str(port),
                       "--labels", LABELS], port):
             yield f"http://127.0.0.1:{port}", "tei-model" if kind == "tei" else "vllm-model"
+    elif kind == "kserve-v2":
+        with exported_on_kserve(tmp) as (url, name):
+            yield url, name
     elif kind == "infinity":
         from tests.support.hf_classifier import build_model
         from tests.support.infinity_server import running_infinity
@@ -58,10 +65,63 @@ def server(kind: str, tmp: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
+def exported_on_kserve(tmp: Path) -> Iterator[tuple[str, str]]:
+    """Train `local-minilm` (2 steps, no n-gram blend) in a factory, export it as ONNX and serve
+    it with KServe's model server, as tests/e2e/test_export_kserve.py does."""
+    import sys
+
+    from service.cli import main as cli
+    from tests.support.factory import FactoryClient, jsonl, running_factory, sentiment_rows
+
+    with running_factory(tmp / "factory") as factory:
+        client = FactoryClient(factory.url)
+        file_id = client.upload(jsonl(sentiment_rows(48)))["id"]
+        job = client.create_job(file_id, model="local-minilm", hyperparameters={
+            "training_steps": 2, "ngram_blend": False})
+        done = client.wait(job["id"], timeout_s=600)
+        client.close()
+        os.environ["FACTORY_URL"] = factory.url
+        if cli(["models", "export", done["fine_tuned_model"], "--format", "onnx", "--out",
+                str(tmp / "export")]) != 0:
+            raise SystemExit("the export failed")
+    directory = tmp / "export" / "sentiment"
+    port = free_port()
+    with process_at(directory, [sys.executable, str(directory / "kserve_model.py"),
+                                "--model_dir", str(directory), "--model_name", "sentiment",
+                                "--http_port", str(port)], port,
+                    "/v2/models/sentiment/ready"):
+        yield f"http://127.0.0.1:{port}", "sentiment"
+
+
+@contextlib.contextmanager
+def process_at(cwd: Path, argv: list[str], port: int, ready: str) -> Iterator[None]:
+    """A server not of this repository (its own PYTHONPATH-free environment), until ready."""
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "PYTHONPATH": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{argv[1]} did not start")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def gateway(kind: str, url: str, model: str, redis_url: str, tmp: Path) -> Iterator[str]:
     task: dict[str, Any] = {"upstream": "up", "model": model}
     if kind == "vllm":
         task["labels"] = LABELS.split(",")
+    if kind == "kserve-v2":
+        task["labels"] = ["negative", "positive"]
     tasks = tmp / "tasks.yaml"
     tasks.write_text(yaml.safe_dump({"upstreams": {"up": {"base_url": url, "protocol": kind}},
                                      "tasks": {"bench": task}}))
@@ -75,7 +135,8 @@ def gateway(kind: str, url: str, model: str, redis_url: str, tmp: Path) -> Itera
 
 def direct_request(kind: str, url: str, model: str, text: str) -> tuple[str, bytes]:
     wire = protocols.get(kind)
-    route = Route.text(model, "bench", LABELS.split(","))
+    route = Route.text(model, "bench", ["negative", "positive"] if kind == "kserve-v2"
+                       else LABELS.split(","))
     return wire.root(url) + wire.path(route), wire.encode(route, [text])
 
 
@@ -142,13 +203,13 @@ def bench(kind: str, requests: int, concurrency: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocols", default="mistral,tei,vllm,infinity")
+    parser.add_argument("--protocols", default="mistral,tei,vllm,infinity,kserve-v2")
     parser.add_argument("--requests", type=int, default=1000,
                         help="sequential requests per side (Infinity: a fifth)")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     for kind in args.protocols.split(","):
-        n = args.requests // 5 if kind == "infinity" else args.requests
+        n = args.requests // 5 if kind in ("infinity", "kserve-v2") else args.requests
         emit(bench(kind, n, args.concurrency))
 
 

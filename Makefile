@@ -52,6 +52,8 @@ bench: install-dev
 	$(PY) -m bench.upstream_transport
 	$(PY) -m bench.redis_link
 	$(PY) -m bench.faults
+	$(PY) -m bench.protocols
+	$(PY) -m bench.shadow
 	$(PY) -m bench.factory_bench
 	$(PY) -m bench.minilm_bench
 	$(PY) -m bench.export_fidelity

@@ -23,7 +23,7 @@ install-dev:
 	$(PY) -m pip install -q $(TORCH) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e '.[dev,encoder,docs]'
 	test -x .venv-infinity/bin/infinity_emb || ( $(PY) -m venv --system-site-packages .venv-infinity \
-		&& .venv-infinity/bin/pip install -q '$(INFINITY)' )
+		&& .venv-infinity/bin/pip install -q --no-warn-conflicts '$(INFINITY)' )
 
 run: install
 	classifier-gateway demo

@@ -35,6 +35,7 @@ import yaml
 from bench.harness import emit, percentile, process, redis, summary_ms
 from service.gateway import protocols
 from service.gateway.protocols import Route
+from tests.support.processes import wait_ready
 from tests.support.redis_server import free_port
 
 LABELS = "negative,neutral,positive"
@@ -100,16 +101,7 @@ def process_at(cwd: Path, argv: list[str], port: int, ready: str) -> Iterator[No
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "PYTHONPATH": ""},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{argv[1]} did not start")
-            time.sleep(0.2)
+        wait_ready(proc, f"http://127.0.0.1:{port}{ready}", 120, f"{argv[1]} did not start")
         yield
     finally:
         proc.terminate()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from service.cli import main
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
 from tests.support.factory import FactoryClient, jsonl, running_factory, sentiment_rows
-from tests.support.processes import stop
-from tests.support.redis_server import free_port, wait_for_port
+from tests.support.processes import stop, wait_ready
+from tests.support.redis_server import free_port
 from tests.support.servers import serve
 
 LABELS = ["negative", "positive"]
@@ -73,11 +72,7 @@ def _start_kserve(directory: Path, name: str, log: Path) -> tuple[Any, str]:
         env={**os.environ, "PYTHONPATH": ""})  # the export alone: nothing of this repository
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_port(port, 60)
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/v2/models/{name}/ready").status_code != 200:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_ready(process, f"{url}/v2/models/{name}/ready", 120, "KServe did not start")
     except BaseException:
         process.kill()
         raise RuntimeError(f"KServe did not start; its log:\n{log.read_text()}") from None

@@ -7,13 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from tests.support.processes import REPO
+from tests.support.processes import REPO, wait_ready
 from tests.support.redis_server import free_port, terminate
 
 INFINITY = Path(os.environ.get("INFINITY_EMB", REPO / ".venv-infinity" / "bin" / "infinity_emb"))
@@ -38,16 +35,10 @@ def running_infinity(model_dir: Path, served_name: str, log: Path,
              "--host", "127.0.0.1"], env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Infinity did not start; its log:\n{log.read_text()}")
-            time.sleep(0.25)
+        try:
+            wait_ready(process, f"{url}/health", timeout_s, "Infinity did not start")
+        except RuntimeError:
+            raise RuntimeError(f"Infinity did not start; its log:\n{log.read_text()}") from None
         yield url
     finally:
         terminate(process, grace_s=10)

@@ -40,3 +40,19 @@ def spawn(args: list[str], *, env: Mapping[str, str] | None = None, port: int,
 
 def stop(process: subprocess.Popen[bytes]) -> None:
     terminate(process, grace_s=10)
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, why: str) -> None:
+    """Poll `url` until it answers 200; raise `RuntimeError(why)` if the process exits first or
+    the time runs out. For servers not of this repository (Infinity, KServe's model server),
+    whose start-up is an import of torch or onnxruntime and a model load."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(why)
+        time.sleep(0.2)

@@ -126,7 +126,17 @@ class SentinelSetup:
                     time.sleep(0.02)
             finally:
                 client.close()
-        next(r for r in servers if r.port == old).kill()
+        # Replication is asynchronous: a write the master acknowledged may not have reached the
+        # replica yet, and a failover would lose it. WAIT until every replica has it, as an
+        # operator would before a planned failover, so that the test sees the failover, not
+        # that race.
+        dying = next(r for r in servers if r.port == old)
+        master = redis.Redis(port=dying.port, socket_timeout=6)
+        try:
+            master.wait(len(candidates), 5000)
+        finally:
+            master.close()
+        dying.kill()
         while (new := self.master_port()) in (old, None):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Sentinel did not fail over within {timeout_s}s")

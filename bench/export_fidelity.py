@@ -6,17 +6,20 @@ probabilities (`MiniLMModel.predict_proba`, the int8 graph, one call for all 600
 - `onnx`: the ONNX export through the scorer its KServe model server runs, in the same batch;
 - `hf`: the Hugging Face export through transformers (float32), batches of 32 padded, truncated
   to `seq_len` (tweets are shorter: no chunking difference);
-- `batch`: the factory itself, one text per call against all in one call (the int8 graph
-  quantises each call's activations with one scale, so a text's scores depend on its batch);
+- `batch`: the factory itself, each text alone against all 600 in one request (the int8 graph
+  quantises each onnxruntime call's activations with one scale, which is why the factory gives
+  each text a call of its own: this must be 0);
 - `blend`: the same model with the n-gram blend on (trained again with the default) against its
   encoder alone, what an export of a blended model serves.
 Largest and mean absolute probability difference, top-label agreement, macro-F1.
 
     python -m bench.export_fidelity        # ~8 minutes on 2 shared cores
 
-Measured (2 shared cores, 30 Nov 2026): onnx 0 difference; hf largest 0.128, mean 0.0145, top label
-97.7% (macro-F1 0.6644 vs the factory's 0.6627); batch largest 0.130, mean 0.0136, 98%; blend
-(weights 0.75/0.25) largest 0.266, mean 0.0376, 95.5% (0.6609 vs 0.6662). Training: 215 s.
+Measured (2 cores with AVX-512, 1 Dec 2026): onnx 0 difference; hf largest 0.176, mean 0.0142, top
+label 98.0% (macro-F1 0.6644 vs the factory's 0.6563); batch 0 (before the factory gave each text
+its own onnxruntime call, 30 Nov: largest 0.130, mean 0.0136); blend (weights 0.75/0.25) largest
+0.254, mean 0.0375, 94.2% (0.6683 vs 0.6626). Training: 28 s a model (215 s in all on 30 Nov's
+AVX2-only machine).
 """
 
 from __future__ import annotations

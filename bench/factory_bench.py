@@ -89,22 +89,29 @@ def latencies_ms(call: Any, texts: list[str], n: int) -> list[float]:
     return out
 
 
-def http_figures(train_rows: list[tuple[str, str]], texts: list[str], n: int) -> dict[str, Any]:
+def http_figures(train_rows: list[tuple[str, str]], texts: list[str], n: int,
+                 base_model: str = "local-ngram", batch_size: int = 128,
+                 hyperparameters: dict[str, Any] | None = None) -> dict[str, Any]:
     """Through HTTP, against `classifier-gateway factory` in its own process (a server thread in
-    this process would share the GIL with the client and measure both)."""
+    this process would share the GIL with the client and measure both): a `base_model` job
+    trained on `train_rows` (Mistral's example job unless `hyperparameters`), then `n` single-text
+    requests and batches of `batch_size` (`bench.minilm_bench` measures `local-minilm` so)."""
     with tempfile.TemporaryDirectory() as tmp:
         server = FactoryProcess(Path(tmp)).start()
         try:
-            return _http_figures(server.url, train_rows, texts, n)
+            return _http_figures(server.url, train_rows, texts, n, base_model, batch_size,
+                                 hyperparameters or {"training_steps": 100,
+                                                     "learning_rate": 4e-5})
         finally:
             server.stop()
 
 
-def _http_figures(url: str, train_rows: list[tuple[str, str]], texts: list[str],
-                  n: int) -> dict[str, Any]:
+def _http_figures(url: str, train_rows: list[tuple[str, str]], texts: list[str], n: int,
+                  base_model: str, batch_size: int,
+                  hyperparameters: dict[str, Any]) -> dict[str, Any]:
     client = FactoryClient(url)
     job = client.train(jsonl([{"text": t, "labels": {"topic": y}} for t, y in train_rows]),
-                       hyperparameters={"training_steps": 100, "learning_rate": 4e-5})
+                       model=base_model, hyperparameters=hyperparameters)
     model = job["fine_tuned_model"]
     http = httpx.Client(base_url=url)
 
@@ -115,7 +122,7 @@ def _http_figures(url: str, train_rows: list[tuple[str, str]], texts: list[str],
 
     one(texts[0])
     single = latencies_ms(one, texts, n)
-    batch = texts[:128]
+    batch = texts[:batch_size]
     body = orjson.dumps({"model": model, "input": batch})  # encoded once: time the server
     headers = {"content-type": "application/json"}
     http.post("/v1/classifications", content=body, headers=headers).raise_for_status()
@@ -129,7 +136,7 @@ def _http_figures(url: str, train_rows: list[tuple[str, str]], texts: list[str],
     return {
         "single_item_p50_ms": round(statistics.median(single), 3),
         "single_item_p99_ms": round(sorted(single)[int(len(single) * 0.99) - 1], 3),
-        "batch_128_items_per_s": round(per_s),
+        f"batch_{batch_size}_items_per_s": round(per_s),
     }
 
 

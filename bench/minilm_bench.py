@@ -11,7 +11,11 @@ Prints one JSON object:
   `torch.inference_mode`, torch's default threads, each batch padded to its longest text) at the
   same batch size, interleaved over 5 rounds, medians (and each round's figure); and the
   single-item latency of `classify` in process.
-- `quantization`: the int8 graph against a float32 export of the same network.
+- `http`: the same over HTTP against a factory process (`POST /v1/classifications`): single-text
+  p50/p99 and items/s in batches of 32, for a `local-minilm` model trained there on 1,000 tweets.
+- `quantization`: the served int8 graph against a float32 export of the same network, and how far
+  each moves a text's scores with its batch-mates (one text per call, as served, against the
+  former one call per batch).
 - `accuracy`: per corpus, the model (Mistral's example job) and the baseline on the same split.
 
 The baseline: make_union(word 1-2 TF-IDF, char_wb 2-5 TF-IDF, sublinear) + LogisticRegression(C=10).
@@ -33,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.factory_bench import http_figures
 from service.factory.data import Example, TargetSpec
 from service.factory.models.base import (
     Hyperparameters,
@@ -157,9 +162,13 @@ def serving(trained: Any, texts: Sequence[str], seconds: float, n_latency: int,
 
 
 def quantization(trained: Any, test_rows: Rows, seconds: float) -> dict[str, Any]:
-    """The int8 graph against the float32 export of the same network: agreement of the
-    encoder's top label, largest probability difference, macro-F1 of each blend, items/s."""
-    from service.factory.models.minilm_onnx import MiniLMModel
+    """The served int8 graph against a float32 export of the same network: agreement of the
+    encoder's top label, largest probability difference, macro-F1 of each blend, items/s, size;
+    `*_batch_max`: for 256 texts, the largest probability difference between each text scored
+    alone and in its batch of 32, served one text per onnxruntime call (`MiniLMModel`) and, for
+    int8, as the factory served it before (`batched_int8_batch_max`: length-sorted batches in
+    one call, where dynamic quantisation scales a call's activations together)."""
+    from service.factory.models.minilm_onnx import MiniLMModel, _pad, mean_by_owner
     from service.factory.models.minilm_train import export_onnx
     from service.factory.models.scoring import softmax
 
@@ -169,6 +178,21 @@ def quantization(trained: Any, test_rows: Rows, seconds: float) -> dict[str, Any
                        int8.ngram, int8.kind)
     texts = [t for t, _ in test_rows]
     z8, z32 = int8.encoder_logits(texts), fp32.encoder_logits(texts)
+    sample = texts[:256]
+
+    def batch_max(logits: Any) -> float:
+        batched = np.concatenate([logits(sample[i:i + BATCH_SIZE])
+                                  for i in range(0, len(sample), BATCH_SIZE)])
+        alone = np.concatenate([logits([t]) for t in sample])
+        return round(float(np.abs(softmax(batched) - softmax(alone)).max()), 6)
+
+    def one_call(texts: list[str]) -> Any:  # the whole batch in one call, as before
+        sequences, owner = int8._chunker(texts)
+        _, ids, mask = _pad(sequences, list(range(len(sequences))),
+                            max(len(q) for q in sequences))
+        (out,) = int8._session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        return mean_by_owner(out, owner, len(texts))
+
     return {
         "top_label_agreement": round(float((z8.argmax(axis=1) == z32.argmax(axis=1)).mean()), 4),
         "max_probability_difference": round(float(np.abs(softmax(z8) - softmax(z32)).max()), 4),
@@ -176,6 +200,10 @@ def quantization(trained: Any, test_rows: Rows, seconds: float) -> dict[str, Any
         "fp32_macro_f1": macro_f1(fp32, test_rows)["macro_f1"],
         "int8_items_per_s": round(items_per_s(int8.classify, texts, BATCH_SIZE, seconds), 1),
         "fp32_items_per_s": round(items_per_s(fp32.classify, texts, BATCH_SIZE, seconds), 1),
+        "batched_int8_items_per_s": round(items_per_s(one_call, texts, BATCH_SIZE, seconds), 1),
+        "int8_batch_max": batch_max(int8.encoder_logits),
+        "fp32_batch_max": batch_max(fp32.encoder_logits),
+        "batched_int8_batch_max": batch_max(one_call),
         "int8_bytes": len(int8.onnx_bytes), "fp32_bytes": len(fp32.onnx_bytes),
     }
 
@@ -207,6 +235,11 @@ def main() -> None:
         },
         "serving": serving(trained, [t for t, _ in test_rows], seconds, n_latency),
         "quantization": quantization(trained, test_rows, seconds),
+        # The served path end to end: a factory process, a local-minilm job (few steps: the
+        # serving cost does not depend on them), single texts and batches of 32 over HTTP.
+        "http": http_figures(train_rows[:1_000], [t for t, _ in test_rows], n_latency,
+                             base_model="local-minilm", batch_size=BATCH_SIZE,
+                             hyperparameters={"training_steps": 10, "learning_rate": 4e-5}),
     }
     if not args.quick:
         accuracy: dict[str, Any] = {}

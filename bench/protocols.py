@@ -11,7 +11,7 @@ Servers: `mistral` is the fake Mistral-compatible upstream (tests/support/fake_u
 `tei` and `vllm` the faithful fakes of tests/support/fake_inference.py (the real ones need a GPU
 build or a Rust binary), `infinity` the real Infinity serving a MiniLM classifier on the CPU
 (`make install-dev` makes its virtualenv), `kserve-v2` KServe's own model server serving a
-`local-minilm` model the factory trains and exports here (ONNX, the factory's int8 graph); the
+`local-minilm` model the factory trains and exports here (ONNX, the factory's own graph); the
 model's own compute dominates those two.
 """
 

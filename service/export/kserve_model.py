@@ -14,19 +14,22 @@ The wire, as the gateway's `kserve-v2` protocol reads it:
   labels: `models export` prints the tasks-file entry).
 - `GET /v2/models/{name}`: the tensors' names, types and shapes.
 
-The scores are the factory's own, to float rounding: the same graph (int8, fused), the same
+The scores are the factory's own, to float rounding: the same graph (fused, int8), the same
 tokenizer, the same chunking (texts longer than `seq_len` tokens are cut into at most `max_chunks`
 chunks whose logits are averaged), the same softmax or sigmoid. A model trained with
 `ngram_blend: false` therefore answers as the factory does (`bench.export_fidelity`: 0 on 600
 tweets); a blended model answers with its encoder alone (`export.json` says by how much that
-differs). It also batches as the factory does (`run_batches`), because int8 scores depend on the
-batch: the same request gets the same scores.
+differs). It also runs the graph as the factory does, one text per onnxruntime call (its chunks
+together) on a thread per core: the int8 graph quantises each call's activations with one scale,
+so a call shared with other texts would move a text's scores with theirs (by up to 0.12 in
+probability on tweets).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import uuid
@@ -42,46 +45,14 @@ TOKENIZER_FILE = "tokenizer.json"
 INPUT_NAME = "text"
 OUTPUT_NAME = "probabilities"
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
-#: Sequences and padded tokens per onnxruntime call (as the factory): bounded activations.
-RUN_SEQUENCES = 64
-RUN_TOKENS = 8192
-RUN_OVERHEAD = 32
-
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-
-
-def run_batches(lengths: list[int], max_sequences: int = RUN_SEQUENCES,
-                max_tokens: int = RUN_TOKENS, overhead: int = RUN_OVERHEAD) -> list[list[int]]:
-    """The factory's batching (`minilm_onnx.run_batches`), which this must follow exactly: the
-    int8 graph quantises each call's activations with one scale for the whole padded batch, so a
-    text's scores move (by up to ~1e-2) with the texts it shares a call with. Sequences sorted by
-    length, cut where `overhead * calls + padded tokens` is least."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    ordered = [lengths[i] for i in order]
-    n = len(order)
-    best = [0] + [-1] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        width = ordered[end - 1]
-        for start in range(end - 1, max(0, end - max_sequences) - 1, -1):
-            if end - start > 1 and (end - start) * width > max_tokens:
-                break
-            cost = best[start] + overhead + (end - start) * width
-            if best[end] < 0 or cost < best[end]:
-                best[end], cut[end] = cost, start
-    bounds: list[tuple[int, int]] = []
-    end = n
-    while end > 0:
-        bounds.append((cut[end], end))
-        end = cut[end]
-    return [order[a:b] for a, b in reversed(bounds)]
 
 
 class ExportedModel:
     """An export directory loaded for scoring: texts -> (n, labels) probabilities."""
 
-    def __init__(self, directory: Path, threads: int | None = None) -> None:
+    def __init__(self, directory: Path, workers: int | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -102,12 +73,16 @@ class ExportedModel:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        # As the factory: one text per call on one intra-op thread, calls spread over a thread
+        # per core (see `logits`).
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(directory / ONNX_FILE), options,
                                             providers=["CPUExecutionProvider"])
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            workers or len(os.sched_getaffinity(0)), thread_name_prefix="onnx")
 
     def chunks(self, texts: list[str]) -> tuple[list[list[int]], I64]:
         """Token id sequences of at most `seq_len` ([CLS] ... [SEP]), at most `max_chunks` per
@@ -126,22 +101,26 @@ class ExportedModel:
         return sequences, np.asarray(owner, dtype=np.int64)
 
     def logits(self, texts: list[str]) -> F32:
-        """(n, labels): each text's logits averaged over its chunks."""
+        """(n, labels): each text's logits averaged over its chunks, one onnxruntime call per
+        text holding its chunks alone, as the factory runs them: the int8 graph scales a call's
+        activations together, so only that gives a text the same scores whatever it is sent
+        with, and the factory's scores exactly."""
         sequences, owner = self.chunks(texts)
-        out = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
-        for rows in run_batches([len(s) for s in sequences]):
-            width = len(sequences[rows[-1]])
-            ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for r, i in enumerate(rows):
-                ids[r, :len(sequences[i])] = sequences[i]
-                mask[r, :len(sequences[i])] = 1
-            (z,) = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
-            out[rows] = z
-        sums = np.zeros((len(texts), out.shape[1]), dtype=np.float64)
-        np.add.at(sums, owner, out)
-        counts = np.maximum(np.bincount(owner, minlength=len(texts)), 1).astype(np.float64)
-        mean: F32 = (sums / counts[:, None]).astype(np.float32)
+        bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
+        calls = [sequences[int(bounds[i]):int(bounds[i + 1])] for i in range(len(texts))]
+        if len(calls) == 1:
+            return self._text_logits(calls[0])[None, :]
+        return np.stack(list(self.pool.map(self._text_logits, calls)))
+
+    def _text_logits(self, chunks: list[list[int]]) -> F32:
+        width = max(len(c) for c in chunks)
+        ids = np.full((len(chunks), width), PAD_ID, dtype=np.int64)
+        mask = np.zeros((len(chunks), width), dtype=np.int64)
+        for r, chunk in enumerate(chunks):
+            ids[r, :len(chunk)] = chunk
+            mask[r, :len(chunk)] = 1
+        (z,) = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        mean: F32 = z.mean(axis=0, dtype=np.float32)
         return mean
 
     def probabilities(self, texts: list[str]) -> F32:

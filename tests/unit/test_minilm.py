@@ -2,8 +2,8 @@
 
 Skipped where the encoder extra is not installed (`MiniLM().availability()` says how to install
 it). One model, two heads (a `single_class` and a `multi_class` target), is trained once for the
-module (~20 s on 2 cores), unquantised so that the torch network and its ONNX export can be
-compared to 1e-4.
+module (~20 s on 2 cores) with the defaults the factory uses, so the ONNX graph tested is the
+one the factory serves.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def train(steps: int = 3, seed: int = 0, control: Any = None) -> Any:
     data = examples()
     return minilm_train.run(TrainingData(data, [1.0] * len(data), data[:8]), spec(steps, seed),
                             control or SilentControl(), seq_len=SEQ_LEN, max_chunks=4,
-                            batch_size=8, device="cpu", quantize=False)
+                            batch_size=8, device="cpu")
 
 
 TEXTS = ["the food was great, lovely", "the price and the service was awful",
@@ -96,12 +96,39 @@ def test_checkpoints_and_device_event(trained: Any) -> None:
 
 
 def test_onnx_matches_torch(trained: Any) -> None:
-    from service.factory.models.minilm_train import torch_logits
+    """The exported graph computes the network (float32: to 1e-4; the served int8 graph of it
+    differs by quantisation, which `export_figures` measures)."""
+    from service.factory.models.minilm_onnx import MiniLMModel
+    from service.factory.models.minilm_train import export_onnx, torch_logits
 
     model = trained.model
-    onnx = model.encoder_logits(TEXTS)
+    fp32 = MiniLMModel(model.heads, export_onnx(trained.network, quantize=False),
+                       model.tokenizer_json, model.seq_len, model.max_chunks, model.weights)
+    onnx = fp32.encoder_logits(TEXTS)
     torch_side = torch_logits(trained.network, model.tokenizer_json, TEXTS, SEQ_LEN, 4)
     assert np.abs(onnx - torch_side).max() < 1e-4
+    served = model.encoder_logits(TEXTS)
+    assert 0 < np.abs(served - torch_side).max() < 0.5  # int8: close, not equal
+
+
+def test_scores_do_not_depend_on_batch_mates(trained: Any) -> None:
+    """A text's scores are the same alone, in any batch and in any order: the gateway
+    micro-batches concurrent requests together and caches each answer, so a score that moved
+    with its batch-mates would make the same input answer differently from one request to the
+    next. The int8 graph scales each onnxruntime call's activations together, so this holds
+    only because each text gets a call of its own (scored in shared calls, tweets moved by up to
+    0.12 in probability)."""
+    model = trained.model
+    texts = [*TEXTS, "bland", "the service was excellent and the price was lovely " * 3,
+             "price", "the food was awful, terrible and bland, the service was slow"]
+    together = model.predict_proba(texts)
+    shuffled = [texts[i] for i in reversed(range(len(texts)))]
+    backwards = model.predict_proba(shuffled)
+    for i, text in enumerate(texts):
+        alone = model.predict_proba([text])
+        for head, a in enumerate(alone):
+            assert np.abs(a[0] - together[head][i]).max() < 1e-5, (text, head)
+            assert np.abs(a[0] - backwards[head][len(texts) - 1 - i]).max() < 1e-5, (text, head)
 
 
 def test_heads_softmax_and_sigmoid(trained: Any) -> None:

@@ -1,6 +1,7 @@
 """`local-minilm`: all-MiniLM-L6-v2 fine-tuned end to end, with the `local-ngram` model's
 evidence blended into its scores. Trains with PyTorch (CUDA with bf16/fp16 autocast when there is
-a GPU, else CPU), serves an int8 ONNX graph with onnxruntime + tokenizers + numpy.
+a GPU, else CPU), serves an int8 ONNX graph with onnxruntime + tokenizers + numpy, one text per
+call (see `minilm_onnx`).
 
 Imports with numpy only: torch, transformers and onnxruntime are imported inside the functions
 that need them (`minilm_train` for training, `minilm_onnx` for serving).
@@ -33,22 +34,25 @@ Why this recipe (measured figures in "Figures" below):
   near its budget; `minilm_train.FROZEN_LAYERS` is 0 (end to end) because freezing 3 layers cost
   0.012 macro-F1 on tweets (0.7257 vs 0.7374, 3,000 examples) for ~25% less time.
 - Int8 dynamic quantisation (per-channel weights) of the exported graph, kept because it holds the
-  quality: on 600 held-out tweets (1,400 training, 30 steps) the encoder's macro-F1 was 0.6860
-  int8 vs 0.6817 float32, top label agreeing on 97.3% (largest probability difference 0.11),
-  and int8 scored them 1.8x faster (7.7 s vs 14.0 s). `quantization` in bench/minilm_bench.py
-  re-measures it.
+  quality: on 10,000 tweets (Mistral's example job, 2,000 held out) macro-F1 0.7547 int8 vs 0.7525
+  float32, top label agreeing on 97.4% (largest probability difference 0.16), and int8 scored
+  2.4x faster on cores with AVX-512 VNNI (533 vs 226 items/s; as fast as float32 on AVX2-only
+  cores). Served one text per onnxruntime call, so that a text's scores never depend on its
+  batch-mates (`minilm_onnx` has the figures). `quantization` in bench/minilm_bench.py
+  re-measures all of it.
 
 Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
-- Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7537 vs 0.7198 (+0.034;
-  encoder alone 0.7469, n-gram alone 0.7189; blend weights (0.75, 0.25)). 170 s on the quiet
-  2-core machine (load and probe 10 s, fine-tuning 130 s, export and quantisation beside the
-  n-gram fits, then the blend, 30 s); 235 s with other jobs on the cores.
+- Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7547 vs 0.7206 (+0.034;
+  encoder alone 0.7489, n-gram alone 0.7191; blend weights (0.75, 0.25)). 72-77 s on 2 cores with
+  AVX-512 (1 Dec 2026: probe 4 s, fine-tuning 55-58 s, export, quantisation, n-gram fits and the
+  blend the rest); on the AVX2-only 2-core machine of 30 Nov, 170 s quiet and 235 s with other
+  jobs on the cores.
 - Integration test (few hundred examples, 10-20 steps): tweets 0.6609 vs 0.5887, 42 intents
   0.8956 vs 0.8696, BBC articles 0.9766 vs 0.9544.
-- Serving (int8, fused graph, batch 32, tweets): 180 texts/s through `classify` vs 71 for a plain
-  transformers loop with the same weights (2.55x); single text p50 9.3 ms in process, 12.8 ms
-  over HTTP (p99 19.9 ms).
+- Serving (int8, fused graph, one text per call, batch 32, tweets, 1 Dec 2026): 535-589 texts/s
+  through `classify` vs 169-178 for a plain transformers loop with the same weights (3.2-3.3x);
+  single text p50 3.3-3.9 ms in process, 5.8 ms over HTTP (p99 9.1 ms).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class MiniLM:
 
     def __init__(self, device: str | None = None, quantize: bool = True) -> None:
         """`device` ("cpu", "cuda", "cuda:1"; else the job's `TrainingSpec.device`, from
-        `FACTORY_DEVICE`; else CUDA when available) and `quantize` (int8 ONNX weights) are for
+        `FACTORY_DEVICE`; else CUDA when available) and `quantize` (int8 ONNX weights, see above) are for
         tests and benches."""
         self.device = device
         self.quantize = quantize

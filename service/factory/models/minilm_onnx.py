@@ -6,7 +6,9 @@ so a serving factory needs neither the weights package nor transformers), `ngram
 `local-ngram` model fitted on the same data, and `encoder.fp32.safetensors`: the fine-tuned
 network's float32 weights (91 MB; the int8 graph is 23 MB). Serving never reads them; they are what
 `service.factory.export` writes a Hugging Face directory from, since the int8 graph has lost
-precision that cannot be recovered. Models trained before they were kept export as ONNX only. Scores are the per-head blend
+precision that cannot be recovered. Models trained before they were kept export as ONNX only. A
+float32 graph (`quantize=False`, for tests and benches) loads and serves the same way. Scores are
+the per-head blend
 
     z = encoder_weight * mean_over_chunks(encoder logits) + ngram_weight * ngram log-evidence
 
@@ -15,37 +17,54 @@ two weights were chosen on held-out data at training time (see `minilm_train`).
 
 Long inputs are cut into chunks of `seq_len` tokens ([CLS] ... [SEP]), at most `max_chunks` of
 them; a text's encoder logits are the mean of its chunks' logits, which, the heads being linear,
-is the head applied to the mean of the chunk embeddings. Sequences are sorted by length and run in
-batches padded to their own longest member: on short texts of mixed lengths this alone cuts the
-padded tokens by ~1.5x against padding a request's batch to its longest text. Within a request,
-`run_batches` cuts the sorted sequences where one more onnxruntime call costs less than the
-padding it saves (a batch of 32 tweets pads 1.71x its real tokens as one call, ~1.2x as 2-4).
+is the head applied to the mean of the chunk embeddings.
 
-Speed (2 shared cores, AVX2, tweets, batch 32, `python -m bench.minilm_bench --quick`, ONNX and
-the plain transformers loop measured interleaved in the same run, medians):
+One text per onnxruntime call (its chunks together), on single-threaded calls spread over a worker
+thread per core (`pool()`). Dynamic int8 quantisation scales each call's activations with one
+scale for the whole padded call, so a call shared by several texts made each text's scores move
+with its batch-mates: up to 0.12 in probability on tweets, a top label flipped now and then, and a
+gateway micro-batching concurrent requests would answer the same input differently from one
+request to the next. Alone in its call, a text's scores depend on nothing but the text (a unit
+test holds alone vs in any batch to 1e-5; the bench finds 0 difference). It is also the fastest
+way found: no padding at all for one-chunk texts, and two single-threaded calls use two cores
+better than one two-threaded call on small matrices.
 
-| | ONNX classify items/s | torch items/s | ratio | single-item p50 |
-|---|---:|---:|---:|---:|
-| before: SDPA export, quantize_dynamic, default session, one call per batch | 98 | 63 | 1.56x | 12.7 ms |
-| after: fused graph + reduce_range, no spinning, `run_batches` | 180 | 71 | 2.55x | 9.3 ms |
+Speed (2 cores, tweets, batch 32, `python -m bench.minilm_bench --quick`, medians of interleaved
+runs; this machine's cores have AVX-512 VNNI, on which int8 is ~2x float32; on an AVX2-only
+machine measured on 2026-11-30 int8 and float32 were equally fast):
 
-What each step gave (a side experiment, interleaved, medians; absolute figures move with the
-load from other jobs, the ratios less): the transformer optimizer (`minilm_train.export_onnx`:
-6 Attention, 1 EmbedLayerNormalization, 12 SkipLayerNormalization, 6 BiasGelu fused, which needs
-an eager-attention export) +2-7% items/s, p50 6.8 -> 6.4 ms, still exact in float32 (2.8e-7 from
-torch); `run_batches` +50% (43.6 -> 65.7 items/s, overhead 32; 0/64/128/256 gave 57/62/60/54);
-under load, spin-waiting off 48 -> 54 items/s and p50 19.7 -> 11.7 ms, while one thread instead of
-two was faster still (61 items/s, 9.3 ms) but would waste a core on an idle machine; parallel
-execution mode 29 items/s (worse). `reduce_range` changed speed by nothing measurable and the
-int8 error slightly (max logit difference from float32 0.087 -> 0.068 on 256 tweets).
+| serving path | items/s | vs plain torch | a text's scores vs its batch-mates |
+|---|---:|---:|---:|
+| plain transformers loop, same weights, each batch padded to its longest text | 178 | 1x | - |
+| int8, one call per batch of 32 (padded to its longest) | 171 | 0.96x | move by up to 0.121 |
+| float32 fused graph, one text per call on a thread per core | 243 | 1.4x | 0 |
+| int8, one text per call on a thread per core (served; single-item p50 3.3 ms) | 589 | 3.3x | 0 |
+
+A side experiment (a 40-step model, 512 tweets, same machine) measured the path served until
+2026-12-01, int8 in length-sorted batches cut where one more call costs less than the padding it
+saves (`run_batches`): ~525 items/s, scores moving by up to 0.104 with the batch; float32 the same
+way ~265, and int8 one text per call ~645.
+
+Earlier steps, still in the graph (measured on a slower day, interleaved, medians): the
+transformer optimizer (`minilm_train.export_onnx`: 6 Attention, 1 EmbedLayerNormalization, 12
+SkipLayerNormalization, 6 BiasGelu fused, which needs an eager-attention export) +2-7% items/s and
+exact in float32 (2.8e-7 from torch); spin-waiting off: under load 48 -> 54 items/s and p50 19.7 ->
+11.7 ms; `reduce_range` changed speed by nothing measurable and the int8 error slightly (max logit
+difference from float32 0.087 -> 0.068 on 256 tweets), and keeps AVX2's u8 x s8 int16 sums from
+saturating on CPUs without VNNI. Also tried: per-token (row-wise) int8 activations built from plain
+ONNX ops, also batch-invariant and closer to float32 (max 0.066), but only 1.1x float32's speed
+(the extra element-wise ops, and attention left in float32).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +87,6 @@ ONNX_FILE = "encoder.onnx"
 FP32_FILE = "encoder.fp32.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 NGRAM_DIR = "ngram"
-#: Sequences per onnxruntime call and padded tokens per call: bounded so that a long batch of long
-#: documents does not build one huge activation tensor.
-RUN_SEQUENCES = 64
-RUN_TOKENS = 8192
-#: The fixed cost of one onnxruntime call, in padded tokens (measured: 32 to 128 all gain about
-#: the same; see the module docstring), for `run_batches`.
-RUN_OVERHEAD = 32
 #: The log-evidence of a probability is clipped here (log(1e-6) = -13.8): an n-gram model sure
 #: of a label cannot veto the encoder with an unbounded term.
 PROB_FLOOR = 1e-6
@@ -168,34 +180,6 @@ def _pad(sequences: Sequence[Sequence[int]], rows: list[int], width: int) -> tup
     return np.asarray(rows, dtype=np.int64), ids, mask
 
 
-def run_batches(sequences: Sequence[Sequence[int]], max_sequences: int = RUN_SEQUENCES,
-                max_tokens: int = RUN_TOKENS,
-                overhead: int = RUN_OVERHEAD) -> list[tuple[I64, I64, I64]]:
-    """Like `padded_batches`, but the length-sorted sequences are cut where it pays: the cuts
-    minimise `overhead * calls + padded tokens` (exact, by dynamic programming over the sorted
-    lengths), so a batch of 32 tweets runs as a few calls of similar lengths rather than one
-    padded to its longest member."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    lengths = [len(sequences[i]) for i in order]
-    n = len(order)
-    best = [0] + [-1] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        width = lengths[end - 1]
-        for start in range(end - 1, max(0, end - max_sequences) - 1, -1):
-            if end - start > 1 and (end - start) * width > max_tokens:
-                break
-            cost = best[start] + overhead + (end - start) * width
-            if best[end] < 0 or cost < best[end]:
-                best[end], cut[end] = cost, start
-    bounds: list[tuple[int, int]] = []
-    end = n
-    while end > 0:
-        bounds.append((cut[end], end))
-        end = cut[end]
-    return [_pad(sequences, order[a:b], lengths[b - 1]) for a, b in reversed(bounds)]
-
-
 def mean_by_owner(values: F32, owner: I64, count: int) -> F32:
     sums = np.zeros((count, values.shape[1]), dtype=np.float64)
     np.add.at(sums, owner, values)
@@ -212,16 +196,31 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's onnxruntime workers, one per core, shared by every loaded model (a factory
+    holds many models; per-model pools would hold idle threads for each)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(cores(), thread_name_prefix="onnx")
+        return _POOL
+
+
 def session(onnx_bytes: bytes, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session: all graph optimisations, one intra-op thread per core, no
-    inter-op parallelism (sequential execution) and no spin-waiting: on a shared machine a
-    spinning thread burns the time slice another process (or the HTTP server) needs."""
+    """An onnxruntime CPU session: all graph optimisations, `threads` intra-op threads (default
+    1: `MiniLMModel` runs one text per call and spreads the calls over `pool()`), no inter-op
+    parallelism (sequential execution) and no spin-waiting: on a shared machine a spinning thread
+    burns the time slice another process (or the HTTP server) needs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or cores()
+    options.intra_op_num_threads = threads or 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -265,11 +264,19 @@ class MiniLMModel:
         if not texts:
             return np.zeros((0, labels), dtype=np.float32)
         sequences, owner = self._chunker(texts)
-        logits = np.zeros((len(sequences), labels), dtype=np.float32)
-        for rows, ids, mask in run_batches(sequences):
-            (out,) = self._session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
-            logits[rows] = out
-        return mean_by_owner(logits, owner, len(texts))
+        bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
+        calls = [range(int(bounds[i]), int(bounds[i + 1])) for i in range(len(texts))]
+        if len(calls) == 1:
+            return self._text_logits(sequences, calls[0])[None, :]
+        return np.stack(list(pool().map(partial(self._text_logits, sequences), calls)))
+
+    def _text_logits(self, sequences: Sequence[Sequence[int]], rows: range) -> F32:
+        """One text's mean chunk logits, from one onnxruntime call holding its chunks alone, so
+        that its scores never depend on what else is being scored (see the module docstring)."""
+        _, ids, mask = _pad(sequences, list(rows), max(len(sequences[i]) for i in rows))
+        (out,) = self._session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        mean: F32 = out.mean(axis=0, dtype=np.float32)
+        return mean
 
     def ngram_evidence(self, texts: Sequence[str]) -> list[F32] | None:
         if self.ngram is None or not any(w[1] for w in self.weights):

@@ -49,6 +49,20 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
+def cores() -> int:
+    """CPU cores this server may use: those it may run on, capped by its cgroup v2 CPU quota (a
+    Kubernetes CPU limit; the factory's `minilm_onnx.cores` does the same, this file imports
+    nothing from the repository)."""
+    visible = max(1, len(os.sched_getaffinity(0)))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="ascii").split()[:2]
+        if quota != "max":
+            return max(1, min(visible, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return visible
+
+
 class ExportedModel:
     """An export directory loaded for scoring: texts -> (n, labels) probabilities."""
 
@@ -81,8 +95,8 @@ class ExportedModel:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(directory / ONNX_FILE), options,
                                             providers=["CPUExecutionProvider"])
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            workers or len(os.sched_getaffinity(0)), thread_name_prefix="onnx")
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers or cores(),
+                                                          thread_name_prefix="onnx")
 
     def chunks(self, texts: list[str]) -> tuple[list[list[int]], I64]:
         """Token id sequences of at most `seq_len` ([CLS] ... [SEP]), at most `max_chunks` per

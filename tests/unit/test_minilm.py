@@ -272,3 +272,19 @@ def test_steps_and_estimate() -> None:
     assert model.steps_for(10_000, Hyperparameters(training_steps=100)) == 100
     assert model.steps_for(320, Hyperparameters()) == 30  # 3 epochs of 32
     assert model.estimate_seconds(10_000, 1_000_000, Hyperparameters(training_steps=100)) > 0
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1),
+    ("max 100000\n", None), ("garbage\n", None), (None, None)])
+def test_serving_threads_follow_the_cpu_limit(tmp_path: Path, cpu_max: str | None,
+                                              expected: int | None) -> None:
+    """A Kubernetes CPU limit (cgroup v2 `cpu.max`) caps the serving threads; no limit, an
+    unreadable file or no file: the cores the process may run on."""
+    from service.factory.models.minilm_onnx import cores
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    visible = len(os.sched_getaffinity(0))
+    assert cores(path) == (visible if expected is None else min(visible, expected))

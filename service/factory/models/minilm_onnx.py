@@ -188,12 +188,25 @@ def mean_by_owner(values: F32, owner: I64, count: int) -> F32:
     return out
 
 
-def cores() -> int:
-    """CPU cores this process may run on."""
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cores(cpu_max: Path = CPU_MAX) -> int:
+    """CPU cores this process may use: the cores it may run on, capped by its cgroup's CPU quota
+    (`cpu.max`, cgroup v2: a Kubernetes CPU limit). A pod limited to 2 CPUs on a 32-core node
+    sees 32 cores; 32 busy serving threads would spend the quota in a few milliseconds and be
+    throttled for the rest of each 100 ms period, which is latency, not throughput."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        visible = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        visible = max(1, os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text(encoding="ascii").split()[:2]
+        if quota != "max":
+            return max(1, min(visible, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a format this does not know
+        pass
+    return visible
 
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None

@@ -13,6 +13,8 @@ Prints one JSON object:
   single-item latency of `classify` in process.
 - `http`: the same over HTTP against a factory process (`POST /v1/classifications`): single-text
   p50/p99 and items/s in batches of 32, for a `local-minilm` model trained there on 1,000 tweets.
+- `device_inference`: batched inference (256 a batch, fp16 on CUDA) with the network on the device
+  it trained on: with `--device cuda`, the GPU figures (time and items/s, the GPU named).
 - `quantization`: the served int8 graph against a float32 export of the same network, and how far
   each moves a text's scores with its batch-mates (one text per call, as served, against the
   former one call per batch).
@@ -23,6 +25,7 @@ The baseline: make_union(word 1-2 TF-IDF, char_wb 2-5 TF-IDF, sublinear) + Logis
     python -m bench.minilm_bench                    # ~15 minutes on 2 cores
     python -m bench.minilm_bench --quick            # train_10k and serving only (~5 minutes)
     python -m bench.minilm_bench --corpora intents bbc
+    python -m bench.minilm_bench --quick --device cuda   # on a GPU: its training time and items/s
 """
 
 from __future__ import annotations
@@ -208,6 +211,49 @@ def quantization(trained: Any, test_rows: Rows, seconds: float) -> dict[str, Any
     }
 
 
+def device_inference(trained: Any, texts: Sequence[str], device: str | None,
+                     seconds: float, batch: int = 256) -> dict[str, Any]:
+    """Batched inference with the fine-tuned network on the device it trained on (the GPU
+    figure; on a CPU, torch's own): texts sorted by length, batches of `batch` padded to their
+    longest, fp16 autocast on CUDA, items/s over `seconds`. The factory serves on the CPU (ONNX,
+    `serving`); this is what a GPU gives the same weights."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from service.factory.models.minilm_train import pick_device
+
+    dev = pick_device(device)
+    network = trained.network.to(dev).eval()
+    tokenizer = Tokenizer.from_str(trained.model.tokenizer_json)
+    tokenizer.enable_truncation(DEFAULT_SEQ_LEN)
+    tokenizer.enable_padding()
+    ordered = sorted(texts, key=len)
+    batches = []
+    for i in range(0, len(ordered) - batch + 1, batch):
+        encodings = tokenizer.encode_batch(ordered[i:i + batch])
+        batches.append((torch.tensor([e.ids for e in encodings], device=dev),
+                        torch.tensor([e.attention_mask for e in encodings], device=dev)))
+    amp = dev.type == "cuda"
+
+    def run(ids: Any, mask: Any) -> None:
+        with torch.inference_mode(), torch.autocast(dev.type, torch.float16, enabled=amp):
+            torch.softmax(network(ids, mask).float(), dim=1)
+
+    run(*batches[0])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for ids, mask in batches:
+            run(ids, mask)
+            done += len(ids)
+        if amp:
+            torch.cuda.synchronize(dev)
+    elapsed = time.perf_counter() - started
+    trained.network.to("cpu")
+    return {"device": str(dev),
+            "name": torch.cuda.get_device_name(dev) if amp else "cpu",
+            "batch_size": batch, "fp16": amp, "items_per_s": round(done / elapsed, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -233,6 +279,8 @@ def main() -> None:
             **macro_f1(trained.model, test_rows),
             "baseline_macro_f1": round(baseline(train_rows, test_rows), 4),
         },
+        "device_inference": device_inference(trained, [t for t, _ in test_rows], args.device,
+                                             seconds),
         "serving": serving(trained, [t for t, _ in test_rows], seconds, n_latency),
         "quantization": quantization(trained, test_rows, seconds),
         # The served path end to end: a factory process, a local-minilm job (few steps: the

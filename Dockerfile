@@ -16,10 +16,22 @@ WORKDIR /src
 # Every dependency ships manylinux wheels for this Python, so no compiler is needed even here.
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# Optional extras: `--build-arg EXTRAS=encoder` adds `local-minilm` to the factory (PyTorch from
+# TORCH_INDEX_URL first, the CPU build by default, so that pip never pulls the multi-GB CUDA one;
+# a CUDA index such as https://download.pytorch.org/whl/cu128 makes a GPU image). Without it the
+# image holds the gateway and `local-ngram`, and the factory lists `local-minilm` as unavailable.
+ARG EXTRAS=""
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Dependencies first, from pyproject alone, so that a code change does not re-download them.
 COPY pyproject.toml README.md ./
+# DL3013: `.[extras]` is this project (its pins are in pyproject.toml), not a package from PyPI.
+# hadolint ignore=DL3013
 RUN mkdir service && touch service/__init__.py \
-    && pip install --no-cache-dir . \
+    && if [ -n "$EXTRAS" ]; then \
+         pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+         && pip install --no-cache-dir ".[${EXTRAS}]"; \
+       else pip install --no-cache-dir .; fi \
     && pip uninstall --yes classifier-gateway
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \

@@ -44,15 +44,15 @@ Why this recipe (measured figures in "Figures" below):
 Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
 - Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7547 vs 0.7206 (+0.034;
-  encoder alone 0.7489, n-gram alone 0.7191; blend weights (0.75, 0.25)). 72-77 s on 2 cores with
-  AVX-512 (1 Dec 2026: probe 4 s, fine-tuning 55-58 s, export, quantisation, n-gram fits and the
+  encoder alone 0.7489, n-gram alone 0.7191; blend weights (0.75, 0.25)). 72-84 s on 2 cores with
+  AVX-512 (1 Dec 2026: probe 4 s, fine-tuning 55-64 s, export, quantisation, n-gram fits and the
   blend the rest); on the AVX2-only 2-core machine of 30 Nov, 170 s quiet and 235 s with other
   jobs on the cores.
 - Integration test (few hundred examples, 10-20 steps): tweets 0.6609 vs 0.5887, 42 intents
   0.8956 vs 0.8696, BBC articles 0.9766 vs 0.9544.
-- Serving (int8, fused graph, one text per call, batch 32, tweets, 1 Dec 2026): 535-589 texts/s
-  through `classify` vs 169-178 for a plain transformers loop with the same weights (3.2-3.3x);
-  single text p50 3.3-3.9 ms in process, 5.8 ms over HTTP (p99 9.1 ms).
+- Serving (int8, fused graph, one text per call, batch 32, tweets, 1 Dec 2026): 521-589 texts/s
+  through `classify` vs 166-178 for a plain transformers loop with the same weights (3.1-3.3x);
+  single text p50 3.3-3.9 ms in process, 5.6-5.8 ms over HTTP (p99 9.0-9.1 ms).
 """
 
 from __future__ import annotations

@@ -43,6 +43,39 @@ def register(sub: Sub) -> None:
                    help="score from which a multi-label target lists a label (default 0.5)")
     p.add_argument("--multi-label-target", action="append", metavar="TARGET",
                    help="a target that gets a `labels` list (repeatable)")
+    p.add_argument("--target", help="single-target servers (TEI, vLLM, Infinity, KServe v2): "
+                                    "the key the scores appear under (default: the task's name)")
+    p.add_argument("--labels", type=_names, metavar="A,B,...",
+                   help="the model's classes in index order, for servers that answer with "
+                        "unnamed probabilities (vLLM; KServe v2)")
+    rollout = p.add_argument_group(
+        "canary, shadow, review and feedback",
+        "Try a model on a share of live traffic (canary) or beside it (shadow), queue unsure "
+        "answers for review; `tasks promote` and `tasks rollback` finish or undo a rollout.")
+    rollout.add_argument("--canary", metavar="MODEL",
+                         help="a candidate model that answers a sticky share of the items")
+    rollout.add_argument("--canary-weight", type=float, metavar="W",
+                         help="the canary's share of items, 0-1 (default 0.1 for a new canary)")
+    rollout.add_argument("--canary-upstream", metavar="NAME",
+                         help="the canary's upstream (default: the task's)")
+    rollout.add_argument("--no-canary", action="store_true", help="remove the task's canary")
+    rollout.add_argument("--shadow", metavar="MODEL",
+                         help="a model that also sees a sample of the items, only to be "
+                              "compared (`tasks show` gives the agreement)")
+    rollout.add_argument("--shadow-sample", type=float, metavar="S",
+                         help="the share of items the shadow sees, 0-1 (default 1 for a new "
+                              "shadow)")
+    rollout.add_argument("--shadow-upstream", metavar="NAME",
+                         help="the shadow's upstream (default: the task's)")
+    rollout.add_argument("--no-shadow", action="store_true", help="remove the task's shadow")
+    rollout.add_argument("--review-margin", type=float, metavar="M",
+                         help="queue answers whose top two scores are closer than M for review "
+                              "(`classifier-gateway review`)")
+    rollout.add_argument("--review-sample", type=float, metavar="S",
+                         help="also queue a random share S of all answers, as a control")
+    rollout.add_argument("--no-review", action="store_true", help="stop queueing for review")
+    rollout.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=None,
+                         help="remember responses so that POST /feedback may correct them")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_set)
@@ -98,11 +131,62 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{value!r}: give the labels comma-separated, in the "
+                                         "model's index order, none empty")
+    return names
+
+
+def _rollout(args: argparse.Namespace, current: dict[str, Any]) -> dict[str, Any]:
+    """The canary, shadow, review and feedback settings `tasks set` was given, merged with the
+    task's current ones (`[]` removes one); the gateway's parser validates the ranges."""
+    out: dict[str, Any] = {}
+    for role, share, default in (("canary", "weight", 0.1), ("shadow", "sample", 1.0)):
+        model = getattr(args, role)
+        value = getattr(args, f"{role}_{share}")
+        upstream = getattr(args, f"{role}_upstream")
+        if getattr(args, f"no_{role}"):
+            if model or value is not None or upstream:
+                raise UserError(f"--no-{role} removes the {role}: give it alone")
+            out[role] = []
+            continue
+        if model is None and value is None and upstream is None:
+            continue
+        existing = current.get(role)
+        entry = dict(existing) if isinstance(existing, dict) else {}
+        if model is None and not entry:
+            raise UserError(f"task {args.name!r} has no {role} to change: give --{role} MODEL")
+        if model is not None and model != entry.get("model"):
+            entry = {"model": model}
+        entry[share] = value if value is not None else entry.get(share, default)
+        if upstream:
+            entry["upstream"] = upstream
+        out[role] = entry
+    if args.no_review:
+        if args.review_margin is not None or args.review_sample is not None:
+            raise UserError("--no-review stops queueing for review: give it alone")
+        out["review"] = []
+    elif args.review_margin is not None or args.review_sample is not None:
+        existing = current.get("review")
+        review = dict(existing) if isinstance(existing, dict) else {}
+        if args.review_margin is not None:
+            review["max_margin"] = args.review_margin
+        if args.review_sample is not None:
+            review["sample"] = args.review_sample
+        out["review"] = review
+    if args.feedback is not None:
+        out["feedback"] = args.feedback
+    return out
+
+
 def cmd_set(args: argparse.Namespace) -> int:
-    register_task(args.tasks, args.name, args.upstream or "", model=args.model, kind=args.kind,
-                  cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
-                  threshold=args.threshold,
-                  multi_label_targets=args.multi_label_target)
+    register_task(args.tasks, args.name, args.upstream or "",
+                  merge=lambda current: _rollout(args, current), model=args.model,
+                  kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
+                  threshold=args.threshold, multi_label_targets=args.multi_label_target,
+                  target=args.target, labels=args.labels)
     row = next(r for r in task_rows(args.tasks) if r["name"] == args.name)
     if args.json:
         print_json({"tasks_file": str(args.tasks), "task": row})

@@ -181,11 +181,17 @@ def task_rows(path: Path) -> list[dict[str, Any]]:
             for _, t in sorted(registry.tasks.items())]
 
 
-def register_task(path: Path, name: str, upstream: Upstream | str, **settings: Any) -> None:
-    """Point a task at a model; adds a well-known upstream when the file lacks it."""
+def register_task(path: Path, name: str, upstream: Upstream | str,
+                  merge: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                  **settings: Any) -> None:
+    """Point a task at a model; adds a well-known upstream when the file lacks it. `merge` gets
+    the task's current mapping under the file's lock and returns more settings (for those that
+    are merged with what is there, such as a canary's weight)."""
 
     def change(data: Data) -> None:
         current = data["tasks"].get(name) or {}
+        if merge is not None:
+            settings.update(merge(dict(current)))
         upstream_name = upstream if isinstance(upstream, str) else upstream.name
         if not upstream_name:
             upstream_name = current.get("upstream") or "local"

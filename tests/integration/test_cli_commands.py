@@ -192,6 +192,52 @@ def test_tasks_set_refuses_an_invalid_result_and_leaves_the_file_alone(
         "tasks.yaml"]  # no temporary file left behind
 
 
+def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_labels(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What used to need a hand edit of the tasks file: each flag lands in the task, settings not
+    given are kept, the `--no-*` flags remove, and the gateway's parser still guards the ranges."""
+    tasks = tmp_path / "tasks.yaml"
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    code, _, err = run(capsys, "tasks", "set", "news", "--canary", "m2", "--shadow", "m3",
+                       "--shadow-sample", "0.25", "--review-margin", "0.1", "--feedback",
+                       "--target", "topic", "--labels", "a, b,c", "--tasks", str(tasks))
+    assert code == 0, err
+    task = load_registry(tasks).tasks["news"]
+    assert task.model == "m1" and task.canary is not None and task.shadow is not None
+    assert (task.canary.model, task.canary.weight, task.canary.upstream) == ("m2", 0.1, None)
+    assert (task.shadow.model, task.shadow.sample) == ("m3", 0.25)
+    assert task.review is not None and (task.review.max_margin, task.review.sample) == (0.1, 0.0)
+    assert task.feedback and task.target == "topic" and task.labels == ("a", "b", "c")
+
+    # A weight alone changes the canary it has; a new canary model starts from the default.
+    run(capsys, "tasks", "set", "news", "--canary-weight", "0.5", "--review-sample", "0.02",
+        "--tasks", str(tasks))
+    task = load_registry(tasks).tasks["news"]
+    assert task.canary is not None and (task.canary.model, task.canary.weight) == ("m2", 0.5)
+    assert task.review is not None and (task.review.max_margin, task.review.sample) == (0.1, 0.02)
+    before = tasks.read_bytes()
+    code, _, err = run(capsys, "tasks", "set", "news", "--canary-weight", "1.5", "--tasks",
+                       str(tasks))
+    assert code == 1 and "tasks.news.canary.weight" in err and tasks.read_bytes() == before
+    code, _, err = run(capsys, "tasks", "set", "news", "--no-shadow", "--shadow", "m4",
+                       "--tasks", str(tasks))
+    assert code == 1 and "--no-shadow removes the shadow: give it alone" in err
+
+    # `tasks promote` finishes the rollout the flags started.
+    code, _, _ = run(capsys, "tasks", "promote", "news", "--from", "canary", "--tasks", str(tasks))
+    assert code == 0 and load_registry(tasks).tasks["news"].model == "m2"
+    run(capsys, "tasks", "set", "news", "--no-shadow", "--no-review", "--no-feedback",
+        "--tasks", str(tasks))
+    task = load_registry(tasks).tasks["news"]
+    assert (task.shadow, task.review, task.feedback, task.canary) == (None, None, False, None)
+    code, _, err = run(capsys, "tasks", "set", "news", "--shadow-sample", "0.5", "--tasks",
+                       str(tasks))
+    assert code == 1 and "task 'news' has no shadow to change: give --shadow MODEL" in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["tasks", "set", "news", "--labels", "a,,b", "--tasks", str(tasks)])
+    assert exit_info.value.code == 2 and "none empty" in capsys.readouterr().err
+
+
 def test_tasks_remove_and_an_unknown_task(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"

@@ -23,8 +23,7 @@ What cannot come along, and what it costs (the figures come from the model's own
   held-out texts.
 - int8: the HF export is float32, the factory int8: on 600 held-out tweets (`python -m
   bench.export_fidelity`) probabilities differed by 0.0142 on average and 0.176 at most, the top
-  label agreed on 98.0% (the `graph` figures of each model, `int8` in older ones, say the same for
-  its own texts). The ONNX export differed by 0. A model trained with `quantize=False` (benches,
+  label agreed on 98.0% (the `int8` figures of each model say the same for its own texts). The ONNX export differed by 0. A model trained with `quantize=False` (benches,
   tests) serves float32 and its HF export matches, without the note.
 - chunking: the factory averages the logits of up to 8 chunks of `seq_len` tokens; the ONNX
   export's KServe server does too, transformers-based servers truncate to `seq_len`.
@@ -153,8 +152,7 @@ def _quantized(meta: dict[str, Any]) -> bool:
 def _int8_note(meta: dict[str, Any], head: Head) -> str | None:
     if not _quantized(meta):
         return None
-    # `graph_max` since 2026-12-01; `int8_max` before.
-    figure = (_figure(meta, head.name, "graph_max") or _figure(meta, head.name, "int8_max"))
+    figure = _figure(meta, head.name, "int8_max")
     measured = (f" (up to {figure[0]:.3f} on {figure[1]} {figure[2]} texts)" if figure else "")
     return (f"target {head.name!r}: the export is the float32 network and the factory serves "
             f"its int8 graph, so their probabilities differ slightly{measured}; `--format onnx` "

@@ -175,7 +175,7 @@ def test_hf_export_is_the_float32_network_for_transformers_with_remote_code(
     # Against the factory's int8 answer: within what training measured, as the note says.
     factory = MiniLMModel.load(minilm_dir).predict_proba(short)[0]
     hf = torch.softmax(torch.from_numpy(logits), -1).numpy()
-    figure = report["figures"]["targets"]["sentiment"]["graph_max"]
+    figure = report["figures"]["targets"]["sentiment"]["int8_max"]
     print(f"hf float32 vs factory int8: max {np.abs(hf - factory).max():.5f}, training measured "
           f"{figure}")
     assert 0 < np.abs(hf - factory).max() < 0.05
@@ -206,9 +206,9 @@ def test_what_cannot_be_exported_is_refused_with_the_reason_and_the_remedy(
 
 def test_the_hf_note_follows_the_graph_the_factory_serves(minilm_dir: Path,
                                                           tmp_path: Path) -> None:
-    """A model saved before the `graph_*` figures (`int8_max`, no `quantized` key) keeps its
-    note with its figure; a model served from a float32 graph (`quantize=False`) matches its HF
-    export, so it gets no note."""
+    """A model saved before `info.quantized` was recorded (all of them int8) keeps its note with
+    its figure; a model served from a float32 graph (`quantize=False`) matches its HF export, so
+    it gets no note."""
     def variant(name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
         target = tmp_path / name
         shutil.copytree(minilm_dir, target)
@@ -220,7 +220,7 @@ def test_the_hf_note_follows_the_graph_the_factory_serves(minilm_dir: Path,
     def older(meta: dict[str, Any]) -> None:
         figures = meta["info"]["export_figures"]["targets"]["sentiment"]
         figures["int8_max"] = 0.061234
-        del figures["graph_max"], figures["graph_mean"], meta["info"]["quantized"]
+        del meta["info"]["quantized"]
 
     (target,) = export(variant("older", older), "m", "hf", tmp_path / "a")["targets"]
     (note,) = target["notes"]

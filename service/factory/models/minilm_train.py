@@ -533,9 +533,8 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
     examples), per head, largest and mean absolute probability difference:
     - `blend`: the served scores vs the encoder's alone (what a server running the export
       computes; 0 when the model was trained with `ngram_blend: false`);
-    - `graph`: the served ONNX graph vs the float32 torch network a Hugging Face export holds
-      (the int8 error, up to ~0.1-0.2 in probability; float rounding for a `quantize=False`
-      graph). Called `int8` before 2026-12-01.
+    - `int8`: the served graph vs the float32 torch network a Hugging Face export holds (the
+      int8 error, up to ~0.1-0.2 in probability; float rounding for a `quantize=False` graph).
     `service.factory.export` prints them; ~1-2 s for 64 short texts on 2 CPU cores."""
     if not texts:
         return {}
@@ -551,8 +550,8 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
         out["targets"][head.name] = {
             "blend_max": round(float(np.abs(p - alone).max()), 6),
             "blend_mean": round(float(np.abs(p - alone).mean()), 6),
-            "graph_max": round(float(np.abs(fp32 - alone).max()), 6),
-            "graph_mean": round(float(np.abs(fp32 - alone).mean()), 6)}
+            "int8_max": round(float(np.abs(fp32 - alone).max()), 6),
+            "int8_mean": round(float(np.abs(fp32 - alone).mean()), 6)}
     return out
 
 

@@ -139,7 +139,8 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _rollout(args: argparse.Namespace, current: dict[str, Any]) -> dict[str, Any]:
+def _rollout(args: argparse.Namespace, data: dict[str, Any],
+             current: dict[str, Any]) -> dict[str, Any]:
     """The canary, shadow, review and feedback settings `tasks set` was given, merged with the
     task's current ones (`[]` removes one); the gateway's parser validates the ranges."""
     out: dict[str, Any] = {}
@@ -162,7 +163,10 @@ def _rollout(args: argparse.Namespace, current: dict[str, Any]) -> dict[str, Any
             entry = {"model": model}
         entry[share] = value if value is not None else entry.get(share, default)
         if upstream:
-            entry["upstream"] = upstream
+            entry.pop("upstream", None)
+            named = tasksfile.role_upstream(data, current["upstream"], upstream)
+            if named:
+                entry["upstream"] = named
         out[role] = entry
     if args.no_review:
         if args.review_margin is not None or args.review_sample is not None:
@@ -183,7 +187,7 @@ def _rollout(args: argparse.Namespace, current: dict[str, Any]) -> dict[str, Any
 
 def cmd_set(args: argparse.Namespace) -> int:
     register_task(args.tasks, args.name, args.upstream or "",
-                  merge=lambda current: _rollout(args, current), model=args.model,
+                  merge=lambda data, current: _rollout(args, data, current), model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
                   target=args.target, labels=args.labels)

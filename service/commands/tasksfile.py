@@ -181,23 +181,33 @@ def task_rows(path: Path) -> list[dict[str, Any]]:
             for _, t in sorted(registry.tasks.items())]
 
 
+def role_upstream(data: Data, task_upstream: str, upstream: Upstream | str | None) -> str | None:
+    """The upstream a canary or shadow names: none when it is the task's own (the default), and a
+    well-known one (`local`, `mistral`) is added to the file when missing, as for a task."""
+    name = upstream if isinstance(upstream, str) or upstream is None else upstream.name
+    spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(name or "")
+    if spec is not None:
+        ensure_upstream(data, spec)
+    return name if name and name != task_upstream else None
+
+
 def register_task(path: Path, name: str, upstream: Upstream | str,
-                  merge: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                  merge: Callable[[Data, dict[str, Any]], dict[str, Any]] | None = None,
                   **settings: Any) -> None:
     """Point a task at a model; adds a well-known upstream when the file lacks it. `merge` gets
-    the task's current mapping under the file's lock and returns more settings (for those that
-    are merged with what is there, such as a canary's weight)."""
+    the file's mapping and the task's (with its upstream as it will be) under the file's lock and
+    returns more settings (for those merged with what is there, such as a canary's weight)."""
 
     def change(data: Data) -> None:
         current = data["tasks"].get(name) or {}
-        if merge is not None:
-            settings.update(merge(dict(current)))
         upstream_name = upstream if isinstance(upstream, str) else upstream.name
         if not upstream_name:
             upstream_name = current.get("upstream") or "local"
         spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
         if spec is not None:
             ensure_upstream(data, spec)
+        if merge is not None:
+            settings.update(merge(data, {**current, "upstream": upstream_name}))
         if not current and not settings.get("model"):
             raise UserError(f"task {name!r} is new: give its --model")
         set_task(data, name, {"upstream": upstream_name, **settings})
@@ -214,13 +224,10 @@ def set_canary(path: Path, name: str, upstream: Upstream | str, *, model: str,
         task = data["tasks"].get(name)
         if not isinstance(task, dict):
             raise UserError(f"task {name!r} is not in {path}: a canary needs a task to join")
-        upstream_name = upstream if isinstance(upstream, str) else upstream.name
-        spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
-        if spec is not None:
-            ensure_upstream(data, spec)
         canary: dict[str, Any] = {"model": model, "weight": weight}
-        if upstream_name and upstream_name != task.get("upstream"):
-            canary["upstream"] = upstream_name
+        named = role_upstream(data, str(task.get("upstream")), upstream)
+        if named:
+            canary["upstream"] = named
         task["canary"] = canary
 
     edit(path, change)

@@ -223,6 +223,17 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
                        "--tasks", str(tasks))
     assert code == 1 and "--no-shadow removes the shadow: give it alone" in err
 
+    # The shadow on another upstream: a well-known one is added to the file, as for a task; the
+    # task's own upstream is the default, so naming it leaves the entry without one.
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "mistral", "--tasks", str(tasks))
+    task = load_registry(tasks).tasks["news"]
+    assert task.shadow is not None and task.shadow.upstream == "mistral"
+    assert "mistral" in load_registry(tasks).upstreams
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "local", "--tasks", str(tasks))
+    task = load_registry(tasks).tasks["news"]
+    assert task.shadow is not None and task.shadow.upstream is None
+    assert task.shadow.sample == 0.25
+
     # `tasks promote` finishes the rollout the flags started.
     code, _, _ = run(capsys, "tasks", "promote", "news", "--from", "canary", "--tasks", str(tasks))
     assert code == 0 and load_registry(tasks).tasks["news"].model == "m2"

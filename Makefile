@@ -1,29 +1,75 @@
 # Thin wrappers over the commands the README shows. `make run` and `make test` work on a fresh clone.
 PY ?= python3
 
-.PHONY: install install-dev run test lint docs-build docs pytest bench
+.PHONY: install install-torch install-infinity install-dev lock lock-files run test lint docs-build docs pytest bench
+
+# Every install comes from the lock in requirements/ (hashes checked), and the project itself goes
+# in last with --no-deps, so that pip never resolves a range on its own: what runs is what was
+# tested. `make lock` is the one way to move the lock (docs/development.md).
+PIP_LOCKED = $(PY) -m pip install -q --require-hashes --no-warn-conflicts
 
 install:
-	$(PY) -m pip install -q -e .
+	$(PIP_LOCKED) -r requirements/base.txt
+	$(PY) -m pip install -q --no-deps -e .
 
-# The tests need the `encoder` extra (local-minilm) and so PyTorch. `TORCH` is installed first so
-# that pip never resolves a plain `torch` to the multi-GB CUDA build: on a machine that reaches
-# PyTorch's own index, `make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`
-# gets the CPU build (where a CPU wheel of torch 2.13.0 is already on disk, as on our CI, plain
-# `make test` finds it).
-TORCH ?= torch==2.13.0
-TORCH_PIP_ARGS ?=
+# The tests need the `encoder` extra (local-minilm) and so PyTorch, always the CPU build:
+# requirements/torch.txt pins `torch==2.13.0+cpu` from PyTorch's CPU index (a `+cpu` build exists
+# nowhere else, so no set-up can fall back to the multi-GB CUDA wheel). It goes in first and alone
+# (--no-deps; its dependencies are in dev.txt), and only when missing, so that the other packages are
+# never looked up on that index and a repeated `make test` does not ask it again.
+TORCH_OK = $(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('torch') != '2.13.0+cpu')"
+
+install-torch:
+	$(TORCH_OK) 2>/dev/null || $(PIP_LOCKED) --no-deps -r requirements/torch.txt
 
 # Infinity, the real server the `infinity` upstream protocol is tested against, pins numpy<2,
-# uvicorn<0.33 and sentence-transformers<4, which clash with ours: it gets its own virtualenv that
-# sees our site-packages (torch comes from there, so nothing large is downloaded).
-INFINITY ?= infinity-emb[server,torch]==0.0.78
+# uvicorn<0.33 and sentence-transformers<4, which clash with ours: it gets its own virtualenv, from
+# its own lock (requirements/infinity.txt). A .pth file puts *this* interpreter's site-packages
+# after the virtualenv's own, so that the CPU PyTorch installed above is found and reused (nothing
+# large is downloaded), in a virtualenv or not: `venv --system-site-packages` would point at the
+# base interpreter instead, which inside a virtualenv has no torch, and pip then fetched ~5.6 GB of
+# CUDA PyTorch. The virtualenv is rebuilt when its lock changes.
+INFINITY_VENV = .venv-infinity
 
-install-dev:
-	$(PY) -m pip install -q $(TORCH) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e '.[dev,encoder,docs]'
-	test -x .venv-infinity/bin/infinity_emb || ( $(PY) -m venv --system-site-packages .venv-infinity \
-		&& .venv-infinity/bin/pip install -q --no-warn-conflicts '$(INFINITY)' )
+install-infinity: install-torch
+	@if ! cmp -s requirements/infinity.txt $(INFINITY_VENV)/installed-from.txt; then \
+		rm -rf $(INFINITY_VENV) && $(PY) -m venv $(INFINITY_VENV) \
+		&& $(PY) -c "import site, sysconfig; print('\n'.join(dict.fromkeys([sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']])))" \
+			> "$$($(INFINITY_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-parent-site.pth" \
+		&& $(INFINITY_VENV)/bin/python -m pip install -q --require-hashes --no-warn-conflicts \
+			-r requirements/infinity.txt \
+		&& cp requirements/infinity.txt $(INFINITY_VENV)/installed-from.txt; \
+	fi
+
+install-dev: install-torch
+	$(PIP_LOCKED) -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(MAKE) --no-print-directory install-infinity PY=$(PY)
+
+# Moves the lock to the newest releases that pyproject.toml's ranges and requirements/pins.txt
+# allow, then runs lint and the whole suite on them. Drift shows up here, as a red `make lock`, and
+# never as a red CI on an unrelated change. Commit requirements/ only when this passes.
+UV_COMPILE = $(PY) -m uv pip compile --quiet --upgrade --generate-hashes --no-header \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--find-links $(TORCH_WHEELS) -c requirements/pins.txt
+# Where uv finds the CPU build of PyTorch: pip's own find-links where the machine sets one (ours
+# carry the wheel on disk), else PyTorch's CPU index.
+TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+
+lock: lock-files
+	$(MAKE) test
+
+lock-files:
+	$(PY) -m pip install -q 'uv>=0.5'
+	$(UV_COMPILE) pyproject.toml --all-extras -o requirements/dev.txt
+	$(UV_COMPILE) pyproject.toml -c requirements/dev.txt -o requirements/base.txt
+	$(UV_COMPILE) pyproject.toml --extra encoder -c requirements/dev.txt -o requirements/encoder.txt
+	$(UV_COMPILE) requirements/infinity.in -o requirements/infinity.txt
+	( printf '%s\n' '# Written by `make lock`: dev.txt'"'"'s PyTorch alone, the CPU build, from its own index.' \
+		'# `pip install --no-deps -r requirements/torch.txt` (the Makefile, the Dockerfile).' \
+		'--extra-index-url https://download.pytorch.org/whl/cpu' \
+		&& awk '/^torch==/ {p = 1; print; next} p && /^ +--hash/ {print; next} {p = 0}' requirements/dev.txt ) \
+		> requirements/torch.txt
 
 run: install
 	classifier-gateway demo

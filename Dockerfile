@@ -16,23 +16,34 @@ WORKDIR /src
 # Every dependency ships manylinux wheels for this Python, so no compiler is needed even here.
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# Optional extras: `--build-arg EXTRAS=encoder` adds `local-minilm` to the factory (PyTorch from
-# TORCH_INDEX_URL first, the CPU build by default, so that pip never pulls the multi-GB CUDA one;
-# a CUDA index such as https://download.pytorch.org/whl/cu128 makes a GPU image). Without it the
-# image holds the gateway and `local-ngram`, and the factory lists `local-minilm` as unavailable.
+# Installs come from the lock (requirements/, hashes checked; `make lock` moves it). The default
+# image holds the gateway and `local-ngram` (requirements/base.txt). `--build-arg EXTRAS=encoder`
+# adds `local-minilm` to the factory (requirements/encoder.txt), with PyTorch's CPU build first
+# (requirements/torch.txt: torch==2.13.0+cpu, from PyTorch's CPU index, so pip never pulls the
+# multi-GB CUDA one). For a GPU image, TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 installs
+# torch==TORCH_VERSION from that index instead, with its CUDA packages; that torch is the one
+# thing outside the lock, and encoder.txt's CPU pin is then skipped.
 ARG EXTRAS=""
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Dependencies first, from pyproject alone, so that a code change does not re-download them.
-COPY pyproject.toml README.md ./
-# DL3013: `.[extras]` is this project (its pins are in pyproject.toml), not a package from PyPI.
+ARG TORCH_INDEX_URL=""
+# Dependencies first, from the lock alone, so that a code change does not re-download them.
+COPY requirements/ ./requirements/
+# DL3013: torch from a CUDA index is deliberately outside the lock (see above).
 # hadolint ignore=DL3013
-RUN mkdir service && touch service/__init__.py \
-    && if [ -n "$EXTRAS" ]; then \
-         pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
-         && pip install --no-cache-dir ".[${EXTRAS}]"; \
-       else pip install --no-cache-dir .; fi \
-    && pip uninstall --yes classifier-gateway
+RUN if [ -z "$EXTRAS" ]; then \
+         pip install --no-cache-dir --require-hashes -r requirements/base.txt; \
+       elif [ "$EXTRAS" = "encoder" ]; then \
+         if [ -n "$TORCH_INDEX_URL" ]; then \
+           pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+           && awk '/^torch==/ {skip = 1; next} skip && /^ / {next} {skip = 0; print}' \
+              requirements/encoder.txt > /tmp/encoder-no-torch.txt \
+           && pip install --no-cache-dir --require-hashes -r /tmp/encoder-no-torch.txt; \
+         else \
+           pip install --no-cache-dir --no-deps --require-hashes -r requirements/torch.txt \
+           && pip install --no-cache-dir --require-hashes -r requirements/encoder.txt; \
+         fi; \
+       else echo "EXTRAS must be empty or encoder (the locked sets), not '$EXTRAS'" >&2; exit 1; fi
+COPY pyproject.toml README.md ./
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \
     && python -m compileall -q /opt/venv/lib

@@ -122,6 +122,26 @@ def test_kserve_model_server_dockerfile_is_hadolint_clean_and_copies_the_runtime
     assert "kserve==" in text and "onnxruntime==" in text and "USER 10001" in text
 
 
+def _locked(lock: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line of a lock file in requirements/."""
+    return dict(m.groups() for m in re.finditer(r"^([A-Za-z0-9_.\[\],-]+)==(\S+)", lock.read_text(), re.M))
+
+
+def test_the_image_installs_from_the_lock_with_hashes() -> None:
+    """Both images install what CI tested: the gateway's from requirements/ with hashes checked
+    (never a range resolved at build time), the KServe runtime's at the lock's versions."""
+    runs = " ".join(args for op, args in instructions() if op == "RUN")
+    assert "--require-hashes -r requirements/base.txt" in runs
+    assert "--require-hashes -r requirements/encoder.txt" in runs
+    assert "pip install --no-cache-dir --no-deps ." in runs  # the project itself adds no dependency
+    assert not re.search(r"pip install [^&;]*\.\[", runs), "an extra resolved at build time"
+    assert "!requirements/" in (ROOT / ".dockerignore").read_text().splitlines()
+    locked = _locked(ROOT / "requirements" / "dev.txt")
+    kserve = (ROOT / "deploy" / "kserve" / "Dockerfile").read_text()
+    pins = dict(re.findall(r"\b(kserve|onnxruntime|tokenizers|numpy)==(\S+)", kserve))
+    assert pins and all(locked[name] == version for name, version in pins.items()), (pins, locked)
+
+
 def test_hadolint_really_lints(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y gcc\n")

@@ -113,3 +113,13 @@ def svg_facts(browser: Chromium, mermaid: dict[str, Any]) -> dict[str, Any]:
     facts: dict[str, Any] = browser.call_on(svgs[0]["nodeId"], SVG_FACTS)
     return facts
 
+
+def test_the_set_up_block_on_the_home_page_fits_its_column(site: Path, browser: Chromium) -> None:
+    """README's set-up commands wrap (docs/stylesheets/extra.css) rather than run off the edge."""
+    browser.open((site / "index.html").as_uri())
+    assert browser.wait_for('document.readyState == "complete"', 30)
+    blocks = browser.evaluate("""[...document.querySelectorAll(".wrap-code pre > code")]
+        .map(code => [code.scrollWidth, code.clientWidth])""")
+    assert blocks, "the home page lost its wrapping set-up section (docs/index.md)"
+    for scroll_width, client_width in blocks:
+        assert scroll_width <= client_width, (scroll_width, client_width)

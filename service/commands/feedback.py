@@ -102,21 +102,31 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 def label_studio_task(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
     """A Label Studio task: the text (a conversation rendered as `role: content` lines), and the
     model's answer as a prediction, one `choices` result per target (labelling config:
-    `<Choices name="TARGET" toName="text">` per target)."""
+    `<Choices name="TARGET" toName="text">` per target).
+
+    A result's `score` is the model's own score of its answer on that target (for a multi-label
+    target, of its weakest chosen label), and the prediction's the lowest of them: how sure the
+    model was. The top-two margin that queued it stays `data.margin`, named as what it is."""
     item = entry["input"]
     text = (render_messages(item.get("messages", [])) if kind == "chat" and isinstance(item, dict)
             else str(item))
-    results = []
+    all_scores = entry.get("scores") or {}
+    results: list[dict[str, Any]] = []
     for target, labels in (entry.get("predicted") or {}).items():
         choices = labels if isinstance(labels, list) else [labels]
-        results.append({"from_name": target, "to_name": "text", "type": "choices",
-                        "value": {"choices": choices}})
+        result: dict[str, Any] = {"from_name": target, "to_name": "text", "type": "choices",
+                                  "value": {"choices": choices}}
+        scores = all_scores.get(target) or {}
+        if choices and all(choice in scores for choice in choices):
+            result["score"] = round(min(float(scores[choice]) for choice in choices), 6)
+        results.append(result)
+    prediction: dict[str, Any] = {"model_version": entry.get("model"), "result": results}
+    if results and all("score" in result for result in results):
+        prediction["score"] = min(result["score"] for result in results)
     return {"data": {"text": text, "gateway_id": entry.get("id"),
                      "reason": entry.get("reason"), "margin": entry.get("margin"),
                      "scores": entry.get("scores")},
-            "predictions": [{"model_version": entry.get("model"),
-                             "score": round(1.0 - float(entry.get("margin", 0.0)), 6),
-                             "result": results}]}
+            "predictions": [prediction]}
 
 
 def cmd_review_export(args: argparse.Namespace) -> int:

@@ -15,6 +15,12 @@ and nothing bounds how many such connections are open. `GatewayHttpProtocol` add
   evicts the connection that has waited longest for its client (idle keep-alive, or still sending its
   head or body), so slow clients cannot starve new ones: they are the oldest waiters. When every
   connection has a request in the app, the new one is answered `503` + `Retry-After` and closed.
+- a **lingering close**: an answer sent before the body was read to its end (a 413 past the 64 MiB
+  the front door reads and drops, a 401) with `Connection: close` used to close the socket while
+  the client was still sending. The kernel then resets the connection and drops what it had not
+  sent, the answer included: the client saw a reset. Now the answer goes out, then a FIN, and what
+  the client still sends is dropped unparsed until it closes, within what is left of its body
+  timeout; the client, done sending, reads its answer.
 - a **graceful shutdown** (`shutdown()`): a connection with no request yet (new, or idle between
   keep-alive requests) gets `SHUTDOWN_GRACE_S` to send one, which is answered with
   `Connection: close`; a request being read or handled is finished, then the connection closes.
@@ -62,6 +68,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False  # the server is shutting down: answer with Connection: close
         self._refuse = False  # over the connection bound with nobody to evict: answer 503
+        self._lingering = False  # answered and closing; the rest of the client's body is dropped
 
     # -- connection life --------------------------------------------------------------------------
 
@@ -81,6 +88,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a body already answered: dropped, unparsed
         super().data_received(data)
         if self._phase == "body" and self._timer is None and not self.transport.is_closing():
             self._arm(self.body_timeout_s)
@@ -88,7 +97,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         """Called by the server on shutdown (see the module docstring)."""
         self._closing = True
-        if self._phase == "idle" or (self._phase == "head" and not self._head_bytes):
+        if self._lingering:
+            self.transport.close()
+        elif self._phase == "idle" or (self._phase == "head" and not self._head_bytes):
             self._disarm()
             self._phase, self._since = "head", time.monotonic()
             self._arm(SHUTDOWN_GRACE_S)
@@ -113,6 +124,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._closing or self._refuse:
             self.cycle.keep_alive = False
+        # The cycle closes the connection after an answer with `Connection: close`: lingering.
+        self.cycle.transport = _CloseLingers(self)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -134,9 +147,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._lingering:  # no keep-alive wait: the body timer bounds the linger
+            self._unset_keepalive_if_required()
+            return
         if self._phase == "busy" and (self.cycle is None or self.cycle.response_complete):
             self._phase, self._since = "idle", time.monotonic()
         # "body": answered before the body was read (401, 413); the body timer still bounds it.
+
+    def close_after_answer(self) -> None:
+        """Close after an answer with `Connection: close`: at once when the request was read to
+        its end, else lingering (see the module docstring)."""
+        transport = self.transport
+        if self._phase != "body" or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()  # the answer, then FIN, once the write buffer has gone out
+        self.flow.resume_reading()
+        if self._timer is None:
+            self._arm(self.body_timeout_s)
 
     # -- timers and eviction ---------------------------------------------------------------------
 
@@ -179,7 +208,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             if (connection is self or not isinstance(connection, GatewayHttpProtocol)
                     or connection._phase == "busy" or connection.transport.is_closing()):
                 continue
-            if connection._phase == "body" and connection.cycle.response_started:
+            if (connection._phase == "body" and connection.cycle.response_started
+                    and not connection._lingering):
                 continue
             if oldest is None or connection._since < oldest._since:
                 oldest = connection
@@ -191,6 +221,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             STATUS_LINE[status], b"content-type: application/json\r\n",
             b"content-length: ", str(len(body)).encode(), b"\r\n",
             b"connection: close\r\n\r\n", body]))
+
+
+class _CloseLingers:
+    """The transport as a request's cycle sees it, whose `close()` is the protocol's
+    `close_after_answer()`; everything else is the transport's own."""
+
+    def __init__(self, protocol: GatewayHttpProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def close(self) -> None:
+        self._protocol.close_after_answer()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:

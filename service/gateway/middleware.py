@@ -162,7 +162,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 # Reading and dropping the rest of a refused body costs about a millisecond per megabyte on loopback,
 # and GATEWAY_BODY_TIMEOUT_S bounds its time; past 64 MiB (64x the default body limit) answering at
-# once and closing is the better deal, even though a client still sending may then see a reset.
+# once with `Connection: close` is the better deal: the gateway's server (connections.py) then sends
+# the answer and a FIN and drops the rest unparsed, so the client, done sending, still reads it.
 _DISCARD_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -172,8 +173,10 @@ async def _answer_unread(response: Response, scope: Scope, receive: Receive, sen
 
     Closing a connection while the client is still sending makes the kernel reset it, and the
     client, busy writing, never reads the answer: an 8 MB body with `Connection: close` got a reset
-    instead of its 413. So the rest of the body is read and dropped first, then the answer goes out.
-    A client that sent `Expect: 100-continue` is waiting, not sending: answered at once."""
+    instead of its 413. So the rest of the body is read and dropped first, then the answer goes out;
+    past `_DISCARD_MAX_BYTES` the answer goes out at once with `Connection: close`, and the server's
+    lingering close (connections.py) keeps the reset away. A client that sent
+    `Expect: 100-continue` is waiting, not sending: answered at once."""
     if not body_done and _has_body(scope) and _header(scope, b"expect") is None:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > _DISCARD_MAX_BYTES:

@@ -151,6 +151,11 @@ async def test_feedback_and_review_round_trip_through_a_restart_and_the_exports(
     assert first["predictions"][0]["model_version"] == "ft:v3"
     assert first["predictions"][0]["result"][0]["from_name"] == "sentiment"
     assert first["data"]["text"] in unsure
+    for studio_task in tasks:  # the model's own score of its answer; the margin named apart
+        scores = expected_scores(studio_task["data"]["text"], TARGETS)["sentiment"]
+        assert studio_task["predictions"][0]["score"] == pytest.approx(max(scores.values()),
+                                                                       abs=1e-6)
+        assert studio_task["data"]["margin"] == pytest.approx(margin(scores), abs=1e-6)
 
 
 async def test_feedback_without_redis_says_what_to_set(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -88,3 +90,57 @@ async def test_a_keep_alive_connection_dripping_its_next_head_is_timed_out(tmp_p
     with gateway_stack(tmp_path, gateway_server=True, head_timeout_s=TIMEOUT_S) as s:
         answer = await asyncio.to_thread(drip_second_request, s.server.port)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+HUGE = 80 * 1024 * 1024  # past the 64 MiB the front door reads and drops before answering
+
+
+async def test_an_80_mb_body_gets_its_413_not_a_reset(tmp_path: Path) -> None:
+    """Past 64 MiB the gateway answers 413 without reading the rest of the body and closes. It used
+    to close at once, with the client still sending: the kernel reset the connection, dropping the
+    413 on the way, and the client saw `Connection reset by peer`. Now it sends the 413, then FIN,
+    and reads and drops the rest until the client has read its answer and closed."""
+    body = b'{"task": "sentiment", "input": "' + b"x" * HUGE + b'"}'
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1 << 20):
+            yield body[start:start + (1 << 20)]
+
+    with gateway_stack(tmp_path, gateway_server=True) as s:
+        for headers in ({}, {"connection": "close"}):
+            for streamed in (False, True):
+                async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                    r = await client.post("/classify", content=chunked() if streamed else body,
+                                          headers={**headers, "content-type": "application/json"})
+                assert r.status_code == 413, (headers, streamed, r.text)
+                assert r.json()["error"]["type"] == "payload_too_large"
+                assert r.headers["connection"] == "close"
+        async with httpx.AsyncClient(base_url=s.url, timeout=5) as client:  # and it still serves
+            r = await client.post("/classify", json={"task": "sentiment", "input": "ok"})
+        assert r.status_code == 200
+
+
+def test_a_client_that_stops_sending_an_oversized_body_is_closed_after_its_body_timeout(
+        tmp_path: Path) -> None:
+    """The linger after a 413 is bounded by GATEWAY_BODY_TIMEOUT_S: a client that declares 100 MB,
+    sends 1 MB and stops reads its 413 and the gateway's FIN at once, and the connection is gone
+    once the timeout has passed."""
+    with gateway_stack(tmp_path, gateway_server=True, body_timeout_s=TIMEOUT_S) as s, \
+            socket.create_connection(("127.0.0.1", s.server.port), timeout=5) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                     b"content-type: application/json\r\ncontent-length: 100000000\r\n\r\n"
+                     + b"x" * (1 << 20))
+        answer = b""
+        while chunk := sock.recv(65536):  # to the gateway's FIN, with the body unfinished
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+        assert b"payload_too_large" in answer
+        time.sleep(TIMEOUT_S * 4)
+        try:  # the gateway has closed its end: what is sent now is refused
+            for _ in range(20):
+                sock.sendall(b"x" * 65536)
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        else:
+            raise AssertionError("the connection outlived its body timeout")

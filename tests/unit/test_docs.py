@@ -8,13 +8,18 @@ the links between pages and that every page is in the navigation.
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from service.factory.demo.runner import BASE_MODEL as DEMO_BASE_MODEL
+from service.factory.demo.runner import TASKS as DEMO_TASKS
+from service.factory.jobs import fine_tuned_model_id
 from service.factory.metrics import FactoryMetrics
 from service.factory.settings import FactorySettings
 from service.gateway.metrics import GatewayMetrics
@@ -160,3 +165,25 @@ def test_nothing_cites_the_design_documents_outside_the_repository() -> None:
             if path.name == "test_docs.py":
                 continue
             assert needle not in text, f"{path.relative_to(ROOT)} cites {needle}"
+
+
+def test_the_classify_example_is_what_the_demo_serves() -> None:
+    """docs/api.md shows `POST /classify` on the demo's `sentiment` task as `make run` serves it:
+    a model fine-tuned from the demo's base model, in the factory's id format, with the labels of
+    the demo's data, one result per input."""
+    body = section(page("api.md"), "`POST /classify`: texts, by task name")
+    assert "(This is the demo's `sentiment` task, as `make run` serves it.)" in body
+    request = json.loads(re.search(r"-d '(\{.*\})'", body)[1])  # type: ignore[index]
+    response = json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])
+    assert request["task"] == response["task"] == "sentiment"
+    workspace, day, job = re.fullmatch(r"ft:classifier:([^:]+):([0-9a-f]{8}):(\d{8}):([0-9a-f]{8})",
+                                       response["model"]).groups()[1:]  # type: ignore[union-attr]
+    assert response["model"] == fine_tuned_model_id(
+        DEMO_BASE_MODEL, workspace, job, datetime.strptime(day, "%Y%m%d").replace(
+            tzinfo=UTC).timestamp()), f"{response['model']} is not fine-tuned from {DEMO_BASE_MODEL}"
+    sentiment = next(task for task in DEMO_TASKS if task.name == "sentiment")
+    rows = (ROOT / "service" / "factory" / "demo" / sentiment.dataset).read_text().splitlines()
+    labels = {json.loads(row)["labels"]["sentiment"] for row in rows}
+    assert len(response["results"]) == len(request["input"])
+    for result in response["results"]:
+        assert set(result["sentiment"]["scores"]) == labels

@@ -49,6 +49,8 @@ class DemoTask:
     example: dict[str, Any]
 
 
+BASE_MODEL = "local-ngram"  # what every demo task is fine-tuned from
+
 TASKS = (
     DemoTask("sentiment", "text", "sentiment.jsonl", "demo-sentiment",
              {"task": "sentiment", "input": "I love this product!"}),
@@ -209,7 +211,7 @@ def train_task(client: httpx.Client, task: DemoTask) -> str:
             client.post(f"/v1/fine_tuning/jobs/{job_id}/start")
     else:
         r = client.post("/v1/fine_tuning/jobs", json={
-            "model": "local-ngram", "job_type": "classifier", "suffix": task.suffix,
+            "model": BASE_MODEL, "job_type": "classifier", "suffix": task.suffix,
             "training_files": [{"file_id": file_id, "weight": 1}], "auto_start": True,
             "hyperparameters": {"training_steps": 100, "learning_rate": 1e-4},
         })

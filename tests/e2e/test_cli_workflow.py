@@ -198,6 +198,27 @@ def test_a_bad_file_fails_before_anything_is_uploaded(stack: Stack) -> None:
     assert files_after == files_before
 
 
+def test_an_unknown_base_model_is_refused_before_anything_is_uploaded(stack: Stack) -> None:
+    """`--model bert-huge` used to be refused by the job, after the upload (HTTP 404): the CLI
+    now reads the upstream's model list first and names the base models it can fine-tune."""
+    auth = {"Authorization": f"Bearer {FACTORY_KEY}"}
+    files_before = httpx.get(f"{stack.factory_url}/v1/files", headers=auth).json()["total"]
+    result = stack.cli("finetune", "--task", "huge", "--train",
+                       str(small_corpus(stack, "huge.jsonl", per_label=5)), "--model", "bert-huge")
+    assert result.returncode == 1
+    cards = httpx.get(f"{stack.factory_url}/v1/models", headers=auth).json()["data"]
+    usable = sorted(c["id"] for c in cards
+                    if c["capabilities"]["fine_tuning"] and c.get("available") is not False)
+    assert "local-ngram" in usable and "ministral-3b-latest" in usable
+    assert one_line_error(result) == (
+        "classifier-gateway: base model 'bert-huge' cannot be fine-tuned on the local factory; "
+        f"pass --model with one of: {', '.join(usable)}")
+    assert "uploading" not in result.stderr
+    files_after = httpx.get(f"{stack.factory_url}/v1/files", headers=auth).json()["total"]
+    assert files_after == files_before
+    assert "huge" not in stack.tasks.read_text()
+
+
 def test_a_failed_job_gives_the_factorys_reason_and_registers_nothing(stack: Stack) -> None:
     """A one-label file: `finetune` refuses it locally now, so the job is created directly on the
     factory (as another client would), and `jobs wait` reports the factory's reason."""

@@ -141,20 +141,42 @@ def ask(question: str) -> bool:
 
 def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
                         follow_up: str) -> dict[str, Any] | None:
-    """`watch`, with Ctrl-C offering to cancel. Returns None when the user stopped watching."""
+    """`watch`, with Ctrl-C offering to cancel. Returns the ended job, or None when the user
+    stopped watching a job that goes on (or cancelled it).
+
+    The question may stay open for minutes while the job runs on: a job that ended meanwhile is
+    returned whatever the answer, so that its model is still registered (a "yes" that comes too
+    late says so instead of failing on the upstream's 409)."""
     progress = Progress()
     interval = args.poll_interval or (5.0 if args.upstream == "mistral" else 1.0)
     try:
         return watch(api, job_id, progress, interval, follow_up=follow_up)
     except KeyboardInterrupt:
         progress.close()
-        if ask(f"Cancel job {job_id}? [y/N] "):
+        cancel = ask(f"Cancel job {job_id}? [y/N] ")
+    try:
+        job = get_job(api, job_id)
+    except UserError:  # the upstream cannot say now: act on the answer alone
+        job = {"id": job_id, "status": None}
+    if job.get("status") not in FINAL_STATUSES and cancel:
+        try:
             job = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-            print(f"job {job_id}: {job.get('status') if isinstance(job, dict) else 'cancelled'}",
-                  file=sys.stderr)
+        except UserError:  # most likely a 409: it ended between the two requests
+            job = get_job(api, job_id)
+            if job.get("status") not in FINAL_STATUSES:
+                raise
         else:
-            print(f"job {job_id} keeps running; follow it with `{follow_up}`", file=sys.stderr)
-        return None
+            print(f"job {job_id}: "
+                  f"{job.get('status') if isinstance(job, dict) else 'cancelled'}",
+                  file=sys.stderr)
+            return None
+    status = job.get("status")
+    if status in FINAL_STATUSES:
+        print(f"job {job_id} ended {status} while the question was open"
+              + ("; too late to cancel it" if cancel else ""), file=sys.stderr)
+        return job
+    print(f"job {job_id} keeps running; follow it with `{follow_up}`", file=sys.stderr)
+    return None
 
 
 def warn_if_elsewhere(path: Path, upstream: Upstream) -> None:

@@ -361,6 +361,54 @@ def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
     assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
 
 
+@pytest.mark.parametrize("answer", ["y\n", ""], ids=["yes", "no-answer"])
+def test_a_job_that_ends_while_ctrl_c_asks_is_still_registered(stack: Stack, answer: str) -> None:
+    """Issue 19: the `Cancel job ...?` question waited while the job finished; `y` then failed
+    on the factory's 409 (exit 1) and the model was never registered. Whatever the answer, a job
+    that ended meanwhile is reported and registered, and a `y` says it came too late."""
+    task = "asked-yes" if answer else "asked-no"
+    train = small_corpus(stack, "asked.jsonl", per_label=100)  # seconds of training: caught early
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
+         "--training-steps", "40", "--poll-interval", "0.2"],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # the first status line: the CLI is watching the job
+            seen.append(line)
+            if re.match(r"(QUEUED|VALIDATING|VALIDATED|RUNNING)\b", line):
+                break
+        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
+        assert job_id, seen
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:  # the question stays open while the job ends
+            status = httpx.get(f"{stack.factory_url}/v1/fine_tuning/jobs/{job_id.group(1)}",
+                               headers={"Authorization": f"Bearer {FACTORY_KEY}"}).json()["status"]
+            if status == "SUCCESS":
+                break
+            time.sleep(0.2)
+        assert status == "SUCCESS"
+        out, err = process.communicate(answer, timeout=120)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, "".join(seen) + err
+    assert f"Cancel job {job_id.group(1)}? [y/N] " in err
+    ended = f"job {job_id.group(1)} ended SUCCESS while the question was open"
+    assert (ended + "; too late to cancel it\n" if answer else ended + "\n") in err
+    model = re.search(rf"^task {task} -> (\S+) on local \(text\)", out, re.MULTILINE)
+    assert model, out
+    assert load_registry(stack.tasks).tasks[task].model == model.group(1)
+
+
 def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> None:
     train = small_corpus(stack, "tty.jsonl")
     controller, terminal = pty.openpty()

@@ -270,7 +270,10 @@ def resolve_kind(api: Api, job: dict[str, Any], asked: str | None) -> str:
 
 def evaluation_lines(job: dict[str, Any]) -> list[str]:
     """The final evaluation on the validation files, one line per target: the local factory's
-    extra (Mistral's API reports only the checkpoints' metrics)."""
+    extra (Mistral's API reports only the checkpoints' metrics). It scores the model as it is
+    served, on every validation example; a checkpoint's metrics are measured during training
+    (for `local-minilm`, on the float32 encoder alone, without the n-gram blend or int8, and on
+    at most 128 validation examples), so the two accuracies can differ: hence the labels."""
     evaluation = job.get("evaluation")
     lines = []
     if isinstance(evaluation, dict):
@@ -278,9 +281,26 @@ def evaluation_lines(job: dict[str, Any]) -> list[str]:
             if isinstance(scores, dict) and "accuracy" in scores:
                 extra = (f", macro F1 {scores['macro_f1']:.4f}"
                          if isinstance(scores.get("macro_f1"), int | float) else "")
-                lines.append(f"validation, target {target}: accuracy {scores['accuracy']:.4f}"
-                             f"{extra} on {scores.get('examples')} examples")
+                lines.append(f"final model, target {target}: accuracy "
+                             f"{scores['accuracy']:.4f}{extra} on {scores.get('examples')} "
+                             "validation examples")
     return lines
+
+
+def print_metrics(metrics: dict[str, Any], evaluation: list[str]) -> None:
+    """The last checkpoint's losses, then the final model's evaluation when the upstream made
+    one. One accuracy only: the final model's when there is one (it is what the task will
+    answer with), else the checkpoint's (Mistral's API), each labelled for what it measured."""
+    keys = [("train_loss", "train loss"), ("valid_loss", "valid loss")]
+    if not evaluation:
+        keys.append(("valid_mean_token_accuracy", "valid accuracy"))
+    shown = [f"{name} {metrics[key]:.4f}" for key, name in keys
+             if isinstance(metrics.get(key), int | float)]
+    if shown:
+        print(f"  last checkpoint (step {metrics.get('step')}, during training): "
+              + ", ".join(shown))
+    for line in evaluation:
+        print(f"  {line}")
 
 
 def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
@@ -324,13 +344,7 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
         return 0
     took = job_duration_s(job)
     print(f"job {job_id} SUCCESS" + (f" in {duration_text(took)}" if took is not None else ""))
-    shown = [f"{name} {metrics[key]:.4f}" for key, name in (
-        ("train_loss", "train loss"), ("valid_loss", "valid loss"),
-        ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
-    if shown:
-        print(f"  metrics at step {metrics.get('step')}: " + ", ".join(shown))
-    for line in evaluation_lines(job):
-        print(f"  {line}")
+    print_metrics(metrics, evaluation_lines(job))
     print(f"  model: {model}")
     if canary is not None:
         print(f"task {args.task}: canary {model} answers {canary:g} of its items (its model "

@@ -134,7 +134,13 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert model, tuned.stdout
     assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
     # local-ngram's steps are solver iterations: it stops at convergence, before the budget.
-    assert re.search(r"metrics at step \d+: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
+    assert re.search(r"^  last checkpoint \(step \d+, during training\): train loss [\d.]+, "
+                     r"valid loss [\d.]+$", tuned.stdout, re.MULTILINE), tuned.stdout
+    # One accuracy, the final model's, labelled as such: the checkpoint's (measured during
+    # training, for local-minilm on the encoder alone) used to be printed above it, and differed.
+    assert re.search(r"^  final model, target topic: accuracy [\d.]+, macro F1 [\d.]+ on 50 "
+                     r"validation examples$", tuned.stdout, re.MULTILINE), tuned.stdout
+    assert tuned.stdout.count("accuracy") == 1, tuned.stdout
     # Off a terminal, progress is plain lines on stderr, one per change.
     assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr

@@ -162,7 +162,30 @@ def test_jobs_get_shows_the_hyperparameters_duration_and_final_evaluation() -> N
     text = describe_job(job)
     assert "created: 1970-01-01 00:16:40 UTC, modified: 1970-01-01 00:16:59 UTC, took 19s" in text
     assert "  hyperparameters: learning_rate=0.0001, training_steps=100\n" in text
-    assert ("  validation, target topic: accuracy 0.9688, macro F1 0.9685 on 192 examples"
-            in text)
+    assert ("  final model, target topic: accuracy 0.9688, macro F1 0.9685 on 192 validation "
+            "examples" in text)
     assert "hyperparameters: the upstream's defaults" in describe_job({**job,
                                                                        "hyperparameters": {}})
+
+
+def test_one_accuracy_is_printed_for_a_run_labelled_for_what_it_measured(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: `valid accuracy 0.9600` (the last checkpoint, measured during training) was
+    printed above the final model's `accuracy 1.0000`. With a final evaluation (the local
+    factory) only the final model's accuracy is printed; without one (Mistral's API), the
+    checkpoint's, on the checkpoint's line."""
+    from service.commands.jobwatch import evaluation_lines, print_metrics
+
+    metrics = {"step": 38, "train_loss": 0.07, "valid_loss": 0.15,
+               "valid_mean_token_accuracy": 0.96}
+    final = {"evaluation": {"targets": {"topic": {"accuracy": 1.0, "macro_f1": 1.0,
+                                                  "examples": 50}}}}
+    print_metrics(metrics, evaluation_lines(final))
+    assert capsys.readouterr().out == (
+        "  last checkpoint (step 38, during training): train loss 0.0700, valid loss 0.1500\n"
+        "  final model, target topic: accuracy 1.0000, macro F1 1.0000 on 50 validation "
+        "examples\n")
+    print_metrics(metrics, evaluation_lines({}))
+    assert capsys.readouterr().out == (
+        "  last checkpoint (step 38, during training): train loss 0.0700, valid loss 0.1500, "
+        "valid accuracy 0.9600\n")

@@ -59,9 +59,20 @@ def failure_reason(job: dict[str, Any]) -> str:
     return "the server gave no reason"
 
 
+def job_progress(job: dict[str, Any]) -> dict[str, Any]:
+    """The local factory's `progress` of a job (its phase, and its steps as the model planned
+    them); empty from Mistral's API, which has none."""
+    progress = job.get("progress")
+    return progress if isinstance(progress, dict) else {}
+
+
 def total_steps(job: dict[str, Any]) -> int | None:
-    """The job's number of steps: as requested, or else as the upstream planned it (Mistral's job
+    """The job's number of steps: as the model planned them (the local factory says so once
+    training starts), else as requested, or else as the upstream estimated it (Mistral's job
     metadata gives tokens per step and tokens in all, once the job is validated)."""
+    planned = job_progress(job).get("total_steps")
+    if isinstance(planned, int) and planned > 0:
+        return planned
     steps = (job.get("hyperparameters") or {}).get("training_steps")
     if isinstance(steps, int):
         return steps
@@ -72,11 +83,39 @@ def total_steps(job: dict[str, Any]) -> int | None:
     return None
 
 
+def current_step(job: dict[str, Any]) -> int | None:
+    """The newest step the job reported: its progress (every step) or its newest checkpoint
+    (a tenth of the way apart), whichever is further."""
+    steps = [s for s in (job_progress(job).get("step"), last_metrics(job).get("step"))
+             if isinstance(s, int)]
+    return max(steps) if steps else None
+
+
+def phase_text(job: dict[str, Any]) -> str | None:
+    """What a running job does besides its steps (reading, loading, tokenising 405 texts,
+    probing 64/405, exporting, ...): minutes may pass there before the first step."""
+    progress = job_progress(job)
+    phase = progress.get("phase")
+    if job.get("status") != "RUNNING" or not isinstance(phase, str) or phase in ("training",
+                                                                                 "done"):
+        return None
+    done, total = progress.get("done"), progress.get("total")
+    if isinstance(total, int) and isinstance(done, int) and done > 0:
+        return f"{phase} {done}/{total}"
+    if isinstance(total, int):
+        unit = "texts" if phase in ("tokenising", "featurising") else "examples"
+        return f"{phase} {total} {unit}"
+    return phase
+
+
 def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
     metrics = last_metrics(job)
     total = total_steps(job)
-    step = metrics.get("step")
+    step = current_step(job)
     parts = [str(job.get("status"))]  # the job's id is on the line before, `job ... created`
+    phase = phase_text(job)
+    if phase:
+        parts.append(phase)
     if step is not None:
         parts.append(f"step {step}/{total}" if total else f"step {step}")
     for key, name in (("train_loss", "train loss"), ("valid_loss", "valid loss")):
@@ -344,6 +383,10 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
         return 0
     took = job_duration_s(job)
     print(f"job {job_id} SUCCESS" + (f" in {duration_text(took)}" if took is not None else ""))
+    stopped = job_progress(job).get("stopped")
+    step, total = current_step(job), total_steps(job)
+    if stopped and step is not None and total is not None and step < total:
+        print(f"  stopped at step {step} of {total}: {stopped}")
     print_metrics(metrics, evaluation_lines(job))
     print(f"  model: {model}")
     if canary is not None:

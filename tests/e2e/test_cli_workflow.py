@@ -141,6 +141,10 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert re.search(r"^  final model, target topic: accuracy [\d.]+, macro F1 [\d.]+ on 50 "
                      r"validation examples$", tuned.stdout, re.MULTILINE), tuned.stdout
     assert tuned.stdout.count("accuracy") == 1, tuned.stdout
+    # Its last step is short of the 40 asked for, and the output says why.
+    last = re.search(r"last checkpoint \(step (\d+),", tuned.stdout)
+    assert last and int(last.group(1)) < 40
+    assert f"\n  stopped at step {last.group(1)} of 40: the solver converged\n" in tuned.stdout
     # Off a terminal, progress is plain lines on stderr, one per change.
     assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr

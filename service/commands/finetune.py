@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 from service.commands import tasksfile
 from service.commands.api import (
     DEFAULT_MODELS,
+    Api,
     Upstream,
     add_gateway_arguments,
     add_upstream_arguments,
@@ -119,6 +120,38 @@ def job_request(args: argparse.Namespace, upstream: Upstream, train_ids: list[st
     }
 
 
+def fine_tunable_models(listing: Any) -> dict[str, dict[str, Any]]:
+    """The base models a `GET /v1/models` answer says can be fine-tuned, by id and by alias
+    (Mistral's and the factory's cards both carry `capabilities.fine_tuning`)."""
+    found: dict[str, dict[str, Any]] = {}
+    cards = listing.get("data") if isinstance(listing, dict) else None
+    for card in cards or []:
+        if not isinstance(card, dict) or (card.get("capabilities") or {}).get("fine_tuning") \
+                is not True:
+            continue
+        for name in (card.get("id"), *(card.get("aliases") or [])):
+            if isinstance(name, str) and name:
+                found.setdefault(name, card)
+    return found
+
+
+def check_base_model(api: Api, upstream: Upstream, model: str) -> None:
+    """Refuse a base model the upstream cannot fine-tune before any upload: the job's own refusal
+    comes only after every training file went up (minutes, for a large file on a slow link).
+    An upstream whose model list flags no model as fine-tunable is left to decide itself."""
+    tunable = fine_tunable_models(api.get("/v1/models"))
+    if not tunable:
+        return
+    card = tunable.get(model)
+    if card is None:
+        usable = sorted(name for name, c in tunable.items() if c.get("available") is not False)
+        raise UserError(f"base model {model!r} cannot be fine-tuned on {upstream.label}; pass "
+                        f"--model with one of: {', '.join(usable) or '(none available)'}")
+    if card.get("available") is False:
+        reason = card.get("unavailable_reason") or "the upstream does not say why"
+        raise UserError(f"base model {model!r} is not available on {upstream.label}: {reason}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     upstream = upstream_from(args)
     reports = [_validate(path) for path in args.train]
@@ -153,6 +186,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     multi_label = sorted({s.name for report in reports for s in report.targets.values()
                           if s.loss_function == "multi_class"})
     with upstream_api(upstream) as api:
+        check_base_model(api, upstream, args.model or DEFAULT_MODELS[upstream.name])
         train_ids = []
         for path, report in zip(args.train, reports, strict=True):
             print(f"uploading {path} ({report.valid} {kind} examples) to {upstream.label}",

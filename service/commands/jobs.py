@@ -118,7 +118,7 @@ def describe_job(job: dict[str, Any]) -> str:
         rows = [(c.get("step_number"), (c.get("metrics") or {}).get("train_loss"),
                  (c.get("metrics") or {}).get("valid_loss"),
                  (c.get("metrics") or {}).get("valid_mean_token_accuracy")) for c in checkpoints]
-        lines.append("  checkpoints:")
+        lines.append("  checkpoints (during training):")
         lines.extend("    " + line for line in
                      table(["step", "train loss", "valid loss", "valid accuracy"], rows).splitlines())
     events = job.get("events") or []

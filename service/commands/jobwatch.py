@@ -59,9 +59,20 @@ def failure_reason(job: dict[str, Any]) -> str:
     return "the server gave no reason"
 
 
+def job_progress(job: dict[str, Any]) -> dict[str, Any]:
+    """The local factory's `progress` of a job (its phase, and its steps as the model planned
+    them); empty from Mistral's API, which has none."""
+    progress = job.get("progress")
+    return progress if isinstance(progress, dict) else {}
+
+
 def total_steps(job: dict[str, Any]) -> int | None:
-    """The job's number of steps: as requested, or else as the upstream planned it (Mistral's job
+    """The job's number of steps: as the model planned them (the local factory says so once
+    training starts), else as requested, or else as the upstream estimated it (Mistral's job
     metadata gives tokens per step and tokens in all, once the job is validated)."""
+    planned = job_progress(job).get("total_steps")
+    if isinstance(planned, int) and planned > 0:
+        return planned
     steps = (job.get("hyperparameters") or {}).get("training_steps")
     if isinstance(steps, int):
         return steps
@@ -72,11 +83,39 @@ def total_steps(job: dict[str, Any]) -> int | None:
     return None
 
 
+def current_step(job: dict[str, Any]) -> int | None:
+    """The newest step the job reported: its progress (every step) or its newest checkpoint
+    (a tenth of the way apart), whichever is further."""
+    steps = [s for s in (job_progress(job).get("step"), last_metrics(job).get("step"))
+             if isinstance(s, int)]
+    return max(steps) if steps else None
+
+
+def phase_text(job: dict[str, Any]) -> str | None:
+    """What a running job does besides its steps (reading, loading, tokenising 405 texts,
+    probing 64/405, exporting, ...): minutes may pass there before the first step."""
+    progress = job_progress(job)
+    phase = progress.get("phase")
+    if job.get("status") != "RUNNING" or not isinstance(phase, str) or phase in ("training",
+                                                                                 "done"):
+        return None
+    done, total = progress.get("done"), progress.get("total")
+    if isinstance(total, int) and isinstance(done, int) and done > 0:
+        return f"{phase} {done}/{total}"
+    if isinstance(total, int):
+        unit = "texts" if phase in ("tokenising", "featurising") else "examples"
+        return f"{phase} {total} {unit}"
+    return phase
+
+
 def progress_line(job: dict[str, Any]) -> tuple[str, int | None, int | None]:
     metrics = last_metrics(job)
     total = total_steps(job)
-    step = metrics.get("step")
+    step = current_step(job)
     parts = [str(job.get("status"))]  # the job's id is on the line before, `job ... created`
+    phase = phase_text(job)
+    if phase:
+        parts.append(phase)
     if step is not None:
         parts.append(f"step {step}/{total}" if total else f"step {step}")
     for key, name in (("train_loss", "train loss"), ("valid_loss", "valid loss")):
@@ -141,20 +180,42 @@ def ask(question: str) -> bool:
 
 def watch_interactively(api: Api, job_id: str, args: argparse.Namespace,
                         follow_up: str) -> dict[str, Any] | None:
-    """`watch`, with Ctrl-C offering to cancel. Returns None when the user stopped watching."""
+    """`watch`, with Ctrl-C offering to cancel. Returns the ended job, or None when the user
+    stopped watching a job that goes on (or cancelled it).
+
+    The question may stay open for minutes while the job runs on: a job that ended meanwhile is
+    returned whatever the answer, so that its model is still registered (a "yes" that comes too
+    late says so instead of failing on the upstream's 409)."""
     progress = Progress()
     interval = args.poll_interval or (5.0 if args.upstream == "mistral" else 1.0)
     try:
         return watch(api, job_id, progress, interval, follow_up=follow_up)
     except KeyboardInterrupt:
         progress.close()
-        if ask(f"Cancel job {job_id}? [y/N] "):
+        cancel = ask(f"Cancel job {job_id}? [y/N] ")
+    try:
+        job = get_job(api, job_id)
+    except UserError:  # the upstream cannot say now: act on the answer alone
+        job = {"id": job_id, "status": None}
+    if job.get("status") not in FINAL_STATUSES and cancel:
+        try:
             job = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-            print(f"job {job_id}: {job.get('status') if isinstance(job, dict) else 'cancelled'}",
-                  file=sys.stderr)
+        except UserError:  # most likely a 409: it ended between the two requests
+            job = get_job(api, job_id)
+            if job.get("status") not in FINAL_STATUSES:
+                raise
         else:
-            print(f"job {job_id} keeps running; follow it with `{follow_up}`", file=sys.stderr)
-        return None
+            print(f"job {job_id}: "
+                  f"{job.get('status') if isinstance(job, dict) else 'cancelled'}",
+                  file=sys.stderr)
+            return None
+    status = job.get("status")
+    if status in FINAL_STATUSES:
+        print(f"job {job_id} ended {status} while the question was open"
+              + ("; too late to cancel it" if cancel else ""), file=sys.stderr)
+        return job
+    print(f"job {job_id} keeps running; follow it with `{follow_up}`", file=sys.stderr)
+    return None
 
 
 def warn_if_elsewhere(path: Path, upstream: Upstream) -> None:
@@ -248,7 +309,10 @@ def resolve_kind(api: Api, job: dict[str, Any], asked: str | None) -> str:
 
 def evaluation_lines(job: dict[str, Any]) -> list[str]:
     """The final evaluation on the validation files, one line per target: the local factory's
-    extra (Mistral's API reports only the checkpoints' metrics)."""
+    extra (Mistral's API reports only the checkpoints' metrics). It scores the model as it is
+    served, on every validation example; a checkpoint's metrics are measured during training
+    (for `local-minilm`, on the float32 encoder alone, without the n-gram blend or int8, and on
+    at most 128 validation examples), so the two accuracies can differ: hence the labels."""
     evaluation = job.get("evaluation")
     lines = []
     if isinstance(evaluation, dict):
@@ -256,9 +320,26 @@ def evaluation_lines(job: dict[str, Any]) -> list[str]:
             if isinstance(scores, dict) and "accuracy" in scores:
                 extra = (f", macro F1 {scores['macro_f1']:.4f}"
                          if isinstance(scores.get("macro_f1"), int | float) else "")
-                lines.append(f"validation, target {target}: accuracy {scores['accuracy']:.4f}"
-                             f"{extra} on {scores.get('examples')} examples")
+                lines.append(f"final model, target {target}: accuracy "
+                             f"{scores['accuracy']:.4f}{extra} on {scores.get('examples')} "
+                             "validation examples")
     return lines
+
+
+def print_metrics(metrics: dict[str, Any], evaluation: list[str]) -> None:
+    """The last checkpoint's losses, then the final model's evaluation when the upstream made
+    one. One accuracy only: the final model's when there is one (it is what the task will
+    answer with), else the checkpoint's (Mistral's API), each labelled for what it measured."""
+    keys = [("train_loss", "train loss"), ("valid_loss", "valid loss")]
+    if not evaluation:
+        keys.append(("valid_mean_token_accuracy", "valid accuracy"))
+    shown = [f"{name} {metrics[key]:.4f}" for key, name in keys
+             if isinstance(metrics.get(key), int | float)]
+    if shown:
+        print(f"  last checkpoint (step {metrics.get('step')}, during training): "
+              + ", ".join(shown))
+    for line in evaluation:
+        print(f"  {line}")
 
 
 def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | str,
@@ -302,13 +383,11 @@ def finish(args: argparse.Namespace, job: dict[str, Any], upstream: Upstream | s
         return 0
     took = job_duration_s(job)
     print(f"job {job_id} SUCCESS" + (f" in {duration_text(took)}" if took is not None else ""))
-    shown = [f"{name} {metrics[key]:.4f}" for key, name in (
-        ("train_loss", "train loss"), ("valid_loss", "valid loss"),
-        ("valid_mean_token_accuracy", "valid accuracy")) if isinstance(metrics.get(key), int | float)]
-    if shown:
-        print(f"  metrics at step {metrics.get('step')}: " + ", ".join(shown))
-    for line in evaluation_lines(job):
-        print(f"  {line}")
+    stopped = job_progress(job).get("stopped")
+    step, total = current_step(job), total_steps(job)
+    if stopped and step is not None and total is not None and step < total:
+        print(f"  stopped at step {step} of {total}: {stopped}")
+    print_metrics(metrics, evaluation_lines(job))
     print(f"  model: {model}")
     if canary is not None:
         print(f"task {args.task}: canary {model} answers {canary:g} of its items (its model "

@@ -77,6 +77,9 @@ def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> 
 class _Running:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     process: asyncio.subprocess.Process | None = None
+    #: The trainer's latest `progress` (see `JobManager.progress`): kept here, written to the
+    #: store only when the phase changes, since a step may be a fraction of a second.
+    progress: dict[str, Any] = field(default_factory=dict)
 
 
 class JobManager:
@@ -243,6 +246,32 @@ class JobManager:
                 with contextlib.suppress(ProcessLookupError):
                     running.process.kill()
         return job
+
+    def progress(self, job: JobRecord) -> dict[str, Any] | None:
+        """What the job is doing: `phase` (reading, loading, tokenising, probing, featurising,
+        training, exporting, evaluating; `done` when it ended) with its `done` of `total` items,
+        and the training's `step` of `total_steps` (the steps the model planned, which the job's
+        `hyperparameters`/`metadata` may only estimate), `stopped` saying why a model made fewer.
+        Live while the job trains; afterwards as last recorded."""
+        running = self.running.get(job.id)
+        if running is not None and running.progress:
+            return dict(running.progress)
+        stored = job.doc.get("progress")
+        return dict(stored) if isinstance(stored, dict) else None
+
+    def _progressed(self, job_id: str, running: _Running, message: dict[str, Any]) -> None:
+        """A trainer's progress line: kept in memory; a new phase is also a `progress` event
+        and stored on the job, so that `jobs get` shows when each phase began."""
+        phase = str(message.get("phase") or "training")
+        done, total = message.get("done"), message.get("total")
+        changed = phase != running.progress.get("phase")
+        running.progress.update(phase=phase, done=done, total=total)
+        if phase == "training":
+            running.progress.update(step=done, total_steps=total)
+        if changed:
+            self.store.add_event(job_id, "progress", {"phase": phase} | (
+                {"total": total} if total is not None else {}))
+            self.store.update_job(job_id, progress=dict(running.progress))
 
     # Workers.
     def _check_file(self, file_id: str, param: str) -> None:
@@ -431,9 +460,13 @@ class JobManager:
                                               int(time.time()))
                 elif message["type"] == "event":
                     self.store.add_event(job.id, str(message["name"]), dict(message["data"]))
+                elif message["type"] == "progress":
+                    self._progressed(job.id, running, message)
                 elif message["type"] == "result":
                     result = message
             code = await process.wait()
+        if running.progress:  # where it got to, for `jobs get` once it is over
+            self.store.update_job(job.id, progress=dict(running.progress))
         if running.cancel.is_set():
             self._finish(job.id, "CANCELLED")
             return
@@ -450,9 +483,16 @@ class JobManager:
                                   "base_model": self._job_base(job).name,
                                   "evaluation": result.get("evaluation")})
         self.store.add_model(record)
+        steps = result.get("steps")
+        progress = {**running.progress, "phase": "done", "done": None, "total": None}
+        if isinstance(steps, int) and steps > 0:
+            progress["step"] = steps
+        if result.get("stopped"):
+            progress["stopped"] = str(result["stopped"])
+        running.progress = progress  # what a poll sees until the worker lets the job go
         self._finish(job.id, "SUCCESS", fine_tuned_model=model_id,
                      trained_tokens=result["trained_tokens"], evaluation=result.get("evaluation"),
-                     train_seconds=result.get("train_seconds"))
+                     train_seconds=result.get("train_seconds"), progress=progress)
         if self.on_model is not None:
             self.on_model(record)
         log.info("job %s: SUCCESS, model %s", job.id, model_id)

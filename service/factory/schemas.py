@@ -120,11 +120,15 @@ def job_out(job: JobRecord) -> dict[str, Any]:
 
 
 def detailed_job_out(job: JobRecord, events: list[dict[str, Any]],
-                     checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    """`ClassifierDetailedJobOut`: the job plus events, checkpoints and classifier_targets."""
+                     checkpoints: list[dict[str, Any]],
+                     progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`ClassifierDetailedJobOut`: the job plus events, checkpoints and classifier_targets, and
+    (beyond Mistral's shape) `progress`, what the job is doing (`JobManager.progress`): between
+    two checkpoints, minutes apart on a slow machine, the only sign that it moves."""
     out = job_out(job)
     targets = job.doc.get("targets") or job.doc.get("classifier_targets")
-    out.update(events=events, checkpoints=checkpoints, classifier_targets=_targets_out(targets))
+    out.update(events=events, checkpoints=checkpoints, classifier_targets=_targets_out(targets),
+               progress=progress)
     return out
 
 

@@ -4,7 +4,9 @@ Training runs here, in its own process, so the factory's event loop never waits 
 cancel is a plain kill (effective at once, nothing to clean up: the model directory is renamed
 into place only when complete). Progress goes to stdout as JSON lines:
 `{"type": "checkpoint", ...}` per checkpoint, `{"type": "event", "name": ..., "data": ...}` for
-facts the job should record (the device that trained it), and one `{"type": "result", ...}` at the
+facts the job should record (the device that trained it), `{"type": "progress", "phase": ...,
+"done": ..., "total": ...}` as the model goes (each phase, each step), and one
+`{"type": "result", ...}` at the
 end; a failure is a non-zero exit with the reason as the last line of stderr. The job hands over a
 `TrainingSpec` (JSON) naming the base model; which model trains is the registry's business.
 """
@@ -60,6 +62,9 @@ class _Control:
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         _emit({"type": "event", "name": name, "data": dict(data)})
 
+    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        _emit({"type": "progress", "phase": phase, "done": done, "total": total})
+
     def cancelled(self) -> bool:
         return self.stop
 
@@ -85,8 +90,10 @@ def run(spec: TrainingSpec) -> None:
     missing = base.availability()
     if missing is not None:
         raise RuntimeError(missing)
+    control = _Control()
+    control.progress("reading")  # the training files, validated again: seconds for large ones
     data = load_data(spec)
-    model, evaluation = base.train(data, spec, _Control())
+    model, evaluation = base.train(data, spec, control)
     output = Path(spec.output_dir)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -101,6 +108,7 @@ def run(spec: TrainingSpec) -> None:
         "trained_tokens": int(trained_examples * tokens_per_example),
         "examples": len(examples),
         "steps": int(model.info.get("steps", model.info.get("iterations", 0))),
+        "stopped": model.info.get("stopped"),
         "train_seconds": model.info.get("train_seconds"),
         "evaluation": None if evaluation is None else {
             "valid_loss": round(evaluation.loss, 6),

@@ -134,7 +134,17 @@ def test_from_csv_to_a_task_answered_by_the_gateway(stack: Stack) -> None:
     assert model, tuned.stdout
     assert re.search(r"^job \S+ SUCCESS", tuned.stdout, re.MULTILINE)
     # local-ngram's steps are solver iterations: it stops at convergence, before the budget.
-    assert re.search(r"metrics at step \d+: train loss [\d.]+, valid loss [\d.]+", tuned.stdout)
+    assert re.search(r"^  last checkpoint \(step \d+, during training\): train loss [\d.]+, "
+                     r"valid loss [\d.]+$", tuned.stdout, re.MULTILINE), tuned.stdout
+    # One accuracy, the final model's, labelled as such: the checkpoint's (measured during
+    # training, for local-minilm on the encoder alone) used to be printed above it, and differed.
+    assert re.search(r"^  final model, target topic: accuracy [\d.]+, macro F1 [\d.]+ on 50 "
+                     r"validation examples$", tuned.stdout, re.MULTILINE), tuned.stdout
+    assert tuned.stdout.count("accuracy") == 1, tuned.stdout
+    # Its last step is short of the 40 asked for, and the output says why.
+    last = re.search(r"last checkpoint \(step (\d+),", tuned.stdout)
+    assert last and int(last.group(1)) < 40
+    assert f"\n  stopped at step {last.group(1)} of 40: the solver converged\n" in tuned.stdout
     # Off a terminal, progress is plain lines on stderr, one per change.
     assert re.search(r"^RUNNING  step \d+/40  train loss", tuned.stderr, re.MULTILINE), tuned.stderr
     assert "\r" not in tuned.stderr
@@ -196,6 +206,27 @@ def test_a_bad_file_fails_before_anything_is_uploaded(stack: Stack) -> None:
     files_after = httpx.get(f"{stack.factory_url}/v1/files", headers={
         "Authorization": f"Bearer {FACTORY_KEY}"}).json()["total"]
     assert files_after == files_before
+
+
+def test_an_unknown_base_model_is_refused_before_anything_is_uploaded(stack: Stack) -> None:
+    """`--model bert-huge` used to be refused by the job, after the upload (HTTP 404): the CLI
+    now reads the upstream's model list first and names the base models it can fine-tune."""
+    auth = {"Authorization": f"Bearer {FACTORY_KEY}"}
+    files_before = httpx.get(f"{stack.factory_url}/v1/files", headers=auth).json()["total"]
+    result = stack.cli("finetune", "--task", "huge", "--train",
+                       str(small_corpus(stack, "huge.jsonl", per_label=5)), "--model", "bert-huge")
+    assert result.returncode == 1
+    cards = httpx.get(f"{stack.factory_url}/v1/models", headers=auth).json()["data"]
+    usable = sorted(c["id"] for c in cards
+                    if c["capabilities"]["fine_tuning"] and c.get("available") is not False)
+    assert "local-ngram" in usable and "ministral-3b-latest" in usable
+    assert one_line_error(result) == (
+        "classifier-gateway: base model 'bert-huge' cannot be fine-tuned on the local factory; "
+        f"pass --model with one of: {', '.join(usable)}")
+    assert "uploading" not in result.stderr
+    files_after = httpx.get(f"{stack.factory_url}/v1/files", headers=auth).json()["total"]
+    assert files_after == files_before
+    assert "huge" not in stack.tasks.read_text()
 
 
 def test_a_failed_job_gives_the_factorys_reason_and_registers_nothing(stack: Stack) -> None:
@@ -338,6 +369,54 @@ def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
     cancelled = stack.cli("jobs", "cancel", job_id)
     assert cancelled.returncode == 0
     assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
+
+
+@pytest.mark.parametrize("answer", ["y\n", ""], ids=["yes", "no-answer"])
+def test_a_job_that_ends_while_ctrl_c_asks_is_still_registered(stack: Stack, answer: str) -> None:
+    """Issue 19: the `Cancel job ...?` question waited while the job finished; `y` then failed
+    on the factory's 409 (exit 1) and the model was never registered. Whatever the answer, a job
+    that ended meanwhile is reported and registered, and a `y` says it came too late."""
+    task = "asked-yes" if answer else "asked-no"
+    train = small_corpus(stack, "asked.jsonl", per_label=100)  # seconds of training: caught early
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
+         "--training-steps", "40", "--poll-interval", "0.2"],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # the first status line: the CLI is watching the job
+            seen.append(line)
+            if re.match(r"(QUEUED|VALIDATING|VALIDATED|RUNNING)\b", line):
+                break
+        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
+        assert job_id, seen
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:  # the question stays open while the job ends
+            status = httpx.get(f"{stack.factory_url}/v1/fine_tuning/jobs/{job_id.group(1)}",
+                               headers={"Authorization": f"Bearer {FACTORY_KEY}"}).json()["status"]
+            if status == "SUCCESS":
+                break
+            time.sleep(0.2)
+        assert status == "SUCCESS"
+        out, err = process.communicate(answer, timeout=120)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, "".join(seen) + err
+    assert f"Cancel job {job_id.group(1)}? [y/N] " in err
+    ended = f"job {job_id.group(1)} ended SUCCESS while the question was open"
+    assert (ended + "; too late to cancel it\n" if answer else ended + "\n") in err
+    model = re.search(rf"^task {task} -> (\S+) on local \(text\)", out, re.MULTILINE)
+    assert model, out
+    assert load_registry(stack.tasks).tasks[task].model == model.group(1)
 
 
 def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> None:

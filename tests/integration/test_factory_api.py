@@ -77,6 +77,23 @@ def test_oversize_upload_is_413_naming_the_limit(factory: FactoryClient) -> None
     assert factory.http.get("/v1/files").json()["total"] == 0
 
 
+def test_a_job_reports_its_phases_and_the_steps_its_model_planned(
+        factory: FactoryClient) -> None:
+    """`progress` on the job: the phase (a `progress` event when each begins) and the steps, as
+    the model planned them; at the end, the last step and why it is short of the total (issue
+    19: a job could sit minutes in RUNNING with nothing to show, and end at step 38/43)."""
+    train = factory.upload(jsonl(sentiment_rows(300, seed=1)))
+    created = factory.create_job(train["id"], auto_start=True, suffix="progress")
+    job = factory.wait(created["id"])
+    assert job["status"] == "SUCCESS", job
+    phases = [e["data"]["phase"] for e in job["events"] if e["name"] == "progress"]
+    assert phases == ["reading", "featurising", "training"]
+    step = max(c["step_number"] for c in job["checkpoints"])
+    assert step < 100  # local-ngram's 100 iterations are a budget: it converges first
+    assert job["progress"] == {"phase": "done", "done": None, "total": None, "step": step,
+                               "total_steps": 100, "stopped": "the solver converged"}
+
+
 def test_upload_without_file_is_422(factory: FactoryClient) -> None:
     r = factory.http.post("/v1/files", files={"purpose": (None, "fine-tune")})
     assert r.status_code == 422

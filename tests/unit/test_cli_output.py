@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from typing import Any
 
 import httpx
 import pytest
@@ -44,16 +45,30 @@ def test_progress_redraws_one_line_with_a_bar_on_a_terminal() -> None:
     assert "\r[################] SUCCESS" in text
 
 
-def test_the_progress_bar_shows_the_elapsed_time_and_an_eta() -> None:
+def test_the_progress_bar_shows_the_elapsed_time_and_an_eta_from_the_steps_rate() -> None:
+    """Issue 19: the first ETA (1:07:16) divided the minutes spent loading and probing among the
+    first steps, for a job that took 23:49. The ETA is measured between steps only, from the
+    second step seen on, over the recent ones."""
     now = [100.0]
     stream = io.StringIO()
     progress = Progress(stream, tty=True, clock=lambda: now[0])
-    now[0] = 130.0
-    progress.update("RUNNING  step 25/100", 25, 100)
-    assert "RUNNING  step 25/100  0:30 elapsed, ETA 1:30" in stream.getvalue()
+    now[0] = 400.0  # five minutes queued, loading, tokenising and probing
+    progress.update("RUNNING  step 1/43", 1, 43)
+    assert stream.getvalue().rstrip().endswith("RUNNING  step 1/43  5:00 elapsed")  # no guess
+    for step in range(2, 12):  # then 30 s a step
+        now[0] += 30.0
+        progress.update(f"RUNNING  step {step}/43", step, 43)
+    assert stream.getvalue().rstrip().endswith("step 11/43  10:00 elapsed, ETA 16:00")
+    now[0] += 10.0  # the time since the last step counts down
+    progress.update("RUNNING  step 11/43", 11, 43)
+    assert stream.getvalue().rstrip().endswith("step 11/43  10:10 elapsed, ETA 15:50")
+    for step in range(12, 21):  # the machine gets busier: 60 s a step
+        now[0] += 60.0 if step > 12 else 50.0
+        progress.update(f"RUNNING  step {step}/43", step, 43)
+    assert stream.getvalue().rstrip().endswith("step 20/43  19:00 elapsed, ETA 23:00")
     now[0] = 3_800.0
-    progress.update("SUCCESS  step 100/100", 100, 100)
-    assert stream.getvalue().rstrip().endswith("SUCCESS  step 100/100  1:01:40 elapsed")
+    progress.update("SUCCESS  step 43/43", 43, 43)
+    assert stream.getvalue().rstrip().endswith("SUCCESS  step 43/43  1:01:40 elapsed")
 
 
 @pytest.mark.parametrize(("body", "expected"), [
@@ -87,6 +102,26 @@ def test_progress_line_shows_the_newest_checkpoint() -> None:
         "RUNNING  step 40/50  train loss 0.5000  valid loss 0.7000", 40, 50)
     assert progress_line({"id": "x", "status": "QUEUED", "hyperparameters": {}}) == (
         "QUEUED", None, None)
+
+
+def test_progress_line_shows_the_phase_before_the_first_step_and_every_step() -> None:
+    """Issue 19: 4.5 minutes of `RUNNING` with no step: the factory's `progress` says what the
+    job does meanwhile, and every step, where checkpoints come a tenth of the way apart."""
+    job: dict[str, Any] = {"status": "RUNNING", "hyperparameters": {}, "checkpoints": [],
+           "metadata": {"train_tokens_per_step": 10, "train_tokens": 430},  # estimated: 43
+           "progress": {"phase": "tokenising", "done": 0, "total": 405}}
+    assert progress_line(job) == ("RUNNING  tokenising 405 texts", None, 43)
+    job["progress"] = {"phase": "probing", "done": 64, "total": 405}
+    assert progress_line(job) == ("RUNNING  probing 64/405", None, 43)
+    # Training: the steps the model planned win over the estimate, and each step shows.
+    job["progress"] = {"phase": "training", "done": 5, "total": 38, "step": 5, "total_steps": 38}
+    job["checkpoints"] = [{"step_number": 4, "metrics": {"train_loss": 0.5}}]
+    assert progress_line(job) == ("RUNNING  step 5/38  train loss 0.5000", 5, 38)
+    job["progress"] = {"phase": "exporting", "done": None, "total": None, "step": 38,
+                       "total_steps": 38}
+    assert progress_line(job)[0] == "RUNNING  exporting  step 38/38  train loss 0.5000"
+    job["status"], job["progress"]["phase"] = "SUCCESS", "done"
+    assert progress_line(job) == ("SUCCESS  step 38/38  train loss 0.5000", 38, 38)
 
 
 def test_failure_reason_from_a_message_or_the_last_event() -> None:
@@ -162,7 +197,30 @@ def test_jobs_get_shows_the_hyperparameters_duration_and_final_evaluation() -> N
     text = describe_job(job)
     assert "created: 1970-01-01 00:16:40 UTC, modified: 1970-01-01 00:16:59 UTC, took 19s" in text
     assert "  hyperparameters: learning_rate=0.0001, training_steps=100\n" in text
-    assert ("  validation, target topic: accuracy 0.9688, macro F1 0.9685 on 192 examples"
-            in text)
+    assert ("  final model, target topic: accuracy 0.9688, macro F1 0.9685 on 192 validation "
+            "examples" in text)
     assert "hyperparameters: the upstream's defaults" in describe_job({**job,
                                                                        "hyperparameters": {}})
+
+
+def test_one_accuracy_is_printed_for_a_run_labelled_for_what_it_measured(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: `valid accuracy 0.9600` (the last checkpoint, measured during training) was
+    printed above the final model's `accuracy 1.0000`. With a final evaluation (the local
+    factory) only the final model's accuracy is printed; without one (Mistral's API), the
+    checkpoint's, on the checkpoint's line."""
+    from service.commands.jobwatch import evaluation_lines, print_metrics
+
+    metrics = {"step": 38, "train_loss": 0.07, "valid_loss": 0.15,
+               "valid_mean_token_accuracy": 0.96}
+    final = {"evaluation": {"targets": {"topic": {"accuracy": 1.0, "macro_f1": 1.0,
+                                                  "examples": 50}}}}
+    print_metrics(metrics, evaluation_lines(final))
+    assert capsys.readouterr().out == (
+        "  last checkpoint (step 38, during training): train loss 0.0700, valid loss 0.1500\n"
+        "  final model, target topic: accuracy 1.0000, macro F1 1.0000 on 50 validation "
+        "examples\n")
+    print_metrics(metrics, evaluation_lines({}))
+    assert capsys.readouterr().out == (
+        "  last checkpoint (step 38, during training): train loss 0.0700, valid loss 0.1500, "
+        "valid accuracy 0.9600\n")

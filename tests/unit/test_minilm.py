@@ -95,6 +95,32 @@ def test_checkpoints_and_device_event(trained: Any) -> None:
         "sentiment", "topics"}
 
 
+def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any) -> None:
+    """Issue 19: minutes of RUNNING with no step (loading, tokenising, probing come before the
+    first checkpoint) and a job that ended at step 38/43 (the total counted the held-out
+    examples). Every phase is reported, every step, and the last step is the total."""
+    progressed = trained.control.progressed
+    phases = list(dict.fromkeys(phase for phase, _, _ in progressed))
+    assert phases == ["loading", "tokenising", "probing", "training", "exporting", "evaluating"]
+    assert ("tokenising", 0, 48) in progressed  # 48 examples: below the holdout's minimum
+    probing = [(done, total) for phase, done, total in progressed if phase == "probing"]
+    assert probing[0] == (0, 48) and probing[-1] == (48, 48)
+    steps = [(done, total) for phase, done, total in progressed if phase == "training"]
+    assert steps == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+def test_the_planned_steps_count_only_the_examples_the_encoder_trains_on() -> None:
+    """The job's metadata (and a dry run) planned 43 steps for 450 examples; training held 45
+    out for the blend weights and made 38."""
+    from service.factory.models.minilm import holdout_size
+
+    assert holdout_size(450, ngram=True) == 45 and holdout_size(450, ngram=False) == 0
+    assert holdout_size(199, ngram=True) == 0 and holdout_size(10_000, ngram=True) == 600
+    assert MiniLM().steps_for(450, Hyperparameters()) == 38  # ceil(3 epochs * 405 / 32)
+    assert MiniLM().steps_for(450, Hyperparameters(ngram_blend=False)) == 43  # no holdout
+    assert MiniLM().steps_for(450, Hyperparameters(training_steps=7)) == 7
+
+
 def test_onnx_matches_torch(trained: Any) -> None:
     """The exported graph computes the network (float32: to 1e-4; the served int8 graph of it
     differs by quantisation, which `export_figures` measures)."""

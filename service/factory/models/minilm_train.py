@@ -2,8 +2,8 @@
 (ONNX graph + n-gram side model + blend weights). Imported only by a training process.
 
 The recipe (why each step, see `minilm` for the measured figures):
-1. Hold out a slice of the training data (`HOLDOUT_FRACTION`, at most `HOLDOUT_MAX`) to choose the
-   blend weights on examples neither model trained on.
+1. Hold out a slice of the training data (`minilm.holdout_size`) to choose the blend weights on
+   examples neither model trained on.
 2. Head initialisation by linear probing: mean-pooled pretrained embeddings of up to `PROBE_MAX`
    examples, an L2-regularised logistic regression on them (L-BFGS), as each head's starting
    weights. A random head spends Mistral's 100 steps learning the head and distorts the
@@ -51,6 +51,7 @@ from service.factory.models.base import (
     TrainingSpec,
 )
 from service.factory.models.evaluation import evaluate_probabilities, head_loss, label_matrix
+from service.factory.models.minilm import holdout_size
 from service.factory.models.minilm_onnx import (
     Chunker,
     MiniLMModel,
@@ -67,9 +68,6 @@ if TYPE_CHECKING:
 
 F32 = np.typing.NDArray[np.float32]
 
-HOLDOUT_FRACTION = 0.1
-HOLDOUT_MIN_EXAMPLES = 200  # below this many examples: no holdout, fixed weights
-HOLDOUT_MAX = 600
 PROBE_MAX = 512
 PROBE_L2 = 1e-2
 MICRO_TOKENS = 1024
@@ -178,10 +176,13 @@ def loss_of(heads: Sequence[Head], logits: torch.Tensor, y: Sequence[torch.Tenso
 
 
 def embed_all(network: Network, sequences: Sequence[Sequence[int]], device: torch.device,
-              control: TrainingControl, amp: torch.dtype | None) -> F32:
-    """Mean-pooled embeddings (no grad) of `sequences`, in order."""
+              control: TrainingControl, amp: torch.dtype | None,
+              report: str | None = None) -> F32:
+    """Mean-pooled embeddings (no grad) of `sequences`, in order; with `report`, the sequences
+    done so far as that phase's progress after each batch."""
     out = np.zeros((len(sequences), network.hidden), dtype=np.float32)
     network.eval()
+    done = 0
     with torch.inference_mode():
         for rows, ids, mask in padded_batches(sequences, 64, MICRO_TOKENS * 2):
             if control.cancelled():
@@ -190,6 +191,9 @@ def embed_all(network: Network, sequences: Sequence[Sequence[int]], device: torc
                 e = network.embed(torch.from_numpy(ids).to(device),
                                   torch.from_numpy(mask).to(device))
             out[rows] = e.float().cpu().numpy()
+            done += len(rows)
+            if report is not None:
+                control.progress(report, done, len(sequences))
     return out
 
 
@@ -327,6 +331,9 @@ class _Quiet:
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         pass
 
+    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        pass  # the job's progress is the encoder's: its steps, not the side model's
+
     def cancelled(self) -> bool:
         return self.outer.cancelled()
 
@@ -372,24 +379,29 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
     # 1. Holdout for the blend weights.
     n = len(examples)
     holdout_idx: list[int] = []
-    if ngram and n >= HOLDOUT_MIN_EXAMPLES:
-        size = min(HOLDOUT_MAX, max(1, round(HOLDOUT_FRACTION * n)))
+    size = holdout_size(n, ngram=ngram)
+    if size:
         holdout_idx = sorted(rng.permutation(n)[:size].tolist())
     held = set(holdout_idx)
     train_idx = [i for i in range(n) if i not in held]
     train_ex = [examples[i] for i in train_idx]
     train_w = [weights[i] for i in train_idx]
 
+    control.progress("loading")
     network, tokenizer_json = load_network(labels)
     freeze(network, frozen_layers)
     network.to(dev)
     chunker = Chunker(tokenizer_json, seq_len, TRAIN_MAX_CHUNKS)
+    control.progress("tokenising", 0, len(train_ex))
     sequences, _ = chunker([e.text for e in train_ex])
     targets = Targets.of(heads, train_ex, train_w)
 
-    # 2. Linear-probe head initialisation.
+    # 2. Linear-probe head initialisation: a forward pass over up to PROBE_MAX examples, a
+    # minute or more of long texts on busy CPU cores, so it reports each batch.
     probe = sorted(rng.permutation(len(train_ex))[:PROBE_MAX].tolist())
-    features = embed_all(network, [sequences[i] for i in probe], dev, control, amp)
+    control.progress("probing", 0, len(probe))
+    features = embed_all(network, [sequences[i] for i in probe], dev, control, amp,
+                         report="probing")
     probe_targets = Targets([y[probe] for y in targets.y], [w[probe] for w in targets.w])
     head_w, head_b = linear_probe(heads, features, probe_targets)
     with torch.no_grad():
@@ -418,6 +430,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
     valid = list(data.validation)[:CHECKPOINT_VALID_MAX]
     valid_seq, valid_owner = (Chunker(tokenizer_json, seq_len, max_chunks)(
         [e.text for e in valid]) if valid else ([], np.zeros(0, dtype=np.int64)))
+    control.progress("training", 0, steps)
     order = rng.permutation(len(train_ex))
     cursor = 0
     losses: list[float] = []
@@ -458,6 +471,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
         else:
             optimizer.step()
         losses.append(step_loss)
+        control.progress("training", step + 1, steps)
         if (step + 1) % every == 0 or step + 1 == steps:
             valid_loss = valid_acc = None
             if valid:
@@ -478,6 +492,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
     # went from 45 s to 30 s (10k tweets in 182 s -> 170 s in all).
     if control.cancelled():
         raise TrainingCancelled
+    control.progress("exporting")
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ngram-side") as pool:
         partial_future = (pool.submit(fit_ngram, train_ex, train_w, spec, control)
                           if ngram and holdout_idx else None)
@@ -522,6 +537,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
         "train_seconds": round(clock() - started, 3)}
     evaluation = None
     if data.validation:
+        control.progress("evaluating", 0, len(data.validation))
         evaluation = evaluate_probabilities(
             heads, model.predict_proba([e.text for e in data.validation]), data.validation)
     return Trained(model, evaluation, network)

@@ -286,6 +286,8 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
     solver converges in 5-15 iterations), thinned to about `checkpoints`."""
     started = time.monotonic()
     texts = [e.text for e in examples]
+    if control is not None:
+        control.progress("featurising", 0, len(texts))
     featurizer, x = Featurizer.fit(texts, _pool() if _workers() > 1 else None)
     columns = featurizer.columns
     weights = (np.ones(len(examples), dtype=np.float32) if sample_weights is None
@@ -300,6 +302,7 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
     valid_texts = [e.text for e in validation]
     evaluation: Evaluation | None = None
     done = 0
+    stopped: str | None = None
 
     def model_of() -> NGramModel:
         parts = [f.coefficients(columns) for f in fitted]
@@ -307,7 +310,7 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
             np.zeros((columns, 0), np.float32)
         b = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
         info = {"examples": len(examples), "iterations": done, "C": c,
-                "train_seconds": round(time.monotonic() - started, 3)}
+                "train_seconds": round(time.monotonic() - started, 3), "stopped": stopped}
         return NGramModel(featurizer, list(heads), w, b, kind, info)
 
     def report() -> None:
@@ -325,13 +328,19 @@ def fit(examples: Sequence[Example], heads: Sequence[Head], hyper: Hyperparamete
             control.checkpoint(Checkpoint(done, train_loss, valid_loss, valid_acc))
 
     reported = -1
+    if control is not None:
+        control.progress("training", 0, budget)
     while done < budget:
         if control is not None and control.cancelled():
             raise TrainingCancelled
         moved = [f.step() for f in fitted]
         if not any(moved):
+            # Why the job ends before its `step N/budget`: the budget is an upper bound.
+            stopped = "the solver converged"
             break
         done += 1
+        if control is not None:
+            control.progress("training", done, budget)
         if done % every == 0:
             report()
             reported = done

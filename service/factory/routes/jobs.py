@@ -15,7 +15,8 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs")
 
 
 def _detailed(state: FactoryState, job: JobRecord) -> dict[str, Any]:
-    return detailed_job_out(job, state.store.events(job.id), state.store.checkpoints(job.id))
+    return detailed_job_out(job, state.store.events(job.id), state.store.checkpoints(job.id),
+                            state.jobs.progress(job))
 
 
 @router.post("")

@@ -9,10 +9,11 @@ import argparse
 from typing import Any, TypeAlias
 
 from service.commands import tasksfile
-from service.commands.api import add_gateway_arguments, gateway_api
+from service.commands.api import Api, add_gateway_arguments, gateway_api, model_ids
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
+from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -76,6 +77,9 @@ def register(sub: Sub) -> None:
     rollout.add_argument("--no-review", action="store_true", help="stop queueing for review")
     rollout.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=None,
                          help="remember responses so that POST /feedback may correct them")
+    p.add_argument("--force", action="store_true",
+                   help="save without asking the upstream whether it serves the model, canary "
+                        "and shadow given (for an upstream that is not reachable now)")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_set)
@@ -185,9 +189,80 @@ def _rollout(args: argparse.Namespace, data: dict[str, Any],
     return out
 
 
+def _served_roles(task: TaskSpec) -> dict[str, tuple[str, str]]:
+    """The roles of a task that receive items, each as (upstream, model)."""
+    roles = {"model": (task.upstream, task.model)}
+    for role, spec in (("canary", task.canary), ("shadow", task.shadow)):
+        if spec is not None:
+            upstream, route = task.other_route(spec)
+            roles[role] = (upstream, route.model)
+    return roles
+
+
+def _check_roles(name: str, before: Registry | None, after: Registry, *, force: bool) -> None:
+    """Refuse what the gateway would accept but serve badly: a shadow that is the canary too,
+    and (unless `force`) a model its upstream does not serve, which would load, stay ready and
+    answer every request with a 502. Only the roles this edit changed are checked, so that an
+    unrelated setting can still be changed while an upstream is down."""
+    old = before.task(name) if before is not None else None
+    new = after.tasks[name]
+    roles = _served_roles(new)
+    old_roles = _served_roles(old) if old is not None else {}
+    changed = {role: pair for role, pair in roles.items() if old_roles.get(role) != pair}
+    if "canary" in roles and roles.get("shadow") == roles["canary"] and (
+            {"canary", "shadow"} & changed.keys()):
+        model = roles["canary"][1]
+        if "shadow" in changed:
+            raise UserError(f"the shadow {model!r} is the task's canary too: a shadow is compared "
+                            "with the task's model and would only repeat the canary's answers; "
+                            "give another --shadow, or remove it with --no-shadow")
+        raise UserError(f"the canary {model!r} is the task's shadow too; remove the shadow in the "
+                        "same command (--no-shadow), or choose another --canary")
+    if force:
+        return
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for role, (upstream, model) in changed.items():
+        wanted.setdefault(upstream, []).append((role, model))
+    for upstream, models in wanted.items():
+        _check_served(after.upstreams[upstream], models)
+
+
+def _check_served(upstream: UpstreamSpec, models: list[tuple[str, str]]) -> None:
+    """Ask an upstream that speaks Mistral's API (the factory, Mistral) for its model list and
+    refuse a model that is not on it. Other protocols have no list to ask, and an upstream that
+    answers 404 has none either: those models are saved unchecked."""
+    if upstream.protocol != "mistral":
+        return
+    what = f"upstream {upstream.name!r}"
+    try:
+        with Api(upstream.base_url, what=what, key=upstream.api_key(),
+                 key_env=upstream.api_key_env or "its api_key_env", timeout_s=10.0,
+                 start_hint="is it running, and is its base_url in the tasks file right?",
+                 proxy=upstream.proxy) as api:
+            body = api.get_if_any("/v1/models")
+    except UserError as exc:
+        shown = ", ".join(repr(model) for _, model in models)
+        raise UserError(f"cannot check that {what} serves {shown}: {exc}; pass --force to save "
+                        "without checking") from None
+    if body is None:
+        return
+    served = model_ids(body)
+    for role, model in models:
+        if model not in served:
+            listed = sorted(served, key=lambda m: (not m.startswith("ft:"), m))
+            shown = ", ".join(listed[:25]) or "none"
+            if len(listed) > 25:
+                shown += f", ... ({len(listed) - 25} more: `classifier-gateway models list`)"
+            raise UserError(f"{what} ({upstream.base_url}) has no model {model!r} (the task's "
+                            f"{role}); its models: {shown}. Pass --force to save it anyway")
+
+
 def cmd_set(args: argparse.Namespace) -> int:
     register_task(args.tasks, args.name, args.upstream or "",
-                  merge=lambda data, current: _rollout(args, data, current), model=args.model,
+                  merge=lambda data, current: _rollout(args, data, current),
+                  check=lambda before, after: _check_roles(args.name, before, after,
+                                                           force=args.force),
+                  model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
                   target=args.target, labels=args.labels)

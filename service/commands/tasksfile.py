@@ -106,16 +106,28 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def edit(path: Path, change: Callable[[Data], None]) -> Registry:
+#: Called with the registry before an edit (None when the file was invalid) and after it, under
+#: the file's lock and before the write: raising `UserError` leaves the file as it was.
+Check = Callable[[Registry | None, Registry], None]
+
+
+def edit(path: Path, change: Callable[[Data], None], check: Check | None = None) -> Registry:
     """Apply `change` to the file's mapping under the lock; validate; replace the file atomically.
-    A change that makes the file invalid raises `UserError` and leaves the file as it was."""
+    A change that makes the file invalid, or that `check` refuses, raises `UserError` and leaves
+    the file as it was."""
     with _locked(path):
         data = read(path)
+        before: Registry | None = None
+        if check is not None:
+            with contextlib.suppress(RegistryError):
+                before = parse_registry(data, str(path))
         change(data)
         try:
             registry = parse_registry(data, str(path))
         except RegistryError as exc:
             raise UserError(f"not saved, the result would be invalid: {exc}") from None
+        if check is not None:
+            check(before, registry)
         out = io.StringIO()
         _round_trip().dump(data, out)
         write_atomically(path, out.getvalue())
@@ -193,10 +205,11 @@ def role_upstream(data: Data, task_upstream: str, upstream: Upstream | str | Non
 
 def register_task(path: Path, name: str, upstream: Upstream | str,
                   merge: Callable[[Data, dict[str, Any]], dict[str, Any]] | None = None,
-                  **settings: Any) -> None:
+                  check: Check | None = None, **settings: Any) -> None:
     """Point a task at a model; adds a well-known upstream when the file lacks it. `merge` gets
     the file's mapping and the task's (with its upstream as it will be) under the file's lock and
-    returns more settings (for those merged with what is there, such as a canary's weight)."""
+    returns more settings (for those merged with what is there, such as a canary's weight);
+    `check` as for `edit`."""
 
     def change(data: Data) -> None:
         current = data["tasks"].get(name) or {}
@@ -212,7 +225,7 @@ def register_task(path: Path, name: str, upstream: Upstream | str,
             raise UserError(f"task {name!r} is new: give its --model")
         set_task(data, name, {"upstream": upstream_name, **settings})
 
-    edit(path, change)
+    edit(path, change, check)
 
 
 def set_canary(path: Path, name: str, upstream: Upstream | str, *, model: str,

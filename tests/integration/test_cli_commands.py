@@ -17,6 +17,8 @@ import yaml
 from service.cli import build_parser, main
 from service.commands import tasksfile
 from service.gateway.registry import load_registry
+from tests.support.factory import running_factory
+from tests.support.fake_upstream import running_fake_upstream
 from tests.support.processes import REPO
 
 
@@ -158,7 +160,7 @@ def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
         ) -> None:
     monkeypatch.setenv("FACTORY_URL", "http://127.0.0.1:9999")
     tasks = tmp_path / "tasks.yaml"
-    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "ft:classifier:a",
+    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "ft:classifier:a", "--force",
                        "--tasks", str(tasks))
     assert code == 0 and "task news -> ft:classifier:a on local (text)" in out
     registry = load_registry(tasks)
@@ -178,7 +180,7 @@ def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
 def test_tasks_set_refuses_an_invalid_result_and_leaves_the_file_alone(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--force", "--tasks", str(tasks))
     before = tasks.read_bytes()
     code, _, err = run(capsys, "tasks", "set", "news", "--upstream", "nowhere", "--tasks",
                        str(tasks))
@@ -197,10 +199,11 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
     """What used to need a hand edit of the tasks file: each flag lands in the task, settings not
     given are kept, the `--no-*` flags remove, and the gateway's parser still guards the ranges."""
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--force", "--tasks", str(tasks))
     code, _, err = run(capsys, "tasks", "set", "news", "--canary", "m2", "--shadow", "m3",
                        "--shadow-sample", "0.25", "--review-margin", "0.1", "--feedback",
-                       "--target", "topic", "--labels", "a, b,c", "--tasks", str(tasks))
+                       "--target", "topic", "--labels", "a, b,c", "--force", "--tasks",
+                       str(tasks))
     assert code == 0, err
     task = load_registry(tasks).tasks["news"]
     assert task.model == "m1" and task.canary is not None and task.shadow is not None
@@ -225,11 +228,13 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
 
     # The shadow on another upstream: a well-known one is added to the file, as for a task; the
     # task's own upstream is the default, so naming it leaves the entry without one.
-    run(capsys, "tasks", "set", "news", "--shadow-upstream", "mistral", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "mistral", "--force", "--tasks",
+        str(tasks))
     task = load_registry(tasks).tasks["news"]
     assert task.shadow is not None and task.shadow.upstream == "mistral"
     assert "mistral" in load_registry(tasks).upstreams
-    run(capsys, "tasks", "set", "news", "--shadow-upstream", "local", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "local", "--force", "--tasks",
+        str(tasks))
     task = load_registry(tasks).tasks["news"]
     assert task.shadow is not None and task.shadow.upstream is None
     assert task.shadow.sample == 0.25
@@ -252,8 +257,9 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
 def test_tasks_remove_and_an_unknown_task(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "a", "--model", "m1", "--tasks", str(tasks))
-    run(capsys, "tasks", "set", "b", "--model", "m2", "--kind", "chat", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "a", "--model", "m1", "--force", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "b", "--model", "m2", "--kind", "chat", "--force", "--tasks",
+        str(tasks))
     code, out, _ = run(capsys, "tasks", "remove", "a", "--tasks", str(tasks))
     assert out == f"task a removed from {tasks}\n"
     assert code == 0 and sorted(load_registry(tasks).tasks) == ["b"]
@@ -277,10 +283,11 @@ def test_edits_keep_the_operators_comments_order_and_quoting(
         "  sentiment:\n"
         "    upstream: local\n"
         "    model: 'ft:s'\n")
-    code, _, _ = run(capsys, "tasks", "set", "intent", "--model", "ft:new", "--tasks", str(tasks))
+    code, _, _ = run(capsys, "tasks", "set", "intent", "--model", "ft:new", "--force", "--tasks",
+                     str(tasks))
     assert code == 0
     code, _, _ = run(capsys, "tasks", "set", "news", "--model", "ft:n", "--upstream", "local",
-                     "--tasks", str(tasks))
+                     "--force", "--tasks", str(tasks))
     assert code == 0
     text = tasks.read_text()
     for kept in ("# Tasks of the support team; ask #ml-platform before changing upstreams.",
@@ -396,6 +403,81 @@ def test_tasks_promote_keeps_previous_and_rollback_puts_it_back(
     assert (code, task.upstream, task.model, task.canary) == (0, "local", "ft:v4", None)
     code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
     assert code == 1 and "has no canary or shadow model to promote" in err
+
+
+def test_tasks_set_refuses_a_shadow_that_is_the_canary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Such a shadow was accepted, then blocked `tasks promote` (the gateway refuses a shadow of
+    the task's own model); it only repeats the canary's answers."""
+    tasks = tmp_path / "tasks.yaml"
+    run(capsys, "tasks", "set", "s", "--model", "ft:v3", "--canary", "ft:v4", "--force",
+        "--tasks", str(tasks))
+    before = tasks.read_bytes()
+    code, _, err = run(capsys, "tasks", "set", "s", "--shadow", "ft:v4", "--force", "--tasks",
+                       str(tasks))
+    assert code == 1 and "the shadow 'ft:v4' is the task's canary too" in err
+    assert "remove it with --no-shadow" in err and tasks.read_bytes() == before
+    run(capsys, "tasks", "set", "s", "--no-canary", "--shadow", "ft:v4", "--force", "--tasks",
+        str(tasks))
+    code, _, err = run(capsys, "tasks", "set", "s", "--canary", "ft:v4", "--force", "--tasks",
+                       str(tasks))
+    assert code == 1 and "the canary 'ft:v4' is the task's shadow too" in err
+    assert "(--no-shadow)" in err
+    code, _, err = run(capsys, "tasks", "set", "s", "--canary", "ft:v4", "--no-shadow", "--force",
+                       "--tasks", str(tasks))
+    assert code == 0, err
+    task = load_registry(tasks).tasks["s"]
+    assert task.canary is not None and (task.canary.model, task.shadow) == ("ft:v4", None)
+
+
+def test_tasks_set_refuses_a_model_its_upstream_does_not_serve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """`tasks set ghost --model nothing-here` used to exit 0; the gateway then stayed ready and
+    answered every request with a 502. The factory's model list now decides, for the canary
+    and the shadow too; --force saves without asking, as for an upstream that is down."""
+    tasks = tmp_path / "tasks.yaml"
+    with running_factory(tmp_path / "factory") as factory:
+        monkeypatch.setenv("FACTORY_URL", factory.url)
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "nothing-here", "--tasks",
+                           str(tasks))
+        assert code == 1 and err.count("\n") == 1, err
+        assert (f"upstream 'local' ({factory.url}) has no model 'nothing-here' (the task's "
+                "model); its models: local-minilm, local-ngram, ministral-3b-latest,") in err
+        assert "Pass --force to save it anyway" in err and not tasks.exists()
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "local-ngram", "--tasks",
+                           str(tasks))
+        assert code == 0, err
+        for role in ("canary", "shadow"):
+            code, _, err = run(capsys, "tasks", "set", "ghost", f"--{role}", "nope", "--tasks",
+                               str(tasks))
+            assert code == 1 and f"has no model 'nope' (the task's {role})" in err
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--canary", "local-minilm",
+                           "--shadow", "ministral-3b-latest", "--tasks", str(tasks))
+        assert code == 0, err
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "nothing-here",
+                           "--force", "--tasks", str(tasks))
+        assert code == 0, err
+    # The factory is gone: a new model cannot be checked, an unrelated setting needs no check.
+    code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "local-ngram", "--tasks",
+                       str(tasks))
+    assert code == 1 and (f"cannot check that upstream 'local' serves 'local-ngram': cannot "
+                          f"reach upstream 'local' at {factory.url}") in err
+    assert err.rstrip().endswith("pass --force to save without checking")
+    assert run(capsys, "tasks", "set", "ghost", "--cache-ttl-s", "5", "--tasks", str(tasks))[0] == 0
+    assert load_registry(tasks).tasks["ghost"].model == "nothing-here"
+
+
+def test_tasks_set_saves_unchecked_on_an_upstream_without_a_model_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with running_fake_upstream() as fake:  # answers 404 to GET /v1/models
+        tasks = tmp_path / "tasks.yaml"
+        tasks.write_text(yaml.safe_dump({"upstreams": {"fake": {"base_url": str(fake.url)}},
+                                         "tasks": {}}))
+        code, _, err = run(capsys, "tasks", "set", "t", "--model", "any", "--upstream", "fake",
+                           "--tasks", str(tasks))
+    assert code == 0, err
+    assert load_registry(tasks).tasks["t"].model == "any"
 
 
 @pytest.mark.parametrize(("argv", "code"), [

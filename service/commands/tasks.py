@@ -94,12 +94,14 @@ def register(sub: Sub) -> None:
     p.set_defaults(handler=cmd_show)
 
     p = actions.add_parser("promote", help="make the task's canary or shadow its model",
-                           description="Make the task's canary (or shadow) model its model; the "
-                                       "current model is kept as `previous` for `tasks "
-                                       "rollback`. The canary or shadow entry is removed.")
+                           description="Make the task's canary (or, with --from shadow, its "
+                                       "shadow) its model; the current model is kept as "
+                                       "`previous` for `tasks rollback`. The promoted entry is "
+                                       "removed, and so is a canary or shadow of the same model.")
     p.add_argument("name", metavar="NAME", help="the task whose canary or shadow to promote")
     p.add_argument("--from", dest="source", choices=("canary", "shadow"),
-                   help="which to promote when the task has both")
+                   help="which to promote (default: the canary when the task has one, else the "
+                        "shadow)")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_promote)
@@ -292,9 +294,14 @@ def _task(data: dict[str, Any], name: str) -> dict[str, Any]:
     return task
 
 
-def _swap(task: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def _swap(task: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Make `new` ({model, upstream?, target?, labels?}) the task's model; return the old one in
-    the same shape."""
+    the same shape, and what became of the canary and shadow that stay.
+
+    Those keep the upstream they had: one that named none had the task's, which it now names
+    when the task moves to another upstream (else it would silently follow it). One that is now
+    the task's own model is removed (the gateway refuses a canary or shadow of the task's model,
+    and it has nothing left to try or compare)."""
     old: dict[str, Any] = {"upstream": task["upstream"], "model": task["model"]}
     for key in ("target", "labels"):
         if key in task:
@@ -304,7 +311,20 @@ def _swap(task: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for key in ("target", "labels"):
         if key in new:
             task[key] = new[key]
-    return old
+    notes: list[str] = []
+    for role in ("canary", "shadow"):
+        entry = task.get(role)
+        if not isinstance(entry, dict):
+            continue
+        upstream = entry.get("upstream") or old["upstream"]
+        if (upstream, entry.get("model")) == (task["upstream"], task["model"]):
+            del task[role]
+            notes.append(f"{role} {task['model']} removed: it is the task's model now")
+        elif upstream == task["upstream"]:
+            entry.pop("upstream", None)
+        else:
+            entry["upstream"] = upstream
+    return old, notes
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -316,15 +336,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
         if not present:
             raise UserError(f"task {args.name!r} has no canary or shadow model to promote; add "
                             "one to the tasks file first")
-        source = args.source or (present[0] if len(present) == 1 else None)
-        if source is None:
-            raise UserError(f"task {args.name!r} has both a canary and a shadow: say which with "
-                            "--from canary or --from shadow")
+        source = args.source or present[0]  # the canary, when there is one
         if source not in present:
-            raise UserError(f"task {args.name!r} has no {source}; it has: {', '.join(present)}")
+            raise UserError(f"task {args.name!r} has no {source} to promote; it has a "
+                            f"{present[0]}: drop --from, or give --from {present[0]}")
         entry = dict(task.pop(source))
-        task["previous"] = _swap(task, entry)
-        promoted.update(model=task["model"], previous=task["previous"]["model"], source=source)
+        task["previous"], notes = _swap(task, entry)
+        promoted.update(model=task["model"], previous=task["previous"]["model"], source=source,
+                        notes=notes)
 
     tasksfile.edit(args.tasks, change)
     if args.json:
@@ -332,6 +351,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     else:
         print(f"task {args.name}: {promoted['source']} {promoted['model']} promoted; previous "
               f"model {promoted['previous']} kept for `tasks rollback` ({args.tasks})")
+        for note in promoted["notes"]:
+            print(f"  {note}")
     return 0
 
 
@@ -344,8 +365,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         if not previous:
             raise UserError(f"task {args.name!r} has no previous model to roll back to (`tasks "
                             "promote` keeps one)")
-        task["previous"] = _swap(task, dict(previous))
-        done.update(model=task["model"], replaced=task["previous"]["model"])
+        task["previous"], notes = _swap(task, dict(previous))
+        done.update(model=task["model"], replaced=task["previous"]["model"], notes=notes)
 
     tasksfile.edit(args.tasks, change)
     if args.json:
@@ -353,6 +374,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     else:
         print(f"task {args.name}: back on {done['model']} (replaced {done['replaced']}, now "
               f"`previous`) in {args.tasks}")
+        for note in done["notes"]:
+            print(f"  {note}")
     return 0
 
 

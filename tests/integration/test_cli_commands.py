@@ -383,24 +383,29 @@ def test_tasks_promote_keeps_previous_and_rollback_puts_it_back(
         "tasks": {"s": {"upstream": "local", "model": "ft:v3",
                         "canary": {"model": "ft:v4", "weight": 0.1},
                         "shadow": {"model": "tei-v5", "upstream": "tei", "sample": 0.2}}}}))
-    code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
-    assert code == 1 and "both a canary and a shadow: say which with --from" in err
+    # With both, the canary is promoted, as documented; the shadow stays.
+    code, out, _ = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
+    assert code == 0 and "canary ft:v4 promoted; previous model ft:v3 kept" in out
+    task = load_registry(tasks).tasks["s"]
+    assert (task.upstream, task.model, task.canary) == ("local", "ft:v4", None)
+    assert task.shadow is not None and task.shadow.model == "tei-v5"
+    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks), "--json")
+    assert code == 0 and orjson.loads(out)["model"] == "ft:v3"
+    task = load_registry(tasks).tasks["s"]
+    assert task.previous is not None and task.previous.model == "ft:v4"  # undoable
+    code, _, err = run(capsys, "tasks", "promote", "s", "--from", "canary", "--tasks", str(tasks))
+    assert code == 1 and ("task 's' has no canary to promote; it has a shadow: drop --from, or "
+                          "give --from shadow") in err
     code, out, _ = run(capsys, "tasks", "promote", "s", "--from", "shadow", "--tasks", str(tasks))
     assert code == 0 and "shadow tei-v5 promoted; previous model ft:v3 kept" in out
     task = load_registry(tasks).tasks["s"]
     assert (task.upstream, task.model, task.shadow) == ("tei", "tei-v5", None)
     assert task.previous is not None and (task.previous.upstream, task.previous.model) == (
         "local", "ft:v3")
-    assert task.canary is not None and task.canary.model == "ft:v4"  # untouched
-    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks), "--json")
-    assert code == 0 and orjson.loads(out)["model"] == "ft:v3"
+    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks))
     task = load_registry(tasks).tasks["s"]
-    assert (task.upstream, task.model) == ("local", "ft:v3")
-    assert task.previous is not None and task.previous.model == "tei-v5"  # undoable
-    # The canary's upstream defaults to the task's (local): promoting keeps it there.
-    code, out, _ = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
-    task = load_registry(tasks).tasks["s"]
-    assert (code, task.upstream, task.model, task.canary) == (0, "local", "ft:v4", None)
+    assert (code, task.upstream, task.model) == (0, "local", "ft:v3")
+    assert task.previous is not None and task.previous.model == "tei-v5"
     code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
     assert code == 1 and "has no canary or shadow model to promote" in err
 
@@ -428,6 +433,45 @@ def test_tasks_set_refuses_a_shadow_that_is_the_canary(
     assert code == 0, err
     task = load_registry(tasks).tasks["s"]
     assert task.canary is not None and (task.canary.model, task.shadow) == ("ft:v4", None)
+
+
+def test_promote_removes_a_shadow_that_is_the_promoted_canary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file written by hand with the canary as shadow too: the shadow, which would be the
+    task's own model, goes with a note instead of blocking the promotion."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"}},
+        "tasks": {"s": {"upstream": "local", "model": "ft:v3",
+                        "canary": {"model": "ft:v4", "weight": 0.1},
+                        "shadow": {"model": "ft:v4", "sample": 0.5}}}}))
+    code, out, err = run(capsys, "tasks", "promote", "s", "--from", "canary", "--tasks",
+                         str(tasks))
+    assert code == 0, err
+    assert "  shadow ft:v4 removed: it is the task's model now" in out
+    task = load_registry(tasks).tasks["s"]
+    assert (task.model, task.canary, task.shadow) == ("ft:v4", None, None)
+
+
+def test_promote_and_rollback_keep_the_upstream_a_remaining_canary_or_shadow_had(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shadow that names no upstream is on the task's: when a promote moves the task to the
+    canary's upstream, the shadow stays where it was instead of following the task."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"},
+                      "other": {"base_url": "http://127.0.0.1:8200"}},
+        "tasks": {"s": {"upstream": "local", "model": "ft:v3",
+                        "canary": {"model": "ft:v4", "weight": 0.1, "upstream": "other"},
+                        "shadow": {"model": "ft:v5", "sample": 0.2}}}}))
+    assert run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))[0] == 0
+    task = load_registry(tasks).tasks["s"]
+    assert task.upstream == "other" and task.shadow is not None
+    assert (task.shadow.model, task.shadow.upstream) == ("ft:v5", "local")
+    assert run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks))[0] == 0
+    task = load_registry(tasks).tasks["s"]
+    assert task.upstream == "local" and task.shadow is not None
+    assert (task.shadow.model, task.shadow.upstream) == ("ft:v5", None)  # the task's again
 
 
 def test_tasks_set_refuses_a_model_its_upstream_does_not_serve(

@@ -259,21 +259,66 @@ def _check_served(upstream: UpstreamSpec, models: list[tuple[str, str]]) -> None
                             f"{role}); its models: {shown}. Pass --force to save it anyway")
 
 
+def _changes(old: TaskSpec | None, new: TaskSpec) -> list[str]:
+    """What an edit changed in a task, in words (`canary m2 (weight 0.1)`, `feedback off -> on`,
+    `shadow removed`), so that `tasks set` confirms what it did rather than what it kept. A new
+    task is compared with the settings' defaults."""
+    defaults = {key: field.default for key, field in TaskSpec.model_fields.items()
+                if not field.is_required()}
+    before = old.model_dump() if old is not None else defaults
+    found: list[str] = []
+    for key, value in new.model_dump(exclude={"name"}).items():
+        was = before.get(key)
+        if value == was:
+            continue
+        if value is None:
+            found.append(f"{key} removed")
+        elif isinstance(value, dict) and isinstance(was, dict):
+            found += [f"{key} {part} {_shown(was.get(part))} -> {_shown(now)}"
+                      for part, now in value.items() if now != was.get(part)]
+        elif isinstance(value, dict):
+            found.append(f"{key} {_entry(value)}")
+        else:
+            found.append(f"{key} {_shown(was)} -> {_shown(value)}")
+    return found
+
+
+def _entry(value: dict[str, Any]) -> str:
+    """A canary, shadow or review entry: `m3 (sample 0.25)`, `max_margin 0.1, sample 0`."""
+    parts = {key: part for key, part in value.items() if part is not None}
+    model = parts.pop("model", None)
+    rest = ", ".join(f"{key} {_shown(part)}" for key, part in parts.items())
+    return f"{model} ({rest})" if model is not None else rest
+
+
 def cmd_set(args: argparse.Namespace) -> int:
+    seen: dict[str, TaskSpec | None] = {}
+
+    def check(before: Registry | None, after: Registry) -> None:
+        _check_roles(args.name, before, after, force=args.force)
+        seen.update(old=before.task(args.name) if before is not None else None,
+                    new=after.tasks[args.name])
+
     register_task(args.tasks, args.name, args.upstream or "",
-                  merge=lambda data, current: _rollout(args, data, current),
-                  check=lambda before, after: _check_roles(args.name, before, after,
-                                                           force=args.force),
+                  merge=lambda data, current: _rollout(args, data, current), check=check,
                   model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
                   target=args.target, labels=args.labels)
     row = next(r for r in task_rows(args.tasks) if r["name"] == args.name)
+    old, new = seen["old"], seen["new"]
+    assert new is not None
+    changes = _changes(old, new)
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": row})
+        print_json({"tasks_file": str(args.tasks), "task": row, "changes": changes})
+    elif old is None:
+        extra = [c for c in changes if c.split()[0] not in ("upstream", "model", "kind")]
+        print(f"task {args.name} -> {row['model']} on {row['upstream']} ({row['kind']})"
+              + "".join(f"; {change}" for change in extra) + f", saved in {args.tasks}")
+    elif changes:
+        print(f"task {args.name}: {'; '.join(changes)}; saved in {args.tasks}")
     else:
-        print(f"task {args.name} -> {row['model']} on {row['upstream']} ({row['kind']}), "
-              f"saved in {args.tasks}")
+        print(f"task {args.name} unchanged in {args.tasks}")
     return 0
 
 
@@ -421,6 +466,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _shown(value: Any) -> str:
+    """A setting as people read it: `on`/`off` rather than Python's True/False, `default` for
+    a setting left to the gateway (or to the task's own, for a canary's upstream)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "default"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_shown(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):

@@ -81,6 +81,18 @@ def test_data_validate_summarises_a_good_file(tmp_path: Path,
     assert body["files"][0]["targets"]["mood"]["labels"] == {"down": 4, "up": 6}
 
 
+def test_counts_of_one_read_in_the_singular(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "t", "labels": {"mood": "up"}}])
+    code, out, _ = run(capsys, "data", "validate", str(path))
+    assert f"{path}: text data, 1 valid example of 1 line, 1 target" in out
+    assert "target mood (single-label, 1 label, 1 example)" in out
+    assert "text length: mean 1 char, max 1" in out
+    path.write_text('{"text": "ok", "labels": {"a": "b"}}\nnot json\n')
+    code, _, err = run(capsys, "data", "validate", str(path))
+    assert code == 1 and err.startswith(f"classifier-gateway: {path}: 1 invalid line (first: ")
+
+
 def test_data_validate_lists_line_errors_and_exits_1_with_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
@@ -252,6 +264,50 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
         main(["tasks", "set", "news", "--labels", "a,,b", "--tasks", str(tasks)])
     assert exit_info.value.code == 2 and "none empty" in capsys.readouterr().err
+
+
+def test_tasks_set_confirms_what_changed_and_show_reads_as_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tasks set --shadow` used to confirm `task news -> m1 on local`, the model it kept, and
+    `tasks show` printed Python's `True`."""
+    tasks = tmp_path / "tasks.yaml"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "m1", "--canary", "m2",
+                       "--force", "--tasks", str(tasks))
+    assert code == 0 and out == f"task news -> m1 on local (text); canary m2 (weight 0.1), saved in {tasks}\n"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--shadow", "m3", "--shadow-sample",
+                       "0.25", "--feedback", "--force", "--tasks", str(tasks))
+    assert code == 0 and out == (f"task news: shadow m3 (sample 0.25); feedback off -> on; saved in "
+                   f"{tasks}\n")
+    code, out, _ = run(capsys, "tasks", "set", "news", "--canary-weight", "0.5", "--no-shadow",
+                       "--cache-ttl-s", "60", "--tasks", str(tasks))
+    assert code == 0 and out == (f"task news: canary weight 0.1 -> 0.5; shadow removed; cache_ttl_s default "
+                   f"-> 60; saved in {tasks}\n")
+    code, out, _ = run(capsys, "tasks", "set", "news", "--cache-ttl-s", "60", "--tasks",
+                       str(tasks))
+    assert code == 0 and out == f"task news unchanged in {tasks}\n"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--no-feedback", "--json", "--tasks",
+                       str(tasks))
+    assert code == 0 and orjson.loads(out)["changes"] == ["feedback on -> off"]
+    run(capsys, "tasks", "set", "news", "--feedback", "--tasks", str(tasks))
+    code, out, _ = run(capsys, "tasks", "show", "news", "--tasks", str(tasks))
+    rows = dict(line.split(None, 1) for line in out.splitlines()[1:])
+    assert code == 0 and rows["feedback"] == "on" and rows["canary"] == "model=m2, weight=0.5"
+
+
+def test_models_delete_names_the_tasks_that_use_the_model_in_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"}},
+        "tasks": {"a": {"upstream": "local", "model": "ft:x"},
+                  "b": {"upstream": "local", "model": "ft:y",
+                        "canary": {"model": "ft:x", "weight": 0.1}}}}))
+    code, _, err = run(capsys, "models", "delete", "ft:y", "--tasks", str(tasks))
+    assert code == 1 and f"task b in {tasks} still uses this model" in err
+    assert "point it at another model" in err
+    code, _, err = run(capsys, "models", "delete", "ft:x", "--tasks", str(tasks))
+    assert code == 1 and f"tasks a, b (canary) in {tasks} still use this model" in err
+    assert "point them at another model" in err
 
 
 def test_tasks_remove_and_an_unknown_task(tmp_path: Path,

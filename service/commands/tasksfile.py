@@ -253,14 +253,7 @@ def model_users(path: Path) -> dict[str, list[str]]:
         return {}
     users: dict[str, list[str]] = {}
     for name, task in sorted(load(path).tasks.items()):
-        roles = [(task.model, name)]
-        roles += [(ref.model, f"{name} (fallback)") for ref in task.fallbacks]
-        if task.canary is not None:
-            roles.append((task.canary.model, f"{name} (canary)"))
-        if task.shadow is not None:
-            roles.append((task.shadow.model, f"{name} (shadow)"))
-        if task.previous is not None:
-            roles.append((task.previous.model, f"{name} (previous)"))
-        for model, user in roles:
-            users.setdefault(model, []).append(user)
+        for role in task.roles():
+            user = name if role.role == "model" else f"{name} ({role.role})"
+            users.setdefault(role.model, []).append(user)
     return users

@@ -13,6 +13,7 @@ from service.commands.api import Api, add_gateway_arguments, gateway_api, model_
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
+from service.gateway import task_edits
 from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -145,60 +146,37 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _rollout(args: argparse.Namespace, data: dict[str, Any],
-             current: dict[str, Any]) -> dict[str, Any]:
-    """The canary, shadow, review and feedback settings `tasks set` was given, merged with the
-    task's current ones (`[]` removes one); the gateway's parser validates the ranges."""
-    out: dict[str, Any] = {}
-    for role, share, default in (("canary", "weight", 0.1), ("shadow", "sample", 1.0)):
+def _roll_out(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """Map the canary, shadow, review and feedback flags of `tasks set` onto the edits of
+    `task_edits`, once the task has its other settings; the gateway's parser then validates the
+    ranges. Each rollout role of the schema has its flags: `--ROLE MODEL`, `--ROLE-SHARE`,
+    `--ROLE-upstream` and `--no-ROLE`."""
+    for field in task_edits.rollout_roles():
+        role, share = field.name, field.share
         model = getattr(args, role)
         value = getattr(args, f"{role}_{share}")
         upstream = getattr(args, f"{role}_upstream")
         if getattr(args, f"no_{role}"):
             if model or value is not None or upstream:
                 raise UserError(f"--no-{role} removes the {role}: give it alone")
-            out[role] = []
+            task_edits.clear(data, args.name, role)
             continue
         if model is None and value is None and upstream is None:
             continue
-        existing = current.get(role)
-        entry = dict(existing) if isinstance(existing, dict) else {}
-        if model is None and not entry:
-            raise UserError(f"task {args.name!r} has no {role} to change: give --{role} MODEL")
-        if model is not None and model != entry.get("model"):
-            entry = {"model": model}
-        entry[share] = value if value is not None else entry.get(share, default)
-        if upstream:
-            entry.pop("upstream", None)
-            named = tasksfile.role_upstream(data, current["upstream"], upstream)
-            if named:
-                entry["upstream"] = named
-        out[role] = entry
+        try:
+            task_edits.set_role(data, args.name, role, model=model, share=value,
+                                upstream=tasksfile.role_upstream(data, upstream))
+        except task_edits.MissingRole as exc:
+            raise UserError(f"{exc}: give --{role} MODEL") from None
     if args.no_review:
         if args.review_margin is not None or args.review_sample is not None:
             raise UserError("--no-review stops queueing for review: give it alone")
-        out["review"] = []
+        task_edits.clear(data, args.name, "review")
     elif args.review_margin is not None or args.review_sample is not None:
-        existing = current.get("review")
-        review = dict(existing) if isinstance(existing, dict) else {}
-        if args.review_margin is not None:
-            review["max_margin"] = args.review_margin
-        if args.review_sample is not None:
-            review["sample"] = args.review_sample
-        out["review"] = review
+        task_edits.update_entry(data, args.name, "review", {"max_margin": args.review_margin,
+                                                            "sample": args.review_sample})
     if args.feedback is not None:
-        out["feedback"] = args.feedback
-    return out
-
-
-def _served_roles(task: TaskSpec) -> dict[str, tuple[str, str]]:
-    """The roles of a task that receive items, each as (upstream, model)."""
-    roles = {"model": (task.upstream, task.model)}
-    for role, spec in (("canary", task.canary), ("shadow", task.shadow)):
-        if spec is not None:
-            upstream, route = task.other_route(spec)
-            roles[role] = (upstream, route.model)
-    return roles
+        task_edits.set_task(data, args.name, {"feedback": args.feedback})
 
 
 def _check_roles(name: str, before: Registry | None, after: Registry, *, force: bool) -> None:
@@ -206,25 +184,24 @@ def _check_roles(name: str, before: Registry | None, after: Registry, *, force: 
     and (unless `force`) a model its upstream does not serve, which would load, stay ready and
     answer every request with a 502. Only the roles this edit changed are checked, so that an
     unrelated setting can still be changed while an upstream is down."""
-    old = before.task(name) if before is not None else None
     new = after.tasks[name]
-    roles = _served_roles(new)
-    old_roles = _served_roles(old) if old is not None else {}
-    changed = {role: pair for role, pair in roles.items() if old_roles.get(role) != pair}
-    if "canary" in roles and roles.get("shadow") == roles["canary"] and (
-            {"canary", "shadow"} & changed.keys()):
-        model = roles["canary"][1]
-        if "shadow" in changed:
-            raise UserError(f"the shadow {model!r} is the task's canary too: a shadow is compared "
-                            "with the task's model and would only repeat the canary's answers; "
-                            "give another --shadow, or remove it with --no-shadow")
-        raise UserError(f"the canary {model!r} is the task's shadow too; remove the shadow in the "
-                        "same command (--no-shadow), or choose another --canary")
+    changed = task_edits.changed_roles(before.task(name) if before is not None else None, new)
+    repeated = task_edits.repeated_rollout(new)
+    if repeated is not None and (repeated[0] in changed or repeated[1] in changed):
+        first, second = repeated
+        if second in changed:
+            raise UserError(f"the {second.role} {second.model!r} is the task's {first.role} too: "
+                            f"a {second.role} is compared with the task's model and would only "
+                            f"repeat the {first.role}'s answers; give another --{second.role}, "
+                            f"or remove it with --no-{second.role}")
+        raise UserError(f"the {first.role} {first.model!r} is the task's {second.role} too; remove "
+                        f"the {second.role} in the same command (--no-{second.role}), or choose "
+                        f"another --{first.role}")
     if force:
         return
     wanted: dict[str, list[tuple[str, str]]] = {}
-    for role, (upstream, model) in changed.items():
-        wanted.setdefault(upstream, []).append((role, model))
+    for role in changed:
+        wanted.setdefault(role.upstream, []).append((role.role, role.model))
     for upstream, models in wanted.items():
         _check_served(after.upstreams[upstream], models)
 
@@ -300,7 +277,7 @@ def cmd_set(args: argparse.Namespace) -> int:
                     new=after.tasks[args.name])
 
     register_task(args.tasks, args.name, args.upstream or "",
-                  merge=lambda data, current: _rollout(args, data, current), check=check,
+                  then=lambda data: _roll_out(args, data), check=check,
                   model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
@@ -323,7 +300,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    tasksfile.edit(args.tasks, lambda data: tasksfile.remove_task(data, args.name))
+    tasksfile.edit(args.tasks, lambda data: task_edits.remove_task(data, args.name))
     if args.json:
         print_json({"tasks_file": str(args.tasks), "removed": args.name})
     else:
@@ -331,95 +308,48 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task(data: dict[str, Any], name: str) -> dict[str, Any]:
-    task = data["tasks"].get(name)
-    if not isinstance(task, dict):
-        known = ", ".join(sorted(data["tasks"])) or "none"
-        raise UserError(f"no task {name!r} in the tasks file; known tasks: {known}")
-    return task
-
-
-def _swap(task: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Make `new` ({model, upstream?, target?, labels?}) the task's model; return the old one in
-    the same shape, and what became of the canary and shadow that stay.
-
-    Those keep the upstream they had: one that named none had the task's, which it now names
-    when the task moves to another upstream (else it would silently follow it). One that is now
-    the task's own model is removed (the gateway refuses a canary or shadow of the task's model,
-    and it has nothing left to try or compare)."""
-    old: dict[str, Any] = {"upstream": task["upstream"], "model": task["model"]}
-    for key in ("target", "labels"):
-        if key in task:
-            old[key] = task[key]
-    task["upstream"] = new.get("upstream") or task["upstream"]
-    task["model"] = new["model"]
-    for key in ("target", "labels"):
-        if key in new:
-            task[key] = new[key]
-    notes: list[str] = []
-    for role in ("canary", "shadow"):
-        entry = task.get(role)
-        if not isinstance(entry, dict):
-            continue
-        upstream = entry.get("upstream") or old["upstream"]
-        if (upstream, entry.get("model")) == (task["upstream"], task["model"]):
-            del task[role]
-            notes.append(f"{role} {task['model']} removed: it is the task's model now")
-        elif upstream == task["upstream"]:
-            entry.pop("upstream", None)
-        else:
-            entry["upstream"] = upstream
-    return old, notes
-
-
 def cmd_promote(args: argparse.Namespace) -> int:
-    promoted: dict[str, Any] = {}
+    done: list[task_edits.Swap] = []
 
     def change(data: dict[str, Any]) -> None:
-        task = _task(data, args.name)
-        present = [k for k in ("canary", "shadow") if task.get(k)]
-        if not present:
-            raise UserError(f"task {args.name!r} has no canary or shadow model to promote; add "
-                            "one to the tasks file first")
-        source = args.source or present[0]  # the canary, when there is one
-        if source not in present:
-            raise UserError(f"task {args.name!r} has no {source} to promote; it has a "
-                            f"{present[0]}: drop --from, or give --from {present[0]}")
-        entry = dict(task.pop(source))
-        task["previous"], notes = _swap(task, entry)
-        promoted.update(model=task["model"], previous=task["previous"]["model"], source=source,
-                        notes=notes)
+        try:
+            done.append(task_edits.promote(data, args.name, args.source))
+        except task_edits.MissingRole as exc:
+            hint = (f"drop --from, or give --from {exc.present[0]}" if exc.present else
+                    f"add one first (`classifier-gateway tasks set {args.name} --canary MODEL`)")
+            raise UserError(f"{exc}: {hint}") from None
 
     tasksfile.edit(args.tasks, change)
+    (swap,) = done
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": args.name, **promoted})
+        print_json({"tasks_file": str(args.tasks), "task": args.name, "model": swap.model,
+                    "previous": swap.replaced, "source": swap.source, "notes": list(swap.notes)})
     else:
-        print(f"task {args.name}: {promoted['source']} {promoted['model']} promoted; previous "
-              f"model {promoted['previous']} kept for `tasks rollback` ({args.tasks})")
-        for note in promoted["notes"]:
+        print(f"task {args.name}: {swap.source} {swap.model} promoted; previous model "
+              f"{swap.replaced} kept for `tasks rollback` ({args.tasks})")
+        for note in swap.notes:
             print(f"  {note}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    done: dict[str, Any] = {}
+    done: list[task_edits.Swap] = []
 
     def change(data: dict[str, Any]) -> None:
-        task = _task(data, args.name)
-        previous = task.get("previous")
-        if not previous:
-            raise UserError(f"task {args.name!r} has no previous model to roll back to (`tasks "
-                            "promote` keeps one)")
-        task["previous"], notes = _swap(task, dict(previous))
-        done.update(model=task["model"], replaced=task["previous"]["model"], notes=notes)
+        try:
+            done.append(task_edits.rollback(data, args.name))
+        except task_edits.MissingRole as exc:
+            raise UserError(f"{exc} (`tasks promote` keeps one)") from None
 
     tasksfile.edit(args.tasks, change)
+    (swap,) = done
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": args.name, **done})
+        print_json({"tasks_file": str(args.tasks), "task": args.name, "model": swap.model,
+                    "replaced": swap.replaced, "notes": list(swap.notes)})
     else:
-        print(f"task {args.name}: back on {done['model']} (replaced {done['replaced']}, now "
+        print(f"task {args.name}: back on {swap.model} (replaced {swap.replaced}, now "
               f"`previous`) in {args.tasks}")
-        for note in done["notes"]:
+        for note in swap.notes:
             print(f"  {note}")
     return 0
 

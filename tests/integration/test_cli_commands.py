@@ -16,6 +16,7 @@ import yaml
 
 from service.cli import build_parser, main
 from service.commands import tasksfile
+from service.gateway import task_edits
 from service.gateway.registry import load_registry
 from tests.support.factory import running_factory
 from tests.support.fake_upstream import running_fake_upstream
@@ -371,7 +372,7 @@ def test_edits_keep_the_file_mode_and_replace_it_atomically(tmp_path: Path) -> N
     tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
     os.chmod(tasks, 0o640)
     inode = tasks.stat().st_ino
-    tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, "t", {"upstream": "u", "model": "m"}))
+    tasksfile.edit(tasks, lambda d: task_edits.set_task(d, "t", {"upstream": "u", "model": "m"}))
     assert tasks.stat().st_mode & 0o777 == 0o640
     assert tasks.stat().st_ino != inode  # renamed over, never written in place
 
@@ -381,8 +382,8 @@ def test_concurrent_edits_lose_nothing(tmp_path: Path) -> None:
     tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
 
     def add(i: int) -> None:
-        tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, f"t{i}", {"upstream": "u",
-                                                                        "model": f"m{i}"}))
+        tasksfile.edit(tasks, lambda d: task_edits.set_task(d, f"t{i}", {"upstream": "u",
+                                                                         "model": f"m{i}"}))
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
     for t in threads:

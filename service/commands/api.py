@@ -112,14 +112,14 @@ class Api:
 
     def __init__(self, base_url: str, *, what: str, key: str | None, key_env: str,
                  start_hint: str, timeout_s: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, proxy: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.what = what
         self.base_url = base_url
         self.key_env = key_env
         self.start_hint = start_hint
         self._client = httpx.Client(base_url=base_url, headers=headers, transport=transport,
-                                    timeout=httpx.Timeout(timeout_s, connect=5.0))
+                                    timeout=httpx.Timeout(timeout_s, connect=5.0), proxy=proxy)
 
     def __enter__(self) -> Api:
         return self
@@ -137,8 +137,22 @@ class Api:
             raise UserError(f"{self.what} answered {method} {path} with something that is not "
                             "JSON; is the address right?") from None
 
-    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """The raw response of a request that succeeded (2xx); every failure a `UserError`."""
+    def get_if_any(self, path: str) -> Any:
+        """The JSON of `GET path`, or None when the server has no such resource (404, 405): for
+        what only some servers offer, such as a model list."""
+        response = self.send("GET", path, absent_ok=True)
+        if response.status_code in (404, 405):
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise UserError(f"{self.what} answered GET {path} with something that is not JSON; "
+                            "is the address right?") from None
+
+    def send(self, method: str, path: str, *, absent_ok: bool = False,
+             **kwargs: Any) -> httpx.Response:
+        """The raw response of a request that succeeded (2xx), or with `absent_ok` one that found
+        nothing there (404, 405); every other failure a `UserError`."""
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError:
@@ -156,6 +170,8 @@ class Api:
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientError(f"{self.what} answered HTTP {response.status_code} to {method} "
                                  f"{path}: {error_message(response)}")
+        if absent_ok and response.status_code in (404, 405):
+            return response
         if response.status_code >= 400:
             raise UserError(f"{self.what} answered HTTP {response.status_code} to {method} {path}: "
                             f"{error_message(response)}")
@@ -225,6 +241,17 @@ def gateway_api(args: argparse.Namespace, timeout_s: float = 60.0) -> Api:
                key_env=GATEWAY_KEY_ENV,
                start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL",
                timeout_s=timeout_s)
+
+
+def model_ids(body: Any) -> list[str]:
+    """The ids and aliases of a `GET /v1/models` answer (Mistral's `ModelList`, the factory's
+    too): a task may name a model by either."""
+    found: list[str] = []
+    for card in (body.get("data") if isinstance(body, Mapping) else None) or []:
+        if isinstance(card, Mapping) and isinstance(card.get("id"), str):
+            found.append(card["id"])
+            found += [alias for alias in card.get("aliases") or [] if isinstance(alias, str)]
+    return list(dict.fromkeys(found))
 
 
 def upload_file(api: Api, path: Path) -> dict[str, Any]:

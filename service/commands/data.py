@@ -15,7 +15,7 @@ from service.commands.datacheck import (
     training_problem,
 )
 from service.commands.errors import UserError
-from service.commands.output import print_json, table
+from service.commands.output import plural, print_json, table
 from service.commands.prepare import Plan, PrepareError, plan, read_report, write_jsonl
 from service.factory.data import ValidationReport, validate_file
 
@@ -96,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(line)
             print(describe_report(name, report))
     if problems:
-        raise UserError(problems[0] + (f" (and {len(problems) - 1} more problems)"
+        raise UserError(problems[0] + (f" (and {plural(len(problems) - 1, 'more problem')})"
                                        if len(problems) > 1 else ""))
     return 0
 
@@ -104,17 +104,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # -- prepare ----------------------------------------------------------------------------------
 
 def describe_plan(result: Plan, paths: dict[str, Path], sizes: dict[str, int]) -> str:
-    lines = [f"read {result.input_examples} {result.kind} examples"]
+    lines = [f"read {plural(result.input_examples, f'{result.kind} example')}"]
     if result.empty_texts:
-        lines.append(f"dropped {result.empty_texts} examples with an empty text")
+        lines.append(f"dropped {plural(result.empty_texts, 'example')} with an empty text")
     if result.duplicates:
         conflict = (f", {result.conflicting_duplicates} of them with different labels"
                     if result.conflicting_duplicates else "")
-        lines.append(f"dropped {result.duplicates} repeated inputs (kept the first{conflict})")
+        lines.append(f"dropped {plural(result.duplicates, 'repeated input')} (kept the first"
+                     f"{conflict})")
     for d in result.dropped_labels:
-        lines.append(f"dropped label {d.target}={d.label}: {d.examples} examples, {d.reason}")
+        lines.append(f"dropped label {d.target}={d.label}: {plural(d.examples, 'example')}, "
+                     f"{d.reason}")
     if result.unlabelled:
-        lines.append(f"dropped {result.unlabelled} examples left without any label")
+        lines.append(f"dropped {plural(result.unlabelled, 'example')} left without any label")
     for d in result.capped_labels:
         lines.append(f"capped label {d.target}={d.label}: dropped {d.examples}, {d.reason}")
     rows = [(f"{target}={label}" if _many_targets(result) else label, t, v)
@@ -122,7 +124,8 @@ def describe_plan(result: Plan, paths: dict[str, Path], sizes: dict[str, int]) -
     lines.append(table(["label", "train", "validation"], rows))
     for split in ("train", "validation"):
         examples = result.train if split == "train" else result.validation
-        lines.append(f"wrote {paths[split]}: {len(examples)} examples, {sizes[split]} bytes")
+        lines.append(f"wrote {paths[split]}: {plural(len(examples), 'example')}, "
+                     f"{plural(sizes[split], 'byte')}")
     return "\n".join(lines)
 
 
@@ -152,7 +155,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if not result.train:
         raise UserError(f"{name}: no example left after dropping labels with fewer than "
-                        f"{args.min_per_label} examples; lower --min-per-label")
+                        f"{plural(args.min_per_label, 'example')}; lower --min-per-label")
     try:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"train": args.out_dir / "train.jsonl",
@@ -169,6 +172,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print_json(body)
     else:
         if report.error_count:
-            print(f"dropped {report.error_count} invalid lines (--skip-invalid)")
+            print(f"dropped {plural(report.error_count, 'invalid line')} (--skip-invalid)")
         print(describe_plan(result, paths, sizes))
     return 0

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 from service.commands.api import Api, add_gateway_arguments, gateway_api
 from service.commands.errors import UserError
-from service.commands.output import print_json
+from service.commands.output import plural, print_json
 from service.wire import render_messages
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -91,7 +91,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"task": args.task, "out": str(args.out.absolute()), "examples": len(lines)})
     else:
-        print(f"{len(lines)} corrected examples of task {args.task} written to "
+        print(f"{plural(len(lines), 'corrected example')} of task {args.task} written to "
               f"{args.out.absolute()}")
         if lines:
             print(f"train on them with: classifier-gateway finetune --task {args.task} "
@@ -147,6 +147,6 @@ def cmd_review_export(args: argparse.Namespace) -> int:
         print_json({"task": args.task, "out": str(args.out.absolute()), "items": len(found),
                     "format": args.format})
     else:
-        print(f"{len(found)} queued answers of task {args.task} written to "
+        print(f"{plural(len(found), 'queued answer')} of task {args.task} written to "
               f"{args.out.absolute()} ({args.format})")
     return 0

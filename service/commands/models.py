@@ -98,8 +98,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
         # model is gone; `previous` would only break a later rollback, so it blocks too.
         users = tasksfile.model_users(args.tasks).get(args.model_id, [])
         if users:
-            raise UserError(f"task(s) {', '.join(users)} in {args.tasks} still use this model and "
-                            "would fail once it is gone; point them at another model "
+            tasks, use, them = (("task", "uses", "it") if len(users) == 1
+                                else ("tasks", "use", "them"))
+            raise UserError(f"{tasks} {', '.join(users)} in {args.tasks} still {use} this model "
+                            f"and would fail once it is gone; point {them} at another model "
                             "(`classifier-gateway tasks set`, `tasks promote`) or pass --force")
     with upstream_api(upstream_from(args)) as api:
         body = api.delete(f"/v1/models/{args.model_id}")

@@ -49,6 +49,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 label`, `2 labels`, `0 labels`: a count with its noun in the number it takes, so that
+    messages read as written English whatever the count (`nouns` for an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def when(timestamp: Any) -> str:
     """A Unix timestamp as UTC date and time (the tables say "(UTC)"), or "-" when there is none."""
     if not isinstance(timestamp, int | float):

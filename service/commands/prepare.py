@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from service.commands.output import plural
 from service.factory.data import Example, ValidationReport, validate_lines
 
 LabelKey = tuple[str, str]  # (target, label)
@@ -184,7 +185,7 @@ def plan(report: ValidationReport, *, min_per_label: int = 10, max_per_label: in
     counts = _count(unique)
     rare = {key for key, n in counts.items() if n < min_per_label}
     result.dropped_labels = [
-        Dropped(t, lbl, counts[(t, lbl)], f"fewer than {min_per_label} examples")
+        Dropped(t, lbl, counts[(t, lbl)], f"fewer than {plural(min_per_label, 'example')}")
         for t, lbl in sorted(rare)]
     kept: list[Example] = []
     for example in unique:
@@ -212,7 +213,7 @@ def plan(report: ValidationReport, *, min_per_label: int = 10, max_per_label: in
         after = _count(kept)
         result.capped_labels = [
             Dropped(t, lbl, before[(t, lbl)] - after[(t, lbl)],
-                    f"capped at {max_per_label} examples ({before[(t, lbl)]} before)")
+                    f"capped at {plural(max_per_label, 'example')} ({before[(t, lbl)]} before)")
             for t, lbl in sorted(before) if after[(t, lbl)] < before[(t, lbl)]]
 
     # 4. Stratified split on the first target's label(s), so that validation has every label in

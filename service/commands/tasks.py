@@ -9,10 +9,12 @@ import argparse
 from typing import Any, TypeAlias
 
 from service.commands import tasksfile
-from service.commands.api import add_gateway_arguments, gateway_api
+from service.commands.api import Api, add_gateway_arguments, gateway_api, model_ids
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
+from service.gateway import task_edits
+from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -76,6 +78,9 @@ def register(sub: Sub) -> None:
     rollout.add_argument("--no-review", action="store_true", help="stop queueing for review")
     rollout.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=None,
                          help="remember responses so that POST /feedback may correct them")
+    p.add_argument("--force", action="store_true",
+                   help="save without asking the upstream whether it serves the model, canary "
+                        "and shadow given (for an upstream that is not reachable now)")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_set)
@@ -90,12 +95,14 @@ def register(sub: Sub) -> None:
     p.set_defaults(handler=cmd_show)
 
     p = actions.add_parser("promote", help="make the task's canary or shadow its model",
-                           description="Make the task's canary (or shadow) model its model; the "
-                                       "current model is kept as `previous` for `tasks "
-                                       "rollback`. The canary or shadow entry is removed.")
+                           description="Make the task's canary (or, with --from shadow, its "
+                                       "shadow) its model; the current model is kept as "
+                                       "`previous` for `tasks rollback`. The promoted entry is "
+                                       "removed, and so is a canary or shadow of the same model.")
     p.add_argument("name", metavar="NAME", help="the task whose canary or shadow to promote")
     p.add_argument("--from", dest="source", choices=("canary", "shadow"),
-                   help="which to promote when the task has both")
+                   help="which to promote (default: the canary when the task has one, else the "
+                        "shadow)")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_promote)
@@ -139,69 +146,161 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _rollout(args: argparse.Namespace, data: dict[str, Any],
-             current: dict[str, Any]) -> dict[str, Any]:
-    """The canary, shadow, review and feedback settings `tasks set` was given, merged with the
-    task's current ones (`[]` removes one); the gateway's parser validates the ranges."""
-    out: dict[str, Any] = {}
-    for role, share, default in (("canary", "weight", 0.1), ("shadow", "sample", 1.0)):
+def _roll_out(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """Map the canary, shadow, review and feedback flags of `tasks set` onto the edits of
+    `task_edits`, once the task has its other settings; the gateway's parser then validates the
+    ranges. Each rollout role of the schema has its flags: `--ROLE MODEL`, `--ROLE-SHARE`,
+    `--ROLE-upstream` and `--no-ROLE`."""
+    for field in task_edits.rollout_roles():
+        role, share = field.name, field.share
         model = getattr(args, role)
         value = getattr(args, f"{role}_{share}")
         upstream = getattr(args, f"{role}_upstream")
         if getattr(args, f"no_{role}"):
             if model or value is not None or upstream:
                 raise UserError(f"--no-{role} removes the {role}: give it alone")
-            out[role] = []
+            task_edits.clear(data, args.name, role)
             continue
         if model is None and value is None and upstream is None:
             continue
-        existing = current.get(role)
-        entry = dict(existing) if isinstance(existing, dict) else {}
-        if model is None and not entry:
-            raise UserError(f"task {args.name!r} has no {role} to change: give --{role} MODEL")
-        if model is not None and model != entry.get("model"):
-            entry = {"model": model}
-        entry[share] = value if value is not None else entry.get(share, default)
-        if upstream:
-            entry.pop("upstream", None)
-            named = tasksfile.role_upstream(data, current["upstream"], upstream)
-            if named:
-                entry["upstream"] = named
-        out[role] = entry
+        try:
+            task_edits.set_role(data, args.name, role, model=model, share=value,
+                                upstream=tasksfile.role_upstream(data, upstream))
+        except task_edits.MissingRole as exc:
+            raise UserError(f"{exc}: give --{role} MODEL") from None
     if args.no_review:
         if args.review_margin is not None or args.review_sample is not None:
             raise UserError("--no-review stops queueing for review: give it alone")
-        out["review"] = []
+        task_edits.clear(data, args.name, "review")
     elif args.review_margin is not None or args.review_sample is not None:
-        existing = current.get("review")
-        review = dict(existing) if isinstance(existing, dict) else {}
-        if args.review_margin is not None:
-            review["max_margin"] = args.review_margin
-        if args.review_sample is not None:
-            review["sample"] = args.review_sample
-        out["review"] = review
+        task_edits.update_entry(data, args.name, "review", {"max_margin": args.review_margin,
+                                                            "sample": args.review_sample})
     if args.feedback is not None:
-        out["feedback"] = args.feedback
-    return out
+        task_edits.set_task(data, args.name, {"feedback": args.feedback})
+
+
+def _check_roles(name: str, before: Registry | None, after: Registry, *, force: bool) -> None:
+    """Refuse what the gateway would accept but serve badly: a shadow that is the canary too,
+    and (unless `force`) a model its upstream does not serve, which would load, stay ready and
+    answer every request with a 502. Only the roles this edit changed are checked, so that an
+    unrelated setting can still be changed while an upstream is down."""
+    new = after.tasks[name]
+    changed = task_edits.changed_roles(before.task(name) if before is not None else None, new)
+    repeated = task_edits.repeated_rollout(new)
+    if repeated is not None and (repeated[0] in changed or repeated[1] in changed):
+        first, second = repeated
+        if second in changed:
+            raise UserError(f"the {second.role} {second.model!r} is the task's {first.role} too: "
+                            f"a {second.role} is compared with the task's model and would only "
+                            f"repeat the {first.role}'s answers; give another --{second.role}, "
+                            f"or remove it with --no-{second.role}")
+        raise UserError(f"the {first.role} {first.model!r} is the task's {second.role} too; remove "
+                        f"the {second.role} in the same command (--no-{second.role}), or choose "
+                        f"another --{first.role}")
+    if force:
+        return
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for role in changed:
+        wanted.setdefault(role.upstream, []).append((role.role, role.model))
+    for upstream, models in wanted.items():
+        _check_served(after.upstreams[upstream], models)
+
+
+def _check_served(upstream: UpstreamSpec, models: list[tuple[str, str]]) -> None:
+    """Ask an upstream that speaks Mistral's API (the factory, Mistral) for its model list and
+    refuse a model that is not on it. Other protocols have no list to ask, and an upstream that
+    answers 404 has none either: those models are saved unchecked."""
+    if upstream.protocol != "mistral":
+        return
+    what = f"upstream {upstream.name!r}"
+    try:
+        with Api(upstream.base_url, what=what, key=upstream.api_key(),
+                 key_env=upstream.api_key_env or "its api_key_env", timeout_s=10.0,
+                 start_hint="is it running, and is its base_url in the tasks file right?",
+                 proxy=upstream.proxy) as api:
+            body = api.get_if_any("/v1/models")
+    except UserError as exc:
+        shown = ", ".join(repr(model) for _, model in models)
+        raise UserError(f"cannot check that {what} serves {shown}: {exc}; pass --force to save "
+                        "without checking") from None
+    if body is None:
+        return
+    served = model_ids(body)
+    for role, model in models:
+        if model not in served:
+            listed = sorted(served, key=lambda m: (not m.startswith("ft:"), m))
+            shown = ", ".join(listed[:25]) or "none"
+            if len(listed) > 25:
+                shown += f", ... ({len(listed) - 25} more: `classifier-gateway models list`)"
+            raise UserError(f"{what} ({upstream.base_url}) has no model {model!r} (the task's "
+                            f"{role}); its models: {shown}. Pass --force to save it anyway")
+
+
+def _changes(old: TaskSpec | None, new: TaskSpec) -> list[str]:
+    """What an edit changed in a task, in words (`canary m2 (weight 0.1)`, `feedback off -> on`,
+    `shadow removed`), so that `tasks set` confirms what it did rather than what it kept. A new
+    task is compared with the settings' defaults."""
+    defaults = {key: field.default for key, field in TaskSpec.model_fields.items()
+                if not field.is_required()}
+    before = old.model_dump() if old is not None else defaults
+    found: list[str] = []
+    for key, value in new.model_dump(exclude={"name"}).items():
+        was = before.get(key)
+        if value == was:
+            continue
+        if value is None:
+            found.append(f"{key} removed")
+        elif isinstance(value, dict) and isinstance(was, dict):
+            found += [f"{key} {part} {_shown(was.get(part))} -> {_shown(now)}"
+                      for part, now in value.items() if now != was.get(part)]
+        elif isinstance(value, dict):
+            found.append(f"{key} {_entry(value)}")
+        else:
+            found.append(f"{key} {_shown(was)} -> {_shown(value)}")
+    return found
+
+
+def _entry(value: dict[str, Any]) -> str:
+    """A canary, shadow or review entry: `m3 (sample 0.25)`, `max_margin 0.1, sample 0`."""
+    parts = {key: part for key, part in value.items() if part is not None}
+    model = parts.pop("model", None)
+    rest = ", ".join(f"{key} {_shown(part)}" for key, part in parts.items())
+    return f"{model} ({rest})" if model is not None else rest
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    seen: dict[str, TaskSpec | None] = {}
+
+    def check(before: Registry | None, after: Registry) -> None:
+        _check_roles(args.name, before, after, force=args.force)
+        seen.update(old=before.task(args.name) if before is not None else None,
+                    new=after.tasks[args.name])
+
     register_task(args.tasks, args.name, args.upstream or "",
-                  merge=lambda data, current: _rollout(args, data, current), model=args.model,
+                  then=lambda data: _roll_out(args, data), check=check,
+                  model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
                   target=args.target, labels=args.labels)
     row = next(r for r in task_rows(args.tasks) if r["name"] == args.name)
+    old, new = seen["old"], seen["new"]
+    assert new is not None
+    changes = _changes(old, new)
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": row})
+        print_json({"tasks_file": str(args.tasks), "task": row, "changes": changes})
+    elif old is None:
+        extra = [c for c in changes if c.split()[0] not in ("upstream", "model", "kind")]
+        print(f"task {args.name} -> {row['model']} on {row['upstream']} ({row['kind']})"
+              + "".join(f"; {change}" for change in extra) + f", saved in {args.tasks}")
+    elif changes:
+        print(f"task {args.name}: {'; '.join(changes)}; saved in {args.tasks}")
     else:
-        print(f"task {args.name} -> {row['model']} on {row['upstream']} ({row['kind']}), "
-              f"saved in {args.tasks}")
+        print(f"task {args.name} unchanged in {args.tasks}")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    tasksfile.edit(args.tasks, lambda data: tasksfile.remove_task(data, args.name))
+    tasksfile.edit(args.tasks, lambda data: task_edits.remove_task(data, args.name))
     if args.json:
         print_json({"tasks_file": str(args.tasks), "removed": args.name})
     else:
@@ -209,75 +308,49 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task(data: dict[str, Any], name: str) -> dict[str, Any]:
-    task = data["tasks"].get(name)
-    if not isinstance(task, dict):
-        known = ", ".join(sorted(data["tasks"])) or "none"
-        raise UserError(f"no task {name!r} in the tasks file; known tasks: {known}")
-    return task
-
-
-def _swap(task: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Make `new` ({model, upstream?, target?, labels?}) the task's model; return the old one in
-    the same shape."""
-    old: dict[str, Any] = {"upstream": task["upstream"], "model": task["model"]}
-    for key in ("target", "labels"):
-        if key in task:
-            old[key] = task[key]
-    task["upstream"] = new.get("upstream") or task["upstream"]
-    task["model"] = new["model"]
-    for key in ("target", "labels"):
-        if key in new:
-            task[key] = new[key]
-    return old
-
-
 def cmd_promote(args: argparse.Namespace) -> int:
-    promoted: dict[str, Any] = {}
+    done: list[task_edits.Swap] = []
 
     def change(data: dict[str, Any]) -> None:
-        task = _task(data, args.name)
-        present = [k for k in ("canary", "shadow") if task.get(k)]
-        if not present:
-            raise UserError(f"task {args.name!r} has no canary or shadow model to promote; add "
-                            "one to the tasks file first")
-        source = args.source or (present[0] if len(present) == 1 else None)
-        if source is None:
-            raise UserError(f"task {args.name!r} has both a canary and a shadow: say which with "
-                            "--from canary or --from shadow")
-        if source not in present:
-            raise UserError(f"task {args.name!r} has no {source}; it has: {', '.join(present)}")
-        entry = dict(task.pop(source))
-        task["previous"] = _swap(task, entry)
-        promoted.update(model=task["model"], previous=task["previous"]["model"], source=source)
+        try:
+            done.append(task_edits.promote(data, args.name, args.source))
+        except task_edits.MissingRole as exc:
+            hint = (f"drop --from, or give --from {exc.present[0]}" if exc.present else
+                    f"add one first (`classifier-gateway tasks set {args.name} --canary MODEL`)")
+            raise UserError(f"{exc}: {hint}") from None
 
     tasksfile.edit(args.tasks, change)
+    (swap,) = done
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": args.name, **promoted})
+        print_json({"tasks_file": str(args.tasks), "task": args.name, "model": swap.model,
+                    "previous": swap.replaced, "source": swap.source, "notes": list(swap.notes)})
     else:
-        print(f"task {args.name}: {promoted['source']} {promoted['model']} promoted; previous "
-              f"model {promoted['previous']} kept for `tasks rollback` ({args.tasks})")
+        print(f"task {args.name}: {swap.source} {swap.model} promoted; previous model "
+              f"{swap.replaced} kept for `tasks rollback` ({args.tasks})")
+        for note in swap.notes:
+            print(f"  {note}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    done: dict[str, Any] = {}
+    done: list[task_edits.Swap] = []
 
     def change(data: dict[str, Any]) -> None:
-        task = _task(data, args.name)
-        previous = task.get("previous")
-        if not previous:
-            raise UserError(f"task {args.name!r} has no previous model to roll back to (`tasks "
-                            "promote` keeps one)")
-        task["previous"] = _swap(task, dict(previous))
-        done.update(model=task["model"], replaced=task["previous"]["model"])
+        try:
+            done.append(task_edits.rollback(data, args.name))
+        except task_edits.MissingRole as exc:
+            raise UserError(f"{exc} (`tasks promote` keeps one)") from None
 
     tasksfile.edit(args.tasks, change)
+    (swap,) = done
     if args.json:
-        print_json({"tasks_file": str(args.tasks), "task": args.name, **done})
+        print_json({"tasks_file": str(args.tasks), "task": args.name, "model": swap.model,
+                    "replaced": swap.replaced, "notes": list(swap.notes)})
     else:
-        print(f"task {args.name}: back on {done['model']} (replaced {done['replaced']}, now "
+        print(f"task {args.name}: back on {swap.model} (replaced {swap.replaced}, now "
               f"`previous`) in {args.tasks}")
+        for note in swap.notes:
+            print(f"  {note}")
     return 0
 
 
@@ -323,6 +396,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _shown(value: Any) -> str:
+    """A setting as people read it: `on`/`off` rather than Python's True/False, `default` for
+    a setting left to the gateway (or to the task's own, for a canary's upstream)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "default"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_shown(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):

@@ -5,7 +5,9 @@ must never appear at the path: every edit is validated with the gateway's own pa
 temporary file in the same directory, flushed to disk and renamed over the old one (atomic on
 POSIX). An advisory lock next to the file keeps two CLI runs from losing each other's edits.
 Edits go through ruamel.yaml's round trip, so an operator's comments, key order and quoting survive
-them. `tasks`, `finetune`, `jobs wait` and `models delete` all use this module.
+them. What an edit does to the document (a canary set, a promote) is `service.gateway.task_edits`,
+beside the schema; this module reads, locks, validates and writes. `tasks`, `finetune`, `jobs
+wait` and `models delete` all use it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ruamel.yaml.error import YAMLError
 
 from service.commands.api import Upstream, well_known_upstream
 from service.commands.errors import UserError
+from service.gateway import task_edits
 from service.gateway.registry import Registry, RegistryError, parse_registry
 
 Data = dict[str, Any]
@@ -106,16 +109,31 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def edit(path: Path, change: Callable[[Data], None]) -> Registry:
+#: Called with the registry before an edit (None when the file was invalid) and after it, under
+#: the file's lock and before the write: raising `UserError` leaves the file as it was.
+Check = Callable[[Registry | None, Registry], None]
+
+
+def edit(path: Path, change: Callable[[Data], None], check: Check | None = None) -> Registry:
     """Apply `change` to the file's mapping under the lock; validate; replace the file atomically.
-    A change that makes the file invalid raises `UserError` and leaves the file as it was."""
+    A change that makes the file invalid, or that `check` refuses, raises `UserError` and leaves
+    the file as it was."""
     with _locked(path):
         data = read(path)
-        change(data)
+        before: Registry | None = None
+        if check is not None:
+            with contextlib.suppress(task_edits.EditError):
+                before = task_edits.validate(data, str(path))
         try:
-            registry = parse_registry(data, str(path))
-        except RegistryError as exc:
+            change(data)
+        except task_edits.EditError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            registry = task_edits.validate(data, str(path))
+        except task_edits.EditError as exc:
             raise UserError(f"not saved, the result would be invalid: {exc}") from None
+        if check is not None:
+            check(before, registry)
         out = io.StringIO()
         _round_trip().dump(data, out)
         write_atomically(path, out.getvalue())
@@ -153,26 +171,6 @@ def ensure_upstream(data: Data, upstream: Upstream) -> None:
                                             "api_key_env": upstream.key_env}
 
 
-def set_task(data: Data, name: str, settings: dict[str, Any]) -> None:
-    """Update a task, keeping the settings the caller did not give (cache TTL, threshold, ...).
-    An existing task is changed in place, so that the comments on its lines stay."""
-    current = data["tasks"].get(name)
-    if not isinstance(current, dict):
-        current = data["tasks"][name] = {}
-    for key, value in settings.items():
-        if value == []:  # an empty list means "none": leave the gateway's default
-            current.pop(key, None)
-        elif value is not None:
-            current[key] = value
-
-
-def remove_task(data: Data, name: str) -> None:
-    if name not in data["tasks"]:
-        known = ", ".join(sorted(data["tasks"])) or "none"
-        raise UserError(f"no task named {name!r} in the tasks file (tasks: {known})")
-    del data["tasks"][name]
-
-
 def task_rows(path: Path) -> list[dict[str, Any]]:
     """The tasks of the file as `tasks list` shows them, sorted by name."""
     registry = load(path)
@@ -181,22 +179,22 @@ def task_rows(path: Path) -> list[dict[str, Any]]:
             for _, t in sorted(registry.tasks.items())]
 
 
-def role_upstream(data: Data, task_upstream: str, upstream: Upstream | str | None) -> str | None:
-    """The upstream a canary or shadow names: none when it is the task's own (the default), and a
-    well-known one (`local`, `mistral`) is added to the file when missing, as for a task."""
+def role_upstream(data: Data, upstream: Upstream | str | None) -> str | None:
+    """The name of the upstream a canary or shadow is given (None: none given); a well-known one
+    (`local`, `mistral`) is added to the file when missing, as for a task."""
     name = upstream if isinstance(upstream, str) or upstream is None else upstream.name
     spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(name or "")
     if spec is not None:
         ensure_upstream(data, spec)
-    return name if name and name != task_upstream else None
+    return name or None
 
 
 def register_task(path: Path, name: str, upstream: Upstream | str,
-                  merge: Callable[[Data, dict[str, Any]], dict[str, Any]] | None = None,
-                  **settings: Any) -> None:
-    """Point a task at a model; adds a well-known upstream when the file lacks it. `merge` gets
-    the file's mapping and the task's (with its upstream as it will be) under the file's lock and
-    returns more settings (for those merged with what is there, such as a canary's weight)."""
+                  then: Callable[[Data], None] | None = None,
+                  check: Check | None = None, **settings: Any) -> None:
+    """Point a task at a model; adds a well-known upstream when the file lacks it. `then` makes
+    more edits to the file's mapping under the same lock, once the task has its settings (a
+    canary, whose upstream is then compared with the task's new one); `check` as for `edit`."""
 
     def change(data: Data) -> None:
         current = data["tasks"].get(name) or {}
@@ -206,29 +204,24 @@ def register_task(path: Path, name: str, upstream: Upstream | str,
         spec = upstream if isinstance(upstream, Upstream) else well_known_upstream(upstream_name)
         if spec is not None:
             ensure_upstream(data, spec)
-        if merge is not None:
-            settings.update(merge(data, {**current, "upstream": upstream_name}))
         if not current and not settings.get("model"):
             raise UserError(f"task {name!r} is new: give its --model")
-        set_task(data, name, {"upstream": upstream_name, **settings})
+        task_edits.set_task(data, name, {"upstream": upstream_name, **settings})
+        if then is not None:
+            then(data)
 
-    edit(path, change)
+    edit(path, change, check)
 
 
 def set_canary(path: Path, name: str, upstream: Upstream | str, *, model: str,
                weight: float) -> None:
-    """Make `model` the task's canary with `weight`; its upstream is named only when it is not
-    the task's own."""
+    """Make `model` the task's canary with `weight` (`finetune --canary`, `jobs wait`)."""
 
     def change(data: Data) -> None:
-        task = data["tasks"].get(name)
-        if not isinstance(task, dict):
+        if not isinstance(data["tasks"].get(name), dict):
             raise UserError(f"task {name!r} is not in {path}: a canary needs a task to join")
-        canary: dict[str, Any] = {"model": model, "weight": weight}
-        named = role_upstream(data, str(task.get("upstream")), upstream)
-        if named:
-            canary["upstream"] = named
-        task["canary"] = canary
+        task_edits.set_role(data, name, "canary", model=model, share=weight,
+                            upstream=role_upstream(data, upstream))
 
     edit(path, change)
 
@@ -240,14 +233,7 @@ def model_users(path: Path) -> dict[str, list[str]]:
         return {}
     users: dict[str, list[str]] = {}
     for name, task in sorted(load(path).tasks.items()):
-        roles = [(task.model, name)]
-        roles += [(ref.model, f"{name} (fallback)") for ref in task.fallbacks]
-        if task.canary is not None:
-            roles.append((task.canary.model, f"{name} (canary)"))
-        if task.shadow is not None:
-            roles.append((task.shadow.model, f"{name} (shadow)"))
-        if task.previous is not None:
-            roles.append((task.previous.model, f"{name} (previous)"))
-        for model, user in roles:
-            users.setdefault(model, []).append(user)
+        for role in task.roles():
+            user = name if role.role == "model" else f"{name} ({role.role})"
+            users.setdefault(role.model, []).append(user)
     return users

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import watchfiles
@@ -101,6 +103,55 @@ class UpstreamSpec(BaseModel):
         return os.environ.get(self.api_key_env) or None
 
 
+@dataclass(frozen=True)
+class Role:
+    """Marks a field of `TaskSpec` that names models besides the task's own, and says what they
+    are for. Everything that lists a task's models (its metric labels, `GET /tasks`, `models
+    list`, the parser's checks, the edits of `service.gateway.task_edits`) reads these marks
+    through `role_fields()`, so that a new role is one annotated field here."""
+
+    #: Whether items go to it (a fallback, canary or shadow), or it is only kept (`previous`).
+    served: bool = True
+    #: A candidate on live traffic, which `tasks promote` can make the task's model.
+    rollout: bool = False
+    #: The share (`weight`, `sample`) an entry added by an edit gets when none is given.
+    share_default: float | None = None
+    #: How one entry is named beside its task ("news (fallback)"); default: the field's name.
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class RoleField:
+    """A field of `TaskSpec` marked with a `Role`, with the model class of its entries."""
+
+    name: str
+    spec: type[BaseModel]
+    many: bool
+    role: Role
+
+    @property
+    def label(self) -> str:
+        return self.role.label or self.name
+
+    @property
+    def share(self) -> str | None:
+        """The entry's share of the items (`weight`, `sample`): the number its model class
+        requires; None for a role without one (fallbacks, `previous`)."""
+        return next((key for key, field in self.spec.model_fields.items()
+                     if field.is_required() and field.annotation is float), None)
+
+
+@dataclass(frozen=True)
+class ModelRole:
+    """One model a task names: its role (`model`, `fallback`, `canary`, ...), the upstream it is
+    asked on (a canary's or shadow's defaults to the task's), and whether items go to it."""
+
+    role: str
+    upstream: str
+    model: str
+    served: bool
+
+
 class ModelRef(BaseModel):
     """A model on an upstream, as a fallback names it. `target` and `labels` as on a task, for
     single-target servers; default: the task's."""
@@ -161,16 +212,16 @@ class TaskSpec(BaseModel):
     labels: tuple[str, ...] = Field(
         default=(), description="The model's classes in index order, for servers that answer "
         "with unnamed probabilities (vLLM; KServe v2 unless its model metadata gives them).")
-    fallbacks: tuple[ModelRef, ...] = Field(
+    fallbacks: Annotated[tuple[ModelRef, ...], Role(label="fallback")] = Field(
         default=(), description="Tried in order when the upstream fails after its retries or "
         "its circuit is open; never for a 4xx caused by the request itself.")
-    canary: CanarySpec | None = None
-    shadow: ShadowSpec | None = None
+    canary: Annotated[CanarySpec | None, Role(rollout=True, share_default=0.1)] = None
+    shadow: Annotated[ShadowSpec | None, Role(rollout=True, share_default=1.0)] = None
     review: ReviewSpec | None = None
     feedback: bool = Field(
         default=False, description="Remember each response for GATEWAY_FEEDBACK_WINDOW_S so that "
         "POST /feedback may name it by `id` and item index.")
-    previous: ModelRef | None = Field(
+    previous: Annotated[ModelRef | None, Role(served=False)] = Field(
         default=None, description="The model before the last `tasks promote`, for `tasks "
         "rollback`; not served.")
     cache_ttl_s: int | None = Field(default=None, ge=0, description="0 disables caching.")
@@ -215,11 +266,47 @@ class TaskSpec(BaseModel):
         assert self.shadow is not None
         return self.other_route(self.shadow)
 
+    def entries(self, field: RoleField) -> tuple[Any, ...]:
+        """The entries of one role field: none, one, or (fallbacks) several."""
+        value = getattr(self, field.name)
+        if field.many:
+            return tuple(value)
+        return () if value is None else (value,)
+
+    def roles(self) -> list[ModelRole]:
+        """Every model the task names, its own first, then the role fields in their order."""
+        found = [ModelRole("model", self.upstream, self.model, served=True)]
+        for field in role_fields():
+            found += [ModelRole(field.label, entry.upstream or self.upstream, entry.model,
+                                field.role.served) for entry in self.entries(field)]
+        return found
+
     def models(self) -> list[str]:
-        """Every model the task names: the bounded set of `model` metric label values."""
-        found = [self.model, *(ref.model for ref in self.fallbacks)]
-        found += [spec.model for spec in (self.canary, self.shadow) if spec is not None]
-        return list(dict.fromkeys(found))
+        """Every model that items may go to: the bounded set of `model` metric label values."""
+        return list(dict.fromkeys(role.model for role in self.roles() if role.served))
+
+
+@functools.cache
+def role_fields() -> tuple[RoleField, ...]:
+    """The fields of `TaskSpec` marked with a `Role`, in their order in the class."""
+    found: list[RoleField] = []
+    for name, field in TaskSpec.model_fields.items():
+        role = next((mark for mark in field.metadata if isinstance(mark, Role)), None)
+        if role is None:
+            continue
+        many = typing.get_origin(field.annotation) is tuple
+        spec = next(arg for arg in typing.get_args(field.annotation)
+                    if isinstance(arg, type) and issubclass(arg, BaseModel))
+        found.append(RoleField(name, spec, many, role))
+    return tuple(found)
+
+
+def role_field(name: str) -> RoleField:
+    """The role field called `name` (`canary`); KeyError for a field that is not one."""
+    for field in role_fields():
+        if field.name == name:
+            return field
+    raise KeyError(name)
 
 
 class RegistryError(ValueError):
@@ -299,9 +386,10 @@ def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared:
     seen: set[tuple[str, str]] = set()
     chain = [(f"{where}.upstream" if i == 0 else f"{where}.fallbacks[{i - 1}]", upstream, route)
              for i, (upstream, route) in enumerate(task.candidates())]
-    for name, spec_ in (("canary", task.canary), ("shadow", task.shadow)):
-        if spec_ is None:
+    for role in role_fields():
+        if not role.role.rollout or not task.entries(role):
             continue
+        name, (spec_,) = role.name, task.entries(role)
         upstream, route = task.other_route(spec_)
         if (upstream, route.model) == (task.upstream, task.model):
             errors.append(f"{where}.{name}.model: {route.model!r} on {upstream!r} is the task's "

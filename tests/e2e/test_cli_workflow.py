@@ -306,7 +306,7 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     # The model serves task `later`: deleting it is refused until the task moves or --force.
     refused = stack.cli("models", "delete", model.group(1))
     assert refused.returncode == 1
-    assert "task(s) later" in one_line_error(refused) and "--force" in refused.stderr
+    assert "task later in" in one_line_error(refused) and "--force" in refused.stderr
     forced = stack.cli("models", "delete", model.group(1), "--force")
     assert forced.returncode == 0, forced.stderr
 
@@ -630,4 +630,4 @@ def test_finetune_on_two_files_as_a_canary_then_promote(stack: Stack) -> None:
     assert task.previous is not None and task.previous.model == old_model.group(1)
     # The kept model is what `tasks rollback` needs: deleting it is refused, naming the role.
     refused = stack.cli("models", "delete", old_model.group(1))
-    assert refused.returncode == 1 and "task(s) loop (previous)" in one_line_error(refused)
+    assert refused.returncode == 1 and "task loop (previous) in" in one_line_error(refused)

@@ -16,7 +16,10 @@ import yaml
 
 from service.cli import build_parser, main
 from service.commands import tasksfile
+from service.gateway import task_edits
 from service.gateway.registry import load_registry
+from tests.support.factory import running_factory
+from tests.support.fake_upstream import running_fake_upstream
 from tests.support.processes import REPO
 
 
@@ -77,6 +80,18 @@ def test_data_validate_summarises_a_good_file(tmp_path: Path,
     body = orjson.loads(out)
     assert body["ok"] is True
     assert body["files"][0]["targets"]["mood"]["labels"] == {"down": 4, "up": 6}
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "t", "labels": {"mood": "up"}}])
+    code, out, _ = run(capsys, "data", "validate", str(path))
+    assert f"{path}: text data, 1 valid example of 1 line, 1 target" in out
+    assert "target mood (single-label, 1 label, 1 example)" in out
+    assert "text length: mean 1 char, max 1" in out
+    path.write_text('{"text": "ok", "labels": {"a": "b"}}\nnot json\n')
+    code, _, err = run(capsys, "data", "validate", str(path))
+    assert code == 1 and err.startswith(f"classifier-gateway: {path}: 1 invalid line (first: ")
 
 
 def test_data_validate_lists_line_errors_and_exits_1_with_one_line(
@@ -158,7 +173,7 @@ def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
         ) -> None:
     monkeypatch.setenv("FACTORY_URL", "http://127.0.0.1:9999")
     tasks = tmp_path / "tasks.yaml"
-    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "ft:classifier:a",
+    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "ft:classifier:a", "--force",
                        "--tasks", str(tasks))
     assert code == 0 and "task news -> ft:classifier:a on local (text)" in out
     registry = load_registry(tasks)
@@ -178,7 +193,7 @@ def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
 def test_tasks_set_refuses_an_invalid_result_and_leaves_the_file_alone(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--force", "--tasks", str(tasks))
     before = tasks.read_bytes()
     code, _, err = run(capsys, "tasks", "set", "news", "--upstream", "nowhere", "--tasks",
                        str(tasks))
@@ -197,10 +212,11 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
     """What used to need a hand edit of the tasks file: each flag lands in the task, settings not
     given are kept, the `--no-*` flags remove, and the gateway's parser still guards the ranges."""
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "news", "--model", "m1", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--model", "m1", "--force", "--tasks", str(tasks))
     code, _, err = run(capsys, "tasks", "set", "news", "--canary", "m2", "--shadow", "m3",
                        "--shadow-sample", "0.25", "--review-margin", "0.1", "--feedback",
-                       "--target", "topic", "--labels", "a, b,c", "--tasks", str(tasks))
+                       "--target", "topic", "--labels", "a, b,c", "--force", "--tasks",
+                       str(tasks))
     assert code == 0, err
     task = load_registry(tasks).tasks["news"]
     assert task.model == "m1" and task.canary is not None and task.shadow is not None
@@ -225,11 +241,13 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
 
     # The shadow on another upstream: a well-known one is added to the file, as for a task; the
     # task's own upstream is the default, so naming it leaves the entry without one.
-    run(capsys, "tasks", "set", "news", "--shadow-upstream", "mistral", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "mistral", "--force", "--tasks",
+        str(tasks))
     task = load_registry(tasks).tasks["news"]
     assert task.shadow is not None and task.shadow.upstream == "mistral"
     assert "mistral" in load_registry(tasks).upstreams
-    run(capsys, "tasks", "set", "news", "--shadow-upstream", "local", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "news", "--shadow-upstream", "local", "--force", "--tasks",
+        str(tasks))
     task = load_registry(tasks).tasks["news"]
     assert task.shadow is not None and task.shadow.upstream is None
     assert task.shadow.sample == 0.25
@@ -249,11 +267,56 @@ def test_tasks_set_rolls_out_a_canary_and_a_shadow_and_sets_review_feedback_and_
     assert exit_info.value.code == 2 and "none empty" in capsys.readouterr().err
 
 
+def test_tasks_set_confirms_what_changed_and_show_reads_as_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tasks set --shadow` used to confirm `task news -> m1 on local`, the model it kept, and
+    `tasks show` printed Python's `True`."""
+    tasks = tmp_path / "tasks.yaml"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--model", "m1", "--canary", "m2",
+                       "--force", "--tasks", str(tasks))
+    assert code == 0 and out == f"task news -> m1 on local (text); canary m2 (weight 0.1), saved in {tasks}\n"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--shadow", "m3", "--shadow-sample",
+                       "0.25", "--feedback", "--force", "--tasks", str(tasks))
+    assert code == 0 and out == (f"task news: shadow m3 (sample 0.25); feedback off -> on; saved in "
+                   f"{tasks}\n")
+    code, out, _ = run(capsys, "tasks", "set", "news", "--canary-weight", "0.5", "--no-shadow",
+                       "--cache-ttl-s", "60", "--tasks", str(tasks))
+    assert code == 0 and out == (f"task news: canary weight 0.1 -> 0.5; shadow removed; cache_ttl_s default "
+                   f"-> 60; saved in {tasks}\n")
+    code, out, _ = run(capsys, "tasks", "set", "news", "--cache-ttl-s", "60", "--tasks",
+                       str(tasks))
+    assert code == 0 and out == f"task news unchanged in {tasks}\n"
+    code, out, _ = run(capsys, "tasks", "set", "news", "--no-feedback", "--json", "--tasks",
+                       str(tasks))
+    assert code == 0 and orjson.loads(out)["changes"] == ["feedback on -> off"]
+    run(capsys, "tasks", "set", "news", "--feedback", "--tasks", str(tasks))
+    code, out, _ = run(capsys, "tasks", "show", "news", "--tasks", str(tasks))
+    rows = dict(line.split(None, 1) for line in out.splitlines()[1:])
+    assert code == 0 and rows["feedback"] == "on" and rows["canary"] == "model=m2, weight=0.5"
+
+
+def test_models_delete_names_the_tasks_that_use_the_model_in_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"}},
+        "tasks": {"a": {"upstream": "local", "model": "ft:x"},
+                  "b": {"upstream": "local", "model": "ft:y",
+                        "canary": {"model": "ft:x", "weight": 0.1}}}}))
+    code, _, err = run(capsys, "models", "delete", "ft:y", "--tasks", str(tasks))
+    assert code == 1 and f"task b in {tasks} still uses this model" in err
+    assert "point it at another model" in err
+    code, _, err = run(capsys, "models", "delete", "ft:x", "--tasks", str(tasks))
+    assert code == 1 and f"tasks a, b (canary) in {tasks} still use this model" in err
+    assert "point them at another model" in err
+
+
 def test_tasks_remove_and_an_unknown_task(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     tasks = tmp_path / "tasks.yaml"
-    run(capsys, "tasks", "set", "a", "--model", "m1", "--tasks", str(tasks))
-    run(capsys, "tasks", "set", "b", "--model", "m2", "--kind", "chat", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "a", "--model", "m1", "--force", "--tasks", str(tasks))
+    run(capsys, "tasks", "set", "b", "--model", "m2", "--kind", "chat", "--force", "--tasks",
+        str(tasks))
     code, out, _ = run(capsys, "tasks", "remove", "a", "--tasks", str(tasks))
     assert out == f"task a removed from {tasks}\n"
     assert code == 0 and sorted(load_registry(tasks).tasks) == ["b"]
@@ -277,10 +340,11 @@ def test_edits_keep_the_operators_comments_order_and_quoting(
         "  sentiment:\n"
         "    upstream: local\n"
         "    model: 'ft:s'\n")
-    code, _, _ = run(capsys, "tasks", "set", "intent", "--model", "ft:new", "--tasks", str(tasks))
+    code, _, _ = run(capsys, "tasks", "set", "intent", "--model", "ft:new", "--force", "--tasks",
+                     str(tasks))
     assert code == 0
     code, _, _ = run(capsys, "tasks", "set", "news", "--model", "ft:n", "--upstream", "local",
-                     "--tasks", str(tasks))
+                     "--force", "--tasks", str(tasks))
     assert code == 0
     text = tasks.read_text()
     for kept in ("# Tasks of the support team; ask #ml-platform before changing upstreams.",
@@ -308,7 +372,7 @@ def test_edits_keep_the_file_mode_and_replace_it_atomically(tmp_path: Path) -> N
     tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
     os.chmod(tasks, 0o640)
     inode = tasks.stat().st_ino
-    tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, "t", {"upstream": "u", "model": "m"}))
+    tasksfile.edit(tasks, lambda d: task_edits.set_task(d, "t", {"upstream": "u", "model": "m"}))
     assert tasks.stat().st_mode & 0o777 == 0o640
     assert tasks.stat().st_ino != inode  # renamed over, never written in place
 
@@ -318,8 +382,8 @@ def test_concurrent_edits_lose_nothing(tmp_path: Path) -> None:
     tasks.write_text(yaml.safe_dump({"upstreams": {"u": {"base_url": "http://x"}}, "tasks": {}}))
 
     def add(i: int) -> None:
-        tasksfile.edit(tasks, lambda d: tasksfile.set_task(d, f"t{i}", {"upstream": "u",
-                                                                        "model": f"m{i}"}))
+        tasksfile.edit(tasks, lambda d: task_edits.set_task(d, f"t{i}", {"upstream": "u",
+                                                                         "model": f"m{i}"}))
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
     for t in threads:
@@ -376,26 +440,145 @@ def test_tasks_promote_keeps_previous_and_rollback_puts_it_back(
         "tasks": {"s": {"upstream": "local", "model": "ft:v3",
                         "canary": {"model": "ft:v4", "weight": 0.1},
                         "shadow": {"model": "tei-v5", "upstream": "tei", "sample": 0.2}}}}))
-    code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
-    assert code == 1 and "both a canary and a shadow: say which with --from" in err
+    # With both, the canary is promoted, as documented; the shadow stays.
+    code, out, _ = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
+    assert code == 0 and "canary ft:v4 promoted; previous model ft:v3 kept" in out
+    task = load_registry(tasks).tasks["s"]
+    assert (task.upstream, task.model, task.canary) == ("local", "ft:v4", None)
+    assert task.shadow is not None and task.shadow.model == "tei-v5"
+    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks), "--json")
+    assert code == 0 and orjson.loads(out)["model"] == "ft:v3"
+    task = load_registry(tasks).tasks["s"]
+    assert task.previous is not None and task.previous.model == "ft:v4"  # undoable
+    code, _, err = run(capsys, "tasks", "promote", "s", "--from", "canary", "--tasks", str(tasks))
+    assert code == 1 and ("task 's' has no canary to promote; it has a shadow: drop --from, or "
+                          "give --from shadow") in err
     code, out, _ = run(capsys, "tasks", "promote", "s", "--from", "shadow", "--tasks", str(tasks))
     assert code == 0 and "shadow tei-v5 promoted; previous model ft:v3 kept" in out
     task = load_registry(tasks).tasks["s"]
     assert (task.upstream, task.model, task.shadow) == ("tei", "tei-v5", None)
     assert task.previous is not None and (task.previous.upstream, task.previous.model) == (
         "local", "ft:v3")
-    assert task.canary is not None and task.canary.model == "ft:v4"  # untouched
-    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks), "--json")
-    assert code == 0 and orjson.loads(out)["model"] == "ft:v3"
+    code, out, _ = run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks))
     task = load_registry(tasks).tasks["s"]
-    assert (task.upstream, task.model) == ("local", "ft:v3")
-    assert task.previous is not None and task.previous.model == "tei-v5"  # undoable
-    # The canary's upstream defaults to the task's (local): promoting keeps it there.
-    code, out, _ = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
-    task = load_registry(tasks).tasks["s"]
-    assert (code, task.upstream, task.model, task.canary) == (0, "local", "ft:v4", None)
+    assert (code, task.upstream, task.model) == (0, "local", "ft:v3")
+    assert task.previous is not None and task.previous.model == "tei-v5"
     code, _, err = run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))
     assert code == 1 and "has no canary or shadow model to promote" in err
+
+
+def test_tasks_set_refuses_a_shadow_that_is_the_canary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Such a shadow was accepted, then blocked `tasks promote` (the gateway refuses a shadow of
+    the task's own model); it only repeats the canary's answers."""
+    tasks = tmp_path / "tasks.yaml"
+    run(capsys, "tasks", "set", "s", "--model", "ft:v3", "--canary", "ft:v4", "--force",
+        "--tasks", str(tasks))
+    before = tasks.read_bytes()
+    code, _, err = run(capsys, "tasks", "set", "s", "--shadow", "ft:v4", "--force", "--tasks",
+                       str(tasks))
+    assert code == 1 and "the shadow 'ft:v4' is the task's canary too" in err
+    assert "remove it with --no-shadow" in err and tasks.read_bytes() == before
+    run(capsys, "tasks", "set", "s", "--no-canary", "--shadow", "ft:v4", "--force", "--tasks",
+        str(tasks))
+    code, _, err = run(capsys, "tasks", "set", "s", "--canary", "ft:v4", "--force", "--tasks",
+                       str(tasks))
+    assert code == 1 and "the canary 'ft:v4' is the task's shadow too" in err
+    assert "(--no-shadow)" in err
+    code, _, err = run(capsys, "tasks", "set", "s", "--canary", "ft:v4", "--no-shadow", "--force",
+                       "--tasks", str(tasks))
+    assert code == 0, err
+    task = load_registry(tasks).tasks["s"]
+    assert task.canary is not None and (task.canary.model, task.shadow) == ("ft:v4", None)
+
+
+def test_promote_removes_a_shadow_that_is_the_promoted_canary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file written by hand with the canary as shadow too: the shadow, which would be the
+    task's own model, goes with a note instead of blocking the promotion."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"}},
+        "tasks": {"s": {"upstream": "local", "model": "ft:v3",
+                        "canary": {"model": "ft:v4", "weight": 0.1},
+                        "shadow": {"model": "ft:v4", "sample": 0.5}}}}))
+    code, out, err = run(capsys, "tasks", "promote", "s", "--from", "canary", "--tasks",
+                         str(tasks))
+    assert code == 0, err
+    assert "  shadow ft:v4 removed: it is the task's model now" in out
+    task = load_registry(tasks).tasks["s"]
+    assert (task.model, task.canary, task.shadow) == ("ft:v4", None, None)
+
+
+def test_promote_and_rollback_keep_the_upstream_a_remaining_canary_or_shadow_had(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shadow that names no upstream is on the task's: when a promote moves the task to the
+    canary's upstream, the shadow stays where it was instead of following the task."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({
+        "upstreams": {"local": {"base_url": "http://127.0.0.1:8100"},
+                      "other": {"base_url": "http://127.0.0.1:8200"}},
+        "tasks": {"s": {"upstream": "local", "model": "ft:v3",
+                        "canary": {"model": "ft:v4", "weight": 0.1, "upstream": "other"},
+                        "shadow": {"model": "ft:v5", "sample": 0.2}}}}))
+    assert run(capsys, "tasks", "promote", "s", "--tasks", str(tasks))[0] == 0
+    task = load_registry(tasks).tasks["s"]
+    assert task.upstream == "other" and task.shadow is not None
+    assert (task.shadow.model, task.shadow.upstream) == ("ft:v5", "local")
+    assert run(capsys, "tasks", "rollback", "s", "--tasks", str(tasks))[0] == 0
+    task = load_registry(tasks).tasks["s"]
+    assert task.upstream == "local" and task.shadow is not None
+    assert (task.shadow.model, task.shadow.upstream) == ("ft:v5", None)  # the task's again
+
+
+def test_tasks_set_refuses_a_model_its_upstream_does_not_serve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """`tasks set ghost --model nothing-here` used to exit 0; the gateway then stayed ready and
+    answered every request with a 502. The factory's model list now decides, for the canary
+    and the shadow too; --force saves without asking, as for an upstream that is down."""
+    tasks = tmp_path / "tasks.yaml"
+    with running_factory(tmp_path / "factory") as factory:
+        monkeypatch.setenv("FACTORY_URL", factory.url)
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "nothing-here", "--tasks",
+                           str(tasks))
+        assert code == 1 and err.count("\n") == 1, err
+        assert (f"upstream 'local' ({factory.url}) has no model 'nothing-here' (the task's "
+                "model); its models: local-minilm, local-ngram, ministral-3b-latest,") in err
+        assert "Pass --force to save it anyway" in err and not tasks.exists()
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "local-ngram", "--tasks",
+                           str(tasks))
+        assert code == 0, err
+        for role in ("canary", "shadow"):
+            code, _, err = run(capsys, "tasks", "set", "ghost", f"--{role}", "nope", "--tasks",
+                               str(tasks))
+            assert code == 1 and f"has no model 'nope' (the task's {role})" in err
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--canary", "local-minilm",
+                           "--shadow", "ministral-3b-latest", "--tasks", str(tasks))
+        assert code == 0, err
+        code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "nothing-here",
+                           "--force", "--tasks", str(tasks))
+        assert code == 0, err
+    # The factory is gone: a new model cannot be checked, an unrelated setting needs no check.
+    code, _, err = run(capsys, "tasks", "set", "ghost", "--model", "local-ngram", "--tasks",
+                       str(tasks))
+    assert code == 1 and (f"cannot check that upstream 'local' serves 'local-ngram': cannot "
+                          f"reach upstream 'local' at {factory.url}") in err
+    assert err.rstrip().endswith("pass --force to save without checking")
+    assert run(capsys, "tasks", "set", "ghost", "--cache-ttl-s", "5", "--tasks", str(tasks))[0] == 0
+    assert load_registry(tasks).tasks["ghost"].model == "nothing-here"
+
+
+def test_tasks_set_saves_unchecked_on_an_upstream_without_a_model_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with running_fake_upstream() as fake:  # answers 404 to GET /v1/models
+        tasks = tmp_path / "tasks.yaml"
+        tasks.write_text(yaml.safe_dump({"upstreams": {"fake": {"base_url": str(fake.url)}},
+                                         "tasks": {}}))
+        code, _, err = run(capsys, "tasks", "set", "t", "--model", "any", "--upstream", "fake",
+                           "--tasks", str(tasks))
+    assert code == 0, err
+    assert load_registry(tasks).tasks["t"].model == "any"
 
 
 @pytest.mark.parametrize(("argv", "code"), [

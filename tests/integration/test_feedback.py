@@ -119,7 +119,7 @@ async def test_feedback_and_review_round_trip_through_a_restart_and_the_exports(
             assert [(e["input"], e["labels"]) for e in page["entries"]] == [
                 (texts[3], {"sentiment": "positive"})]
             out = tmp_path / "feedback.jsonl"
-            assert "1 corrected examples" in cli("feedback", "export", "--task", "sentiment",
+            assert "1 corrected example of task sentiment" in cli("feedback", "export", "--task", "sentiment",
                                                  "--out", str(out), "--gateway-url", gw)
             chat_out = tmp_path / "chat-feedback.jsonl"
             cli("feedback", "export", "--task", "intent", "--out", str(chat_out),

@@ -13,7 +13,7 @@ from service.commands.api import Upstream, error_message
 from service.commands.errors import UserError
 from service.commands.finetune import job_request, suffix_for
 from service.commands.jobwatch import failure_reason, last_metrics, progress_line, total_steps
-from service.commands.output import Progress, table
+from service.commands.output import Progress, plural, table
 
 
 def test_table_aligns_text_left_and_numbers_right() -> None:
@@ -22,6 +22,13 @@ def test_table_aligns_text_left_and_numbers_right() -> None:
         "a             5  0.5000",
         "long label  120       -",
     ]
+
+
+def test_plural_takes_the_number_of_its_count() -> None:
+    assert [plural(n, "valid example") for n in (0, 1, 2)] == [
+        "0 valid examples", "1 valid example", "2 valid examples"]
+    assert plural(3, "entry", "entries") == "3 entries" and plural(1, "entry", "entries") == (
+        "1 entry")
 
 
 def test_progress_prints_plain_lines_off_a_terminal_only_when_the_message_changes() -> None:

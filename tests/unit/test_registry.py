@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from service.gateway.protocols import Route
-from service.gateway.registry import RegistryError, RegistryWatcher, load_registry, parse_registry
+from service.gateway.registry import (
+    ModelRole,
+    RegistryError,
+    RegistryWatcher,
+    TaskSpec,
+    load_registry,
+    parse_registry,
+    role_fields,
+)
 
 GOOD = {
     "upstreams": {"local": {"base_url": "http://127.0.0.1:8100/"},
@@ -189,6 +199,38 @@ def test_canary_and_shadow_routes_default_to_the_tasks_upstream_and_target() -> 
                                         ("local", Route("text", "ft:a", "sentiment", ()))]
     assert task.shadow_route() == ("mistral", Route("text", "ft:c", "sentiment", ()))
     assert task.models() == ["ft:a", "ft:b", "ft:c"]
+
+
+def test_every_field_that_names_a_model_is_a_marked_role() -> None:
+    """A field of TaskSpec whose entries name a model and is not marked would be missed by
+    every list of a task's models; the marks are the one place a role is declared."""
+    naming = set()
+    for name, field in TaskSpec.model_fields.items():
+        classes = [arg for arg in typing.get_args(field.annotation)
+                   if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if any("model" in cls.model_fields for cls in classes):
+            naming.add(name)
+    assert {field.name for field in role_fields()} == naming == {
+        "fallbacks", "canary", "shadow", "previous"}
+    assert [(f.name, f.label, f.share, f.many, f.role.served, f.role.rollout)
+            for f in role_fields()] == [
+        ("fallbacks", "fallback", None, True, True, False),
+        ("canary", "canary", "weight", False, True, True),
+        ("shadow", "shadow", "sample", False, True, True),
+        ("previous", "previous", None, False, False, False)]
+
+
+def test_roles_name_every_model_of_a_task_and_models_only_the_served_ones() -> None:
+    task = parse_registry(with_upstreams({"other": {"base_url": "http://o"}}, {"t": {
+        "upstream": "local", "model": "a", "fallbacks": [{"upstream": "other", "model": "b"}],
+        "canary": {"model": "c", "weight": 0.1, "upstream": "other"},
+        "shadow": {"model": "d", "sample": 1.0},
+        "previous": {"upstream": "local", "model": "z"}}})).tasks["t"]
+    assert task.roles() == [
+        ModelRole("model", "local", "a", True), ModelRole("fallback", "other", "b", True),
+        ModelRole("canary", "other", "c", True), ModelRole("shadow", "local", "d", True),
+        ModelRole("previous", "local", "z", False)]
+    assert task.models() == ["a", "b", "c", "d"]
 
 
 def test_sticky_share_is_fixed_per_item_and_uniform() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.gateway.errors import UnknownTask
-from service.gateway.registry import Registry, TaskSpec, UpstreamSpec
+from service.gateway.registry import Registry, RoleField, TaskSpec, UpstreamSpec, role_fields
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.openapi import (
     ShadowReport,
@@ -30,6 +30,23 @@ def shown(upstream: UpstreamSpec) -> dict[str, Any]:
             "proxy": scrub(upstream.proxy_shown, secrets) if upstream.proxy_shown else None}
 
 
+def _role(task: TaskSpec, field: RoleField, registry: Registry) -> Any:
+    """One role field as /tasks shows it: fallbacks (tried in turn) with their upstream in full,
+    a canary or shadow with its share and the upstream it is asked on, `previous` as written."""
+    entries = task.entries(field)
+    if field.many:
+        return [{"upstream": shown(registry.upstreams[ref.upstream]), "model": ref.model,
+                 "target": task.fallback_route(ref).target,
+                 "labels": list(task.fallback_route(ref).labels)} for ref in entries]
+    if not entries:
+        return None
+    (entry,) = entries
+    if field.share is None:
+        return entry.model_dump(exclude_none=True)
+    return {"model": entry.model, field.share: getattr(entry, field.share),
+            "upstream": entry.upstream or task.upstream}
+
+
 def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
              default_timeout_s: float) -> dict[str, Any]:
     upstream = registry.upstreams[task.upstream]
@@ -41,18 +58,7 @@ def describe(task: TaskSpec, registry: Registry, default_ttl_s: int,
         "upstream": shown(upstream),
         "target": route.target,
         "labels": list(route.labels),
-        "fallbacks": [{"upstream": shown(registry.upstreams[ref.upstream]),
-                       "model": ref.model, "target": task.fallback_route(ref).target,
-                       "labels": list(task.fallback_route(ref).labels)}
-                      for ref in task.fallbacks],
-        "canary": None if task.canary is None else {
-            "model": task.canary.model, "weight": task.canary.weight,
-            "upstream": task.canary.upstream or task.upstream},
-        "shadow": None if task.shadow is None else {
-            "model": task.shadow.model, "sample": task.shadow.sample,
-            "upstream": task.shadow.upstream or task.upstream},
-        "previous": None if task.previous is None else task.previous.model_dump(
-            exclude_none=True),
+        **{field.name: _role(task, field, registry) for field in role_fields()},
         "cache_ttl_s": default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s,
         "timeout_s": task.timeout_s or default_timeout_s,
         "threshold": task.threshold,

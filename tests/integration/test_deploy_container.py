@@ -124,7 +124,8 @@ def test_kserve_model_server_dockerfile_is_hadolint_clean_and_copies_the_runtime
 
 def _locked(lock: Path) -> dict[str, str]:
     """name -> version of every `name==version` line of a lock file in requirements/."""
-    return dict(m.groups() for m in re.finditer(r"^([A-Za-z0-9_.\[\],-]+)==(\S+)", lock.read_text(), re.M))
+    pattern = r"^([A-Za-z0-9_.\[\],-]+)==(\S+)"
+    return {m[1]: m[2] for m in re.finditer(pattern, lock.read_text(), re.M)}
 
 
 def test_the_image_installs_from_the_lock_with_hashes() -> None:

@@ -31,7 +31,7 @@ from service.factory.models.base import (
     TrainingData,
     TrainingSpec,
 )
-from service.factory.models.minilm import INSTALL, MiniLM
+from service.factory.models.minilm import INSTALL, MiniLM, holdout_size
 
 
 def test_the_encoder_extra_is_installed() -> None:
@@ -112,8 +112,6 @@ def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any
 def test_the_planned_steps_count_only_the_examples_the_encoder_trains_on() -> None:
     """The job's metadata (and a dry run) planned 43 steps for 450 examples; training held 45
     out for the blend weights and made 38."""
-    from service.factory.models.minilm import holdout_size
-
     assert holdout_size(450, ngram=True) == 45 and holdout_size(450, ngram=False) == 0
     assert holdout_size(199, ngram=True) == 0 and holdout_size(10_000, ngram=True) == 600
     assert MiniLM().steps_for(450, Hyperparameters()) == 38  # ceil(3 epochs * 405 / 32)
@@ -296,7 +294,10 @@ def test_availability_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> 
 def test_steps_and_estimate() -> None:
     model = MiniLM()
     assert model.steps_for(10_000, Hyperparameters(training_steps=100)) == 100
-    assert model.steps_for(320, Hyperparameters()) == 30  # 3 epochs of 32
+    # 3 epochs of 32 over the examples the encoder trains on: 320 less the blend's holdout (32)
+    assert holdout_size(320, ngram=True) == 32
+    assert model.steps_for(320, Hyperparameters()) == 27
+    assert model.steps_for(320, Hyperparameters(ngram_blend=False)) == 30  # no holdout
     assert model.estimate_seconds(10_000, 1_000_000, Hyperparameters(training_steps=100)) > 0
 
 

@@ -89,7 +89,7 @@ docs:
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8001
 
 pytest:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 bench: install-dev
 	$(PY) -m bench.overhead

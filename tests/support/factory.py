@@ -23,6 +23,7 @@ from service.factory.app import create_app
 from service.factory.settings import FactorySettings
 from tests.support.redis_server import free_port, terminate, wait_for_port
 from tests.support.servers import ThreadedServer, serve
+from tests.support.waits import Deadline, stretched
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
@@ -109,14 +110,33 @@ class FactoryClient:
 
     def wait(self, job_id: str, statuses: Sequence[str] = TERMINAL,
              timeout_s: float = 90) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
+        """Poll until the job reaches one of `statuses`. `timeout_s` is how long it may go
+        without progress (stretched by the load; tests/support/waits.py): its status, phase,
+        step or events, or, while it is QUEUED, those of the jobs ahead of it."""
+        deadline = Deadline(timeout_s)
+        seen: object = None
         while True:
             job = self.job(job_id)
             if job["status"] in statuses:
                 return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
+            now = self._progress(job)
+            if now != seen:
+                seen = now
+                deadline.renew()
+            elif deadline.expired():
+                raise TimeoutError(f"job {job_id} still {job['status']} with no progress for "
+                                   f"{deadline.describe()}")
             time.sleep(0.05)
+
+    def _progress(self, job: dict[str, Any]) -> object:
+        """What changes while a job (or, for a queued one, the factory) is making headway."""
+        mine = (job["status"], orjson.dumps(job.get("progress")), len(job.get("events") or ()),
+                len(job.get("checkpoints") or ()))
+        if job["status"] != "QUEUED":
+            return mine
+        r = self.http.get("/v1/fine_tuning/jobs", params={"page_size": 100})
+        others = [(j["id"], j["status"]) for j in r.json().get("data", [])] if r.is_success else []
+        return mine, others
 
     def train(self, data: bytes, **body: Any) -> dict[str, Any]:
         file = self.upload(data)
@@ -200,7 +220,7 @@ def run_with_sdk_251(script: Path, *args: str, timeout_s: float = 240) -> Any:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(sdk_251()), str(REPO)])}
     env.pop("MISTRAL_API_KEY", None)
     done = subprocess.run([sys.executable, str(script), *args], env=env, cwd=REPO,
-                          capture_output=True, timeout=timeout_s, check=False)
+                          capture_output=True, timeout=stretched(timeout_s), check=False)
     if done.returncode != 0:
         raise AssertionError(f"{script.name} failed ({done.returncode}):\n"
                              f"{done.stdout.decode()}\n{done.stderr.decode()}")

@@ -18,6 +18,8 @@ from typing import Any
 import mistralai.client
 from mistralai.client import Mistral
 
+from tests.support.waits import Deadline
+
 LONG_STEPS = 30_000  # as tests/support/factory.py (this script runs with the 2.5.1 SDK only)
 
 
@@ -29,13 +31,17 @@ def _known(obj: Any) -> Any:
 
 
 def wait(client: Any, job_id: str, statuses: tuple[str, ...], timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
+    deadline = Deadline(timeout_s)  # stretched by the load (tests/support/waits.py)
+    status = None
     while True:
         job = _known(client.fine_tuning.jobs.get(job_id=job_id))
         if job.status in statuses:
             return job
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job.status}")
+        if job.status != status:
+            status = job.status
+            deadline.renew()
+        elif deadline.expired():
+            raise TimeoutError(f"job {job_id} still {job.status} after {deadline.describe()}")
         time.sleep(0.1)
 
 

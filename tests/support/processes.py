@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.redis_server import terminate, wait_for_port
+from tests.support.waits import Deadline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,10 +28,10 @@ def spawn(args: list[str], *, env: Mapping[str, str] | None = None, port: int,
     try:
         wait_for_port(port, timeout_s)
         if ready_path:
-            deadline = time.monotonic() + timeout_s
+            deadline = Deadline(timeout_s)
             while httpx.get(f"http://127.0.0.1:{port}{ready_path}").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{ready_path} not 200 after {timeout_s}s")
+                if deadline.expired():
+                    raise TimeoutError(f"{ready_path} not 200 after {deadline.describe()}")
                 time.sleep(0.05)
     except Exception:
         process.kill()
@@ -46,13 +47,13 @@ def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, why
     """Poll `url` until it answers 200; raise `RuntimeError(why)` if the process exits first or
     the time runs out. For servers not of this repository (Infinity, KServe's model server),
     whose start-up is an import of torch or onnxruntime and a model load."""
-    deadline = time.monotonic() + timeout_s
+    deadline = Deadline(timeout_s)
     while True:
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        if process.poll() is not None or time.monotonic() > deadline:
+        if process.poll() is not None or deadline.expired():
             raise RuntimeError(why)
         time.sleep(0.2)

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.waits import Deadline
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -18,14 +20,14 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    deadline = Deadline(timeout_s)
+    while not deadline.expired():
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {deadline.describe()}")
 
 
 def terminate(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:

@@ -11,6 +11,7 @@ which; without it the gateway runs uncached.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -100,16 +101,18 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str,
 
 
 def _redis(url: str | None) -> tuple[str, str]:
-    """(url to use or "", what to tell the user)."""
+    """(url to use or "", what to tell the user). Asks with the gateway's own client for that URL
+    (redis_clients.py), so the demo's "Redis answers" means the gateway's cache will reach it."""
     import redis
+
+    from service.gateway import redis_clients
+    from service.gateway.redis_url import parse_redis_url
 
     candidate = url if url is not None else os.environ.get("GATEWAY_REDIS_URL") or DEFAULT_REDIS_URL
     if not candidate:
         return "", "Redis: disabled (empty URL): the gateway runs without a result cache"
     try:
-        client = redis.Redis.from_url(candidate, socket_connect_timeout=0.5, socket_timeout=0.5)
-        client.ping()
-        client.close()
+        asyncio.run(redis_clients.ping(parse_redis_url(candidate), 0.5))
     except (redis.RedisError, OSError, ValueError) as exc:
         return "", (f"Redis: none reachable at {_redacted(candidate)} ({type(exc).__name__}): "
                     "the gateway runs without a result cache (start redis-server or set "

@@ -1,12 +1,16 @@
 """`classifier-gateway demo`: the whole product on one machine, from a fresh checkout.
 
 It starts the factory and the gateway as two processes (they talk only HTTP, as in production),
-trains two demo tasks from the datasets shipped next to this file (a text `sentiment` task and a
-chat `intent` task), registers them in a tasks file, checks that one classification answers
+trains two demo tasks from the datasets shipped in `service/factory/demo/` (a text `sentiment` task
+and a chat `intent` task), registers them in a tasks file, checks that one classification answers
 through the gateway, and prints ready `curl` lines. Trained models are reused across runs: the
 factory keeps them in its data directory, and the demo finds the job that trained each dataset.
 Redis is used when one answers (GATEWAY_REDIS_URL, else redis://127.0.0.1:6379), and the demo says
 which; without it the gateway runs uncached.
+
+It lives with the commands, not with the factory: it is the command line's work (it starts both
+servers as a user would, and raises the command line's `UserError`), and the server side never
+imports the command line. The datasets stay with the factory's demo data.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import yaml
 
 from service.commands.errors import UserError
 
-HERE = Path(__file__).resolve().parent
-PACKAGE_ROOT = HERE.parents[2]
+DATASETS = Path(__file__).resolve().parents[1] / "factory" / "demo"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
 
@@ -191,7 +195,7 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
 def train_task(client: httpx.Client, task: DemoTask) -> str:
     """The fine-tuned model for `task`: the one an earlier run trained from the same data, or a
     new one (Mistral's example job, at Mistral's default learning rate)."""
-    data = (HERE / task.dataset).read_bytes()
+    data = (DATASETS / task.dataset).read_bytes()
     r = client.post("/v1/files", files={"file": (task.dataset, data)},
                     data={"purpose": "fine-tune"})
     r.raise_for_status()

@@ -64,6 +64,7 @@ from service.factory.models.base import (
     SEQ_LEN_MIN,
     Capabilities,
     Evaluation,
+    Exporter,
     Hyperparameters,
     Predictor,
     TrainedModel,
@@ -145,6 +146,13 @@ class MiniLM:
         from service.factory.models.minilm_onnx import MiniLMModel
 
         return MiniLMModel.load(directory)
+
+    @property
+    def exporter(self) -> Exporter:
+        """ONNX and Hugging Face directories (`minilm_export`), imported when asked for."""
+        from service.factory.models.minilm_export import MiniLMExporter
+
+        return MiniLMExporter()
 
 
 __all__ = ["MiniLM"]

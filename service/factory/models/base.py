@@ -64,7 +64,7 @@ class Hyperparameters:
     seed: int = 0
     #: A factory extension (not Mistral's): `False` trains `local-minilm` without the n-gram
     #: model's evidence in its scores, so that the model exports to an inference server with the
-    #: factory's own scores (`service.factory.export`). `None`: the model's default (blend on).
+    #: factory's own scores (`service.export`). `None`: the model's default (blend on).
     ngram_blend: bool | None = None
 
     @classmethod

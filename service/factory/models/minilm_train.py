@@ -627,7 +627,8 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
       computes; 0 when the model was trained with `ngram_blend: false`);
     - `int8`: the served graph vs the float32 torch network a Hugging Face export holds (the
       int8 error, up to ~0.1-0.2 in probability; float rounding for a `quantize=False` graph).
-    `service.factory.export` prints them; ~1-2 s for 64 short texts on 2 CPU cores."""
+    The export (`minilm_export`) repeats them in its notes; ~1-2 s for 64 short texts on 2 CPU
+    cores."""
     if not texts:
         return {}
     served = model.predict_proba(texts)

@@ -35,11 +35,13 @@ def register(sub: Sub) -> None:
         importlib.import_module(f"{__name__}.{name}").register(sub)
 
 
-#: The modules that commands share; each imports only helpers listed before it (and the project's
-#: gateway and factory packages), never a command module.
+#: The modules that commands share, and a command's work when it is too long for its module; each
+#: imports only helpers listed before it (and the project's gateway and factory packages), never a
+#: command module.
 HELPERS: tuple[str, ...] = (
     "errors",     # UserError, TransientError
     "output",     # tables, JSON, timestamps, the progress line
+    "demo_runner",  # demo's work: both servers, the demo tasks, the first answer
     "servers",    # what serve and factory share: their settings in --help, how they stop
     "api",        # HTTP clients of the upstream and the gateway; where they are, their keys
     "tasksfile",  # safe edits of the gateway's tasks file, its --tasks argument

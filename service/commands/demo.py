@@ -1,6 +1,7 @@
 """`classifier-gateway demo`: the factory and the gateway with two trained demo tasks, from a fresh
-checkout (`make run`). The work is `service.factory.demo.runner`, next to the demo's datasets; its
-`DemoError` is a `UserError`, so the command line reports it like any other."""
+checkout (`make run`). The work is the helper `service.commands.demo_runner` (imported when the
+command runs, so that `--help` stays quick); its `DemoError` is a `UserError`, so the command line
+reports it like any other."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def register(sub: Sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.factory.demo.runner import DemoOptions, run_demo
+    from service.commands.demo_runner import DemoOptions, run_demo
 
     options = DemoOptions(
         data_dir=args.data_dir or Path(os.environ.get("FACTORY_DATA_DIR", "factory-data")),

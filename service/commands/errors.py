@@ -1,8 +1,8 @@
 """The command line's errors.
 
 They live in a module of their own, which imports nothing of the project, so that the entry point
-(`service/cli.py`), every command module, the shared helpers and the demo's runner raise and catch
-the same classes without importing each other.
+(`service/cli.py`), every command module and the shared helpers raise and catch the same classes
+without importing each other.
 """
 
 from __future__ import annotations

@@ -20,13 +20,14 @@ from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware, KeyChecker
+from service.gateway.redis_clients import open_redis
 from service.gateway.registry import RegistryWatcher
 from service.gateway.routes import feedback as feedback_routes
 from service.gateway.routes import health, hot, tasks
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.shadow import ShadowRunner
-from service.gateway.store import open_redis, shadow_store
+from service.gateway.store import shadow_store
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway")
@@ -111,8 +112,7 @@ def create_app(settings: Settings | None = None, *,
         backend = open_redis(settings.feedback_redis_url or settings.redis_url,
                              max(settings.redis_socket_timeout_s, 1.0))
         store = shadow_store(backend, settings.cache_prefix)
-        feedback = FeedbackBook(None if backend is None else backend.client,
-                                settings.cache_prefix, metrics,
+        feedback = FeedbackBook(backend, settings.cache_prefix, metrics,
                                 window_s=settings.feedback_window_s,
                                 max_per_task=settings.feedback_max_per_task)
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)

@@ -17,21 +17,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyError
 
+from service.gateway import redis_clients
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.redis_clients import ClientChoice, RedisPy
 from service.gateway.redis_link import RedisLink
-from service.gateway.redis_url import RedisURL, parse_redis_url
+from service.gateway.redis_url import parse_redis_url
 from service.gateway.resilience import ProbeGate
 
 logger = logging.getLogger(__name__)
@@ -39,7 +36,7 @@ T = TypeVar("T")
 
 CacheState = Literal["disabled", "ok", "degraded"]
 CacheKind = Literal["disabled", "standalone", "sentinel", "cluster"]
-RedisClient = Literal["link", "redis-py"]
+RedisClient = ClientChoice  # GATEWAY_REDIS_CLIENT: what talks to a standalone Redis
 
 _MAX_RIDE_ALONG = 64  # held writes that may share a lookup's pipeline
 _REFUSED_WRITE_CODES = ("OOM", "MISCONF", "READONLY")
@@ -56,11 +53,6 @@ def cache_key(prefix: str, upstream: str, endpoint: str, model: str, item: Any) 
     """
     payload = orjson.dumps((upstream, endpoint, model, item), option=orjson.OPT_SORT_KEYS)
     return f"{prefix}:{hashlib.sha256(payload).hexdigest()}"
-
-
-def _no_retry() -> Retry:
-    """Retries would multiply the deadline; the cache's own backoff is the retry policy."""
-    return Retry(NoBackoff(), 0)
 
 
 Entry = tuple[str, bytes, int]  # key, value, ttl_s
@@ -138,16 +130,17 @@ def _errors(replies: Sequence[Any]) -> int:
     return refused
 
 
-@dataclass
 class _RedisPyBackend:
     """Sentinel and Cluster through redis-py (failover and slot routing are its job), and a
-    standalone Redis when GATEWAY_REDIS_CLIENT=redis-py."""
+    standalone Redis when GATEWAY_REDIS_CLIENT=redis-py. redis_clients.py builds the client."""
 
-    kind: CacheKind
-    client: Redis | RedisCluster
-    description: str
-    extra_closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     bounded = False
+
+    def __init__(self, redis: RedisPy) -> None:
+        self._redis = redis
+        self.client = redis.client
+        self.kind: CacheKind = redis.kind
+        self.description = redis.description
 
     async def mget(self, keys: list[str]) -> list[Any]:
         if isinstance(self.client, RedisCluster):
@@ -176,9 +169,7 @@ class _RedisPyBackend:
         await self.client.ping()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
-        for close in self.extra_closers:
-            await close()
+        await self._redis.aclose()
 
 
 class ResultCache:
@@ -435,73 +426,13 @@ class ResultCache:
             logger.info("Redis cache on %s answers again; cache back in use", self.description)
 
 
-# -- URL parsing -------------------------------------------------------------------------------------
-
-
-def redis_py_client(url: str, socket_timeout_s: float) -> _RedisPyBackend:
-    """A redis-py client for any scheme the cache takes (standalone, Sentinel, Cluster), for the
-    gateway's other Redis data (store.py): `.client` to use, `aclose()` to close."""
-    backend = _connect(url, socket_timeout_s, "redis-py")
-    assert isinstance(backend, _RedisPyBackend)
-    return backend
+# -- connecting -------------------------------------------------------------------------------------
 
 
 def _connect(url: str, socket_timeout_s: float, client: RedisClient = "link") -> _Backend:
-    """The backend for `url`, parsed once by redis_url.py whatever its scheme and client."""
+    """The backend for `url`, parsed once by redis_url.py whatever its scheme and client; the
+    clients themselves come from redis_clients.py."""
     parsed = parse_redis_url(url)
-    timeouts: dict[str, Any] = {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": socket_timeout_s,
-        "retry": _no_retry(),
-    }
-    pool: dict[str, Any] = ({"max_connections": parsed.max_connections}
-                            if parsed.max_connections is not None else {})
     if parsed.kind == "standalone" and client == "link":
-        if parsed.max_connections is not None:
-            # Earlier releases sized redis-py's pool with it: a URL that worked then must not stop
-            # the gateway now. One pipelined connection needs no pool size.
-            logger.warning("max_connections in GATEWAY_REDIS_URL is ignored: a standalone Redis is "
-                           "reached over one pipelined connection")
-        return _LinkBackend(RedisLink.from_url(url, timeout_s=socket_timeout_s))
-    if parsed.kind == "standalone":
-        where: dict[str, Any] = ({"unix_socket_path": parsed.unix_path}
-                                 if parsed.unix_path is not None else
-                                 {"host": parsed.hosts[0][0], "port": parsed.hosts[0][1]})
-        return _RedisPyBackend("standalone", Redis(
-            **where, db=parsed.db, username=parsed.username, password=parsed.password,
-            **timeouts, **parsed.tls_kwargs(), **pool), parsed.description)
-    if parsed.kind == "sentinel":
-        return _sentinel(parsed, timeouts, pool)
-    return _cluster(parsed, timeouts, pool)
-
-
-def _sentinel(parsed: RedisURL, timeouts: dict[str, Any], pool: dict[str, Any]) -> _Backend:
-    tls = parsed.tls_kwargs()
-    sentinel_kwargs: dict[str, Any] = {
-        **timeouts, **tls,
-        "username": parsed.sentinel_username, "password": parsed.sentinel_password,
-    }
-    # Called through a Callable so that mypy --strict accepts it under both redis-py 5-7 (Sentinel's
-    # __init__ untyped: a direct call is no-untyped-call) and 8.2+ (typed: an ignore is unused).
-    make_sentinel: Callable[..., Sentinel] = Sentinel
-    sentinel = make_sentinel(
-        list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, **timeouts, **tls,
-        username=parsed.username, password=parsed.password, db=parsed.db,
-    )
-    assert parsed.service is not None  # the parser requires it for Sentinel
-    master = sentinel.master_for(parsed.service, **pool)
-
-    async def close_sentinels() -> None:
-        for client in sentinel.sentinels:
-            await client.aclose()
-
-    return _RedisPyBackend("sentinel", master, parsed.description, [close_sentinels])
-
-
-def _cluster(parsed: RedisURL, timeouts: dict[str, Any], pool: dict[str, Any]) -> _Backend:
-    # max_connections is per node; when all are busy redis-py raises rather than waits, which
-    # the cache counts as an error (and backs off): raise it for very high concurrency.
-    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
-                          username=parsed.username, password=parsed.password, **timeouts,
-                          **parsed.tls_kwargs(), **pool)
-    return _RedisPyBackend("cluster", client, parsed.description)
+        return _LinkBackend(redis_clients.link(parsed, socket_timeout_s))
+    return _RedisPyBackend(redis_clients.redis_py(parsed, socket_timeout_s))

@@ -100,12 +100,10 @@ FALLBACK_ON = (UpstreamUnavailable, UpstreamBadResponse, UpstreamTimeout)
 
 
 def cache_scope(upstream: UpstreamSpec, route: Route) -> str:
-    """What, besides the model and the item, makes a cached answer this route's. Mistral's keeps
-    the key it always had (the base URL), so caches survive the upgrade; single-target protocols
-    add the target and labels the answer was named with."""
-    if upstream.protocol == "mistral":
-        return upstream.base_url
-    return f"{upstream.protocol}:{upstream.base_url}#{route.target}:{','.join(route.labels)}"
+    """What, besides the model and the item, makes a cached answer this route's: the protocol
+    says (`answer_scope`), since only it knows whether its answers depend on the route's target
+    and labels."""
+    return upstream.wire.answer_scope(upstream.base_url, route)
 
 
 def _cache_status(hits: int, total: int) -> CacheStatus:

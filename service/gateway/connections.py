@@ -26,6 +26,13 @@ and nothing bounds how many such connections are open. `GatewayHttpProtocol` add
   `Connection: close`; a request being read or handled is finished, then the connection closes.
 
 The server side of shutdown (the listening socket) is in server.py.
+
+`HttpToolsProtocol` is uvicorn's internal class, not its public API, and pyproject asks for
+uvicorn>=0.30. We chose a test over an upper bound: tests/unit/test_uvicorn_seam.py names every
+hook this class overrides (with its arguments) and every attribute it reads, and fails by name when
+a uvicorn release moves one. An upper bound would hold back every release, those that leave these
+internals alone too, while the lock in requirements/ already pins the exact version tested
+(0.55.0); the test says what to re-read when `make lock` lifts it.
 """
 
 from __future__ import annotations

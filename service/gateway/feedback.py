@@ -27,16 +27,18 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from service.gateway.classifier import Outcome, decorate
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result
+from service.gateway.redis_clients import RedisPy
 from service.gateway.registry import TaskSpec
 
 log = logging.getLogger("service.gateway.feedback")
+_StreamRows = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]  # XRANGE's reply
 
 
 def item_digest(task: str, item: Any) -> str:
@@ -85,11 +87,11 @@ class Remembered:
 
 
 class FeedbackBook:
-    """See the module docstring. `client` is redis-py's (Redis or RedisCluster), or None."""
+    """See the module docstring. `redis` comes from redis_clients.open_redis; None: no Redis."""
 
-    def __init__(self, client: Any | None, prefix: str, metrics: GatewayMetrics, *,
+    def __init__(self, redis: RedisPy | None, prefix: str, metrics: GatewayMetrics, *,
                  window_s: int, max_per_task: int, rng: random.Random | None = None) -> None:
-        self._client = client
+        self._client = None if redis is None else redis.client
         self._prefix = prefix
         self._metrics = metrics
         self._window_s = window_s
@@ -199,8 +201,11 @@ class FeedbackBook:
             raise FeedbackUnavailable("feedback needs Redis: set GATEWAY_FEEDBACK_REDIS_URL or "
                                       "GATEWAY_REDIS_URL")
         try:
-            rows = await self._client.xrange(self._key(what, task), min=f"({after}"
-                                             if after != "0" else "-", max="+", count=limit)
+            # redis-py types a stream entry's id and fields as optional (XCLAIM's replies may
+            # hold deleted entries); XRANGE's never do, and a missing stream gives [].
+            rows = cast(_StreamRows, await self._client.xrange(
+                self._key(what, task), min=f"({after}" if after != "0" else "-", max="+",
+                count=limit))
             latest = (await self._client.hgetall(self._key("feedback-latest", task))
                       if what == "feedback" else {})
         except Exception as exc:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import hiredis
 
-from service.gateway.redis_url import parse_redis_url
+from service.gateway.redis_url import RedisURL, parse_redis_url
 
 __all__ = ["Arg", "Command", "RedisLink", "RedisLinkError"]
 
@@ -43,29 +42,6 @@ _TIMER_SLACK_S = 0.001
 class RedisLinkError(ConnectionError):
     """Redis refused the link's settings (password, db, certificate), or the link is closed:
     trying again as is will not help, the configuration must change."""
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    scheme: str
-    host: str
-    port: int
-    unix_path: str | None
-    db: int
-    username: str | None
-    password: str | None = field(repr=False)  # a logged endpoint must not leak it
-    ssl_cert_reqs: ssl.VerifyMode
-    ssl_check_hostname: bool
-    ssl_ca_certs: str | None
-    ssl_certfile: str | None
-    ssl_keyfile: str | None
-
-    @property
-    def description(self) -> str:
-        if self.unix_path is not None:
-            return f"unix://{self.unix_path}" + (f"?db={self.db}" if self.db else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}/{self.db}"
 
 
 class _Waiter:
@@ -219,27 +195,33 @@ class _Connection(asyncio.Protocol):
 
 class RedisLink:
     """A lean client for the gateway's hot path: `execute` pipelines commands on one shared
-    connection and returns raw hiredis replies. Build it with `from_url`; close with `aclose`.
+    connection and returns raw hiredis replies. Build it from a parsed `RedisURL` (the gateway
+    does, in redis_clients.py) or with `from_url`; close with `aclose`.
 
     Use it from one event loop. Every call is bounded by `timeout_s`, connect included.
     """
 
-    def __init__(self, endpoint: _Endpoint, *, timeout_s: float,
+    def __init__(self, url: RedisURL, *, timeout_s: float,
                  setting: str = "GATEWAY_REDIS_URL") -> None:
+        """A link to the standalone Redis of `url` (parsed by redis_url.py, as for every client;
+        redis_clients.link builds it for the gateway); does not connect."""
+        if url.kind != "standalone":
+            raise ValueError(f"unsupported Redis URL scheme {url.scheme!r} in {setting}; the fast "
+                             f"link speaks to a standalone Redis: {SUPPORTED_URLS}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self._endpoint = endpoint
+        self._url = url
         self._timeout_s = timeout_s
         self._setting = setting
         self._conn: _Connection | None = None
         self._closed = False
         self._ssl_context: ssl.SSLContext | None = None
         self._handshake: list[Command] = []
-        if endpoint.password is not None:
-            self._handshake.append(("AUTH", endpoint.username, endpoint.password)
-                                   if endpoint.username else ("AUTH", endpoint.password))
-        if endpoint.db:
-            self._handshake.append(("SELECT", endpoint.db))
+        if url.password is not None:
+            self._handshake.append(("AUTH", url.username, url.password)
+                                   if url.username else ("AUTH", url.password))
+        if url.db:
+            self._handshake.append(("SELECT", url.db))
         # Always a handshake, PING if nothing else: a Redis at its client limit sends an error
         # and closes as it accepts, and that reply must meet the handshake, not a caller's MGET.
         self._handshake = self._handshake or [("PING",)]
@@ -247,13 +229,13 @@ class RedisLink:
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float,
                  setting: str = "GATEWAY_REDIS_URL") -> RedisLink:
-        """A link to the Redis at `url`; does not connect (the first `execute` does).
+        """A link to the Redis at `url`, parsed here; does not connect (the first `execute` does).
 
         `setting` names where the URL came from, for error messages that say what to fix. URL
         syntax and percent-decoding follow redis-py's `Redis.from_url`, except that a db that is
         not a number is an error here rather than silently db 0.
         """
-        return cls(_parse_url(url, setting), timeout_s=timeout_s, setting=setting)
+        return cls(parse_redis_url(url, setting), timeout_s=timeout_s, setting=setting)
 
     def __repr__(self) -> str:
         return f"RedisLink({self.description!r})"
@@ -261,7 +243,7 @@ class RedisLink:
     @property
     def description(self) -> str:
         """Where Redis is, for logs: scheme and host:port/db or the socket path, never a secret."""
-        return self._endpoint.description
+        return self._url.description
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send `commands` in one write and return their replies in order.
@@ -317,16 +299,17 @@ class RedisLink:
 
         The calls that started it are bounded by their own deadlines (conn's timer), which cancel
         this task when they pass, so it needs no timeout of its own."""
-        endpoint = self._endpoint
+        url = self._url
         try:
             loop = conn.loop
-            if endpoint.unix_path is not None:
-                await loop.create_unix_connection(lambda: conn, endpoint.unix_path)
+            if url.unix_path is not None:
+                await loop.create_unix_connection(lambda: conn, url.unix_path)
             else:
-                context = self._tls_context() if endpoint.scheme == "rediss" else None
+                context = self._tls_context() if url.tls else None
+                host, port = url.hosts[0]
                 await loop.create_connection(
-                    lambda: conn, endpoint.host, endpoint.port, ssl=context,
-                    server_hostname=endpoint.host if context is not None else None)
+                    lambda: conn, host, port, ssl=context,
+                    server_hostname=host if context is not None else None)
             replies = await conn.handshake(
                 b"".join([_pack(command) for command in self._handshake]), len(self._handshake))
             problem = self._rejection(replies)
@@ -353,38 +336,31 @@ class RedisLink:
     def _tls_context(self) -> ssl.SSLContext:
         """Built on the first connect, then reused: loading CA files costs milliseconds."""
         if self._ssl_context is None:
-            endpoint = self._endpoint
             try:
-                context = ssl.create_default_context(cafile=endpoint.ssl_ca_certs)
-                context.check_hostname = (endpoint.ssl_check_hostname
-                                          and endpoint.ssl_cert_reqs != ssl.CERT_NONE)
-                context.verify_mode = endpoint.ssl_cert_reqs
-                if endpoint.ssl_certfile is not None:
-                    context.load_cert_chain(endpoint.ssl_certfile, endpoint.ssl_keyfile)
+                self._ssl_context = self._url.tls_context()
             except (OSError, ssl.SSLError) as exc:
                 raise RedisLinkError(f"cannot load the TLS files named in {self._setting} "
                                      f"(ssl_ca_certs, ssl_certfile, ssl_keyfile): {exc}") from exc
-            self._ssl_context = context
         return self._ssl_context
 
     def _rejection(self, replies: list[Any]) -> tuple[type[ConnectionError], str] | None:
         """What went wrong when Redis refused the handshake, and whether it is the settings'
         fault (RedisLinkError: fix the URL) or Redis's own state (ConnectionError: it passes,
         e.g. "max number of clients reached"). Never echoes the password."""
-        endpoint, setting = self._endpoint, self._setting
+        url, setting = self._url, self._setting
         for command, reply in zip(self._handshake, replies, strict=True):
             if not isinstance(reply, hiredis.ReplyError):
                 continue
             text = str(reply)
-            if endpoint.password:
-                text = text.replace(endpoint.password, "***")
+            if url.password:
+                text = text.replace(url.password, "***")
             if "without any password configured" in text:
                 return RedisLinkError, (
                     f"Redis at {self.description} has no password set, but {setting} carries "
                     f"one: remove it from the URL ({text})")
             if text.startswith("WRONGPASS") or "invalid password" in text or \
                     "invalid username-password" in text:
-                who = f"user name {endpoint.username!r} or the password" if endpoint.username \
+                who = f"user name {url.username!r} or the password" if url.username \
                     else "the password"
                 return RedisLinkError, (
                     f"Redis at {self.description} rejected {who} in {setting} ({text})")
@@ -394,7 +370,7 @@ class RedisLink:
                     f"(redis://:PASSWORD@host:port/db) ({text})")
             if command[0] == "SELECT" and ("out of range" in text or "invalid DB" in text):
                 return RedisLinkError, (
-                    f"Redis at {self.description} has no db {endpoint.db} (see its `databases` "
+                    f"Redis at {self.description} has no db {url.db} (see its `databases` "
                     f"setting, 16 by default): fix the db in {setting} ({text})")
             return ConnectionError, f"Redis at {self.description} refused the connection ({text})"
         return None
@@ -403,18 +379,3 @@ class RedisLink:
 def _pack(command: Command) -> bytes:
     # cast: hiredis's stub types the argument as a 1-tuple and leaves the result untyped.
     return cast(bytes, hiredis.pack_command(cast(Any, command)))
-
-
-def _parse_url(url: str, setting: str) -> _Endpoint:
-    """redis_url.py parses (one parser for every scheme); the link takes standalone URLs only."""
-    parsed = parse_redis_url(url, setting)
-    if parsed.kind != "standalone":
-        raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} in {setting}; the fast "
-                         f"link speaks to a standalone Redis: {SUPPORTED_URLS}")
-    host, port = parsed.hosts[0] if parsed.hosts else ("", 0)
-    return _Endpoint(
-        scheme=parsed.scheme, host=host, port=port, unix_path=parsed.unix_path, db=parsed.db,
-        username=parsed.username, password=parsed.password, ssl_cert_reqs=parsed.ssl_cert_reqs,
-        ssl_check_hostname=parsed.ssl_check_hostname, ssl_ca_certs=parsed.ssl_ca_certs,
-        ssl_certfile=parsed.ssl_certfile, ssl_keyfile=parsed.ssl_keyfile,
-    )

@@ -77,15 +77,31 @@ class RedisURL:
         tail = f"/{self.service}/{self.db}" if self.kind == "sentinel" else ""
         return f"{self.scheme}://{hosts}{tail}"
 
+    @property
+    def check_hostname(self) -> bool:
+        """Whether the server's certificate must name its host: only when certificates are
+        verified at all (`ssl_cert_reqs=none` turns both off, as redis-py does)."""
+        return self.ssl_check_hostname and self.ssl_cert_reqs != ssl.CERT_NONE
+
     def tls_kwargs(self) -> dict[str, Any]:
         """redis-py's keyword arguments for this URL's TLS settings (empty without TLS)."""
         if not self.tls:
             return {}
         return {"ssl": True, "ssl_cert_reqs": self.ssl_cert_reqs,
-                "ssl_check_hostname": self.ssl_check_hostname and
-                self.ssl_cert_reqs != ssl.CERT_NONE,
+                "ssl_check_hostname": self.check_hostname,
                 "ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
                 "ssl_keyfile": self.ssl_keyfile}
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The same TLS settings as an `ssl.SSLContext`, for RedisLink (which connects with
+        asyncio, not redis-py). Loads the CA and certificate files: OSError or ssl.SSLError when
+        they cannot be read."""
+        context = ssl.create_default_context(cafile=self.ssl_ca_certs)
+        context.check_hostname = self.check_hostname
+        context.verify_mode = self.ssl_cert_reqs
+        if self.ssl_certfile is not None:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return context
 
 
 def check_userinfo(parts: SplitResult, setting: str) -> None:

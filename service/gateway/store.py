@@ -1,7 +1,7 @@
 """Where the gateway keeps what outlives a request and is shared by its replicas: the shadow
 comparisons' confusion counts (and, next, feedback and the review queue). Redis when one is
-configured (`GATEWAY_FEEDBACK_REDIS_URL`, else the cache's `GATEWAY_REDIS_URL`), through redis-py,
-so every URL scheme the cache takes works here; else this process's memory, said as such
+configured (`GATEWAY_FEEDBACK_REDIS_URL`, else the cache's `GATEWAY_REDIS_URL`), through redis-py
+(the client comes from redis_clients.py), so every URL scheme the cache takes works here; else this process's memory, said as such
 (`shared: false` in `GET /tasks/{name}/shadow`).
 
 Keys: `<prefix>:shadow:{<task>}:<digest of the two models>:<target>`, a hash of
@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from typing import Any, Protocol
+from typing import Protocol
+
+from service.gateway.redis_clients import RedisPy
 
 log = logging.getLogger("service.gateway.store")
 
@@ -65,8 +67,8 @@ class RedisShadowStore:
 
     shared = True
 
-    def __init__(self, backend: Any, prefix: str) -> None:
-        self._backend = backend  # cache._RedisPyBackend: redis-py's Redis or RedisCluster
+    def __init__(self, backend: RedisPy, prefix: str) -> None:
+        self._backend = backend
         self._client = backend.client
         self._prefix = prefix
 
@@ -103,14 +105,5 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def open_redis(url: str, socket_timeout_s: float) -> Any | None:
-    """The redis-py backend for `url` (any scheme the cache takes), or None when it is empty."""
-    if not url:
-        return None
-    from service.gateway.cache import redis_py_client
-
-    return redis_py_client(url, socket_timeout_s)
-
-
-def shadow_store(backend: Any | None, prefix: str) -> ShadowStore:
+def shadow_store(backend: RedisPy | None, prefix: str) -> ShadowStore:
     return MemoryShadowStore() if backend is None else RedisShadowStore(backend, prefix)

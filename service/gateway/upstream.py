@@ -3,7 +3,9 @@
 What is said on the wire (paths, bodies, answers, error bodies, model metadata) belongs to the
 upstream's protocol (`service.gateway.protocols`: Mistral's API, TEI, vLLM, Infinity, KServe v2);
 this module keeps what every protocol shares: deadlines, retries, the breaker, batch splitting to
-the server's limit, metrics and scrubbing.
+the server's limit, metrics and scrubbing. What a status means (success, retry, the request's
+fault) and `Retry-After` are upstream_status.py's; what a server said about a model is kept by
+server_info.py.
 
 Transport: httpx's request/response types over `PooledTransport` (transport.py: asyncio + httptools,
 a keep-alive pool), called directly rather than through `httpx.AsyncClient`. On the gateway's hot path
@@ -35,9 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -58,16 +58,14 @@ from service.gateway.protocols import Result, Route, ServerInfo
 from service.gateway.registry import UpstreamSpec
 from service.gateway.resilience import CircuitBreaker, GateState, RetryBudget
 from service.gateway.scrub import quote, scrub
+from service.gateway.server_info import ServerInfoCache
 from service.gateway.settings import Settings
 from service.gateway.transport import PooledTransport
+from service.gateway.upstream_status import parse_retry_after, verdict
 
 log = logging.getLogger("service.gateway.upstream")
 
 _MAX_MESSAGE_CHARS = 300
-#: How long what a server said about a model (labels, batch limit) is kept, and how long a failed
-#: attempt to ask is remembered before the next request asks again.
-_INFO_TTL_S = 300.0
-_INFO_RETRY_S = 5.0
 
 
 class _Retryable(Exception):
@@ -92,23 +90,6 @@ def _default_transport(settings: Settings, spec: UpstreamSpec) -> httpx.AsyncBas
     return PooledTransport(limits=limits)
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """`Retry-After` as delta-seconds (Mistral sends these) or an HTTP date; None if absent/invalid."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
 class UpstreamClient:
     """Sends classification batches to one upstream, in the upstream's protocol."""
 
@@ -124,8 +105,7 @@ class UpstreamClient:
         self.wire = spec.wire
         self._root = self.wire.root(spec.base_url)
         self._urls: dict[Route, tuple[httpx.URL, str]] = {}
-        self._info: dict[str, tuple[float, ServerInfo | str]] = {}
-        self._info_pending: dict[str, asyncio.Future[ServerInfo | str]] = {}
+        self._info = ServerInfoCache(clock)
         # Requests go straight to the transport: httpx.AsyncClient's per-request work (URL merging,
         # cookie extraction, auth and redirect machinery) is a large share of the CPU per call, and
         # none of it is wanted here: the URL is fixed, there are no cookies and no redirects.
@@ -204,32 +184,21 @@ class UpstreamClient:
 
     async def _server_info(self, route: Route, deadline: float) -> ServerInfo | None:
         """What the server says about the model (labels, batch limit), when the protocol can ask
-        and the tasks file leaves something to ask for; kept for `_INFO_TTL_S`, one request in
-        flight per model. A failed answer matters only when the labels depend on it."""
+        and the tasks file leaves something to ask for; kept by server_info.py (one request in
+        flight per model). A failed answer matters only when the labels depend on it."""
         wire = self.wire
         path = wire.info_path(route)
         needs_labels = wire.labels_by_index and not route.labels
         if path is None or not (needs_labels or self.spec.max_batch_size is None):
             return None
-        now = self._clock()
-        cached = self._info.get(route.model)
-        if cached is None or cached[0] <= now:
-            pending = self._info_pending.get(route.model)
-            if pending is None:
-                pending = asyncio.get_running_loop().create_future()
-                self._info_pending[route.model] = pending
-                try:
-                    found = await self._fetch_info(route, path, deadline)
-                except UpstreamError as exc:
-                    found = exc.message
-                finally:
-                    del self._info_pending[route.model]
-                ttl = _INFO_TTL_S if isinstance(found, ServerInfo) else _INFO_RETRY_S
-                cached = self._info[route.model] = (self._clock() + ttl, found)
-                pending.set_result(found)
-            else:
-                cached = (0.0, await asyncio.shield(pending))
-        found = cached[1]
+
+        async def ask() -> ServerInfo | str:
+            try:
+                return await self._fetch_info(route, path, deadline)
+            except UpstreamError as exc:
+                return exc.message
+
+        found = await self._info.get(route.model, ask)
         if isinstance(found, ServerInfo):
             if needs_labels and not found.labels:
                 raise UpstreamBadResponse(
@@ -414,7 +383,8 @@ class UpstreamClient:
             time.perf_counter() - started)
         status = response.status_code
         self._count(endpoint, str(status))
-        if 200 <= status < 300:
+        kind = verdict(status, self.wire.server_errors)
+        if kind == "answer":
             try:
                 payload = orjson.loads(response.content)
             except orjson.JSONDecodeError:
@@ -428,12 +398,12 @@ class UpstreamClient:
                     f"upstream {self.spec.name!r} answered {status} with a body that is not a "
                     f"{self.wire.name} classification response: {self._scrub(checked)}")
             return checked
-        if status == 429 or status >= 500 or status in self.wire.server_errors:
+        if kind == "retry":
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             what = "rate limited" if status == 429 else "server error"
             reason = f"{status} {what}: {self._message(response)}"
             raise _Retryable(str(status), reason, retry_after)
-        if 400 <= status < 500:
+        if kind == "rejected":
             raise UpstreamRejected(
                 f"upstream {self.spec.name!r} rejected the request with {status}: "
                 f"{self._message(response)}", upstream_status=status)

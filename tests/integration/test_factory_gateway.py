@@ -13,7 +13,7 @@ import httpx
 import pytest
 from mistralai.client import Mistral
 
-from service.factory.demo.runner import TASKS, train_task, write_tasks_file
+from service.commands.demo_runner import TASKS, train_task, write_tasks_file
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
 from tests.support.factory import running_factory

@@ -415,7 +415,7 @@ def test_description_names_the_place_never_the_password(url: str, description: s
     assert link.description == description
     assert "hunter2" not in link.description
     assert repr(link) == f"RedisLink({description!r})"
-    assert "hunter2" not in repr(vars(link)["_endpoint"])  # a logged endpoint does not leak it
+    assert "hunter2" not in repr(vars(link)["_url"])  # a logged URL does not leak it
 
 
 @pytest.mark.parametrize(("url", "message"), [

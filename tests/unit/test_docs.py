@@ -17,8 +17,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from service.factory.demo.runner import BASE_MODEL as DEMO_BASE_MODEL
-from service.factory.demo.runner import TASKS as DEMO_TASKS
+from service.commands.demo_runner import BASE_MODEL as DEMO_BASE_MODEL
+from service.commands.demo_runner import TASKS as DEMO_TASKS
 from service.factory.jobs import fine_tuned_model_id
 from service.factory.metrics import FactoryMetrics
 from service.factory.settings import FactorySettings
@@ -139,8 +139,15 @@ def test_the_site_includes_the_readme_sections_it_names() -> None:
         assert "](docs/" not in body, f"a docs/ link in README:{name} breaks on the site"
 
 
-def test_the_architecture_page_draws_both_flows() -> None:
-    assert page("architecture.md").count("```mermaid\n") == 2
+def test_the_architecture_page_draws_processes_flows_and_modules() -> None:
+    """One diagram each: the processes, a request's path, data to a classifier, the modules'
+    directions (tests/unit/test_architecture.py holds the last one to the code); all drawn top to
+    bottom, to stay readable at the page's width."""
+    text = page("architecture.md")
+    for heading in ("Processes", "A request's path", "From data to a classifier, and out to a "
+                    "server", "Modules and their directions"):
+        assert section(text, heading).count("```mermaid\n") == 1, heading
+    assert text.count("```mermaid\n") == text.count("```mermaid\nflowchart TB\n") == 4
 
 
 def test_the_client_key_convention_is_written_once_and_the_old_name_only_as_such() -> None:

@@ -157,3 +157,15 @@ def test_kserve_v2_metadata_may_name_the_labels() -> None:
            "parameters": {"labels": "ham, spam"}}
     assert ks.read_info(route, top) == ServerInfo(("ham", "spam"))
     assert ks.read_info(route, {**meta, "outputs": []}) == ServerInfo(())
+
+
+def test_answer_scope_names_target_and_labels_only_where_they_name_the_answer() -> None:
+    """Mistral's answers carry their own targets and labels: its scope is the base URL alone (the
+    cache keys it had before other protocols existed). A single-target server's answer is named
+    with the route's target and labels, so they are part of its scope."""
+    route = Route.text("m", "sentiment", ["neg", "pos"])
+    base = "http://upstream:8080"
+    assert Mistral().answer_scope(base, route) == base
+    assert Mistral().answer_scope(base, Route.text("m", "other", ["x"])) == base
+    for wire in (TEI(), VLLM(), Infinity(), KServeV2()):
+        assert wire.answer_scope(base, route) == f"{wire.name}:{base}#sentiment:neg,pos"

@@ -17,12 +17,14 @@ from prometheus_client import CollectorRegistry
 
 from service.gateway.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.protocols import Route
+from service.gateway.protocols import Route, ServerInfo
 from service.gateway.protocols.mistral import check_results
 from service.gateway.registry import UpstreamSpec
 from service.gateway.resilience import RetryBudget
+from service.gateway.server_info import INFO_RETRY_S, INFO_TTL_S, ServerInfoCache
 from service.gateway.settings import Settings
 from service.gateway.upstream import UpstreamClient, parse_retry_after
+from service.gateway.upstream_status import verdict
 
 OK_RESULT = {"t": {"scores": {"a": 0.25, "b": 0.75}}}
 
@@ -283,3 +285,46 @@ async def test_an_empty_retry_budget_stops_all_but_announced_backpressure(
     finally:
         await client.aclose()
     assert calls == (2 if retried else 1)
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (200, "answer"), (204, "answer"), (429, "retry"), (500, "retry"), (503, "retry"),
+    (424, "retry"), (400, "rejected"), (404, "rejected"), (422, "rejected"), (302, "unexpected"),
+    (101, "unexpected"),
+])
+def test_status_verdicts(status: int, expected: str) -> None:
+    assert verdict(status, frozenset({424})) == expected
+
+
+async def test_server_info_is_asked_once_kept_and_a_failure_remembered_briefly() -> None:
+    clock = Clock()
+    cache = ServerInfoCache(clock)
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def fetch() -> ServerInfo | str:
+        asked.append("m")
+        await release.wait()
+        return ServerInfo(("neg", "pos"), 8)
+
+    first = asyncio.create_task(cache.get("m", fetch))
+    second = asyncio.create_task(cache.get("m", fetch))
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == await second == ServerInfo(("neg", "pos"), 8)
+    assert asked == ["m"]  # concurrent callers share one request
+    clock.now += INFO_TTL_S - 1
+    assert await cache.get("m", fetch) == ServerInfo(("neg", "pos"), 8)
+    assert asked == ["m"]  # kept
+
+    async def failing() -> ServerInfo | str:
+        asked.append("x")
+        return "404: not found"
+
+    assert await cache.get("x", failing) == "404: not found"
+    clock.now += INFO_RETRY_S - 1
+    assert await cache.get("x", failing) == "404: not found"
+    assert asked.count("x") == 1  # a failure is remembered for a while
+    clock.now += 2
+    await cache.get("x", failing)
+    assert asked.count("x") == 2  # then asked again

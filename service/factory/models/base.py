@@ -19,11 +19,16 @@ The contract, in the order a job meets it:
 - `TrainedModel.save(directory)`: writes every file the model needs, with a `model.json` whose
   `base_model` and `format` keys let `registry.load` find the loader again.
 - `load(directory)`: a `Predictor` (serving only; it may need fewer packages than training).
+- `exporter`: optional. An `Exporter` writes a fine-tuned model in the forms inference servers
+  load (`GET /v1/models/{id}/export`); `None` for a model no inference server reads, which stays
+  served by the factory. The export writer (`service.export.writer`) keeps the formats,
+  `export.json` and the archive, and names no concrete model.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +67,7 @@ class Hyperparameters:
     seed: int = 0
     #: A factory extension (not Mistral's): `False` trains `local-minilm` without the n-gram
     #: model's evidence in its scores, so that the model exports to an inference server with the
-    #: factory's own scores (`service.factory.export`). `None`: the model's default (blend on).
+    #: factory's own scores (`service.export`). `None`: the model's default (blend on).
     ngram_blend: bool | None = None
 
     @classmethod
@@ -261,6 +266,66 @@ class TrainedModel(Predictor, Protocol):
     def save(self, directory: Path) -> None: ...
 
 
+class NotExportable(Exception):
+    """The model cannot be written in the asked format; the message says why and what to do."""
+
+
+@dataclass
+class ExportedTarget:
+    """One target of an export: the directory written for it and how its scores relate to the
+    factory's (`notes` say what differs; none: it answers as the factory does)."""
+
+    name: str
+    directory: str
+    labels: list[str]
+    loss_function: str
+    #: The blend's (encoder, n-gram) weights the factory scores this target with.
+    blend: tuple[float, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "directory": self.directory, "labels": self.labels,
+                "loss_function": self.loss_function, "blend": list(self.blend),
+                "matches_factory": not self.notes, "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an exporter wrote: a directory per target, and the facts about the model that
+    `export.json` carries beside them (the writer adds the model, format and base model)."""
+
+    targets: list[ExportedTarget]
+    details: dict[str, Any]
+
+
+class Exporter(Protocol):
+    """Writes fine-tuned models of one base model in the forms inference servers load."""
+
+    #: How to train a model of this base that exports with the factory's own scores: the remedy
+    #: named when a model of another base model is refused.
+    advice: str
+
+    def export(self, model_dir: Path, model_id: str, meta: Mapping[str, Any], fmt: str,
+               out: Path) -> Exported:
+        """Write `model_dir` (its `model.json` is `meta`) under `out` in format `fmt`, one of the
+        writer's formats, one directory per target (`target_directories`). Raises
+        `NotExportable` with the reason and the remedy."""
+        ...
+
+
+def target_directories(names: Sequence[str]) -> list[str]:
+    """A directory name per target: the target's name made safe for a path, unique."""
+    used: set[str] = set()
+    out: list[str] = []
+    for name in names:
+        directory = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "target"
+        while directory in used:
+            directory += "_"
+        used.add(directory)
+        out.append(directory)
+    return out
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What `GET /v1/models` tells about a base model beyond Mistral's fields."""
@@ -294,3 +359,8 @@ class BaseModel(Protocol):
               control: TrainingControl) -> tuple[TrainedModel, Evaluation | None]: ...
 
     def load(self, directory: Path) -> Predictor: ...
+
+    @property
+    def exporter(self) -> Exporter | None:
+        """What writes this model's fine-tunes for inference servers; None: nothing can."""
+        ...

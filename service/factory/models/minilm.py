@@ -15,7 +15,7 @@ What each hyperparameter does to this model:
 - `seq_len`: tokens per chunk, 16..512 (MiniLM's position table ends at 512), default 128.
   Training reads each example's first chunk; serving averages up to `MAX_CHUNKS` chunks.
 - `ngram_blend` (a factory extension, not Mistral's): `false` leaves the n-gram model out, so
-  the model's scores are the encoder's alone and an export (`service.factory.export`) served by
+  the model's scores are the encoder's alone and an export (`service.export`) served by
   KServe or onnxruntime gives the factory's own answer; default on (the blend gained +0.007
   macro-F1 on 10k tweets, more on long documents).
 
@@ -64,6 +64,7 @@ from service.factory.models.base import (
     SEQ_LEN_MIN,
     Capabilities,
     Evaluation,
+    Exporter,
     Hyperparameters,
     Predictor,
     TrainedModel,
@@ -162,6 +163,13 @@ class MiniLM:
         from service.factory.models.minilm_onnx import MiniLMModel
 
         return MiniLMModel.load(directory)
+
+    @property
+    def exporter(self) -> Exporter:
+        """ONNX and Hugging Face directories (`minilm_export`), imported when asked for."""
+        from service.factory.models.minilm_export import MiniLMExporter
+
+        return MiniLMExporter()
 
 
 __all__ = ["MiniLM", "holdout_size"]

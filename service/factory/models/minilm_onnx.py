@@ -5,7 +5,7 @@ linear layer: `(sequences, total labels)` logits), `tokenizer.json` (copied from
 so a serving factory needs neither the weights package nor transformers), `ngram/`, the
 `local-ngram` model fitted on the same data, and `encoder.fp32.safetensors`: the fine-tuned
 network's float32 weights (91 MB; the int8 graph is 23 MB). Serving never reads them; they are what
-`service.factory.export` writes a Hugging Face directory from, since the int8 graph has lost
+`minilm_export` writes a Hugging Face directory from, since the int8 graph has lost
 precision that cannot be recovered. Models trained before they were kept export as ONNX only. A
 float32 graph (`quantize=False`, for tests and benches) loads and serves the same way. Scores are
 the per-head blend

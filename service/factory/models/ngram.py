@@ -64,6 +64,7 @@ from service.factory.models.base import (
     Capabilities,
     Checkpoint,
     Evaluation,
+    Exporter,
     Head,
     Hyperparameters,
     ModelFormatError,
@@ -356,6 +357,8 @@ class NGram:
     description = ("TF-IDF word and character n-grams with a logistic regression head per "
                    "target, fitted to convergence; needs no downloaded weights")
     capabilities = Capabilities(multi_class=True, chat=True, gpu=False, pretrained=False)
+    #: No inference server reads TF-IDF features + logistic regression: served by the factory only.
+    exporter: Exporter | None = None
 
     def availability(self) -> str | None:
         return None

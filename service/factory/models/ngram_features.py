@@ -37,12 +37,12 @@ U64 = npt.NDArray[np.uint64]
 
 CHAR_NGRAMS = (2, 3, 4, 5)
 
-_P = np.uint64(0x100000001B3)  # FNV prime: odd, so invertible modulo 2**64
+P = np.uint64(0x100000001B3)  # FNV prime: odd, so invertible modulo 2**64
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _WORD_SALT = np.uint64(0x9E3779B97F4A7C15)
 _BIGRAM_MUL = np.uint64(0xD6E8FEB86659FD93)
-_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
+_P_INV = np.uint64(pow(int(P), -1, 1 << 64))
 _SPACE = 32
 #: Texts are hashed in chunks of about this many characters, which bounds the temporary arrays
 #: (a few dozen bytes of numpy per character) whatever the batch size.
@@ -51,8 +51,13 @@ _CHUNK_CHARS = 1 << 19
 _ID_BITS = 32
 
 
-def _mix(h: U64) -> U64:
-    """splitmix64 finaliser: well-spread 64-bit keys from polynomial hashes."""
+def mix(h: U64) -> U64:
+    """splitmix64 finaliser: well-spread 64-bit keys from polynomial hashes.
+
+    Shared with the first format's loader (ngram_v1.py), like `span_hashes` and `bigram_hashes`:
+    saved models of both formats hold these hashes (this format's vocabulary is the sorted hashes
+    seen in training, the first's weights are indexed by their top bits), so neither the
+    constants nor the arithmetic may ever change."""
     with np.errstate(over="ignore"):
         h = h ^ (h >> np.uint64(30))
         h = h * _MIX1
@@ -60,6 +65,33 @@ def _mix(h: U64) -> U64:
         h = h * _MIX2
         h = h ^ (h >> np.uint64(31))
     return h
+
+
+def span_hashes(b: U64, starts: I64, ends: I64) -> U64:
+    """The polynomial hash `sum_k b[s + k] * P**k` (plus a salt, so that a word never hashes as
+    the character n-gram of the same symbols) of each span `b[start:end]`, from prefix sums:
+    one pass over `b` for any number of words. `b` is the symbols plus one (0 never appears)."""
+    total = len(b)
+    with np.errstate(over="ignore"):
+        powers = np.empty(total + 1, dtype=np.uint64)
+        powers[0] = 1
+        powers[1:] = P
+        np.cumprod(powers, out=powers)
+        inv_powers = np.empty(total + 1, dtype=np.uint64)
+        inv_powers[0] = 1
+        inv_powers[1:] = _P_INV
+        np.cumprod(inv_powers, out=inv_powers)
+        prefix = np.zeros(total + 1, dtype=np.uint64)
+        np.cumsum(b * powers[:total], out=prefix[1:])
+        out: U64 = (prefix[ends] - prefix[starts]) * inv_powers[starts] + _WORD_SALT
+    return out
+
+
+def bigram_hashes(first: U64, second: U64) -> U64:
+    """The hash of each pair of consecutive words, from the words' `span_hashes` (unmixed)."""
+    with np.errstate(over="ignore"):
+        out: U64 = first * _BIGRAM_MUL + second
+    return out
 
 
 @functools.cache
@@ -92,7 +124,7 @@ def _hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
     char_docs: list[I64] = []
     char_hashes: list[U64] = []
     word_docs: list[I64] = []
-    word_hashes: list[U64] = []
+    word_keys: list[U64] = []
     with np.errstate(over="ignore"):
         # Character n-grams inside " word ": a window is kept when none of its interior code
         # points is a space (texts start and end with a space and words are joined by one, so
@@ -105,7 +137,7 @@ def _hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
             m = total - n + 1
             if m <= 0:
                 break
-            power = power * _P
+            power = power * P
             h = h[:m] + b[n - 1:n - 1 + m] * power
             if n >= 3:
                 interior_space[:m] |= space[n - 2:n - 2 + m]
@@ -115,7 +147,7 @@ def _hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
             if n == 2:  # "  ": where one text ends and the next begins, or an empty text
                 ok &= ~(space[:m] & space[1:1 + m])
             char_docs.append(doc[:m][ok])
-            char_hashes.append(_mix(h[ok] + (np.uint64(n) << np.uint64(56))))
+            char_hashes.append(mix(h[ok] + (np.uint64(n) << np.uint64(56))))
         # Words: runs of two or more word characters, hashed through prefix sums; bigrams of
         # consecutive words of one text.
         is_word = _word_chars(codes)
@@ -125,30 +157,20 @@ def _hashes(texts: Sequence[str]) -> tuple[tuple[I64, U64], tuple[I64, U64]]:
         long_enough = ends - starts >= 2
         starts, ends = starts[long_enough], ends[long_enough]
         if len(starts):
-            powers = np.empty(total + 1, dtype=np.uint64)
-            powers[0] = 1
-            powers[1:] = _P
-            np.cumprod(powers, out=powers)
-            inv_powers = np.empty(total + 1, dtype=np.uint64)
-            inv_powers[0] = 1
-            inv_powers[1:] = _P_INV
-            np.cumprod(inv_powers, out=inv_powers)
-            prefix = np.zeros(total + 1, dtype=np.uint64)
-            np.cumsum(b * powers[:total], out=prefix[1:])
-            word_hash = (prefix[ends] - prefix[starts]) * inv_powers[starts] + _WORD_SALT
+            word_hash = span_hashes(b, starts, ends)
             word_doc = doc[starts]
             word_docs.append(word_doc)
-            word_hashes.append(_mix(word_hash))
+            word_keys.append(mix(word_hash))
             same = word_doc[:-1] == word_doc[1:]
             word_docs.append(word_doc[:-1][same])
-            word_hashes.append(_mix(word_hash[:-1][same] * _BIGRAM_MUL + word_hash[1:][same]))
+            word_keys.append(mix(bigram_hashes(word_hash[:-1][same], word_hash[1:][same])))
 
     def join(docs: list[I64], hashes: list[U64]) -> tuple[I64, U64]:
         if not docs:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         return np.concatenate(docs), np.concatenate(hashes)
 
-    return join(word_docs, word_hashes), join(char_docs, char_hashes)
+    return join(word_docs, word_keys), join(char_docs, char_hashes)
 
 
 def _all_hashes(texts: Sequence[str], pool: concurrent.futures.Executor | None = None

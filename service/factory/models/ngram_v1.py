@@ -7,6 +7,13 @@ one linear head per target trained by minibatch AdamW. Only its inference half l
 jobs train the current `local-ngram` (`service.factory.models.ngram`). Retraining such a model
 gives a better one: the old trainer lost to a TF-IDF + logistic regression baseline by up to 0.12
 macro-F1 with Mistral's example job.
+
+The hashing arithmetic is ngram_features.py's (`mix`, `span_hashes`, `bigram_hashes`, the FNV
+prime `P`): the same functions, not a copy, and frozen there for the same reason (the current
+format's vocabulary is made of those hashes too). What stays here is what differs and must stay
+as it was for this format's features to be byte-identical: UTF-8 bytes rather than code points,
+character 2..4-grams across word boundaries rather than `char_wb` 2..5-grams, words as runs of
+ASCII letters and digits or non-ASCII bytes, and buckets as the top 18 bits of a hash.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy.typing as npt
 import orjson
 
 from service.factory.models.base import Head, ModelFormatError, Scores
+from service.factory.models.ngram_features import P, bigram_hashes, mix, span_hashes
 from service.factory.models.scoring import labelled, probabilities
 
 F32 = npt.NDArray[np.float32]
@@ -33,24 +41,12 @@ CHAR_NGRAMS = (2, 3, 4)
 WORD_WEIGHT = 6.0  # words carry topic and intent; character n-grams outnumber them 20:1
 FORMAT_VERSION = 1
 
-_P = np.uint64(0x100000001B3)  # FNV prime: odd, so invertible modulo 2**64
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_WORD_SALT = np.uint64(0x9E3779B97F4A7C15)
-_BIGRAM_MUL = np.uint64(0xD6E8FEB86659FD93)
-_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
 _CHUNK_BYTES = 1 << 20
 
 
 def _mix(h: U64, bits: int) -> I64:
     """splitmix64 finaliser, then the top `bits` bits: a well-spread bucket from any 64-bit hash."""
-    with np.errstate(over="ignore"):
-        h = h ^ (h >> np.uint64(30))
-        h = h * _MIX1
-        h = h ^ (h >> np.uint64(27))
-        h = h * _MIX2
-        h = h ^ (h >> np.uint64(31))
-    return (h >> np.uint64(64 - bits)).astype(np.int64)
+    return (mix(h) >> np.uint64(64 - bits)).astype(np.int64)
 
 
 @dataclass
@@ -118,7 +114,7 @@ def _counts_chunk(texts: Sequence[str], bits: int) -> tuple[I64, I64, F32]:
             h = b[:m].copy()
             power = np.uint64(1)
             for k in range(1, n):
-                power = power * _P
+                power = power * P
                 h += b[k:k + m] * power
             h += np.uint64(n) << np.uint64(56)
             ok = doc[:m] == doc[n - 1:n - 1 + m]
@@ -129,21 +125,11 @@ def _counts_chunk(texts: Sequence[str], bits: int) -> tuple[I64, I64, F32]:
         starts = np.flatnonzero(edges == 1)
         ends = np.flatnonzero(edges == -1)
         if len(starts):
-            powers = np.empty(total + 1, dtype=np.uint64)
-            powers[0] = 1
-            powers[1:] = _P
-            np.cumprod(powers, out=powers)
-            inv_powers = np.empty(total + 1, dtype=np.uint64)
-            inv_powers[0] = 1
-            inv_powers[1:] = _P_INV
-            np.cumprod(inv_powers, out=inv_powers)
-            prefix = np.zeros(total + 1, dtype=np.uint64)
-            np.cumsum(b * powers[:total], out=prefix[1:])
-            word_hash = (prefix[ends] - prefix[starts]) * inv_powers[starts] + _WORD_SALT
+            word_hash = span_hashes(b, starts, ends)
             word_doc = doc[starts]
             keys.append(word_doc << shift | _mix(word_hash, bits) << np.int64(1) | np.int64(1))
             same = word_doc[:-1] == word_doc[1:]
-            bigram = word_hash[:-1][same] * _BIGRAM_MUL + word_hash[1:][same]
+            bigram = bigram_hashes(word_hash[:-1][same], word_hash[1:][same])
             keys.append(word_doc[:-1][same] << shift | _mix(bigram, bits) << np.int64(1)
                         | np.int64(1))
     if not keys:

@@ -13,8 +13,9 @@ in `_builtin()`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -74,24 +75,34 @@ class Registry:
 
     def load(self, directory: Path) -> Predictor:
         """Load a fine-tuned model directory with the base model that wrote it."""
-        meta_path = directory / "model.json"
-        try:
-            meta = orjson.loads(meta_path.read_bytes())
-        except FileNotFoundError:
-            raise ModelFormatError(f"{directory}: no model.json (the model was not saved "
-                                   "completely); train it again") from None
-        except orjson.JSONDecodeError as exc:
-            raise ModelFormatError(f"{meta_path} is corrupt ({exc}); train the model "
-                                   "again") from None
-        if not isinstance(meta, dict):
-            raise ModelFormatError(f"{meta_path} is not a JSON object; train the model again")
-        base = str(meta.get("base_model") or LEGACY_BASE)
+        base = base_model_of(read_meta(directory))
         try:
             model = self.get(base)
         except UnknownBaseModel:
             raise ModelFormatError(f"{directory} was written by base model {base!r}, which this "
                                    f"factory does not have ({', '.join(self._models)})") from None
         return model.load(directory)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The `model.json` of a fine-tuned model directory; ModelFormatError says what is wrong."""
+    meta_path = directory / "model.json"
+    try:
+        meta = orjson.loads(meta_path.read_bytes())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{directory}: no model.json (the model was not saved "
+                               "completely); train it again") from None
+    except orjson.JSONDecodeError as exc:
+        raise ModelFormatError(f"{meta_path} is corrupt ({exc}); train the model "
+                               "again") from None
+    if not isinstance(meta, dict):
+        raise ModelFormatError(f"{meta_path} is not a JSON object; train the model again")
+    return meta
+
+
+def base_model_of(meta: Mapping[str, Any]) -> str:
+    """The name of the base model that wrote a `model.json` (`LEGACY_BASE` before names)."""
+    return str(meta.get("base_model") or LEGACY_BASE)
 
 
 def _builtin() -> list[BaseModel]:

@@ -102,11 +102,18 @@ class UpstreamProtocol(Protocol):
         """What `info_path` answered, or what is wrong with it."""
         ...
 
+    def answer_scope(self, base_url: str, route: Route) -> str:
+        """What, besides the model and the input, decides the answer the server at `base_url`
+        gives this route: two routes with the same scope get the same answer, so one's answer may
+        stand in for the other's (the gateway's cache keys on it)."""
+        ...
+
 
 class Defaults:
     """What most protocols share: the base URL is the server's root, and the server says nothing
     about a model. A protocol module subclasses it and overrides what differs."""
 
+    name: ClassVar[str]
     labels_by_index: ClassVar[bool] = False
     labels_from_server: ClassVar[bool] = False
     server_errors: ClassVar[frozenset[int]] = frozenset()
@@ -119,6 +126,11 @@ class Defaults:
 
     def read_info(self, route: Route, payload: Any) -> ServerInfo | str:
         return ServerInfo()
+
+    def answer_scope(self, base_url: str, route: Route) -> str:
+        """A single-target server's answer is named with the route's target and labels: routes
+        that name them differently get different answers."""
+        return f"{self.name}:{base_url}#{route.target}:{','.join(route.labels)}"
 
 
 def render_text(item: Any) -> str:

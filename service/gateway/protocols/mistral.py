@@ -89,3 +89,9 @@ class Mistral:
 
     def read_info(self, route: Route, payload: Any) -> ServerInfo | str:
         return ServerInfo()
+
+    def answer_scope(self, base_url: str, route: Route) -> str:
+        """The base URL alone: Mistral's answers carry their own targets and labels, so the
+        route's do not change them; and it is the scope cache keys had before other protocols
+        existed, so entries cached then stay valid."""
+        return base_url

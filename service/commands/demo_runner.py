@@ -1,16 +1,21 @@
 """`classifier-gateway demo`: the whole product on one machine, from a fresh checkout.
 
 It starts the factory and the gateway as two processes (they talk only HTTP, as in production),
-trains two demo tasks from the datasets shipped next to this file (a text `sentiment` task and a
-chat `intent` task), registers them in a tasks file, checks that one classification answers
+trains two demo tasks from the datasets shipped in `service/factory/demo/` (a text `sentiment` task
+and a chat `intent` task), registers them in a tasks file, checks that one classification answers
 through the gateway, and prints ready `curl` lines. Trained models are reused across runs: the
 factory keeps them in its data directory, and the demo finds the job that trained each dataset.
 Redis is used when one answers (GATEWAY_REDIS_URL, else redis://127.0.0.1:6379), and the demo says
 which; without it the gateway runs uncached.
+
+It lives with the commands, not with the factory: it is the command line's work (it starts both
+servers as a user would, and raises the command line's `UserError`), and the server side never
+imports the command line. The datasets stay with the factory's demo data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -30,8 +35,8 @@ import yaml
 
 from service.commands.errors import UserError
 
-HERE = Path(__file__).resolve().parent
-PACKAGE_ROOT = HERE.parents[2]
+DATASETS = Path(__file__).resolve().parents[1] / "factory" / "demo"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
 
@@ -102,16 +107,18 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str,
 
 
 def _redis(url: str | None) -> tuple[str, str]:
-    """(url to use or "", what to tell the user)."""
+    """(url to use or "", what to tell the user). Asks with the gateway's own client for that URL
+    (redis_clients.py), so the demo's "Redis answers" means the gateway's cache will reach it."""
     import redis
+
+    from service.gateway import redis_clients
+    from service.gateway.redis_url import parse_redis_url
 
     candidate = url if url is not None else os.environ.get("GATEWAY_REDIS_URL") or DEFAULT_REDIS_URL
     if not candidate:
         return "", "Redis: disabled (empty URL): the gateway runs without a result cache"
     try:
-        client = redis.Redis.from_url(candidate, socket_connect_timeout=0.5, socket_timeout=0.5)
-        client.ping()
-        client.close()
+        asyncio.run(redis_clients.ping(parse_redis_url(candidate), 0.5))
     except (redis.RedisError, OSError, ValueError) as exc:
         return "", (f"Redis: none reachable at {_redacted(candidate)} ({type(exc).__name__}): "
                     "the gateway runs without a result cache (start redis-server or set "
@@ -190,7 +197,7 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
 def train_task(client: httpx.Client, task: DemoTask) -> str:
     """The fine-tuned model for `task`: the one an earlier run trained from the same data, or a
     new one (Mistral's example job, at Mistral's default learning rate)."""
-    data = (HERE / task.dataset).read_bytes()
+    data = (DATASETS / task.dataset).read_bytes()
     r = client.post("/v1/files", files={"file": (task.dataset, data)},
                     data={"purpose": "fine-tune"})
     r.raise_for_status()

@@ -49,14 +49,18 @@ install-dev: install-torch
 # Moves the lock to the newest releases that pyproject.toml's ranges and requirements/pins.txt
 # allow, then runs lint and the whole suite on them. Drift shows up here, as a red `make lock`, and
 # never as a red CI on an unrelated change. Commit requirements/ only when this passes.
-UV_COMPILE = $(PY) -m uv pip compile --quiet --upgrade --generate-hashes --no-header \
+UV_COMPILE = $(PY) -m uv pip compile --quiet $(UPGRADE) --generate-hashes --no-header \
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--find-links $(TORCH_WHEELS) -c requirements/pins.txt
+# `make lock-files UPGRADE=` keeps every pin and only resolves what pyproject.toml added or changed
+# (a new dependency in a feature branch); `make lock` always moves everything to the newest.
+UPGRADE ?= --upgrade
 # Where uv finds the CPU build of PyTorch: pip's own find-links where the machine sets one (ours
 # carry the wheel on disk), else PyTorch's CPU index.
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 
-lock: lock-files
+lock:
+	$(MAKE) lock-files UPGRADE=--upgrade
 	$(MAKE) test
 
 lock-files:

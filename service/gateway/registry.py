@@ -164,29 +164,30 @@ class ModelRef(BaseModel):
     labels: tuple[str, ...] | None = None
 
 
-class CanarySpec(BaseModel):
-    """A candidate model that answers a sticky share of the task's items (`weight`, 0-1)."""
+class _RolloutSpec(BaseModel):
+    """What a canary and a shadow share: a second model of the task, on the task's upstream
+    unless it names another, with `target` and `labels` as on a task. Each adds its share
+    (`weight` or `sample`); one base so that a field every rollout role needs is added once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1)
-    weight: float = Field(ge=0.0, le=1.0)
     upstream: str | None = Field(default=None, description="Default: the task's upstream.")
     target: str | None = Field(default=None, min_length=1)
     labels: tuple[str, ...] | None = None
 
 
-class ShadowSpec(BaseModel):
+class CanarySpec(_RolloutSpec):
+    """A candidate model that answers a sticky share of the task's items (`weight`, 0-1)."""
+
+    weight: float = Field(ge=0.0, le=1.0)
+
+
+class ShadowSpec(_RolloutSpec):
     """A model that also sees a sampled share of the task's items (`sample`, 0-1), only to be
     compared with the task's model; its answers never reach the caller."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(min_length=1)
     sample: float = Field(ge=0.0, le=1.0)
-    upstream: str | None = Field(default=None, description="Default: the task's upstream.")
-    target: str | None = Field(default=None, min_length=1)
-    labels: tuple[str, ...] | None = None
 
 
 class ReviewSpec(BaseModel):

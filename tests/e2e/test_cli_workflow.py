@@ -311,18 +311,24 @@ def test_no_wait_then_jobs_wait_registers_the_model(stack: Stack) -> None:
     assert forced.returncode == 0, forced.stderr
 
 
+def spawn_finetune(stack: Stack, task: str, train: Path, *args: str) -> subprocess.Popen[str]:
+    """`finetune` as a user runs it in a terminal, with pipes to answer its question and read
+    its progress lines."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
+         "--poll-interval", "0.2", *args],
+        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
 @contextlib.contextmanager
 def finetune_interrupted_while_running(stack: Stack, task: str
                                        ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A long `finetune`, sent SIGINT (Ctrl-C) once its job runs; yields (process, job id). A
     watchdog kills it if it never gets there, so a broken CLI fails the test instead of hanging."""
     train = small_corpus(stack, f"{task}.jsonl", per_label=100)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
-         "--training-steps", "100000", "--poll-interval", "0.2",
-         "--model", "local-minilm"],  # long enough to be caught RUNNING
-        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    process = spawn_finetune(stack, task, train, "--training-steps", "100000",
+                             "--model", "local-minilm")  # long enough to be caught RUNNING
     watchdog = threading.Timer(60, process.kill)
     watchdog.start()
     try:
@@ -378,11 +384,7 @@ def test_a_job_that_ends_while_ctrl_c_asks_is_still_registered(stack: Stack, ans
     that ended meanwhile is reported and registered, and a `y` says it came too late."""
     task = "asked-yes" if answer else "asked-no"
     train = small_corpus(stack, "asked.jsonl", per_label=100)  # seconds of training: caught early
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "finetune", "--task", task, "--train", str(train),
-         "--training-steps", "40", "--poll-interval", "0.2"],
-        cwd=REPO, env=stack.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    process = spawn_finetune(stack, task, train, "--training-steps", "40")
     watchdog = threading.Timer(180, process.kill)
     watchdog.start()
     try:

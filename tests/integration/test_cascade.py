@@ -5,14 +5,20 @@ item's answer can be traced to the model named for it, and the cheap model's mar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
+import json
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from service.cli import main
+from service.commands.calibration import macro_f1
 from tests.support.fake_upstream import FakeUpstream, expected_scores, running_fake_upstream
 from tests.support.gateway import gateway_for
 from tests.support.redis_server import RedisServer
@@ -118,3 +124,78 @@ async def test_a_cascade_task_in_a_fan_out_call(tmp_path: Path, redis_server: Re
             alone = await client.post("/classify", json={"task": "sentiment", "input": TEXTS})
             r = await client.post("/classify", json={"tasks": ["sentiment"], "input": TEXTS})
     assert r.json()["tasks"]["sentiment"]["models"] == alone.json()["models"]
+
+
+def cli_json(*argv: str) -> Any:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return json.loads(out.getvalue())
+
+
+def big_top(text: str) -> str:
+    scores = expected_scores(text, BIG_TARGETS)["sentiment"]
+    return max(scores, key=scores.__getitem__)
+
+
+async def test_calibrate_writes_a_threshold_that_reproduces_what_it_printed(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    texts = [f"validation review {i}" for i in range(80)]
+    gold = [big_top(text) for text in texts]  # the big model is right, the cheap one sometimes
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "labels": {"sentiment": g}}) + "\n"
+                            for t, g in zip(texts, gold, strict=True)))
+    with cascade(tmp_path, redis_server) as (url, cheap, big):
+        tasks = str(tmp_path / "tasks.yaml")
+        found = cli_json("tasks", "calibrate", "sentiment", "--data", str(data), "--keep", "0.95",
+                         "--write", "--json", "--tasks", tasks)
+        assert [stage["macro_f1"] for stage in found["stages"]][1] == 1.0
+        chosen = found["chosen"]
+        rows = {row["threshold"]: row for row in found["rows"]}
+        assert rows[chosen["threshold"]] == chosen
+        # The lowest escalation that keeps 0.95 of the big model's macro-F1.
+        assert chosen["macro_f1"] >= 0.95
+        assert all(row["escalation"] >= chosen["escalation"] for row in found["rows"]
+                   if row["macro_f1"] >= 0.95)
+        assert 0 < chosen["escalation"] < 1
+        # Each stage saw every example once, asked directly: the gateway's cache is not involved.
+        assert (sent(cheap), sent(big)) == (texts, texts)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def written() -> bool:
+                stages = (await client.get("/tasks/sentiment")).json()["cascade"]
+                return bool(stages[0]["min_margin"] == chosen["threshold"])
+            await wait_until(written)
+            r = await client.post("/classify", json={"task": "sentiment", "input": texts})
+    body = r.json()
+    models = body.get("models") or [body["model"]] * len(texts)
+    labels = [result["sentiment"]["label"] for result in body["results"]]
+    assert sum(m != "ft:cheap" for m in models) / len(texts) == chosen["escalation"]
+    assert round(macro_f1(gold, labels), 6) == chosen["macro_f1"]
+
+
+async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, "the gateway did not reload the tasks file"
+        await asyncio.sleep(0.05)
+
+
+async def test_calibrate_prints_its_table_and_refuses_a_task_without_a_cascade(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "labels": {"sentiment": big_top(t)}}) + "\n"
+                            for t in TEXTS))
+    with cascade(tmp_path, redis_server):
+        tasks = str(tmp_path / "tasks.yaml")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["tasks", "calibrate", "sentiment", "--data", str(data),
+                         "--tasks", tasks]) == 0
+        assert "threshold  escalation  macro-F1" in out.getvalue()
+        assert "<- chosen" in out.getvalue() and "chosen min_margin 0." in out.getvalue()
+        assert f"min_margin: {MIN_MARGIN}" in (tmp_path / "tasks.yaml").read_text()  # not written
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["tasks", "calibrate", "nope", "--data", str(data), "--tasks", tasks]) != 0
+        assert "no task 'nope' with a cascade" in err.getvalue()
+        assert "tasks with one: sentiment" in err.getvalue()

@@ -199,3 +199,17 @@ async def test_calibrate_prints_its_table_and_refuses_a_task_without_a_cascade(
             assert main(["tasks", "calibrate", "nope", "--data", str(data), "--tasks", tasks]) != 0
         assert "no task 'nope' with a cascade" in err.getvalue()
         assert "tasks with one: sentiment" in err.getvalue()
+
+
+async def test_the_shadow_compares_the_cascades_final_answers(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    with cascade(tmp_path, redis_server,
+                 shadow={"model": "ft:shadow", "sample": 1.0, "upstream": "spare"}) as (url, _, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            r = await client.post("/classify", json={"task": "sentiment", "input": TEXTS})
+            assert len(set(r.json()["models"])) == 2  # both stages answered
+
+            async def compared() -> bool:
+                report = (await client.get("/tasks/sentiment/shadow")).json()
+                return bool(report["targets"].get("sentiment", {}).get("compared") == len(TEXTS))
+            await wait_until(compared)

@@ -25,7 +25,7 @@ CONVERSATION = {"messages": [{"role": "user", "content": "where is my order?"}]}
 def tasks_file(fake: FakeUpstream) -> tuple[dict[str, Any], dict[str, Any]]:
     upstreams = {"local": {"base_url": str(fake.url)}, "dead": {"base_url": "http://127.0.0.1:9"}}
     tasks = {
-        "moderation": {"upstream": "local", "model": "ft:moderation"},
+        "moderation": {"upstream": "local", "model": "ft:moderation", "feedback": True},
         "intent": {"upstream": "local", "model": "ft:intent", "multi_label_targets": ["intent"],
                    "threshold": 0.3},
         "language": {"upstream": "local", "model": "ft:language"},
@@ -136,6 +136,24 @@ async def test_a_slow_task_times_out_alone(tmp_path: Path, redis_server: RedisSe
     answers = r.json()["tasks"]
     assert answers["language"]["error"]["type"] == "upstream_timeout"
     assert answers["moderation"]["model"] == "ft:moderation"
+
+
+async def test_feedback_names_a_fan_out_answer_by_its_tasks_id(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Each task's entry is a response of its own: POST /feedback takes its id."""
+    with gateway(tmp_path, redis_server) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            r = await client.post("/classify", json={"tasks": ["intent", "moderation"],
+                                                     "input": ["one", "two"]})
+            rid = r.json()["tasks"]["moderation"]["id"]
+            stored = await client.post("/feedback", json={
+                "id": rid, "index": 1, "labels": {"moderation": "flagged"}})
+            wrong = await client.post("/feedback", json={
+                "id": r.json()["tasks"]["intent"]["id"], "index": 0,
+                "labels": {"intent": ["buy"]}})
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["task"] == "moderation"
+    assert wrong.status_code == 404  # intent keeps no responses (no `feedback: true`)
 
 
 @pytest.mark.parametrize(("path", "body", "status", "needle", "loc"), [

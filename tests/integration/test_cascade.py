@@ -11,11 +11,13 @@ import io
 import json
 import statistics
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio
 
 from service.cli import main
 from service.commands.calibration import macro_f1
@@ -41,7 +43,7 @@ MIN_MARGIN = statistics.median(margin(text) for text in TEXTS)
 
 @contextlib.contextmanager
 def cascade(tmp_path: Path, redis: RedisServer, *, big_url: str | None = None,
-            cheap_url: str | None = None, **task: Any
+            cheap_url: str | None = None, prefix: str | None = None, **task: Any
             ) -> Iterator[tuple[str, FakeUpstream, FakeUpstream]]:
     with running_fake_upstream(CHEAP_TARGETS) as cheap, \
             running_fake_upstream(BIG_TARGETS) as big:
@@ -51,8 +53,22 @@ def cascade(tmp_path: Path, redis: RedisServer, *, big_url: str | None = None,
         tasks = {"sentiment": {"upstream": "large", "cascade": [
             {"model": "ft:cheap", "min_margin": MIN_MARGIN, "upstream": "small"},
             {"model": "ft:big"}], **task}}
-        with gateway_for(tmp_path, redis.url, upstreams, tasks, retry_attempts=1) as url:
+        with gateway_for(tmp_path, redis.url, upstreams, tasks, retry_attempts=1,
+                         cache_prefix=prefix or f"test:{uuid.uuid4().hex[:8]}") as url:
             yield url, cheap, big
+
+
+async def cached(redis_url: str, prefix: str, count: int, timeout_s: float = 10.0) -> None:
+    """Wait until the cache holds `count` entries under `prefix`: answers are written just after
+    the response goes out, so a request sent at once may still miss."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(await client.keys(f"{prefix}:*")) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} cache entries"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
 
 
 def sent(fake: FakeUpstream) -> list[Any]:
@@ -63,7 +79,8 @@ async def test_each_item_is_answered_by_the_first_stage_sure_enough_and_cached_p
         tmp_path: Path, redis_server: RedisServer) -> None:
     sure = [margin(text) >= MIN_MARGIN for text in TEXTS]
     assert 10 <= sum(sure) <= 20  # both stages have work
-    with cascade(tmp_path, redis_server) as (url, cheap, big):
+    prefix = f"test:{uuid.uuid4().hex[:8]}"
+    with cascade(tmp_path, redis_server, prefix=prefix) as (url, cheap, big):
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             r = await client.post("/classify", json={"task": "sentiment", "input": TEXTS})
             assert r.status_code == 200, r.text
@@ -79,6 +96,7 @@ async def test_each_item_is_answered_by_the_first_stage_sure_enough_and_cached_p
             assert len(big.calls) == 1
             assert sent(big) == [t for t, ok in zip(TEXTS, sure, strict=True) if not ok]
             # Each stage's answers are cached under its own model: nothing goes upstream again.
+            await cached(redis_server.url, prefix, len(TEXTS) + len(TEXTS) - sum(sure))
             again = await client.post("/classify", json={"task": "sentiment", "input": TEXTS})
             assert again.headers["x-cache"] == "hit"
             assert again.json()["models"] == expected_models

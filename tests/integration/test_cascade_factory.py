@@ -14,6 +14,7 @@ import yaml
 
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
+from tests.integration.test_cascade import cached
 from tests.support.factory import FactoryClient, jsonl, running_factory, sentiment_rows
 from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
@@ -44,11 +45,13 @@ async def test_a_cascade_of_two_trained_models(tmp_path: Path, redis_server: Red
             "upstreams": {"local": {"base_url": factory.url}},
             "tasks": {"sentiment": {"upstream": "local", "cascade": [
                 {"model": small, "min_margin": min_margin}, {"model": large}]}}}))
+        prefix = f"test:{uuid.uuid4().hex[:8]}"
         settings = Settings(tasks_file=tasks_file, redis_url=redis_server.url,
-                            cache_prefix=f"test:{uuid.uuid4().hex[:8]}")
+                            cache_prefix=prefix)
         with serve(create_app(settings)) as gateway:
             async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
                 r = await http.post("/classify", json={"task": "sentiment", "input": texts})
+                await cached(redis_server.url, prefix, len(texts) + len(texts) - sum(sure))
                 again = await http.post("/classify", json={"task": "sentiment", "input": texts})
     assert r.status_code == 200, r.text
     body = r.json()

@@ -99,12 +99,22 @@ class Readiness(BaseModel):
     problems: list[str]
 
 
+class CascadeStats(BaseModel):
+    items: int = Field(description="Items the cascade answered in this process since its "
+                       "stages last changed.")
+    answered: list[int] = Field(description="How many of them each stage answered, in order.")
+    escalated_share: float | None = Field(
+        description="The share the first stage handed on; null before any item.")
+
+
 class TaskDescription(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
     kind: str
     model: str
+    cascade_stats: CascadeStats | None = Field(
+        default=None, description="Only `GET /tasks/{name}` of a task with a cascade.")
 
 
 class TaskList(BaseModel):

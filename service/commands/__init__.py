@@ -45,6 +45,7 @@ HELPERS: tuple[str, ...] = (
     "servers",    # what serve and factory share: their settings in --help, how they stop
     "api",        # HTTP clients of the upstream and the gateway; where they are, their keys
     "tasksfile",  # safe edits of the gateway's tasks file, its --tasks argument
+    "calibration",  # tasks calibrate's work: each stage's answers, every threshold replayed
     "served",     # whether the running gateway serves a task just written
     "datacheck",  # what a training file holds, and why it cannot be used
     "prepare",    # turning a raw corpus into train/validation files

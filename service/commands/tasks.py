@@ -1,14 +1,15 @@
-"""`classifier-gateway tasks list | show | set | remove | promote | rollback`: read and edit the
-gateway's tasks file safely (validated with the gateway's parser, written atomically), so a running
-gateway picks changes up at once. `promote` makes a task's canary or shadow its model and keeps the
-old one as `previous`; `rollback` puts `previous` back."""
+"""`classifier-gateway tasks list | show | set | remove | promote | rollback | calibrate`: read and
+edit the gateway's tasks file safely (validated with the gateway's parser, written atomically), so a
+running gateway picks changes up at once. `promote` makes a task's canary or shadow its model and
+keeps the old one as `previous`; `rollback` puts `previous` back; `calibrate` chooses a cascade's
+`min_margin` from labelled data (service/commands/calibration.py)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any, TypeAlias
 
-from service.commands import tasksfile
+from service.commands import calibration, tasksfile
 from service.commands.api import Api, add_gateway_arguments, gateway_api, model_ids
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
@@ -115,6 +116,23 @@ def register(sub: Sub) -> None:
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_rollback)
+
+    p = actions.add_parser(
+        "calibrate", help="choose a cascade's min_margin from labelled data",
+        description="Send labelled examples through each stage of the task's cascade (on its "
+                    "upstream, no cache), print threshold, escalation share and macro-F1 for "
+                    "the first stage's min_margin, and pick the lowest escalation whose "
+                    "macro-F1 is at least KEEP times the last stage's alone.")
+    p.add_argument("name", metavar="NAME", help="a task with a cascade")
+    p.add_argument("--data", required=True, type=tasksfile.absolute_path, metavar="FILE",
+                   help="JSONL in the training format: text (or messages) and labels")
+    p.add_argument("--keep", type=float, default=0.99, metavar="K",
+                   help="share of the last stage's macro-F1 to keep (default 0.99)")
+    p.add_argument("--write", action="store_true",
+                   help="write the chosen min_margin into the tasks file")
+    add_tasks_file_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_calibrate)
 
     p = actions.add_parser("remove", help="remove a task")
     p.add_argument("name", metavar="NAME", help="the task to remove")
@@ -296,6 +314,48 @@ def cmd_set(args: argparse.Namespace) -> int:
         print(f"task {args.name}: {'; '.join(changes)}; saved in {args.tasks}")
     else:
         print(f"task {args.name} unchanged in {args.tasks}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if not 0 < args.keep <= 1:
+        raise UserError(f"--keep must be in (0, 1], not {args.keep}")
+    registry = tasksfile.load(args.tasks)
+    task = registry.task(args.name)
+    if task is None or not task.cascade:
+        with_cascade = sorted(n for n, t in registry.tasks.items() if t.cascade)
+        raise UserError(f"no task {args.name!r} with a cascade in {args.tasks}; tasks with one: "
+                        f"{', '.join(with_cascade) or 'none'}")
+    target = task.stage_route(task.cascade[0])[1].target
+    examples = calibration.read_examples(args.data, task, target)
+    results = calibration.stage_results(registry, task, [e.item for e in examples])
+    found = calibration.calibrate(task, examples, results, args.keep)
+    chosen = found.chosen
+    if chosen is None:  # unreachable with keep <= 1 and two stages; said plainly if it happens
+        raise UserError(f"no threshold keeps {args.keep} of the last stage's macro-F1 "
+                        f"({found.alone[-1]})")
+    if args.write:
+        tasksfile.edit(args.tasks, lambda data: task_edits.set_stage_margin(
+            data, args.name, 0, chosen.threshold))
+    if args.json:
+        print_json({"task": task.name, "target": found.target, "examples": len(examples),
+                    "stages": [{"model": m, "macro_f1": f}
+                               for m, f in zip(found.stages, found.alone, strict=True)],
+                    "rows": [vars(row) for row in found.rows], "chosen": vars(chosen),
+                    "keep": args.keep, "written": args.write})
+        return 0
+    print(f"task {task.name}, target {found.target}: {len(examples)} examples")
+    print(table(("stage", "model", "macro-F1 alone"),
+                [(k + 1, m, f) for k, (m, f) in
+                 enumerate(zip(found.stages, found.alone, strict=True))]))
+    shown = [row for row in found.rows if round(row.threshold * 100) % 5 == 0 or row == chosen]
+    print(table(("threshold", "escalation", "macro-F1", ""),
+                [(f"{row.threshold:.2f}", f"{row.escalation:.3f}", f"{row.macro_f1:.4f}",
+                  "<- chosen" if row == chosen else "") for row in shown]))
+    print(f"chosen min_margin {chosen.threshold:.2f}: escalates {chosen.escalation:.1%}, "
+          f"macro-F1 {chosen.macro_f1:.4f} (>= {args.keep} x {found.alone[-1]:.4f})")
+    if args.write:
+        print(f"written to {args.tasks} (tasks.{task.name}.cascade[0].min_margin)")
     return 0
 
 

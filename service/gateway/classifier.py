@@ -7,6 +7,11 @@ post-processing can change without invalidating the cache, and tasks sharing a m
 entries. Entries are keyed by the model that answered: a fallback's answers never pass for the
 primary's once it is back.
 
+Cascades: a task with a `cascade` asks its stages in turn, each with the items the stages before it
+were not sure of, in one call per stage (`_cascade`); each stage's answers are cached under its own
+model. A stage before the last that fails hands all its items on (the cheap model being down must
+not fail the call); the last stage has the task's fallbacks.
+
 Fallbacks: when the task's model fails after its retries, or its circuit is open
 (`UpstreamUnavailable`), answers with a broken body (`UpstreamBadResponse`) or times out with time
 left on the request's deadline, the items the cache did not answer go to the task's fallbacks in
@@ -162,6 +167,8 @@ class Classifier:
         self._default_timeout_s = default_timeout_s
         #: Set by the app once built (they answer through this classifier): see shadow.py.
         self.shadow: ShadowSink | None = None
+        #: Items answered per cascade stage, by task and its stages' models (GET /tasks/{name}).
+        self.cascade_counts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
@@ -176,7 +183,10 @@ class Classifier:
         deadline = time.monotonic() + timeout_s
         ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
         canary = task.canary
-        if canary is None or canary.weight <= 0.0:
+        if task.cascade:
+            results, models, misses, fallback_from = await self._cascade(
+                task, items, ttl_s, deadline, timeout_s, read_cache, disconnected)
+        elif canary is None or canary.weight <= 0.0:
             served = await self._serve(task, task.candidates(), items, ttl_s, deadline,
                                        timeout_s, read_cache, disconnected)
             results, models = served.results, [served.model] * len(items)
@@ -211,6 +221,67 @@ class Classifier:
             self.shadow.offer(task, items, results, models)
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
                        fallback_from)
+
+    async def _cascade(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
+                       timeout_s: float, read_cache: bool, disconnected: Disconnected | None
+                       ) -> tuple[list[Result], list[str], int, str | None]:
+        """Results, the model of each, cache misses and the failed model (when the last stage's
+        fallback answered), from the task's cascade (see the module docstring)."""
+        results: list[Result] = [{}] * len(items)
+        models = [""] * len(items)
+        misses = 0
+        fallback_from: str | None = None
+        pending = list(range(len(items)))
+        answered: list[int] = []
+        for chain, min_margin in task.cascade_chains():
+            asked = [items[i] for i in pending]
+            if min_margin is None:  # the last stage: every item left, with the task's fallbacks
+                served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
+                                           read_cache, disconnected)
+                for i, result in zip(pending, served.results, strict=True):
+                    results[i], models[i] = result, served.model
+                misses += served.misses
+                fallback_from = served.fallback_from
+                answered.append(len(pending))
+                pending = []
+                break
+            (upstream, route), = chain
+            try:
+                served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
+                                           read_cache, disconnected)
+            except FALLBACK_ON as exc:
+                log.info("task %s: cascade stage %s/%s failed, its items go on: %s",
+                         task.name, upstream, route.model, exc.message)
+                answered.append(0)
+                continue
+            misses += served.misses
+            left = []
+            for i, result in zip(pending, served.results, strict=True):
+                if certainty(result, route.target, task) >= min_margin:
+                    results[i], models[i] = result, served.model
+                else:
+                    left.append(i)
+            answered.append(len(pending) - len(left))
+            pending = left
+            if not pending:
+                break
+        for stage, count in enumerate(answered, start=1):
+            if count:
+                self._metrics.child(self._metrics.cascade_items, task.name, str(stage)).inc(count)
+        book = self.cascade_counts.setdefault(
+            (task.name, tuple(stage.model for stage in task.cascade)), [0] * len(task.cascade))
+        for stage, count in enumerate(answered):
+            book[stage] += count
+        return results, models, misses, fallback_from
+
+    def cascade_report(self, task: TaskSpec) -> dict[str, Any]:
+        """Items each stage of the task's cascade answered in this process (since its stages
+        were last changed), and the share that went past the first stage."""
+        book = self.cascade_counts.get((task.name, tuple(s.model for s in task.cascade)),
+                                       [0] * len(task.cascade))
+        total = sum(book)
+        return {"items": total, "answered": list(book),
+                "escalated_share": round(1 - book[0] / total, 6) if total else None}
 
     async def answer(self, task: TaskSpec, upstream: str, route: Route,
                      items: Sequence[Any]) -> list[Result]:
@@ -429,6 +500,20 @@ def _settle(finished: asyncio.Future[bool]) -> None:
     """The deadline passed or the caller left before the items were done."""
     if not finished.done():
         finished.set_result(False)
+
+
+def certainty(result: Result, target: str, task: TaskSpec) -> float:
+    """How sure a cascade stage is of an item, on the task's target: the top score of a
+    multi-label target; else the top-two margin (the top score alone with one label). A result
+    without that target's scores is not sure at all: the item goes on."""
+    body = result.get(target)
+    scores = body.get("scores") if isinstance(body, dict) else None
+    if not isinstance(scores, dict) or not scores:
+        return -1.0
+    ranked = sorted((float(s) for s in scores.values()), reverse=True)
+    if target in task.multi_label_targets or len(ranked) == 1:
+        return ranked[0]
+    return ranked[0] - ranked[1]
 
 
 def decorate(task: TaskSpec, result: Result) -> dict[str, Any]:

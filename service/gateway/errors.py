@@ -56,12 +56,24 @@ class PayloadTooLarge(GatewayError):
     error_type = "payload_too_large"
 
 
-class EmptyInput(GatewayError):
-    """Rendered with FastAPI's `detail` list too, like every 422, so that the official SDK raises
-    its HTTPValidationError."""
+class InvalidField(GatewayError):
+    """A 422 about one field of the body (`loc`, after "body"), found by the route rather than by
+    pydantic. Rendered with FastAPI's `detail` list too, like every 422, so that the official SDK
+    raises its HTTPValidationError."""
 
     status_code = 422
     error_type = "invalid_request"
+
+    def __init__(self, message: str, *, loc: tuple[str | int, ...]) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class EmptyInput(InvalidField):
+    """`input` (or one of its items) is empty."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, loc=("input",))
 
 
 class ClientGone(GatewayError):
@@ -138,8 +150,8 @@ def render_error(request: Request, exc: Exception) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code,
                         exc.error_type, exc.message)
-        if isinstance(exc, EmptyInput):
-            detail = [{"loc": ["body", "input"], "msg": exc.message, "type": "value_error"}]
+        if isinstance(exc, InvalidField):
+            detail = [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "value_error"}]
             return error_response(422, exc.error_type, exc.message, detail=detail)
         return error_response(exc.status_code, exc.error_type, exc.message, exc.headers())
     if isinstance(exc, RequestValidationError):

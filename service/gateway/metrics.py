@@ -87,6 +87,11 @@ class GatewayMetrics:
             "task's, its canary's or a fallback's; only models the tasks file names).",
             ["task", "model"], registry=registry,
         )
+        self.cascade_items = Counter(
+            "gateway_cascade_items", "Items answered by each stage of a task's cascade (`stage` "
+            "1 is the first, cheapest model); the later stages' share is the escalation.",
+            ["task", "stage"], registry=registry,
+        )
         self.shadow_comparisons = Counter(
             "gateway_shadow_comparisons", "Items compared with a task's shadow model, per target: "
             "whether the top labels agree.", ["task", "target", "agreement"], registry=registry,

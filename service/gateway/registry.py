@@ -21,7 +21,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import watchfiles
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.gateway import protocols
 from service.gateway.protocols import Route, UpstreamProtocol
@@ -190,6 +197,23 @@ class ShadowSpec(_RolloutSpec):
     sample: float = Field(ge=0.0, le=1.0)
 
 
+class CascadeStage(BaseModel):
+    """One stage of a cascade: a model that answers the items it is sure of. Its certainty on the
+    task's target is the top-two margin of a single-label target (top score minus the second), or
+    the top score of a multi-label one; an item whose certainty is at least `min_margin` is
+    answered here, the others go on to the next stage. The last stage has no `min_margin`: it
+    answers whatever reaches it. `upstream`, `target` and `labels` as for a fallback; default:
+    the task's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    min_margin: float | None = Field(default=None, ge=0.0, le=1.0)
+    upstream: str | None = Field(default=None, description="Default: the task's upstream.")
+    target: str | None = Field(default=None, min_length=1)
+    labels: tuple[str, ...] | None = None
+
+
 class ReviewSpec(BaseModel):
     """Which answers go to the review queue: top-two margin under `max_margin`, plus a random
     control share `sample`."""
@@ -216,6 +240,10 @@ class TaskSpec(BaseModel):
     fallbacks: Annotated[tuple[ModelRef, ...], Role(label="fallback")] = Field(
         default=(), description="Tried in order when the upstream fails after its retries or "
         "its circuit is open; never for a 4xx caused by the request itself.")
+    cascade: Annotated[tuple[CascadeStage, ...], Role(label="cascade stage")] = Field(
+        default=(), description="Stages asked in turn, cheapest first; each answers the items "
+        "it is sure of (`min_margin`) and hands the rest to the next in one batch. The last "
+        "stage is the task's `model` (default: it), and the task's fallbacks apply to it.")
     canary: Annotated[CanarySpec | None, Role(rollout=True, share_default=0.1)] = None
     shadow: Annotated[ShadowSpec | None, Role(rollout=True, share_default=1.0)] = None
     review: ReviewSpec | None = None
@@ -231,6 +259,32 @@ class TaskSpec(BaseModel):
     multi_label_targets: tuple[str, ...] = Field(
         default=(), description="Targets that get a `labels` list (scores >= threshold)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_of_a_cascade(cls, data: Any) -> Any:
+        """A cascade names its models in its stages: the task's `model` defaults to the last."""
+        if isinstance(data, dict) and "model" not in data:
+            stages = data.get("cascade")
+            if isinstance(stages, list | tuple) and stages and isinstance(stages[-1], dict) \
+                    and "model" in stages[-1]:
+                return {**data, "model": stages[-1]["model"]}
+        return data
+
+    @field_validator("cascade")
+    @classmethod
+    def _cascade_shape(cls, value: tuple[CascadeStage, ...]) -> tuple[CascadeStage, ...]:
+        if len(value) < 2:
+            raise ValueError(f"a cascade needs at least two stages, not {len(value)}; for one "
+                             "model, set the task's `model` instead")
+        for index, stage in enumerate(value[:-1]):
+            if stage.min_margin is None:
+                raise ValueError(f"stage [{index}] ({stage.model!r}) needs `min_margin` (0-1): "
+                                 "how sure it must be to answer an item")
+        if value[-1].min_margin is not None:
+            raise ValueError(f"the last stage [{len(value) - 1}] ({value[-1].model!r}) has "
+                             "`min_margin`; it answers every item that reaches it, so remove it")
+        return value
 
     @field_validator("labels")
     @classmethod
@@ -256,6 +310,18 @@ class TaskSpec(BaseModel):
         return (spec.upstream or self.upstream,
                 Route(self.kind, spec.model, spec.target or self.target or self.name,
                       self.labels if spec.labels is None else spec.labels))
+
+    def stage_route(self, stage: CascadeStage) -> tuple[str, Route]:
+        return (stage.upstream or self.upstream,
+                Route(self.kind, stage.model, stage.target or self.target or self.name,
+                      self.labels if stage.labels is None else stage.labels))
+
+    def cascade_chains(self) -> list[tuple[list[tuple[str, Route]], float | None]]:
+        """Per stage: the models to ask (a stage alone; the last one, then the task's
+        fallbacks) and its `min_margin` (None for the last)."""
+        last = len(self.cascade) - 1
+        return [([self.stage_route(stage), *(self.candidates()[1:] if i == last else [])],
+                 stage.min_margin) for i, stage in enumerate(self.cascade)]
 
     def canary_candidates(self) -> list[tuple[str, Route]]:
         """The canary, then the task's own chain: a failing canary falls back to the model it
@@ -396,6 +462,7 @@ def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared:
             errors.append(f"{where}.{name}.model: {route.model!r} on {upstream!r} is the task's "
                           f"own model; a {name} must be another model (or upstream)")
         errors.extend(_check_route(f"{where}.{name}", upstream, route, upstreams, declared))
+    errors.extend(_check_cascade(task, upstreams, declared, where))
     for field, upstream, route in chain:
         spec = upstreams.get(upstream)
         if spec is None:
@@ -412,6 +479,35 @@ def _check_task(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec], declared:
             errors.append(f"{field}: upstream {upstream!r} speaks {wire.name}, which answers with "
                           "unnamed probabilities; list the model's classes in index order "
                           "under the task's `labels` (its config's id2label)")
+    return errors
+
+
+def _check_cascade(task: TaskSpec, upstreams: Mapping[str, UpstreamSpec],
+                   declared: Mapping[Any, Any], where: str) -> list[str]:
+    """A cascade's stages are distinct models, its last is the task's model, and it does not
+    share the task with a canary (which items would the canary's share be taken from?)."""
+    if not task.cascade:
+        return []
+    errors: list[str] = []
+    if task.canary is not None:
+        errors.append(f"{where}.cascade: a task cannot have both a cascade and a canary (the "
+                      "canary's share would bypass the cascade); try the canary on a copy of "
+                      "the task, or remove one of them")
+    seen: dict[tuple[str, str], int] = {}
+    for index, stage in enumerate(task.cascade):
+        upstream, route = task.stage_route(stage)
+        field = f"{where}.cascade[{index}]"
+        if (upstream, route.model) in seen:
+            errors.append(f"{field}.model: {route.model!r} on {upstream!r} is already stage "
+                          f"[{seen[upstream, route.model]}]; each stage must be another model "
+                          "(or upstream)")
+        seen.setdefault((upstream, route.model), index)
+        errors.extend(_check_route(field, upstream, route, upstreams, declared))
+    last_upstream, last = task.stage_route(task.cascade[-1])
+    if (last_upstream, last.model) != (task.upstream, task.model):
+        errors.append(f"{where}.model: {task.model!r} on {task.upstream!r} is not the cascade's "
+                      f"last stage ({last.model!r} on {last_upstream!r}); leave `model` out, or "
+                      "make it the last stage's")
     return errors
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     max_items: int = Field(default=128, ge=1)
     max_item_chars: int = Field(default=32_768, ge=1)
+    # Tasks one call may name in `tasks` (fan-out): each is a classification of every item, so
+    # this bounds the work one request can start (max_items x max_fanout items upstream).
+    max_fanout: int = Field(default=8, ge=1)
 
     # Upstream calls.
     timeout_s: float = Field(default=10.0, gt=0, description="Default per-request deadline.")

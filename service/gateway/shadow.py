@@ -77,8 +77,11 @@ class ShadowRunner:
         shadow = task.shadow
         if shadow is None or shadow.sample <= 0.0:
             return
+        # The task's answers: its model's, or a cascade's final ones, whichever stage gave them
+        # (not a fallback's or a canary's).
+        answering = {task.model, *(stage.model for stage in task.cascade)}
         picked = [(item, result) for item, result, model in zip(items, results, models, strict=True)
-                  if model == task.model and self._rng.random() < shadow.sample]
+                  if model in answering and self._rng.random() < shadow.sample]
         if not picked:
             return
         if self._pending + len(picked) > self._max_pending:

@@ -166,6 +166,18 @@ def update_entry(doc: Document, name: str, key: str, values: Mapping[str, Any]) 
             entry[part] = value
 
 
+def set_stage_margin(doc: Document, name: str, stage: int, min_margin: float) -> None:
+    """Set `min_margin` of the task's cascade stage `stage` (0: the first), in place; `validate`
+    then holds it to the schema's rules (0-1, not on the last stage)."""
+    stages = task_entry(doc, name).get("cascade")
+    if not isinstance(stages, list) or not stages:
+        raise EditError(f"task {name!r} has no cascade to calibrate")
+    if not 0 <= stage < len(stages) - 1 or not isinstance(stages[stage], MutableMapping):
+        raise EditError(f"task {name!r}: stage [{stage}] is not a stage before the last of its "
+                        f"cascade ({len(stages)} stages)")
+    stages[stage]["min_margin"] = min_margin
+
+
 def rollout_roles() -> list[RoleField]:
     """The roles that try a candidate on live traffic (canary, shadow), in the schema's order:
     the first present one is what `promote` takes by default."""

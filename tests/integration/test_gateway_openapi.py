@@ -22,7 +22,10 @@ async def test_openapi_documents_every_classification_body(tmp_path: Path) -> No
         body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"}
         assert model in schemas
-    assert schemas["ClassifyRequest"]["required"] == ["task", "input"]
+    for model in ("ClassifyRequest", "ClassifyChatRequest"):  # one task, or several (fan-out)
+        assert schemas[model]["required"] == ["input"]
+        assert schemas[model]["oneOf"] == [{"required": ["task"]}, {"required": ["tasks"]}]
+        assert schemas[model]["properties"]["tasks"]["type"] == "array"
     assert "Conversation" in schemas and "Message" in schemas  # nested models are resolvable
     params = doc["paths"]["/classify"]["post"]["parameters"]
     assert params[0]["name"] == "Cache-Control"
@@ -45,8 +48,13 @@ async def test_openapi_documents_every_status_with_its_schema(tmp_path: Path) ->
                 assert schema == {"$ref": ref("ErrorResponse")}, (path, status)
         assert "Retry-After" in responses["503"]["headers"]
         assert "Retry-After" in responses["429"]["headers"]
-    assert doc["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"][
-        "schema"] == {"$ref": ref("ClassifyResponse")}
+    for path in ("/classify", "/classify-chat"):
+        assert doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"][
+            "schema"]["anyOf"] == [{"$ref": ref("ClassifyResponse")},
+                                   {"$ref": ref("ClassifyTasksResponse")}]
+    per_task = doc["components"]["schemas"]["ClassifyTasksResponse"]["properties"]["tasks"]
+    assert per_task["additionalProperties"]["anyOf"] == [{"$ref": ref("ClassifyResponse")},
+                                                         {"$ref": ref("ErrorResponse")}]
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
     assert sorted(doc["paths"]["/tasks/{name}"]["get"]["responses"]) == ["200", "401", "404", "422"]

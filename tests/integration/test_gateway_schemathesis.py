@@ -53,6 +53,11 @@ def test_every_answer_is_documented(case: Any) -> None:
         for field, names in REAL.items():
             if isinstance(body.get(field), str) and len(str(body)) % 2 == 0:
                 body[field] = names[len(str(body)) % 4 // 2]
+        if isinstance(body.get("tasks"), list) and body["tasks"] and len(str(body)) % 2 == 0:
+            # Fan-out, often on the route's real task (or, from two names on, a mix: a 400).
+            own = "intent" if case.path == "/classify-chat" else "sentiment"
+            body["tasks"] = [own] if len(body["tasks"]) == 1 else ["sentiment", "intent"]
+            body.pop("task", None)
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[
         not_a_server_error, status_code_conformance, content_type_conformance,
         response_headers_conformance, response_schema_conformance])

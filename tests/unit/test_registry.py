@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from service.gateway.classifier import certainty
 from service.gateway.protocols import Route
 from service.gateway.registry import (
     ModelRole,
@@ -211,10 +212,11 @@ def test_every_field_that_names_a_model_is_a_marked_role() -> None:
         if any("model" in cls.model_fields for cls in classes):
             naming.add(name)
     assert {field.name for field in role_fields()} == naming == {
-        "fallbacks", "canary", "shadow", "previous"}
+        "fallbacks", "cascade", "canary", "shadow", "previous"}
     assert [(f.name, f.label, f.share, f.many, f.role.served, f.role.rollout)
             for f in role_fields()] == [
         ("fallbacks", "fallback", None, True, True, False),
+        ("cascade", "cascade stage", None, True, True, False),
         ("canary", "canary", "weight", False, True, True),
         ("shadow", "shadow", "sample", False, True, True),
         ("previous", "previous", None, False, False, False)]
@@ -242,3 +244,58 @@ def test_sticky_share_is_fixed_per_item_and_uniform() -> None:
     assert abs(sum(s < 0.1 for s in shares) / len(shares) - 0.1) < 0.01
     # A new candidate draws a fresh split rather than the same items.
     assert [sticky_share("t", "ft:c", f"text {i}") for i in range(50)] != shares[:50]
+
+
+CHEAP = {"model": "cheap", "min_margin": 0.35}
+
+
+@pytest.mark.parametrize(("task", "message"), [
+    ({"cascade": [{"model": "cheap", "min_margin": 1.5}, {"model": "big"}]},
+     "tasks.t.cascade.0.min_margin: Input should be less than or equal to 1"),
+    ({"cascade": [{"model": "cheap", "min_margin": -0.1}, {"model": "big"}]},
+     "tasks.t.cascade.0.min_margin: Input should be greater than or equal to 0"),
+    ({"cascade": [CHEAP, {"model": "cheap"}]},
+     "tasks.t.cascade[1].model: 'cheap' on 'local' is already stage [0]"),
+    ({"model": "big", "cascade": []}, "tasks.t.cascade: Value error, a cascade needs at least "
+     "two stages, not 0"),
+    ({"cascade": [{"model": "big"}]}, "a cascade needs at least two stages, not 1"),
+    ({"cascade": [CHEAP, {"model": "big", "min_margin": 0.2}]},
+     "the last stage [1] ('big') has `min_margin`"),
+    ({"cascade": [{"model": "cheap"}, {"model": "big"}]}, "stage [0] ('cheap') needs `min_margin`"),
+    ({"model": "other", "cascade": [CHEAP, {"model": "big"}]},
+     "tasks.t.model: 'other' on 'local' is not the cascade's last stage ('big' on 'local')"),
+    ({"cascade": [CHEAP, {"model": "big"}], "canary": {"model": "c", "weight": 0.1}},
+     "tasks.t.cascade: a task cannot have both a cascade and a canary"),
+    ({"cascade": [{**CHEAP, "upstream": "nowhere"}, {"model": "big"}]},
+     "tasks.t.cascade[0].upstream: unknown upstream 'nowhere'"),
+])
+def test_a_bad_cascade_is_a_load_error_naming_the_field(task: dict[str, object],
+                                                        message: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_registry(with_upstreams({}, {"t": {"upstream": "local", **task}}))
+    assert message in str(caught.value)
+
+
+def test_a_cascade_names_the_tasks_model_and_its_stages_routes() -> None:
+    task = parse_registry(with_upstreams({"other": {"base_url": "http://o"}}, {"t": {
+        "upstream": "local", "target": "sentiment",
+        "cascade": [{"model": "cheap", "min_margin": 0.35, "upstream": "other", "target": "s"},
+                    {"model": "big"}],
+        "fallbacks": [{"upstream": "other", "model": "backup"}]}})).tasks["t"]
+    assert task.model == "big"  # the last stage
+    assert task.cascade_chains() == [
+        ([("other", Route("text", "cheap", "s", ()))], 0.35),
+        ([("local", Route("text", "big", "sentiment", ())),
+          ("other", Route("text", "backup", "sentiment", ()))], None)]
+    assert task.models() == ["big", "backup", "cheap"]
+
+
+def test_certainty_is_the_top_two_margin_or_the_top_score_of_a_multi_label_target() -> None:
+    task = parse_registry(with_upstreams({}, {"t": {
+        "upstream": "local", "model": "m", "multi_label_targets": ["topics"]}})).tasks["t"]
+    result = {"t": {"scores": {"a": 0.6, "b": 0.3, "c": 0.1}},
+              "topics": {"scores": {"x": 0.9, "y": 0.85}}, "one": {"scores": {"z": 0.7}}}
+    assert certainty(result, "t", task) == pytest.approx(0.3)
+    assert certainty(result, "topics", task) == pytest.approx(0.9)
+    assert certainty(result, "one", task) == pytest.approx(0.7)
+    assert certainty(result, "missing", task) < 0  # never sure: the item goes on

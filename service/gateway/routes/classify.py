@@ -4,37 +4,71 @@ The routes themselves (paths, docs) are declared in hot.py."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from service.gateway.classifier import Outcome, decorate
+from service.gateway.classifier import Disconnected, Outcome, decorate
+from service.gateway.errors import InvalidField, InvalidRequest
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
+from service.gateway.routes import fanout
 from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
 from service.wire import Conversation
 
+TaskName = Annotated[str, Field(min_length=1)]
+TASK_DOC = "A task name from the tasks file."
+TASKS_DOC = ("Several task names (fan-out), instead of `task`: each classifies every input, "
+             "concurrently, and the answer is `{\"tasks\": {name: answer}}`. At most "
+             "GATEWAY_MAX_FANOUT (default 8).")
+
+
+def _task_or_tasks_schema(schema: dict[str, Any]) -> None:
+    """Either `task` or `tasks`, as the OpenAPI document says it. The fields default to empty
+    values rather than None, so that a wrong type reads "must be a list of strings" without a
+    "or null" branch; those defaults (never valid when sent) are not documented."""
+    for name in ("task", "tasks"):
+        schema["properties"][name].pop("default", None)
+    schema["oneOf"] = [{"required": ["task"]}, {"required": ["tasks"]}]
+
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_task_or_tasks_schema)
 
-    task: str = Field(min_length=1, description="A task name from the tasks file.")
+    task: TaskName = Field(default="", description=TASK_DOC)
+    tasks: list[TaskName] = Field(default=[], min_length=1, description=TASKS_DOC)
     input: str | list[str]
 
 
 class ClassifyChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_task_or_tasks_schema)
 
-    task: str = Field(min_length=1)
+    task: TaskName = Field(default="", description=TASK_DOC)
+    tasks: list[TaskName] = Field(default=[], min_length=1, description=TASKS_DOC)
     input: Conversation | list[Conversation]
+
+
+def task_or_tasks(body: ClassifyRequest | ClassifyChatRequest) -> str | list[str]:
+    """The one task named, or the list of them (fan-out); a 4xx naming both fields otherwise.
+    An empty value is one not sent (a sent one is at least one long)."""
+    if body.task:
+        if body.tasks:
+            raise InvalidRequest("The body has both `task` and `tasks`; send `task` for one task "
+                                 "or `tasks` for several, not both.")
+        return body.task
+    if not body.tasks:
+        raise InvalidField("`task` is missing: send `task` (one task name) or `tasks` (a list "
+                           "of task names).", loc=("task",))
+    return body.tasks
 
 
 def reads_cache(cache_control: str | None) -> bool:
@@ -42,13 +76,15 @@ def reads_cache(cache_control: str | None) -> bool:
 
 
 async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
-              items: Sequence[Any]) -> Outcome:
-    """The part every classification route shares, once the items are validated."""
+              items: Sequence[Any], disconnected: Disconnected | None = None) -> Outcome:
+    """The part every classification route shares, once the items are validated.
+    `disconnected`: the call's watch on the client (fan-out shares one); default: its own."""
 
-    async def disconnected() -> None:
+    async def read_until_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
+    disconnected = disconnected or read_until_disconnect
     outcome = await runtime.classifier.classify(task, upstream, items,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
@@ -79,7 +115,8 @@ def answer_headers(outcome: Outcome) -> dict[str, str]:
     return headers
 
 
-def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
+def answer_body(task: TaskSpec, outcome: Outcome) -> dict[str, Any]:
+    """What `/classify` answers for one task (also each task's entry in a fan-out answer)."""
     body: dict[str, Any] = {
         "id": outcome.id,
         "task": task.name,
@@ -88,7 +125,26 @@ def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
     }
     if outcome.split:
         body["models"] = outcome.models
-    return JSONResponse(body, headers=answer_headers(outcome))
+    return body
+
+
+def respond(task: TaskSpec, outcome: Outcome) -> JSONResponse:
+    return JSONResponse(answer_body(task, outcome), headers=answer_headers(outcome))
+
+
+async def run_many(runtime: Runtime, request: Request,
+                   tasks: Sequence[tuple[TaskSpec, UpstreamSpec]],
+                   items: Sequence[Any]) -> JSONResponse:
+    """Fan-out (routes/fanout.py): every task on the same items, concurrently, each failing on
+    its own."""
+    watch = fanout.SharedDisconnect(request)
+    try:
+        done = await asyncio.gather(
+            *(run(runtime, request, task, upstream, items, watch.wait)
+              for task, upstream in tasks), return_exceptions=True)
+    finally:
+        await watch.close()
+    return fanout.respond([task for task, _ in tasks], done, answer_body)
 
 
 CACHE_CONTROL_DOC = {"parameters": [{
@@ -100,8 +156,14 @@ CACHE_CONTROL_DOC = {"parameters": [{
 async def classify(request: Request) -> JSONResponse:
     body = await parse_body(request, ClassifyRequest)
     runtime = runtime_of(request)
-    task, upstream = resolve_task(request, runtime.registry.current, body.task, "text")
+    name = task_or_tasks(body)
     texts = [body.input] if isinstance(body.input, str) else body.input
+    if not isinstance(name, str):
+        tasks = fanout.resolve_tasks(request, runtime.registry.current, name, "text",
+                                     runtime.settings)
+        check_texts(texts, runtime.settings)
+        return await run_many(runtime, request, tasks, texts)
+    task, upstream = resolve_task(request, runtime.registry.current, name, "text")
     check_texts(texts, runtime.settings)
     outcome = await run(runtime, request, task, upstream, texts)
     return respond(task, outcome)
@@ -110,8 +172,14 @@ async def classify(request: Request) -> JSONResponse:
 async def classify_chat(request: Request) -> JSONResponse:
     body = await parse_body(request, ClassifyChatRequest)
     runtime = runtime_of(request)
-    task, upstream = resolve_task(request, runtime.registry.current, body.task, "chat")
+    name = task_or_tasks(body)
     conversations = [body.input] if isinstance(body.input, Conversation) else body.input
+    if not isinstance(name, str):
+        tasks = fanout.resolve_tasks(request, runtime.registry.current, name, "chat",
+                                     runtime.settings)
+        return await run_many(runtime, request, tasks,
+                              conversations_payload(conversations, runtime.settings))
+    task, upstream = resolve_task(request, runtime.registry.current, name, "chat")
     payload = conversations_payload(conversations, runtime.settings)
     outcome = await run(runtime, request, task, upstream, payload)
     return respond(task, outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from service.gateway.routes.body import install_body_schemas, openapi_body
 from service.gateway.routes.classify import CACHE_CONTROL_DOC
 from service.gateway.routes.openapi import (
     ClassificationResponse,
-    ClassifyResponse,
+    ClassifyAnswer,
     classify_responses,
 )
 from service.wire import ChatClassificationRequest, ClassificationRequest
@@ -33,16 +34,18 @@ class HotRoute:
     path: str
     handler: Handler
     body: type[BaseModel]
-    response: type[BaseModel]
+    #: The 200 body's model (a union for /classify: one task's answer, or a fan-out's).
+    response: Any
     summary: str
     tag: str
 
 
 HOT_ROUTES = (
-    HotRoute("/classify", classify.classify, classify.ClassifyRequest, ClassifyResponse,
-             "Classify one text or a list of texts with a task's model", "classify"),
+    HotRoute("/classify", classify.classify, classify.ClassifyRequest, ClassifyAnswer,
+             "Classify one text or a list of texts with a task's model (or several tasks')",
+             "classify"),
     HotRoute("/classify-chat", classify.classify_chat, classify.ClassifyChatRequest,
-             ClassifyResponse, "Classify one conversation or a list of them", "classify"),
+             ClassifyAnswer, "Classify one conversation or a list of them", "classify"),
     HotRoute("/v1/classifications", compat.classifications, ClassificationRequest,
              ClassificationResponse, "Mistral's classification endpoint", "mistral-compatible"),
     HotRoute("/v1/chat/classifications", compat.chat_classifications, ChatClassificationRequest,

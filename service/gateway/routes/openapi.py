@@ -58,6 +58,19 @@ class ClassifyResponse(BaseModel):
     results: list[dict[str, LabelledTarget]] = Field(description="One per input, in input order.")
 
 
+class ClassifyTasksResponse(BaseModel):
+    """A fan-out call's answer (the body named `tasks`)."""
+
+    tasks: dict[str, ClassifyResponse | ErrorResponse] = Field(
+        description="Per task named, in the order named: what `/classify` answers for it alone, "
+        "or, when it failed, its error (`{\"error\": {type, message}}`); the call answers 200 "
+        "while any task answered.")
+
+
+#: What /classify and /classify-chat answer with 200: one task's answer, or a fan-out's.
+ClassifyAnswer = ClassifyResponse | ClassifyTasksResponse
+
+
 class ShadowTarget(BaseModel):
     compared: int
     agreed: int
@@ -86,12 +99,22 @@ class Readiness(BaseModel):
     problems: list[str]
 
 
+class CascadeStats(BaseModel):
+    items: int = Field(description="Items the cascade answered in this process since its "
+                       "stages last changed.")
+    answered: list[int] = Field(description="How many of them each stage answered, in order.")
+    escalated_share: float | None = Field(
+        description="The share the first stage handed on; null before any item.")
+
+
 class TaskDescription(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
     kind: str
     model: str
+    cascade_stats: CascadeStats | None = Field(
+        default=None, description="Only `GET /tasks/{name}` of a task with a cascade.")
 
 
 class TaskList(BaseModel):
@@ -108,14 +131,17 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying ag
                                 "schema": {"type": "integer"}}}
 
 ERRORS: dict[int, tuple[str, type[BaseModel], bool]] = {
-    400: ("A text task on the chat route, or the reverse.", ErrorResponse, False),
+    400: ("A text task on the chat route, or the reverse; text and chat tasks mixed in `tasks`; "
+          "both `task` and `tasks`.", ErrorResponse, False),
     401: ("Missing or invalid client key (`Authorization: Bearer <key>`, GATEWAY_API_KEYS).",
           ErrorResponse, False),
-    404: ("Unknown task or model (the message lists the known ones), or a task without the "
-          "shadow model asked about.", ErrorResponse, False),
+    404: ("Unknown task or model (the message lists the known ones; for `tasks`, a call fails "
+          "whole when it names one), or a task without the shadow model asked about.",
+          ErrorResponse, False),
     408: ("The request head or body did not arrive within GATEWAY_HEAD_TIMEOUT_S / "
           "GATEWAY_BODY_TIMEOUT_S; the connection is closed.", ErrorResponse, False),
-    413: ("Body over GATEWAY_MAX_BODY_BYTES, too many items, or an item too long.",
+    413: ("Body over GATEWAY_MAX_BODY_BYTES, too many items, an item too long, or more tasks "
+          "than GATEWAY_MAX_FANOUT.",
           ErrorResponse, False),
     422: ("Malformed body, wrong types, or empty input.", ValidationErrorResponse, False),
     429: ("The model's batch queue is full (`queue_full`).", ErrorResponse, True),
@@ -141,12 +167,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def classify_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def classify_responses(model: Any) -> dict[int | str, dict[str, Any]]:
     """A hot classification route: `model` on 200, with its headers, and every error."""
-    ok = {"description": "One result per input, in input order.", "model": model, "headers": {
-        "X-Cache": {"description": "`hit`, `miss` or `partial`.", "schema": {"type": "string"}},
+    ok = {"description": "One result per input, in input order (per task, for `tasks`).",
+          "model": model, "headers": {
+        "X-Cache": {"description": "`hit`, `miss` or `partial` (over every task that answered, "
+                    "for `tasks`).", "schema": {"type": "string"}},
         "X-Model": {"description": "The model that answered (comma-separated when items split "
-                    "between models).", "schema": {"type": "string"}},
+                    "between models, or several tasks answered).", "schema": {"type": "string"}},
         "X-Fallback-From": {"description": "Only when a fallback answered: the model that "
                             "failed.", "schema": {"type": "string"}}}}
     return {200: ok, **error_responses(*CLASSIFY_ERRORS)}
@@ -156,7 +184,8 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "Prometheus text exposition format.",
     "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
-__all__ = ["ClassificationResponse", "ClassifyResponse", "ErrorResponse", "Health", "Readiness",
+__all__ = ["ClassificationResponse", "ClassifyAnswer", "ClassifyResponse",
+           "ClassifyTasksResponse", "ErrorResponse", "Health", "Readiness",
            "ShadowReport",
            "TaskDescription", "TaskList",
            "ValidationErrorResponse", "classify_responses", "error_responses"]

@@ -8,7 +8,14 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.gateway.errors import UnknownTask
-from service.gateway.registry import Registry, RoleField, TaskSpec, UpstreamSpec, role_fields
+from service.gateway.registry import (
+    CascadeStage,
+    Registry,
+    RoleField,
+    TaskSpec,
+    UpstreamSpec,
+    role_fields,
+)
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.openapi import (
     ShadowReport,
@@ -34,10 +41,18 @@ def _role(task: TaskSpec, field: RoleField, registry: Registry) -> Any:
     """One role field as /tasks shows it: fallbacks (tried in turn) with their upstream in full,
     a canary or shadow with its share and the upstream it is asked on, `previous` as written."""
     entries = task.entries(field)
-    if field.many:
-        return [{"upstream": shown(registry.upstreams[ref.upstream]), "model": ref.model,
-                 "target": task.fallback_route(ref).target,
-                 "labels": list(task.fallback_route(ref).labels)} for ref in entries]
+    if field.many:  # fallbacks, and a cascade's stages (with their `min_margin`)
+        rows = []
+        for entry in entries:
+            upstream, route = (task.stage_route(entry) if isinstance(entry, CascadeStage)
+                               else (entry.upstream, task.fallback_route(entry)))
+            row: dict[str, Any] = {"upstream": shown(registry.upstreams[upstream]),
+                                   "model": route.model, "target": route.target,
+                                   "labels": list(route.labels)}
+            if isinstance(entry, CascadeStage):
+                row["min_margin"] = entry.min_margin
+            rows.append(row)
+        return rows
     if not entries:
         return None
     (entry,) = entries
@@ -92,7 +107,11 @@ async def get_task(name: str, runtime: RuntimeDep) -> JSONResponse:
         known = ", ".join(sorted(registry.tasks)) or "none"
         raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
     s = runtime.settings
-    return JSONResponse(describe(task, registry, s.cache_ttl_s, s.timeout_s))
+    body = describe(task, registry, s.cache_ttl_s, s.timeout_s)
+    if task.cascade:
+        # Escalation: the share of items the first stage handed on, in this process.
+        body["cascade_stats"] = runtime.classifier.cascade_report(task)
+    return JSONResponse(body)
 
 
 @router.get("/tasks/{name}/shadow", summary="How a task's shadow model agrees with its model",

@@ -14,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from service.gateway.classifier import Outcome, decorate
+from service.gateway.errors import Forbidden, QuotaExceeded
+from service.gateway.middleware import EXTRA_HEADERS, IDENTITY
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
+from service.gateway.tenants import STATIC_IDENTITY, Identity
 from service.wire import Conversation
 
 
@@ -44,12 +47,12 @@ def reads_cache(cache_control: str | None) -> bool:
 async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
               items: Sequence[Any]) -> Outcome:
     """The part every classification route shares, once the items are validated."""
-
+    identity = await admit(runtime, request, task, len(items))
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    outcome = await runtime.classifier.classify(task, upstream, items,
+    outcome = await runtime.classifier.classify(task, upstream, items, tenant=identity.tenant,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
                                                 disconnected=disconnected)
@@ -57,6 +60,28 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome)
     return outcome
+
+
+async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int) -> Identity:
+    """May this caller run `items` items of `task` now? 403 for a task outside the key's `tasks`,
+    429 over a quota (charged up front, all buckets at once: quotas.py); the quota's RateLimit
+    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota."""
+    identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
+    if not identity.may_call(task.name):
+        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
+                        "PATCH /admin/keys/{id}.")
+    if (runtime.quotas is not None and runtime.tenants is not None
+            and identity.key_id != STATIC_IDENTITY.key_id):
+        tenant_quotas = await runtime.tenants.tenant_quotas(identity.tenant)
+        buckets = runtime.quotas.buckets(identity, tenant_quotas, items)
+        decision = await runtime.quotas.charge(buckets, identity.tenant)
+        if not decision.allowed:
+            raise QuotaExceeded(decision.message, decision.headers)
+        if decision.headers:
+            setattr(request.state, EXTRA_HEADERS, decision.headers)
+    metrics = runtime.metrics
+    metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
+    return identity
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

@@ -29,7 +29,7 @@ from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.shadow import ShadowRunner
 from service.gateway.store import shadow_store
-from service.gateway.tenants import Authenticator, TenantStore
+from service.gateway.tenants import Authenticator, TenantStore, UsageRecorder
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway")
@@ -128,6 +128,8 @@ def create_app(settings: Settings | None = None, *,
                                   on_redis_error=settings.quota_on_redis_error,
                                   timeout_s=settings.tenants_timeout_s)
             keys.store = tenants
+            keys.usage = UsageRecorder(tenants)
+            keys.usage.start()
         elif settings.admin_key.get_secret_value():
             log.warning("GATEWAY_ADMIN_KEY is set but there is no Redis (GATEWAY_REDIS_URL): "
                         "keys cannot be issued, only GATEWAY_API_KEYS work")
@@ -135,7 +137,7 @@ def create_app(settings: Settings | None = None, *,
         classifier.shadow = shadow
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
                                     classifier, lifecycle, store=store, feedback=feedback,
-                                    tenants=tenants, quotas=quotas)
+                                    tenants=tenants, quotas=quotas, usage=keys.usage)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -157,6 +159,9 @@ def create_app(settings: Settings | None = None, *,
             if cache is not None:
                 await cache.aclose()
             await store.aclose()
+            if keys.usage is not None:
+                await keys.usage.aclose()
+                keys.usage = None
             if tenants_backend is not None:
                 await tenants_backend.aclose()
             await upstreams.aclose()

@@ -59,6 +59,8 @@ class Outcome:
     cache_status: CacheStatus
     models: list[str]
     fallback_from: str | None = None
+    #: Items answered from the cache (usage counts them per key).
+    hits: int = 0
     #: The response's id, set by the route (feedback names a response by it).
     id: str = ""
 
@@ -217,7 +219,7 @@ class Classifier:
         if task.shadow is not None and self.shadow is not None:
             self.shadow.offer(task, items, results, models)
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
-                       fallback_from)
+                       fallback_from, hits=len(items) - misses)
 
     async def answer(self, task: TaskSpec, upstream: str, route: Route,
                      items: Sequence[Any]) -> list[Result]:

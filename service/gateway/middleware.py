@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gateway.errors import ClientGone, error_response, render_error
 from service.gateway.metrics import UNKNOWN, GatewayMetrics
-from service.gateway.tenants import Authenticator
+from service.gateway.tenants import STATIC_IDENTITY, Authenticator
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ADMIN_PREFIX = "/admin/"
@@ -26,6 +26,8 @@ TASK_LABEL = "task_label"
 IDENTITY = "identity"
 #: Headers a route asks the front door to add to its answer (the quota's RateLimit headers).
 EXTRA_HEADERS = "extra_headers"
+#: (items answered, of which cache hits), left by the routes for the key's usage.
+USAGE = "usage"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -102,6 +104,11 @@ class GatewayMiddleware:
                 response = render_error(request, exc)
             await response(scope, receive, send_wrapper)
         finally:
+            usage = self.keys.usage
+            who = state.get(IDENTITY)
+            if usage is not None and who is not None and who.key_id != STATIC_IDENTITY.key_id:
+                items, hits = state.get(USAGE, (0, 0))
+                usage.record(who.key_id, status, items, hits)
             task = state.get(TASK_LABEL, UNKNOWN)
             metrics.inflight_requests.dec()
             metrics.child(metrics.requests, path, task, str(status)).inc()

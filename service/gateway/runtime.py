@@ -16,7 +16,7 @@ from service.gateway.quotas import QuotaChecker
 from service.gateway.registry import RegistryWatcher
 from service.gateway.settings import Settings
 from service.gateway.store import MemoryShadowStore, ShadowStore
-from service.gateway.tenants import TenantStore
+from service.gateway.tenants import TenantStore, UsageRecorder
 from service.gateway.upstream import UpstreamPool
 
 
@@ -41,6 +41,7 @@ class Runtime:
     feedback: FeedbackBook | None = None
     tenants: TenantStore | None = None  # keys and tenant quotas (None without Redis)
     quotas: QuotaChecker | None = None
+    usage: UsageRecorder | None = None
 
 
 def runtime_of(request: Request) -> Runtime:

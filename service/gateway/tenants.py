@@ -17,6 +17,7 @@ Keys from GATEWAY_API_KEYS keep working as before: tenant `default`, no quota, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -24,7 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -131,7 +132,7 @@ class TenantStore:
         self._last_used_written: dict[str, float] = {}
 
     # Redis keys ------------------------------------------------------------------------------
-    def _k(self, *parts: str) -> str:
+    def rkey(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -159,7 +160,7 @@ class TenantStore:
         return _valid(identity)
 
     async def _load_identity(self, sha: str) -> Identity | None:
-        key_id = await self._call("get", self._k("keyhash", sha))
+        key_id = await self._call("get", self.rkey("keyhash", sha))
         if key_id is None:
             return None
         record = await self.get(key_id.decode() if isinstance(key_id, bytes) else key_id)
@@ -179,7 +180,7 @@ class TenantStore:
             return
         self._last_used_written[key_id] = clock
         task = asyncio.get_running_loop().create_task(
-            self._call("set", self._k("last_used", key_id), now().isoformat()))
+            self._call("set", self.rkey("last_used", key_id), now().isoformat()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def tenant_quotas(self, tenant: str) -> Quotas:
@@ -189,7 +190,7 @@ class TenantStore:
         if cached is not None and cached[0] > clock:
             return cached[1]
         try:
-            raw = await self._call("get", self._k("tenant", tenant))
+            raw = await self._call("get", self.rkey("tenant", tenant))
         except (RedisError, OSError, TimeoutError):
             return cached[1] if cached is not None else Quotas()
         quotas = Quotas() if raw is None else Quotas.model_validate(orjson.loads(raw))
@@ -205,33 +206,33 @@ class TenantStore:
                            expires_at=expires_at, created=now(),
                            secret_sha256=digest(secret.encode()))
         pipe = self.backend.client.pipeline(transaction=False)
-        pipe.set(self._k("keyhash", record.secret_sha256), record.id)
-        pipe.set(self._k("key", record.id), record.model_dump_json())
-        pipe.sadd(self._k("ids"), record.id)
+        pipe.set(self.rkey("keyhash", record.secret_sha256), record.id)
+        pipe.set(self.rkey("key", record.id), record.model_dump_json())
+        pipe.sadd(self.rkey("ids"), record.id)
         async with asyncio.timeout(self.timeout_s):
             await pipe.execute()
         return record, secret
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        raw = await self._call("get", self._k("key", key_id))
+        raw = await self._call("get", self.rkey("key", key_id))
         return None if raw is None else KeyRecord.model_validate_json(raw)
 
     async def last_used(self, key_id: str) -> datetime | None:
-        raw = await self._call("get", self._k("last_used", key_id))
+        raw = await self._call("get", self.rkey("last_used", key_id))
         return None if raw is None else datetime.fromisoformat(
             raw.decode() if isinstance(raw, bytes) else raw)
 
     async def list(self, tenant: str | None) -> list[KeyRecord]:
         ids = sorted(i.decode() if isinstance(i, bytes) else i
-                     for i in await self._call("smembers", self._k("ids")))
+                     for i in await self._call("smembers", self.rkey("ids")))
         if not ids:
             return []
-        raws = await self._call("mget", [self._k("key", i) for i in ids])
+        raws = await self._call("mget", [self.rkey("key", i) for i in ids])
         records = [KeyRecord.model_validate_json(raw) for raw in raws if raw is not None]
         return [r for r in records if tenant is None or r.tenant == tenant]
 
     async def save(self, record: KeyRecord) -> None:
-        await self._call("set", self._k("key", record.id), record.model_dump_json())
+        await self._call("set", self.rkey("key", record.id), record.model_dump_json())
 
     async def rotate(self, record: KeyRecord, grace_s: int) -> tuple[KeyRecord, str]:
         """A new secret under the same id; the old one keeps working for `grace_s` seconds."""
@@ -243,22 +244,112 @@ class TenantStore:
             "old_valid_until": (datetime.fromtimestamp(time.time() + grace_s, UTC)
                                 if grace_s > 0 else None)})
         pipe = self.backend.client.pipeline(transaction=False)
-        pipe.set(self._k("keyhash", updated.secret_sha256), record.id)
+        pipe.set(self.rkey("keyhash", updated.secret_sha256), record.id)
         if grace_s > 0:
-            pipe.expire(self._k("keyhash", old), grace_s + 60)
+            pipe.expire(self.rkey("keyhash", old), grace_s + 60)
         else:
-            pipe.delete(self._k("keyhash", old))
-        pipe.set(self._k("key", record.id), updated.model_dump_json())
+            pipe.delete(self.rkey("keyhash", old))
+        pipe.set(self.rkey("key", record.id), updated.model_dump_json())
         async with asyncio.timeout(self.timeout_s):
             await pipe.execute()
         return updated, secret
 
     async def put_tenant(self, tenant: str, quotas: Quotas) -> None:
-        await self._call("set", self._k("tenant", tenant), quotas.model_dump_json())
+        await self._call("set", self.rkey("tenant", tenant), quotas.model_dump_json())
 
     async def get_tenant(self, tenant: str) -> Quotas:
-        raw = await self._call("get", self._k("tenant", tenant))
+        raw = await self._call("get", self.rkey("tenant", tenant))
         return Quotas() if raw is None else Quotas.model_validate(orjson.loads(raw))
+
+
+#: What usage counts per key and day. `4xx` is every client error but 429, which has its own.
+USAGE_FIELDS = ("requests", "items", "cache_hits", "4xx", "5xx", "429")
+USAGE_TTL_S = 400 * 86_400
+
+
+class UsageRecorder:
+    """Per key and per UTC day, in Redis hashes `usage:<id>:<YYYY-MM-DD>`.
+
+    Counted in memory and flushed every `flush_s` in one pipeline, so a request costs a dict
+    update, not a Redis write; a replica that dies loses at most its last second. A flush that
+    fails keeps its counts for the next one (bounded: usage is a report, not a bill)."""
+
+    def __init__(self, store: TenantStore, flush_s: float = 1.0) -> None:
+        self.store = store
+        self.flush_s = flush_s
+        self._pending: dict[tuple[str, str], dict[str, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, key_id: str, status: int, items: int, hits: int) -> None:
+        counts = self._pending.setdefault((key_id, now().date().isoformat()), {})
+        counts["requests"] = counts.get("requests", 0) + 1
+        if items:
+            counts["items"] = counts.get("items", 0) + items
+        if hits:
+            counts["cache_hits"] = counts.get("cache_hits", 0) + hits
+        kind = "429" if status == 429 else "4xx" if 400 <= status < 500 else (
+            "5xx" if status >= 500 else None)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        pipe = self.store.backend.client.pipeline(transaction=False)
+        for (key_id, day), counts in pending.items():
+            name = self.store.rkey("usage", key_id, day)
+            for field_name, amount in counts.items():
+                pipe.hincrby(name, field_name, amount)
+            pipe.expire(name, USAGE_TTL_S)
+        try:
+            async with asyncio.timeout(max(self.store.timeout_s, 1.0)):
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError):
+            if len(self._pending) < 10_000:  # put back, to be added to the next flush
+                for where, counts in pending.items():
+                    mine = self._pending.setdefault(where, {})
+                    for field_name, amount in counts.items():
+                        mine[field_name] = mine.get(field_name, 0) + amount
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def report(self, key_ids: Sequence[str], since: date) -> dict[str, dict[str, dict[str,
+                                                                                          int]]]:
+        """key id -> day -> counts, for the days from `since` to today (at most 400)."""
+        today = now().date()
+        days = [(since + timedelta(days=n)).isoformat()
+                for n in range(min(400, max(0, (today - since).days + 1)))]
+        pipe = self.store.backend.client.pipeline(transaction=False)
+        for key_id in key_ids:
+            for day in days:
+                pipe.hgetall(self.store.rkey("usage", key_id, day))
+        async with asyncio.timeout(max(self.store.timeout_s, 2.0)):
+            replies = await pipe.execute()
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        it = iter(replies)
+        for key_id in key_ids:
+            per_day = out.setdefault(key_id, {})
+            for day in days:
+                raw = next(it)
+                if raw:
+                    per_day[day] = {f: int(raw.get(f.encode(), raw.get(f, 0)))
+                                    for f in USAGE_FIELDS}
+        return out
 
 
 def _valid(identity: Identity | None) -> Identity | None:
@@ -277,6 +368,7 @@ class Authenticator:
         self._static = [key.encode() for key in static_keys]
         self._admin = admin_key.encode()
         self.store = store
+        self.usage: UsageRecorder | None = None
 
     @property
     def enabled(self) -> bool:

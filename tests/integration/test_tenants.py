@@ -268,3 +268,32 @@ def test_the_cache_never_crosses_tenants_unless_shared(tmp_path: Path, redis_ser
         assert answer.status_code == 200
         assert answer.headers["X-Cache"] == ("hit" if calls == 1 else "miss")
         assert cluster.upstream.call_count() == calls
+
+
+def test_usage_per_key_and_day(tmp_path: Path, redis_server: RedisServer) -> None:
+    with replicas(tmp_path, redis_server.url, count=2) as cluster:
+        created = create_key(cluster, tenant="usage", tasks=["sentiment"],
+                             quotas={"items_per_minute": 3})
+        other = create_key(cluster, tenant="usage")
+        key, first, second = created["key"], cluster.urls[0], cluster.urls[1]
+        assert classify(first, key, ["same", "other"]).status_code == 200
+        time.sleep(0.3)  # the cache is written after the answer
+        hit = classify(second, key, ["same"])
+        assert hit.status_code == 200 and hit.headers["X-Cache"] == "hit"
+        assert classify(first, key, ["more"]).status_code == 429
+        assert classify(second, key, ["x"], task="topic").status_code == 403
+        assert classify(first, other["key"], ["y"]).status_code == 200
+
+        shown = httpx.get(f"{second}/admin/keys/{created['id']}/usage", headers=cluster.admin)
+        assert shown.status_code == 200, shown.text
+        # Replicas flush every second: the one asked flushes its own, the other within 1 s.
+        time.sleep(1.2)
+        shown = httpx.get(f"{second}/admin/keys/{created['id']}/usage", headers=cluster.admin)
+        assert shown.json()["total"] == {"requests": 4, "items": 3, "cache_hits": 1, "4xx": 1,
+                                         "5xx": 0, "429": 1}
+        assert len(shown.json()["days"]) == 1
+        tenant = httpx.get(f"{first}/admin/usage", params={"tenant": "usage"},
+                           headers=cluster.admin).json()
+        assert tenant["total"]["requests"] == 5 and tenant["total"]["items"] == 4
+        assert {k["id"] for k in tenant["keys"]} == {created["id"], other["id"]}
+        assert key not in shown.text and key not in str(tenant)

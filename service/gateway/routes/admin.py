@@ -8,7 +8,7 @@ the 201 of its creation and the answer of its rotation.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query
@@ -18,7 +18,15 @@ from redis.exceptions import RedisError
 from service.gateway.errors import GatewayError, NotFound
 from service.gateway.responses import JSONResponse
 from service.gateway.runtime import RuntimeDep
-from service.gateway.tenants import TENANT_PATTERN, KeyRecord, Quotas, TenantStore
+from service.gateway.tenants import (
+    TENANT_PATTERN,
+    USAGE_FIELDS,
+    KeyRecord,
+    Quotas,
+    TenantStore,
+    UsageRecorder,
+    now,
+)
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 T = TypeVar("T")
@@ -177,3 +185,64 @@ async def put_tenant(tenant: Tenant, body: TenantQuotas, runtime: RuntimeDep) ->
 @router.get("/tenants/{tenant}", response_model=TenantQuotas, summary="A tenant's quotas")
 async def get_tenant(tenant: Tenant, runtime: RuntimeDep) -> TenantQuotas:
     return TenantQuotas(quotas=await _redis(_store(runtime).get_tenant(tenant)))
+
+
+Since = Annotated[date | None, Query(description="The first UTC day reported (default: 30 days "
+                                                  "ago; at most 400 days are reported).")]
+
+
+class KeyUsage(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    days: dict[str, dict[str, int]] = Field(description="UTC day -> requests, items, cache_hits, "
+                                            "4xx (but 429), 5xx, 429.")
+    total: dict[str, int]
+
+
+class TenantUsage(BaseModel):
+    tenant: str | None
+    since: date
+    keys: list[KeyUsage]
+    total: dict[str, int]
+
+
+def _usage(runtime: RuntimeDep) -> UsageRecorder:
+    if runtime.usage is None:
+        raise TenantsUnavailable("Usage lives in Redis and this gateway has none: set "
+                                 "GATEWAY_REDIS_URL (or GATEWAY_FEEDBACK_REDIS_URL).")
+    return runtime.usage
+
+
+def _since(since: date | None) -> date:
+    return since if since is not None else now().date() - timedelta(days=30)
+
+
+def _total(days: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {f: sum(day.get(f, 0) for day in days.values()) for f in USAGE_FIELDS}
+
+
+async def _key_usage(usage: UsageRecorder, records: list[KeyRecord],
+                     since: date) -> list[KeyUsage]:
+    await _redis(usage.flush())  # this replica's last second too
+    report = await _redis(usage.report([r.id for r in records], since))
+    return [KeyUsage(id=r.id, tenant=r.tenant, name=r.name, days=report.get(r.id, {}),
+                     total=_total(report.get(r.id, {}))) for r in records]
+
+
+@router.get("/keys/{key_id}/usage", response_model=KeyUsage,
+            summary="A key's requests, items, cache hits, 4xx, 5xx and 429s per UTC day")
+async def key_usage(key_id: KeyId, runtime: RuntimeDep, since: Since = None) -> KeyUsage:
+    store, usage = _store(runtime), _usage(runtime)
+    (found,) = await _key_usage(usage, [await _record(store, key_id)], _since(since))
+    return found
+
+
+@router.get("/usage", response_model=TenantUsage, summary="Usage of every key, or a tenant's")
+async def tenant_usage(runtime: RuntimeDep, since: Since = None, tenant: Annotated[
+        str | None, Query(pattern=TENANT_PATTERN)] = None) -> TenantUsage:
+    store, usage = _store(runtime), _usage(runtime)
+    first = _since(since)
+    keys = await _key_usage(usage, await _redis(store.list(tenant)), first)
+    total = {f: sum(k.total[f] for k in keys) for f in USAGE_FIELDS}
+    return TenantUsage(tenant=tenant, since=first, keys=keys, total=total)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from service.gateway.classifier import Outcome, decorate
 from service.gateway.errors import Forbidden, QuotaExceeded
-from service.gateway.middleware import EXTRA_HEADERS, IDENTITY
+from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import parse_body
@@ -57,6 +57,7 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
                                                     request.headers.get("cache-control")),
                                                 disconnected=disconnected)
     outcome = dataclasses.replace(outcome, id=response_id())
+    setattr(request.state, USAGE, (len(items), outcome.hits))
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome)
     return outcome

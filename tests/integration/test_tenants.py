@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.cli import main
 from service.gateway.app import create_app
 from service.gateway.settings import Settings
 from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
@@ -297,3 +299,43 @@ def test_usage_per_key_and_day(tmp_path: Path, redis_server: RedisServer) -> Non
         assert tenant["total"]["requests"] == 5 and tenant["total"]["items"] == 4
         assert {k["id"] for k in tenant["keys"]} == {created["id"], other["id"]}
         assert key not in shown.text and key not in str(tenant)
+
+
+def test_the_keys_command_line(tmp_path: Path, redis_server: RedisServer,
+                               monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    def run(*argv: str) -> Any:
+        capsys.readouterr()
+        assert main(["keys", *argv, "--gateway-url", url, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    with replicas(tmp_path, redis_server.url, count=1) as cluster:
+        url = cluster.urls[0]
+        monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN)
+        created = run("create", "--tenant", "cli", "--name", "backend", "--task", "sentiment",
+                      "--items-per-minute", "50")
+        assert created["quotas"]["items_per_minute"] == 50 and created["tasks"] == ["sentiment"]
+        assert classify(url, created["key"], ["a"]).status_code == 200
+        assert [k["id"] for k in run("list", "--tenant", "cli")] == [created["id"]]
+        updated = run("update", created["id"], "--requests-per-second", "5", "--all-tasks")
+        assert updated["quotas"] == {"requests_per_second": 5, "items_per_minute": 50,
+                                     "items_per_day": None}
+        assert updated["tasks"] is None
+        assert run("show", created["id"])["name"] == "backend"
+        rotated = run("rotate", created["id"], "--grace-s", "0")
+        assert rotated["key"] != created["key"]
+        time.sleep(0.6)
+        assert classify(url, rotated["key"], ["a"]).status_code == 200
+        assert classify(url, created["key"], ["a"]).status_code == 401
+        time.sleep(1.2)  # the usage flush
+        assert run("usage", created["id"])["total"]["requests"] == 2
+        assert run("usage", "--tenant", "cli")["total"]["items"] == 2
+        assert run("revoke", created["id"])["revoked"] is True
+
+        capsys.readouterr()
+        assert main(["keys", "list", "--gateway-url", url]) == 0
+        listing = capsys.readouterr().out
+        assert created["id"] in listing and rotated["key"] not in listing
+        monkeypatch.setenv("GATEWAY_ADMIN_KEY", "wrong")
+        assert main(["keys", "list", "--gateway-url", url]) != 0
+        assert "GATEWAY_ADMIN_KEY" in capsys.readouterr().err

@@ -73,6 +73,24 @@ return out
 """
 
 
+# GATEWAY_QUOTA_CHARGE_CACHE_HITS=false: give back what cache hits were charged. KEYS: the items
+# buckets; ARGV: per bucket, amount given back, emission interval (ms per unit). Never below now.
+_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  local nt = tat - tonumber(ARGV[2 * i - 1]) * tonumber(ARGV[2 * i])
+  if nt > now then
+    redis.call('SET', KEYS[i], string.format('%.3f', nt), 'PX', math.ceil(nt - now) + 1000)
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Bucket:
     policy: str  # "key.items_per_minute": which quota, for headers, messages and metrics
@@ -99,6 +117,7 @@ class QuotaChecker:
         self.on_redis_error = on_redis_error
         self.timeout_s = timeout_s
         self._script = backend.client.register_script(_GCRA)
+        self._refund = backend.client.register_script(_REFUND)
         self._in_episode = False
 
     def buckets(self, identity: Identity, tenant_quotas: Quotas, items: int) -> list[Bucket]:
@@ -150,6 +169,22 @@ class QuotaChecker:
         return Decision(False, {"Retry-After": str(retry_s), "RateLimit-Policy": policy,
                                 "RateLimit": f'"{bucket.policy}";r=0;t={retry_s}'},
                         message, bucket.policy)
+
+    async def refund(self, buckets: list[Bucket], items: int) -> None:
+        """Give `items` back to the items buckets charged for them (cache hits, when they are not
+        charged): the request was admitted on its full size, since hits are known only after the
+        check. Best effort: a refund Redis does not take is a charge that stays."""
+        give_back = [b for b in buckets if PERIODS[b.policy.split(".")[1]][1]]
+        if not give_back or items <= 0:
+            return
+        args: list[float] = []
+        for b in give_back:
+            args += [items, b.period_ms / b.amount]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._refund(keys=[b.redis_key for b in give_back], args=args)
+        except (RedisError, OSError, TimeoutError):
+            pass
 
     def _redis_error(self, exc: BaseException, tenant: str) -> Decision:
         decision = self.on_redis_error

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr = SecretStr("")
     quota_on_redis_error: Literal["allow", "deny"] = Field(
         default="allow", description="What a quota check does when Redis cannot answer.")
+    quota_charge_cache_hits: bool = Field(
+        default=True, description="Whether items answered from the cache count against quotas.")
     tenants_timeout_s: float = Field(
         default=0.5, gt=0, description="Deadline of a key lookup or quota check in Redis.")
 

@@ -339,3 +339,19 @@ def test_the_keys_command_line(tmp_path: Path, redis_server: RedisServer,
         monkeypatch.setenv("GATEWAY_ADMIN_KEY", "wrong")
         assert main(["keys", "list", "--gateway-url", url]) != 0
         assert "GATEWAY_ADMIN_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("charge_hits", [True, False])
+def test_cache_hits_are_charged_unless_told_not_to(tmp_path: Path, redis_server: RedisServer,
+                                                   charge_hits: bool) -> None:
+    with replicas(tmp_path, redis_server.url, count=1,
+                  quota_charge_cache_hits=charge_hits) as cluster:
+        url = cluster.urls[0]
+        key = create_key(cluster, tenant="hits", quotas={"items_per_minute": 4})["key"]
+        texts = [f"hit-{uuid.uuid4().hex}", f"hit-{uuid.uuid4().hex}"]
+        assert classify(url, key, texts).status_code == 200
+        time.sleep(0.3)  # the cache is written after the answer
+        again = classify(url, key, texts)
+        assert again.status_code == 200 and again.headers["X-Cache"] == "hit"
+        fresh = classify(url, key, ["fresh-1", "fresh-2"])
+        assert fresh.status_code == (429 if charge_hits else 200), fresh.text

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from service.gateway.classifier import Outcome, decorate
 from service.gateway.errors import Forbidden, QuotaExceeded
 from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
+from service.gateway.quotas import Bucket
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import parse_body
@@ -47,7 +48,7 @@ def reads_cache(cache_control: str | None) -> bool:
 async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
               items: Sequence[Any]) -> Outcome:
     """The part every classification route shares, once the items are validated."""
-    identity = await admit(runtime, request, task, len(items))
+    identity, charged = await admit(runtime, request, task, len(items))
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -57,17 +58,23 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
                                                     request.headers.get("cache-control")),
                                                 disconnected=disconnected)
     outcome = dataclasses.replace(outcome, id=response_id())
+    if charged and outcome.hits and runtime.quotas is not None and \
+            not runtime.settings.quota_charge_cache_hits:
+        await runtime.quotas.refund(charged, outcome.hits)
     setattr(request.state, USAGE, (len(items), outcome.hits))
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome)
     return outcome
 
 
-async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int) -> Identity:
+async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
+                ) -> tuple[Identity, list[Bucket]]:
     """May this caller run `items` items of `task` now? 403 for a task outside the key's `tasks`,
     429 over a quota (charged up front, all buckets at once: quotas.py); the quota's RateLimit
-    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota."""
+    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota. Returns the caller and
+    the buckets charged."""
     identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
+    buckets: list[Bucket] = []
     if not identity.may_call(task.name):
         raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
                         "PATCH /admin/keys/{id}.")
@@ -82,7 +89,7 @@ async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int) 
             setattr(request.state, EXTRA_HEADERS, decision.headers)
     metrics = runtime.metrics
     metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
-    return identity
+    return identity, buckets
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

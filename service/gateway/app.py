@@ -21,7 +21,8 @@ from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
 from service.gateway.quotas import QuotaChecker
-from service.gateway.redis_clients import open_redis
+from service.gateway.redis_clients import link, open_redis
+from service.gateway.redis_url import parse_redis_url
 from service.gateway.registry import RegistryWatcher
 from service.gateway.routes import admin, health, hot, tasks
 from service.gateway.routes import feedback as feedback_routes
@@ -120,13 +121,17 @@ def create_app(settings: Settings | None = None, *,
         # Keys and quotas: their own client, with the hot path's deadline (tenants_timeout_s).
         tenants_backend = open_redis(settings.feedback_redis_url or settings.redis_url,
                                      settings.tenants_timeout_s)
-        tenants = quotas = None
+        tenants = quotas = quota_link = None
         if tenants_backend is not None:
+            if tenants_backend.kind == "standalone" and settings.redis_client == "link":
+                quota_link = link(parse_redis_url(settings.feedback_redis_url
+                                                  or settings.redis_url),
+                                  settings.tenants_timeout_s)
             tenants = TenantStore(tenants_backend, settings.cache_prefix,
                                   timeout_s=settings.tenants_timeout_s)
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
                                   on_redis_error=settings.quota_on_redis_error,
-                                  timeout_s=settings.tenants_timeout_s)
+                                  timeout_s=settings.tenants_timeout_s, link=quota_link)
             keys.store = tenants
             keys.usage = UsageRecorder(tenants)
             keys.usage.start()
@@ -164,6 +169,8 @@ def create_app(settings: Settings | None = None, *,
                 keys.usage = None
             if tenants_backend is not None:
                 await tenants_backend.aclose()
+            if quota_link is not None:
+                await quota_link.aclose()
             await upstreams.aclose()
 
     app = GatewayApp(

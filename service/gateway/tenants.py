@@ -25,7 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
@@ -310,6 +310,10 @@ class UsageRecorder:
             for field_name, amount in counts.items():
                 pipe.hincrby(name, field_name, amount)
             pipe.expire(name, USAGE_TTL_S)
+            index = self.store.rkey("usage-days", key_id)
+            pipe.zadd(index, {day: date.fromisoformat(day).toordinal()})
+            pipe.zremrangebyscore(index, "-inf", now().date().toordinal() - USAGE_TTL_S // 86_400)
+            pipe.expire(index, USAGE_TTL_S)
         try:
             async with asyncio.timeout(max(self.store.timeout_s, 1.0)):
                 await pipe.execute()
@@ -330,24 +334,23 @@ class UsageRecorder:
 
     async def report(self, key_ids: Sequence[str], since: date) -> dict[str, dict[str, dict[str,
                                                                                           int]]]:
-        """key id -> day -> counts, for the days from `since` to today (at most 400)."""
-        today = now().date()
-        days = [(since + timedelta(days=n)).isoformat()
-                for n in range(min(400, max(0, (today - since).days + 1)))]
-        pipe = self.store.backend.client.pipeline(transaction=False)
-        for key_id in key_ids:
-            for day in days:
+        """key id -> day -> counts, for the days since `since` that have any: each key's days are
+        indexed (`usage-days:<id>`, a sorted set), so a long range costs only the days used."""
+        async with asyncio.timeout(max(self.store.timeout_s, 5.0)):
+            pipe = self.store.backend.client.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.zrangebyscore(self.store.rkey("usage-days", key_id), since.toordinal(), "+inf")
+            found = [(key_id, d.decode() if isinstance(d, bytes) else d)
+                     for key_id, days in zip(key_ids, await pipe.execute(), strict=True)
+                     for d in days]
+            pipe = self.store.backend.client.pipeline(transaction=False)
+            for key_id, day in found:
                 pipe.hgetall(self.store.rkey("usage", key_id, day))
-        async with asyncio.timeout(max(self.store.timeout_s, 2.0)):
-            replies = await pipe.execute()
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        it = iter(replies)
-        for key_id in key_ids:
-            per_day = out.setdefault(key_id, {})
-            for day in days:
-                raw = next(it)
-                if raw:
-                    per_day[day] = {f: int(raw.get(f.encode(), raw.get(f, 0)))
+            replies = await pipe.execute() if found else []
+        out: dict[str, dict[str, dict[str, int]]] = {key_id: {} for key_id in key_ids}
+        for (key_id, day), raw in zip(found, replies, strict=True):
+            if raw:
+                out[key_id][day] = {f: int(raw.get(f.encode(), raw.get(f, 0)))
                                     for f in USAGE_FIELDS}
         return out
 

@@ -12,11 +12,12 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from service.gateway.errors import GatewayError, NotFound
 from service.gateway.responses import JSONResponse
+from service.gateway.routes.openapi import ADMIN_ERRORS, ErrorResponse, error_responses
 from service.gateway.runtime import RuntimeDep
 from service.gateway.tenants import (
     TENANT_PATTERN,
@@ -28,7 +29,9 @@ from service.gateway.tenants import (
     now,
 )
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses={
+    **error_responses(*ADMIN_ERRORS),
+    400: {"description": "The body is not JSON.", "model": ErrorResponse}})
 T = TypeVar("T")
 
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="A key's id.")]
@@ -48,7 +51,7 @@ class NewKey(BaseModel):
     tasks: list[str] | None = Field(default=None, max_length=1000,
                                     description="The tasks it may call; all when unset.")
     quotas: Quotas = Field(default_factory=Quotas)
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = Field(default=None, description="With a time zone.")
 
 
 class KeyChanges(BaseModel):
@@ -59,7 +62,7 @@ class KeyChanges(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     tasks: list[str] | None = Field(default=None, max_length=1000)
     quotas: Quotas | None = None
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = None
 
 
 class Rotation(BaseModel):

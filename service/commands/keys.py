@@ -46,7 +46,7 @@ def register(sub: Sub) -> None:
     p = actions.add_parser("update", help="change a key's name, tasks, quotas or expiry",
                            description="Change what is given; the rest stays.")
     p.add_argument("id", help="the key's id")
-    p.add_argument("--name")
+    p.add_argument("--name", help="a new name")
     _limits(p)
     p.add_argument("--all-tasks", action="store_true", help="let the key call every task")
     p.add_argument("--expires-at", metavar="ISO", help="a new expiry")

@@ -227,7 +227,13 @@ class TenantStore:
                      for i in await self._call("smembers", self.rkey("ids")))
         if not ids:
             return []
-        raws = await self._call("mget", [self.rkey("key", i) for i in ids])
+        # One GET each in a pipeline rather than MGET: in a Redis Cluster the keys are in many
+        # slots, and redis-py's cluster pipeline routes each to its node.
+        pipe = self.backend.client.pipeline(transaction=False)
+        for key_id in ids:
+            pipe.get(self.rkey("key", key_id))
+        async with asyncio.timeout(max(self.timeout_s, 2.0)):
+            raws = await pipe.execute()
         records = [KeyRecord.model_validate_json(raw) for raw in raws if raw is not None]
         return [r for r in records if tenant is None or r.tenant == tenant]
 

@@ -33,6 +33,8 @@ TASKS: dict[str, dict[str, Any]] = {
     "sentiment": {"upstream": "fake", "model": "ft:classifier:test:sentiment"},
     "topic": {"upstream": "fake", "model": "ft:classifier:test:topic"},
     "public": {"upstream": "fake", "model": "ft:classifier:test:public", "cache_scope": "shared"},
+    "reviewed": {"upstream": "fake", "model": "ft:classifier:test:reviewed", "feedback": True,
+                 "review": {"max_margin": 1.0, "sample": 1.0}},
 }
 
 
@@ -355,3 +357,38 @@ def test_cache_hits_are_charged_unless_told_not_to(tmp_path: Path, redis_server:
         assert again.status_code == 200 and again.headers["X-Cache"] == "hit"
         fresh = classify(url, key, ["fresh-1", "fresh-2"])
         assert fresh.status_code == (429 if charge_hits else 200), fresh.text
+
+
+def test_feedback_and_review_entries_record_their_key_and_tenant(
+        tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with replicas(tmp_path, redis_server.url, count=1) as cluster:
+        url = cluster.urls[0]
+        keys = {t: create_key(cluster, tenant=t) for t in ("tenant-a", "tenant-b")}
+        text = f"an input both send {uuid.uuid4().hex}"
+        for key in keys.values():
+            answer = classify(url, key["key"], [text], task="reviewed")
+            assert answer.status_code == 200
+            labels = {target: body["label"] for target, body in
+                      answer.json()["results"][0].items() if "label" in body}
+            posted = httpx.post(f"{url}/feedback", headers={
+                "Authorization": f"Bearer {key['key']}"}, json={
+                "task": "reviewed", "input": text, "labels": labels})
+            assert posted.status_code == 200, posted.text
+            assert posted.json()["duplicate"] is False  # the other tenant's is not replaced
+        static = {"Authorization": f"Bearer {STATIC}"}
+        time.sleep(0.3)  # review entries are written after the answer
+        for what in ("review", "feedback"):
+            every = httpx.get(f"{url}/{what}/reviewed", headers=static).json()["entries"]
+            assert {e["tenant"] for e in every} == {"tenant-a", "tenant-b"}, what
+            mine = httpx.get(f"{url}/{what}/reviewed", params={"tenant": "tenant-a"},
+                             headers=static).json()["entries"]
+            assert [(e["tenant"], e["key_id"]) for e in mine] == [
+                ("tenant-a", keys["tenant-a"]["id"])], what
+            assert keys["tenant-a"]["key"] not in str(every)
+        out = tmp_path / "a.jsonl"
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("GATEWAY_API_KEY", STATIC)
+            assert main(["feedback", "export", "--task", "reviewed", "--tenant", "tenant-a",
+                         "--out", str(out), "--gateway-url", url]) == 0
+        assert len(out.read_text().splitlines()) == 1

@@ -63,7 +63,8 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
         await runtime.quotas.refund(charged, outcome.hits)
     setattr(request.state, USAGE, (len(items), outcome.hits))
     if runtime.feedback is not None:
-        runtime.feedback.after(outcome.id, task, items, outcome)
+        runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
+                               tenant=identity.tenant)
     return outcome
 
 

@@ -37,15 +37,22 @@ def timed(client: httpx.Client, url: str, key: str, text: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=3000, help="per side and kind")
+    parser.add_argument("--buckets", choices=("six", "one", "none"), default="six",
+                        help="six: every quota of the key and its tenant; one: the key's "
+                             "items_per_minute only; none: an issued key without quotas (the "
+                             "identity's cost alone, no Redis call)")
     args = parser.parse_args()
+    quotas = {"six": HIGH, "one": {"items_per_minute": HIGH["items_per_minute"]},
+              "none": {}}[args.buckets]
     with fake_upstream() as upstream_url, redis() as redis_url, \
             gateway(upstream_url, redis_url, GATEWAY_ADMIN_KEY=ADMIN,
                     GATEWAY_API_KEYS=STATIC) as url, httpx.Client() as client:
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        client.put(f"{url}/admin/tenants/bench", headers=admin,
-                   json={"quotas": HIGH}).raise_for_status()
+        if args.buckets == "six":
+            client.put(f"{url}/admin/tenants/bench", headers=admin,
+                       json={"quotas": HIGH}).raise_for_status()
         created = client.post(f"{url}/admin/keys", headers=admin,
-                              json={"tenant": "bench", "name": "bench", "quotas": HIGH})
+                              json={"tenant": "bench", "name": "bench", "quotas": quotas})
         created.raise_for_status()
         keys = {"quotas_off": STATIC, "quotas_on": created.json()["key"]}
         endpoint = f"{url}/classify"
@@ -63,6 +70,7 @@ def main() -> None:
     emit({
         "bench": "quota",
         "load": f"{args.requests} sequential requests per side and kind, interleaved, one item",
+        "buckets": {"six": 6, "one": 1, "none": 0}[args.buckets],
         "p50_ms": p50,
         "added_p50_ms": {kind: round(v["quotas_on"] - v["quotas_off"], 3)
                          for kind, v in p50.items()},

@@ -42,10 +42,13 @@ PERIODS: dict[str, tuple[int, bool]] = {
     "items_per_day": (86_400_000, True),
 }
 
+# replicate_commands: Redis before 5 replicates a script by re-running it, so it may not write
+# after TIME (a no-op from Redis 5, where effects are replicated anyway).
 # KEYS: one per bucket. ARGV: per bucket, cost, emission interval (ms per unit), capacity (ms).
 # Returns {1, 0, 0, remaining_1, reset_ms_1, ...} when every bucket has room (all charged), or
 # {0, i, wait_ms} naming the first bucket that has not (none charged; wait -1: never fits).
 _GCRA = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local new = {}
@@ -78,6 +81,7 @@ return out
 # GATEWAY_QUOTA_CHARGE_CACHE_HITS=false: give back what cache hits were charged. KEYS: the items
 # buckets; ARGV: per bucket, amount given back, emission interval (ms per unit). Never below now.
 _REFUND = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 for i = 1, #KEYS do

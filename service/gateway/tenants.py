@@ -130,6 +130,7 @@ class TenantStore:
         self._cache: dict[str, tuple[float, Identity | None]] = {}
         self._tenant_cache: dict[str, tuple[float, Quotas]] = {}
         self._last_used_written: dict[str, float] = {}
+        self._writes: set[asyncio.Task[Any]] = set()
 
     # Redis keys ------------------------------------------------------------------------------
     def rkey(self, *parts: str) -> str:
@@ -181,7 +182,14 @@ class TenantStore:
         self._last_used_written[key_id] = clock
         task = asyncio.get_running_loop().create_task(
             self._call("set", self.rkey("last_used", key_id), now().isoformat()))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._writes.add(task)  # the loop keeps only a weak reference to a task
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._writes.discard(finished)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a lost `last_used` is not worth a log line
+
+        task.add_done_callback(done)
 
     async def tenant_quotas(self, tenant: str) -> Quotas:
         """A tenant's own quotas (cached like keys; the last known ones during an outage)."""

@@ -104,6 +104,7 @@ bench: install-dev
 	$(PY) -m bench.faults
 	$(PY) -m bench.protocols
 	$(PY) -m bench.shadow
+	$(PY) -m bench.quota
 	$(PY) -m bench.factory_bench
 	$(PY) -m bench.minilm_bench
 	$(PY) -m bench.export_fidelity

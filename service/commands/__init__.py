@@ -27,6 +27,7 @@ GROUPS: tuple[str, ...] = (
     "tasks",
     "classify",  # classify and classify-chat
     "feedback",  # feedback export and review export
+    "keys",  # client keys over the admin API
 )
 
 

@@ -243,6 +243,21 @@ def gateway_api(args: argparse.Namespace, timeout_s: float = 60.0) -> Api:
                timeout_s=timeout_s)
 
 
+#: The gateway's admin API (`/admin/...`: keys, tenant quotas, usage) takes only this key.
+ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
+
+
+def admin_api(args: argparse.Namespace, timeout_s: float = 30.0) -> Api:
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        raise UserError(f"{ADMIN_KEY_ENV} is not set: export the gateway's admin key (the "
+                        f"value of its {ADMIN_KEY_ENV})")
+    return Api(args.gateway_url.rstrip("/"), what="the gateway's admin API", key=key,
+               key_env=ADMIN_KEY_ENV,
+               start_hint="start it with `classifier-gateway serve`, or set GATEWAY_URL",
+               timeout_s=timeout_s)
+
+
 def model_ids(body: Any) -> list[str]:
     """The ids and aliases of a `GET /v1/models` answer (Mistral's `ModelList`, the factory's
     too): a task may name a model by either."""

@@ -28,6 +28,8 @@ def register(sub: Sub) -> None:
                            description="Write a task's corrected labels (the latest per item) as "
                                        "factory JSONL, ready for `finetune --train`.")
     p.add_argument("--task", required=True, metavar="NAME", help="the task whose corrections")
+    p.add_argument("--tenant", metavar="NAME", help="only the corrections sent with this "
+                                                     "tenant's keys")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL to write")
     add_gateway_arguments(p, "the gateway that keeps the feedback")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -43,6 +45,8 @@ def register(sub: Sub) -> None:
                                        "or Label Studio tasks with the model's answers as "
                                        "predictions.")
     p.add_argument("--task", required=True, metavar="NAME", help="the task whose queue")
+    p.add_argument("--tenant", metavar="NAME", help="only the answers given to this tenant's "
+                                                     "keys")
     p.add_argument("--format", choices=("jsonl", "label-studio"), default="jsonl",
                    help="jsonl (factory JSONL plus scores) or label-studio (a JSON list of "
                         "tasks with predictions); default jsonl")
@@ -52,11 +56,15 @@ def register(sub: Sub) -> None:
     p.set_defaults(handler=cmd_review_export)
 
 
-def entries(api: Api, what: str, task: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(task kind, entry) for every entry of the stream, page by page."""
+def entries(api: Api, what: str, task: str,
+            tenant: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(task kind, entry) for every entry of the stream (of one tenant's keys), page by page."""
     after = "0"
     while True:
-        page = api.get(f"/{what}/{task}", params={"after": after, "limit": 1000})
+        params: dict[str, Any] = {"after": after, "limit": 1000}
+        if tenant:
+            params["tenant"] = tenant
+        page = api.get(f"/{what}/{task}", params=params)
         if not isinstance(page, dict):
             raise UserError(f"the gateway answered GET /{what}/{task} with something unexpected")
         for entry in page.get("entries") or []:
@@ -86,7 +94,7 @@ def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     with gateway_api(args) as api:
         lines = [example(kind, e["input"], e["labels"]) for kind, e in
-                 entries(api, "feedback", args.task)]
+                 entries(api, "feedback", args.task, args.tenant)]
     _write_lines(args.out, lines)
     if args.json:
         print_json({"task": args.task, "out": str(args.out.absolute()), "examples": len(lines)})
@@ -131,7 +139,7 @@ def label_studio_task(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_review_export(args: argparse.Namespace) -> int:
     with gateway_api(args) as api:
-        found = list(entries(api, "review", args.task))
+        found = list(entries(api, "review", args.task, args.tenant))
     if args.format == "label-studio":
         try:
             args.out.write_text(json.dumps([label_studio_task(kind, e) for kind, e in found],

@@ -42,6 +42,10 @@ def register(sub: Sub) -> None:
     p.add_argument("--kind", choices=("text", "chat"), help="text or chat (default: text)")
     p.add_argument("--cache-ttl-s", type=int, metavar="S", help="result cache TTL, 0 = no cache")
     p.add_argument("--timeout-s", type=float, metavar="S", help="upstream deadline per request")
+    p.add_argument("--cache-scope", choices=("tenant", "shared"),
+                   help="tenant (the default): a tenant is answered only from its own cache "
+                        "entries; shared: one cache for every tenant (reveals that another "
+                        "tenant sent the same input; for public content)")
     p.add_argument("--threshold", type=float, metavar="X",
                    help="score from which a multi-label target lists a label (default 0.5)")
     p.add_argument("--multi-label-target", action="append", metavar="TARGET",
@@ -298,6 +302,7 @@ def cmd_set(args: argparse.Namespace) -> int:
                   then=lambda data: _roll_out(args, data), check=check,
                   model=args.model,
                   kind=args.kind, cache_ttl_s=args.cache_ttl_s, timeout_s=args.timeout_s,
+                  cache_scope=args.cache_scope,
                   threshold=args.threshold, multi_label_targets=args.multi_label_target,
                   target=args.target, labels=args.labels)
     row = next(r for r in task_rows(args.tasks) if r["name"] == args.name)

@@ -19,15 +19,18 @@ from service.gateway.classifier import Classifier, cache_writer
 from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.middleware import GatewayMiddleware, KeyChecker
-from service.gateway.redis_clients import open_redis
+from service.gateway.middleware import GatewayMiddleware
+from service.gateway.quotas import QuotaChecker
+from service.gateway.redis_clients import link, open_redis
+from service.gateway.redis_url import parse_redis_url
 from service.gateway.registry import RegistryWatcher
+from service.gateway.routes import admin, health, hot, tasks
 from service.gateway.routes import feedback as feedback_routes
-from service.gateway.routes import health, hot, tasks
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
 from service.gateway.shadow import ShadowRunner
 from service.gateway.store import shadow_store
+from service.gateway.tenants import Authenticator, TenantStore, UsageRecorder
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway")
@@ -68,7 +71,7 @@ def create_app(settings: Settings | None = None, *,
     settings = settings or Settings()
     metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
     lifecycle = Lifecycle()
-    keys = KeyChecker(settings.client_keys())
+    keys = Authenticator(settings.client_keys(), settings.admin_key.get_secret_value())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,10 +118,31 @@ def create_app(settings: Settings | None = None, *,
         feedback = FeedbackBook(backend, settings.cache_prefix, metrics,
                                 window_s=settings.feedback_window_s,
                                 max_per_task=settings.feedback_max_per_task)
+        # Keys and quotas: their own client, with the hot path's deadline (tenants_timeout_s).
+        tenants_backend = open_redis(settings.feedback_redis_url or settings.redis_url,
+                                     settings.tenants_timeout_s)
+        tenants = quotas = quota_link = None
+        if tenants_backend is not None:
+            if tenants_backend.kind == "standalone" and settings.redis_client == "link":
+                quota_link = link(parse_redis_url(settings.feedback_redis_url
+                                                  or settings.redis_url),
+                                  settings.tenants_timeout_s)
+            tenants = TenantStore(tenants_backend, settings.cache_prefix,
+                                  timeout_s=settings.tenants_timeout_s)
+            quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
+                                  on_redis_error=settings.quota_on_redis_error,
+                                  timeout_s=settings.tenants_timeout_s, link=quota_link)
+            keys.store = tenants
+            keys.usage = UsageRecorder(tenants)
+            keys.usage.start()
+        elif settings.admin_key.get_secret_value():
+            log.warning("GATEWAY_ADMIN_KEY is set but there is no Redis (GATEWAY_REDIS_URL): "
+                        "keys cannot be issued, only GATEWAY_API_KEYS work")
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
-                                    classifier, lifecycle, store=store, feedback=feedback)
+                                    classifier, lifecycle, store=store, feedback=feedback,
+                                    tenants=tenants, quotas=quotas, usage=keys.usage)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -140,6 +164,13 @@ def create_app(settings: Settings | None = None, *,
             if cache is not None:
                 await cache.aclose()
             await store.aclose()
+            if keys.usage is not None:
+                await keys.usage.aclose()
+                keys.usage = None
+            if tenants_backend is not None:
+                await tenants_backend.aclose()
+            if quota_link is not None:
+                await quota_link.aclose()
             await upstreams.aclose()
 
     app = GatewayApp(
@@ -152,7 +183,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     hot.install(app)
-    for module in (tasks, feedback_routes, health):
+    for module in (tasks, feedback_routes, health, admin):
         app.include_router(module.router)
     app.front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
                              metrics=metrics, handlers=hot.handlers())

@@ -43,6 +43,7 @@ from service.gateway.errors import (
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result, Route
 from service.gateway.registry import TaskSpec, UpstreamSpec
+from service.gateway.tenants import DEFAULT_TENANT
 from service.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("service.gateway.classifier")
@@ -63,6 +64,8 @@ class Outcome:
     cache_status: CacheStatus
     models: list[str]
     fallback_from: str | None = None
+    #: Items answered from the cache (usage counts them per key).
+    hits: int = 0
     #: The response's id, set by the route (feedback names a response by it).
     id: str = ""
 
@@ -172,14 +175,20 @@ class Classifier:
 
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
-                       disconnected: Disconnected | None = None) -> Outcome:
+                       disconnected: Disconnected | None = None,
+                       tenant: str = DEFAULT_TENANT) -> Outcome:
         """One result per item, in input order, from the cache, the task's model (or its canary,
         for the items the canary's weight sends there) or, when that fails, its fallbacks (see
         the module docstring). Items answered by the task's model are then offered to its shadow.
 
         `disconnected` returns when the caller hangs up; its items are then released, so that
-        nobody's abandoned work is sent upstream."""
+        nobody's abandoned work is sent upstream.
+
+        `tenant` joins the cache key (and so single flight) unless the task's `cache_scope` is
+        `shared`: one tenant is never answered from another's entries. Tenant `default` keeps the
+        keys it had before tenants existed."""
         timeout_s = task.timeout_s or self._default_timeout_s
+        partition = None if task.cache_scope == "shared" or tenant == DEFAULT_TENANT else tenant
         deadline = time.monotonic() + timeout_s
         ttl_s = self._default_ttl_s if task.cache_ttl_s is None else task.cache_ttl_s
         canary = task.canary
@@ -188,7 +197,7 @@ class Classifier:
                 task, items, ttl_s, deadline, timeout_s, read_cache, disconnected)
         elif canary is None or canary.weight <= 0.0:
             served = await self._serve(task, task.candidates(), items, ttl_s, deadline,
-                                       timeout_s, read_cache, disconnected)
+                                       timeout_s, read_cache, disconnected, partition)
             results, models = served.results, [served.model] * len(items)
             misses, fallback_from = served.misses, served.fallback_from
         else:
@@ -200,7 +209,7 @@ class Classifier:
             groups = [(chain, where) for chain, where in groups if where]
             done = await asyncio.gather(
                 *(self._serve(task, chain, [items[i] for i in where], ttl_s, deadline, timeout_s,
-                              read_cache, disconnected) for chain, where in groups),
+                              read_cache, disconnected, partition) for chain, where in groups),
                 return_exceptions=True)
             failed = next((d for d in done if isinstance(d, BaseException)), None)
             if failed is not None:
@@ -220,7 +229,7 @@ class Classifier:
         if task.shadow is not None and self.shadow is not None:
             self.shadow.offer(task, items, results, models)
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
-                       fallback_from)
+                       fallback_from, hits=len(items) - misses)
 
     async def _cascade(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
                        timeout_s: float, read_cache: bool, disconnected: Disconnected | None
@@ -298,7 +307,7 @@ class Classifier:
 
     async def _serve(self, task: TaskSpec, chain: list[tuple[str, Route]], items: Sequence[Any],
                      ttl_s: int, deadline: float, timeout_s: float, read_cache: bool,
-                     disconnected: Disconnected | None) -> _Served:
+                     disconnected: Disconnected | None, partition: str | None = None) -> _Served:
         """The first model of `chain` that answers: the task's (or canary's), then its
         fallbacks. With a single model, its error is the caller's as it is."""
         specs = self._upstream_specs()
@@ -313,7 +322,8 @@ class Classifier:
                 break
             try:
                 results, misses = await self._answer(task, spec, route, items, ttl_s, deadline,
-                                                     timeout_s, read_cache, disconnected)
+                                                     timeout_s, read_cache, disconnected,
+                                                     partition)
             except FALLBACK_ON as exc:
                 if len(chain) == 1:
                     raise
@@ -341,10 +351,13 @@ class Classifier:
 
     async def _answer(self, task: TaskSpec, upstream: UpstreamSpec, route: Route,
                       items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
-                      read_cache: bool, disconnected: Disconnected | None
-                      ) -> tuple[list[Result], int]:
-        """Results from the cache and one upstream; also how many items the cache missed."""
+                      read_cache: bool, disconnected: Disconnected | None,
+                      partition: str | None = None) -> tuple[list[Result], int]:
+        """Results from the cache and one upstream; also how many items the cache missed.
+        `partition`: the tenant whose cache (and single flight) this is, None for the shared one."""
         scope = cache_scope(upstream, route)
+        if partition is not None:
+            scope = f"{scope}\x00tenant={partition}"
         endpoint = upstream.wire.endpoint(route)
         keys = [cache_key(self._prefix, scope, endpoint, route.model, item) for item in items]
         # Identical items within one request are looked up and sent once.

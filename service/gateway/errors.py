@@ -46,6 +46,33 @@ class Unauthorized(GatewayError):
     error_type = "unauthorized"
 
 
+class Forbidden(GatewayError):
+    """A valid key that may not do this (a task outside the key's `tasks`)."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class QuotaExceeded(GatewayError):
+    """Over a key's or tenant's quota: the message names it; Retry-After and the IETF RateLimit
+    headers say when to come back."""
+
+    status_code = 429
+    error_type = "quota_exceeded"
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+
 class UnknownTask(GatewayError):
     status_code = 404
     error_type = "unknown_task"

@@ -36,6 +36,7 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result
 from service.gateway.redis_clients import RedisPy
 from service.gateway.registry import TaskSpec
+from service.gateway.tenants import DEFAULT_TENANT
 
 log = logging.getLogger("service.gateway.feedback")
 _StreamRows = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]  # XRANGE's reply
@@ -107,7 +108,10 @@ class FeedbackBook:
         return f"{self._prefix}:{what}:{{{task}}}"  # one task's keys in one cluster slot
 
     # -- after each response (hot path: nothing to do for tasks without feedback or review) --
-    def after(self, response_id: str, task: TaskSpec, items: Sequence[Any], outcome: Outcome) -> None:
+    def after(self, response_id: str, task: TaskSpec, items: Sequence[Any], outcome: Outcome, *,
+              key_id: str | None = None, tenant: str = DEFAULT_TENANT) -> None:
+        """`key_id` and `tenant`: who sent the request, recorded with each review entry so that a
+        tenant's entries can be exported alone."""
         if self._client is None or not (task.feedback or task.review is not None):
             return
         picks: list[dict[str, Any]] = []
@@ -123,7 +127,8 @@ class FeedbackBook:
                                                             result.items()},
                                   "predicted": predicted(task, result),
                                   "model": model, "margin": round(low, 6), "reason": reason,
-                                  "response_id": response_id, "index": index})
+                                  "response_id": response_id, "index": index,
+                                  "key_id": key_id, "tenant": tenant})
         remember = None
         if task.feedback:
             remember = orjson.dumps({"task": task.name, "kind": task.kind, "items": list(items),
@@ -171,14 +176,18 @@ class FeedbackBook:
 
     # -- POST /feedback --
     async def add(self, task: str, item: Any, labels: dict[str, Any], model: str | None,
-                  response_id: str | None, index: int | None) -> tuple[str, bool]:
-        """Append one correction; (its stream id, whether it replaces an earlier one)."""
+                  response_id: str | None, index: int | None, *, key_id: str | None = None,
+                  tenant: str = DEFAULT_TENANT) -> tuple[str, bool]:
+        """Append one correction; (its stream id, whether it replaces an earlier one). A
+        correction replaces an earlier one of the same item by the same tenant only: tenants
+        may label alike inputs differently."""
         if self._client is None:
             raise FeedbackUnavailable("feedback needs Redis: set GATEWAY_FEEDBACK_REDIS_URL or "
                                       "GATEWAY_REDIS_URL")
-        digest = item_digest(task, item)
+        digest = item_digest(task, item if tenant == DEFAULT_TENANT else [tenant, item])
         entry = {"input": item, "labels": labels, "model": model, "response_id": response_id,
-                 "index": index, "digest": digest, "received_at": round(time.time(), 3)}
+                 "index": index, "digest": digest, "received_at": round(time.time(), 3),
+                 "key_id": key_id, "tenant": tenant}
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.xadd(self._key("feedback", task), {"entry": orjson.dumps(entry)},
@@ -193,10 +202,12 @@ class FeedbackBook:
         return stream_id, earlier is not None
 
     # -- GET /feedback/{task}, GET /review/{task} --
-    async def page(self, what: str, task: str, after: str, limit: int
-                   ) -> tuple[list[dict[str, Any]], str | None]:
+    async def page(self, what: str, task: str, after: str, limit: int,
+                   tenant: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Entries after stream id `after` ("0" from the start); and the cursor for the next page
-        (None at the end). Feedback pages hold only each item's latest correction."""
+        (None at the end). Feedback pages hold only each item's latest correction; with `tenant`,
+        only that tenant's entries (entries from before tenants count as `default`'s), so a page
+        may hold fewer than `limit` and still have a next one."""
         if self._client is None:
             raise FeedbackUnavailable("feedback needs Redis: set GATEWAY_FEEDBACK_REDIS_URL or "
                                       "GATEWAY_REDIS_URL")
@@ -217,6 +228,8 @@ class FeedbackBook:
             entry = orjson.loads(fields[b"entry"] if b"entry" in fields else fields["entry"])
             if what == "feedback" and sid not in latest_ids:
                 continue  # replaced by a later correction of the same item
+            if tenant is not None and entry.get("tenant", DEFAULT_TENANT) != tenant:
+                continue
             out.append({"id": sid, **entry})
         cursor = _text(rows[-1][0]) if len(rows) == limit else None
         return out, cursor

@@ -113,6 +113,21 @@ class GatewayMetrics:
             "gateway_review_dropped", "Answers picked for review but not queued (Redis failed).",
             ["task"], registry=registry,
         )
+        self.tenant_items = Counter(
+            "gateway_tenant_items", "Items admitted for classification, by tenant and task "
+            "(never by key: tenants are few and configured).", ["tenant", "task"],
+            registry=registry,
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections", "Requests refused with 429 by a quota, by tenant and "
+            "quota (`key.items_per_minute`, `tenant.requests_per_second`, ..., or `redis_error` "
+            "under GATEWAY_QUOTA_ON_REDIS_ERROR=deny).", ["tenant", "quota"], registry=registry,
+        )
+        self.quota_redis_errors = Counter(
+            "gateway_quota_redis_errors", "Quota checks Redis could not answer, by what "
+            "GATEWAY_QUOTA_ON_REDIS_ERROR decided (allow or deny).", ["decision"],
+            registry=registry,
+        )
         self.registry_reloads = Counter(
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,

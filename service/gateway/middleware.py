@@ -7,7 +7,6 @@ parsed, so an oversized or unauthenticated request costs almost nothing.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -18,36 +17,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gateway.errors import ClientGone, error_response, render_error
 from service.gateway.metrics import UNKNOWN, GatewayMetrics
+from service.gateway.tenants import STATIC_IDENTITY, Authenticator
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+ADMIN_PREFIX = "/admin/"
 TASK_LABEL = "task_label"
+#: Where the front door leaves the caller's `Identity` (tenants.py) for the routes.
+IDENTITY = "identity"
+#: Headers a route asks the front door to add to its answer (the quota's RateLimit headers).
+EXTRA_HEADERS = "extra_headers"
+#: (items answered, of which cache hits), left by the routes for the key's usage.
+USAGE = "usage"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class KeyChecker:
-    """Constant-time check of `Authorization: Bearer <key>` against every configured key."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = [key.encode() for key in keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
-    def allows(self, header: bytes | None) -> bool:
-        if not self._keys:
-            return True
-        if header is None or header[:7].lower() != b"bearer ":
-            return False
-        given = header[7:].strip()
-        ok = False
-        for key in self._keys:  # no early exit: timing must not reveal which key matched
-            ok |= hmac.compare_digest(given, key)
-        return ok
-
-
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyChecker, max_body_bytes: int,
+    def __init__(self, app: ASGIApp, *, keys: Authenticator, max_body_bytes: int,
                  metrics: GatewayMetrics, handlers: Mapping[str, Handler] | None = None) -> None:
         self.app = app
         self.keys = keys
@@ -62,9 +47,16 @@ class GatewayMiddleware:
             return
         path: str = scope["path"]
         if path not in self.handlers:  # not a classification route (routes/hot.py)
-            if path not in OPEN_PATHS and not self.keys.allows(_header(scope, b"authorization")):
-                await _unauthorized(scope, receive, send)
-                return
+            if path.startswith(ADMIN_PREFIX):
+                if not self.keys.is_admin(_header(scope, b"authorization")):
+                    await _unauthorized(scope, receive, send, admin=True)
+                    return
+            elif path not in OPEN_PATHS:
+                identity = await self.keys.identify(_header(scope, b"authorization"))
+                if identity is None:
+                    await _unauthorized(scope, receive, send)
+                    return
+                scope.setdefault("state", {})[IDENTITY] = identity
             await self.app(scope, receive, send)
             return
 
@@ -78,12 +70,19 @@ class GatewayMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                extra = state.get(EXTRA_HEADERS)
+                if extra:
+                    message = {**message, "headers": [
+                        *message.get("headers", []),
+                        *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
             await send(message)
 
         try:
-            if not self.keys.allows(_header(scope, b"authorization")):
+            identity = await self.keys.identify(_header(scope, b"authorization"))
+            if identity is None:
                 await _unauthorized(scope, receive, send_wrapper)
                 return
+            state[IDENTITY] = identity
             try:
                 body = await self._read_body(scope, receive, send_wrapper)
             except _ClientLeft:  # gone before the body was complete: nothing to answer
@@ -105,6 +104,11 @@ class GatewayMiddleware:
                 response = render_error(request, exc)
             await response(scope, receive, send_wrapper)
         finally:
+            usage = self.keys.usage
+            who = state.get(IDENTITY)
+            if usage is not None and who is not None and who.key_id != STATIC_IDENTITY.key_id:
+                items, hits = state.get(USAGE, (0, 0))
+                usage.record(who.key_id, status, items, hits)
             task = state.get(TASK_LABEL, UNKNOWN)
             metrics.inflight_requests.dec()
             metrics.child(metrics.requests, path, task, str(status)).inc()
@@ -203,11 +207,15 @@ def _has_body(scope: Scope) -> bool:
     return _header(scope, b"transfer-encoding") is not None
 
 
-async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
+async def _unauthorized(scope: Scope, receive: Receive, send: Send, *,
+                        admin: bool = False) -> None:
+    """One body for a missing, malformed, unknown, revoked or expired key: the answer must not
+    tell which, nor echo any of what was sent."""
     response = error_response(
         401, "unauthorized",
-        "Missing or invalid client key: send `Authorization: Bearer <key>` with a key "
-        "configured in GATEWAY_API_KEYS.",
+        "Missing or invalid admin key: send `Authorization: Bearer <GATEWAY_ADMIN_KEY>`." if admin
+        else "Missing or invalid client key: send `Authorization: Bearer <key>` with a key "
+        "issued by POST /admin/keys or configured in GATEWAY_API_KEYS.",
         {"WWW-Authenticate": "Bearer"},
     )
     await _answer_unread(response, scope, receive, send)

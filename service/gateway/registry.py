@@ -254,6 +254,10 @@ class TaskSpec(BaseModel):
         default=None, description="The model before the last `tasks promote`, for `tasks "
         "rollback`; not served.")
     cache_ttl_s: int | None = Field(default=None, ge=0, description="0 disables caching.")
+    cache_scope: Literal["tenant", "shared"] = Field(
+        default="tenant", description="`tenant`: a tenant is answered only from its own cache "
+        "entries; `shared`: one cache for all tenants (a hit then reveals that another tenant "
+        "sent the same input: for public content only).")
     timeout_s: float | None = Field(default=None, gt=0)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     multi_label_targets: tuple[str, ...] = Field(

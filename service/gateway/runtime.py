@@ -12,9 +12,11 @@ from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.quotas import QuotaChecker
 from service.gateway.registry import RegistryWatcher
 from service.gateway.settings import Settings
 from service.gateway.store import MemoryShadowStore, ShadowStore
+from service.gateway.tenants import TenantStore, UsageRecorder
 from service.gateway.upstream import UpstreamPool
 
 
@@ -37,6 +39,9 @@ class Runtime:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     store: ShadowStore = field(default_factory=MemoryShadowStore)
     feedback: FeedbackBook | None = None
+    tenants: TenantStore | None = None  # keys and tenant quotas (None without Redis)
+    quotas: QuotaChecker | None = None
+    usage: UsageRecorder | None = None
 
 
 def runtime_of(request: Request) -> Runtime:

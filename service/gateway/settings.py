@@ -48,6 +48,15 @@ class Settings(BaseSettings):
 
     # Client authentication: comma-separated keys, or the path of a file with one key per line.
     api_keys: SecretStr = SecretStr("")
+    # Tenants (tenants.py, quotas.py): the admin API's key (never accepted as a client key); keys
+    # and quotas live in GATEWAY_FEEDBACK_REDIS_URL's Redis (else GATEWAY_REDIS_URL's).
+    admin_key: SecretStr = SecretStr("")
+    quota_on_redis_error: Literal["allow", "deny"] = Field(
+        default="allow", description="What a quota check does when Redis cannot answer.")
+    quota_charge_cache_hits: bool = Field(
+        default=True, description="Whether items answered from the cache count against quotas.")
+    tenants_timeout_s: float = Field(
+        default=0.5, gt=0, description="Deadline of a key lookup or quota check in Redis.")
 
     # Micro-batching.
     max_batch_items: int = Field(default=32, ge=1)

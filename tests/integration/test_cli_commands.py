@@ -183,6 +183,12 @@ def test_tasks_set_creates_the_file_with_its_upstream_and_list_shows_it(
     assert code == 0
     assert load_registry(tasks).tasks["news"].cache_ttl_s == 60
     assert load_registry(tasks).tasks["news"].model == "ft:classifier:a"  # kept
+    assert load_registry(tasks).tasks["news"].cache_scope == "tenant"  # the default
+    code, out, _ = run(capsys, "tasks", "set", "news", "--cache-scope", "shared", "--tasks",
+                       str(tasks))
+    assert code == 0 and "cache_scope" in out
+    assert load_registry(tasks).tasks["news"].cache_scope == "shared"
+    assert load_registry(tasks).tasks["news"].cache_ttl_s == 60  # kept
     code, out, _ = run(capsys, "tasks", "list", "--tasks", str(tasks))
     assert out.splitlines() == ["task  kind  upstream  model",
                                 "news  text  local     ft:classifier:a"]

@@ -38,8 +38,8 @@ async def test_openapi_documents_every_status_with_its_schema(tmp_path: Path) ->
     ref = "#/components/schemas/{}".format
     for path in ("/classify", "/classify-chat", "/v1/classifications", "/v1/chat/classifications"):
         responses = doc["paths"][path]["post"]["responses"]
-        assert sorted(responses) == ["200", "400", "401", "404", "408", "413", "422", "429",
-                                     "502", "503", "504"], path
+        assert sorted(responses) == ["200", "400", "401", "403", "404", "408", "413", "422",
+                                     "429", "502", "503", "504"], path
         for status, entry in responses.items():
             schema = entry["content"]["application/json"]["schema"]
             if status == "422":
@@ -48,6 +48,8 @@ async def test_openapi_documents_every_status_with_its_schema(tmp_path: Path) ->
                 assert schema == {"$ref": ref("ErrorResponse")}, (path, status)
         assert "Retry-After" in responses["503"]["headers"]
         assert "Retry-After" in responses["429"]["headers"]
+        for answer in ("200", "429"):  # the quota's IETF headers (docs/tenants.md)
+            assert {"RateLimit", "RateLimit-Policy"} <= set(responses[answer]["headers"])
     for path in ("/classify", "/classify-chat"):
         assert doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"][
             "schema"]["anyOf"] == [{"$ref": ref("ClassifyResponse")},
@@ -59,6 +61,11 @@ async def test_openapi_documents_every_status_with_its_schema(tmp_path: Path) ->
     assert list(metrics) == ["text/plain"]
     assert sorted(doc["paths"]["/tasks/{name}"]["get"]["responses"]) == ["200", "401", "404", "422"]
     assert sorted(doc["paths"]["/readyz"]["get"]["responses"]) == ["200", "503"]
+    admin = {path for path in doc["paths"] if path.startswith("/admin/")}
+    assert admin == {"/admin/keys", "/admin/keys/{key_id}", "/admin/keys/{key_id}/rotate",
+                     "/admin/keys/{key_id}/usage", "/admin/usage", "/admin/tenants/{tenant}"}
+    assert sorted(doc["paths"]["/admin/keys"]["post"]["responses"]) == [
+        "201", "400", "401", "404", "422", "503"]
 
 
 BIG = 8 * 1024 * 1024

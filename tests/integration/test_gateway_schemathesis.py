@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -61,3 +62,53 @@ def test_every_answer_is_documented(case: Any) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[
         not_a_server_error, status_code_conformance, content_type_conformance,
         response_headers_conformance, response_schema_conformance])
+
+
+ADMIN_KEY = "admin-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def admin_stack(tmp_path_factory: pytest.TempPathFactory,
+                redis_server: RedisServer) -> Iterator[Any]:
+    with gateway_stack(tmp_path_factory.mktemp("schemathesis-admin"),
+                       redis_url=redis_server.url, api_keys=KEY, admin_key=ADMIN_KEY) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def admin_schema(admin_stack: Any) -> Any:
+    # The document is a client's to read (GATEWAY_ADMIN_KEY opens /admin/ only).
+    return schemathesis.openapi.from_url(f"{admin_stack.url}/openapi.json",
+                                         headers={"Authorization": f"Bearer {KEY}"}
+                                         ).include(path_regex="^/admin/")
+
+
+admin = schemathesis.pytest.from_fixture("admin_schema")
+
+
+@admin.parametrize()
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_every_admin_answer_is_documented(case: Any) -> None:
+    """The admin API with its key: bodies out of range, unknown ids, bad tenants."""
+    case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, checks=[
+        not_a_server_error, status_code_conformance, content_type_conformance,
+        response_headers_conformance, response_schema_conformance])
+
+
+def test_admin_routes_refuse_missing_wrong_and_client_keys(admin_stack: Any) -> None:
+    document = httpx.get(f"{admin_stack.url}/openapi.json",
+                         headers={"Authorization": f"Bearer {KEY}"}).json()
+    operations = [(method, path.replace("{key_id}", "0123456789abcdef").replace(
+        "{tenant}", "acme")) for path, item in document["paths"].items()
+        if path.startswith("/admin/") for method in item]
+    assert len(operations) >= 9
+    bodies = set()
+    for method, path in operations:
+        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}"},
+                       {"Authorization": "Basic " + "x" * 5000}):
+            answer = httpx.request(method, f"{admin_stack.url}{path}", headers=header,
+                                   json={})
+            assert answer.status_code == 401, (method, path, header.keys(), answer.text)
+            bodies.add(answer.text)
+    assert len(bodies) == 1 and KEY not in bodies.pop()

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from service.gateway.classifier import Disconnected, Outcome, decorate
-from service.gateway.errors import InvalidField, InvalidRequest
+from service.gateway.errors import Forbidden, InvalidField, InvalidRequest, QuotaExceeded
+from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
+from service.gateway.quotas import Bucket
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes import fanout
@@ -23,6 +25,7 @@ from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
+from service.gateway.tenants import STATIC_IDENTITY, Identity
 from service.wire import Conversation
 
 TaskName = Annotated[str, Field(min_length=1)]
@@ -77,22 +80,54 @@ def reads_cache(cache_control: str | None) -> bool:
 
 async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: UpstreamSpec,
               items: Sequence[Any], disconnected: Disconnected | None = None) -> Outcome:
-    """The part every classification route shares, once the items are validated.
-    `disconnected`: the call's watch on the client (fan-out shares one); default: its own."""
+    """The part every classification route shares, once the items are validated: admitted
+    (the key's tasks, its quotas charged), then classified. `disconnected`: the call's watch on
+    the client (fan-out shares one, and charges each of its tasks here); default: its own."""
+    identity, charged = await admit(runtime, request, task, len(items))
 
     async def read_until_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     disconnected = disconnected or read_until_disconnect
-    outcome = await runtime.classifier.classify(task, upstream, items,
+    outcome = await runtime.classifier.classify(task, upstream, items, tenant=identity.tenant,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
                                                 disconnected=disconnected)
     outcome = dataclasses.replace(outcome, id=response_id())
+    if charged and outcome.hits and runtime.quotas is not None and \
+            not runtime.settings.quota_charge_cache_hits:
+        await runtime.quotas.refund(charged, outcome.hits)
+    setattr(request.state, USAGE, (len(items), outcome.hits))
     if runtime.feedback is not None:
-        runtime.feedback.after(outcome.id, task, items, outcome)
+        runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
+                               tenant=identity.tenant)
     return outcome
+
+
+async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
+                ) -> tuple[Identity, list[Bucket]]:
+    """May this caller run `items` items of `task` now? 403 for a task outside the key's `tasks`,
+    429 over a quota (charged up front, all buckets at once: quotas.py); the quota's RateLimit
+    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota. Returns the caller and
+    the buckets charged."""
+    identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
+    buckets: list[Bucket] = []
+    if not identity.may_call(task.name):
+        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
+                        "PATCH /admin/keys/{id}.")
+    if (runtime.quotas is not None and runtime.tenants is not None
+            and identity.key_id != STATIC_IDENTITY.key_id):
+        tenant_quotas = await runtime.tenants.tenant_quotas(identity.tenant)
+        buckets = runtime.quotas.buckets(identity, tenant_quotas, items)
+        decision = await runtime.quotas.charge(buckets, identity.tenant)
+        if not decision.allowed:
+            raise QuotaExceeded(decision.message, decision.headers)
+        if decision.headers:
+            setattr(request.state, EXTRA_HEADERS, decision.headers)
+    metrics = runtime.metrics
+    metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
+    return identity, buckets
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

@@ -12,12 +12,14 @@ from starlette.requests import Request
 
 from service.gateway.errors import GatewayError, InvalidRequest, UnknownTask
 from service.gateway.feedback import FeedbackBook, FeedbackUnavailable, label_sets
+from service.gateway.middleware import IDENTITY
 from service.gateway.registry import TaskSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import openapi_body, parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.openapi import error_responses
 from service.gateway.runtime import Runtime, RuntimeDep, runtime_of
+from service.gateway.tenants import STATIC_IDENTITY, TENANT_PATTERN, Identity
 from service.wire import Conversation
 
 router = APIRouter(tags=["feedback"])
@@ -101,6 +103,7 @@ async def post_feedback(request: Request) -> JSONResponse:
     body = await parse_body(request, FeedbackRequest)
     runtime = runtime_of(request)
     book = _book(runtime)
+    identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
     item: Any
     try:
         if body.id is not None and body.index is not None:
@@ -129,22 +132,25 @@ async def post_feedback(request: Request) -> JSONResponse:
                 item = conversations_payload([body.input], runtime.settings)[0]
             # The model's targets and labels, from its own answer (usually a cache hit).
             upstream = runtime.registry.current.upstreams[task.upstream]
-            outcome = await runtime.classifier.classify(task, upstream, [item])
+            outcome = await runtime.classifier.classify(task, upstream, [item],
+                                                        tenant=identity.tenant)
             task_name, model = task.name, outcome.model
             known = label_sets(outcome.results[0])
         _check_labels(body.labels, known)
         stream_id, duplicate = await book.add(task_name, item, body.labels, model, body.id,
-                                              body.index)
+                                              body.index, key_id=identity.key_id,
+                                              tenant=identity.tenant)
     except FeedbackUnavailable as exc:
         raise FeedbackOff(f"Feedback not stored: {exc}.", retry_after_s=5) from None
     return JSONResponse({"id": stream_id, "task": task_name, "duplicate": duplicate})
 
 
-async def _page(runtime: Runtime, what: str, name: str, after: str, limit: int) -> JSONResponse:
+async def _page(runtime: Runtime, what: str, name: str, after: str, limit: int,
+                tenant: str | None) -> JSONResponse:
     book = _book(runtime)
     task = _task(runtime, name)
     try:
-        entries, cursor = await book.page(what, task.name, after, limit)
+        entries, cursor = await book.page(what, task.name, after, limit, tenant)
     except FeedbackUnavailable as exc:
         raise FeedbackOff(f"{exc}.", retry_after_s=5) from None
     return JSONResponse({"task": task.name, "kind": task.kind, "entries": entries,
@@ -154,17 +160,19 @@ async def _page(runtime: Runtime, what: str, name: str, after: str, limit: int) 
 AFTER = Query(default="0", pattern=r"^\d+(-\d+)?$",
               description="A stream id: entries after it (`next` of the previous page).")
 LIMIT = Query(default=500, ge=1, le=5000)
+TENANT = Query(default=None, pattern=TENANT_PATTERN,
+               description="Only the entries this tenant's keys produced.")
 
 
 @router.get("/feedback/{task}", summary="A task's corrected labels, latest per item",
             responses={200: {"model": StreamPage}, **error_responses(401, 404, 422, 503)})
 async def get_feedback(task: str, runtime: RuntimeDep, after: str = AFTER,
-                       limit: int = LIMIT) -> JSONResponse:
-    return await _page(runtime, "feedback", task, after, limit)
+                       limit: int = LIMIT, tenant: str | None = TENANT) -> JSONResponse:
+    return await _page(runtime, "feedback", task, after, limit, tenant)
 
 
 @router.get("/review/{task}", summary="A task's review queue: unsure answers and a control share",
             responses={200: {"model": StreamPage}, **error_responses(401, 404, 422, 503)})
 async def get_review(task: str, runtime: RuntimeDep, after: str = AFTER,
-                     limit: int = LIMIT) -> JSONResponse:
-    return await _page(runtime, "review", task, after, limit)
+                     limit: int = LIMIT, tenant: str | None = TENANT) -> JSONResponse:
+    return await _page(runtime, "review", task, after, limit, tenant)

@@ -129,12 +129,21 @@ class TaskList(BaseModel):
 
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
                                 "schema": {"type": "integer"}}}
+#: draft-ietf-httpapi-ratelimit-headers, on answers that went through a quota (docs/tenants.md).
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {"description": "The quotas that applied, one per bucket: "
+                         '`"key.items_per_minute";q=300;w=60`.', "schema": {"type": "string"}},
+    "RateLimit": {"description": "What is left of each (`r`) and the seconds until it is full "
+                  "again (`t`).", "schema": {"type": "string"}},
+}
 
 ERRORS: dict[int, tuple[str, type[BaseModel], bool]] = {
     400: ("A text task on the chat route, or the reverse; text and chat tasks mixed in `tasks`; "
           "both `task` and `tasks`.", ErrorResponse, False),
-    401: ("Missing or invalid client key (`Authorization: Bearer <key>`, GATEWAY_API_KEYS).",
-          ErrorResponse, False),
+    401: ("Missing, malformed, unknown, revoked or expired key (`Authorization: Bearer <key>`: "
+          "an issued key or one of GATEWAY_API_KEYS; GATEWAY_ADMIN_KEY on /admin/ routes); "
+          "one body whatever the reason.", ErrorResponse, False),
+    403: ("The key may not call this task (its `tasks`).", ErrorResponse, False),
     404: ("Unknown task or model (the message lists the known ones; for `tasks`, a call fails "
           "whole when it names one), or a task without the shadow model asked about.",
           ErrorResponse, False),
@@ -144,15 +153,19 @@ ERRORS: dict[int, tuple[str, type[BaseModel], bool]] = {
           "than GATEWAY_MAX_FANOUT.",
           ErrorResponse, False),
     422: ("Malformed body, wrong types, or empty input.", ValidationErrorResponse, False),
-    429: ("The model's batch queue is full (`queue_full`).", ErrorResponse, True),
+    429: ("The model's batch queue is full (`queue_full`), or a quota of the key or its tenant "
+          "is used up (`quota_exceeded`, naming the quota, with RateLimit headers).",
+          ErrorResponse, True),
     502: ("The upstream rejected the request (4xx) or answered something that is not a "
           "classification response.", ErrorResponse, False),
     503: ("The upstream is unavailable (down, circuit open, overloaded after retries), the "
-          "gateway is shutting down, or it holds its maximum of busy connections.",
+          "gateway is shutting down, or it holds its maximum of busy connections; on /admin/ "
+          "routes: the Redis that keeps keys did not answer.",
           ErrorResponse, True),
     504: ("No answer within the task's deadline.", ErrorResponse, False),
 }
-CLASSIFY_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
+CLASSIFY_ERRORS = (400, 401, 403, 404, 408, 413, 422, 429, 502, 503, 504)
+ADMIN_ERRORS = (401, 404, 422, 503)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -162,7 +175,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         description, model, retry_after = ERRORS[status]
         entry: dict[str, Any] = {"description": description, "model": model}
         if retry_after:
-            entry["headers"] = _RETRY_AFTER
+            entry["headers"] = ({**_RETRY_AFTER, **RATE_LIMIT_HEADERS} if status == 429
+                                else _RETRY_AFTER)
         out[status] = entry
     return out
 
@@ -176,7 +190,8 @@ def classify_responses(model: Any) -> dict[int | str, dict[str, Any]]:
         "X-Model": {"description": "The model that answered (comma-separated when items split "
                     "between models, or several tasks answered).", "schema": {"type": "string"}},
         "X-Fallback-From": {"description": "Only when a fallback answered: the model that "
-                            "failed.", "schema": {"type": "string"}}}}
+                            "failed.", "schema": {"type": "string"}},
+        **RATE_LIMIT_HEADERS}}
     return {200: ok, **error_responses(*CLASSIFY_ERRORS)}
 
 
@@ -184,7 +199,7 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "Prometheus text exposition format.",
     "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
-__all__ = ["ClassificationResponse", "ClassifyAnswer", "ClassifyResponse",
+__all__ = ["ADMIN_ERRORS", "ClassificationResponse", "ClassifyAnswer", "ClassifyResponse",
            "ClassifyTasksResponse", "ErrorResponse", "Health", "Readiness",
            "ShadowReport",
            "TaskDescription", "TaskList",

@@ -225,6 +225,41 @@ def test_a_request_that_does_not_fit_is_not_charged(tmp_path: Path,
         assert 'gateway_tenant_items_total{task="sentiment",tenant="fit"} 10.0' in metrics
 
 
+def test_a_fan_out_call_charges_each_task_its_items(tmp_path: Path,
+                                                    redis_server: RedisServer) -> None:
+    """Issue 23 §3 with issue 21: the items of a call over several tasks are charged per task,
+    and a task whose charge does not fit answers its 429 in its place, the others theirs."""
+    with replicas(tmp_path, redis_server.url, count=1) as cluster:
+        url = cluster.urls[0]
+        key = create_key(cluster, tenant="fan", quotas={"items_per_minute": 5,
+                                                        "requests_per_second": 100})["key"]
+        headers = {"Authorization": f"Bearer {key}"}
+        first = httpx.post(f"{url}/classify", headers=headers,
+                           json={"tasks": ["sentiment", "topic"], "input": ["a", "b"]})
+        assert first.status_code == 200, first.text
+        assert set(first.json()["tasks"]) == {"sentiment", "topic"}
+        assert all("results" in answer for answer in first.json()["tasks"].values())
+        # 4 of 5 items are spent: of two tasks of one item each, exactly one fits.
+        second = httpx.post(f"{url}/classify", headers=headers,
+                            json={"tasks": ["sentiment", "topic"], "input": ["c"]})
+        assert second.status_code == 200, second.text
+        answers = second.json()["tasks"]
+        refused = [name for name, a in answers.items() if "error" in a]
+        assert len(refused) == 1, answers
+        assert answers[refused[0]]["error"]["type"] == "quota_exceeded"
+        assert "key.items_per_minute" in answers[refused[0]]["error"]["message"]
+        assert classify(url, key, ["e"]).status_code == 429  # all 5 are spent
+        everyone = httpx.post(f"{url}/classify", headers=headers,
+                              json={"tasks": ["sentiment", "topic"], "input": ["f"]})
+        assert everyone.status_code == 429  # every task refused: the call answers the error
+        metrics = httpx.get(f"{url}/metrics").text
+        items = [f'gateway_tenant_items_total{{task="{t}",tenant="fan"}}' for t in
+                 ("sentiment", "topic")]
+        counted = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.split(" ")[0] in items]
+        assert sum(counted) == 5.0, counted
+
+
 def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
         tmp_path: Path, redis_server: RedisServer) -> None:
     with replicas(tmp_path, redis_server.url) as cluster:

@@ -29,6 +29,7 @@ from service.gateway.settings import Settings
 from service.gateway.shadow import ShadowRunner
 from service.gateway.store import shadow_store
 from service.gateway.upstream import UpstreamPool
+from service.tracing import Tracing, TracingMiddleware, open_tracing
 
 log = logging.getLogger("service.gateway")
 BATCH_DRAIN_S = 5.0
@@ -50,7 +51,7 @@ class GatewayApp(FastAPI):
 
 
 def build_batcher(settings: Settings, metrics: GatewayMetrics,
-                  cache: ResultCache | None) -> MicroBatcher:
+                  cache: ResultCache | None, tracing: Tracing | None = None) -> MicroBatcher:
     if settings.batching:
         max_items, wait_s, slots = (settings.max_batch_items, settings.max_wait_ms / 1000,
                                     settings.max_concurrent_batches)
@@ -59,7 +60,7 @@ def build_batcher(settings: Settings, metrics: GatewayMetrics,
     return MicroBatcher(
         max_batch_items=max_items, max_wait_s=wait_s, max_concurrent_batches=slots,
         max_queue_items=settings.max_queue_items, metrics=metrics,
-        on_results=cache_writer(cache) if cache is not None else None,
+        on_results=cache_writer(cache) if cache is not None else None, tracing=tracing,
     )
 
 
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None, *,
     metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
     lifecycle = Lifecycle()
     keys = KeyChecker(settings.client_keys())
+    # None unless the `otel` extra is installed and OTEL_* variables ask for traces.
+    tracing = open_tracing("classifier-gateway")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,13 +103,13 @@ def create_app(settings: Settings | None = None, *,
             # `serve` runs uncached unless told, where the demo picks up a local Redis.
             log.info("result cache: none (GATEWAY_REDIS_URL or --redis-url is empty): every "
                      "request goes to its upstream")
-        upstreams = UpstreamPool(settings, metrics)
-        batcher = build_batcher(settings, metrics, cache)
+        upstreams = UpstreamPool(settings, metrics, tracing=tracing)
+        batcher = build_batcher(settings, metrics, cache, tracing)
         classifier = Classifier(
             batcher=batcher, upstreams=upstreams,
             upstream_specs=lambda: watcher.current.upstreams, cache=cache, metrics=metrics,
             cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
-            default_timeout_s=settings.timeout_s,
+            default_timeout_s=settings.timeout_s, tracing=tracing,
         )
         # Shadow counts, feedback and the review queue: off the hot path, so a generous timeout.
         backend = open_redis(settings.feedback_redis_url or settings.redis_url,
@@ -141,6 +144,8 @@ def create_app(settings: Settings | None = None, *,
                 await cache.aclose()
             await store.aclose()
             await upstreams.aclose()
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still buffered
 
     app = GatewayApp(
         title="Classifier Gateway",
@@ -154,6 +159,10 @@ def create_app(settings: Settings | None = None, *,
     hot.install(app)
     for module in (tasks, feedback_routes, health):
         app.include_router(module.router)
-    app.front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
-                             metrics=metrics, handlers=hot.handlers())
+    front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
+                         metrics=metrics, handlers=hot.handlers())
+    if tracing is None:
+        app.front_door = front_door
+    else:  # the server span wraps the front door, so that it covers refusals too
+        app.front_door = lambda inner: TracingMiddleware(front_door(inner), tracing)
     return app

@@ -39,6 +39,17 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result, Route
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.upstream import UpstreamPool
+from service.tracing import (
+    CACHE_HITS,
+    FALLBACK_FROM,
+    ITEMS,
+    MODEL,
+    SHARED,
+    TASK,
+    UPSTREAM,
+    Tracing,
+    span,
+)
 
 log = logging.getLogger("service.gateway.classifier")
 
@@ -150,7 +161,8 @@ class Classifier:
     def __init__(self, *, batcher: MicroBatcher, upstreams: UpstreamPool,
                  upstream_specs: Callable[[], Mapping[str, UpstreamSpec]],
                  cache: ResultCache | None, metrics: GatewayMetrics, cache_prefix: str,
-                 default_ttl_s: int, default_timeout_s: float) -> None:
+                 default_ttl_s: int, default_timeout_s: float,
+                 tracing: Tracing | None = None) -> None:
         self._batcher = batcher
         self._upstreams = upstreams
         self._upstream_specs = upstream_specs
@@ -160,6 +172,8 @@ class Classifier:
         self._prefix = cache_prefix
         self._default_ttl_s = default_ttl_s
         self._default_timeout_s = default_timeout_s
+        #: None when tracing is off (service/tracing.py): every hook below is then a no-op.
+        self.tracing = tracing
         #: Set by the app once built (they answer through this classifier): see shadow.py.
         self.shadow: ShadowSink | None = None
 
@@ -184,13 +198,14 @@ class Classifier:
         else:
             chosen = [sticky_share(task.name, canary.model, item) < canary.weight
                       for item in items]
-            groups = [(chain, [i for i, c in enumerate(chosen) if c == to_canary])
+            groups = [(chain, [i for i, c in enumerate(chosen) if c == to_canary], to_canary)
                       for chain, to_canary in ((task.candidates(), False),
                                                (task.canary_candidates(), True))]
-            groups = [(chain, where) for chain, where in groups if where]
+            groups = [group for group in groups if group[1]]
             done = await asyncio.gather(
-                *(self._serve(task, chain, [items[i] for i in where], ttl_s, deadline, timeout_s,
-                              read_cache, disconnected) for chain, where in groups),
+                *(self._serve_group(task, chain, [items[i] for i in where], ttl_s, deadline,
+                                    timeout_s, read_cache, disconnected, canary=to_canary)
+                  for chain, where, to_canary in groups),
                 return_exceptions=True)
             failed = next((d for d in done if isinstance(d, BaseException)), None)
             if failed is not None:
@@ -198,7 +213,7 @@ class Classifier:
             results = [{}] * len(items)
             models = [""] * len(items)
             misses, fallback_from = 0, None
-            for (_, where), part in zip(groups, done, strict=True):
+            for (_, where, _), part in zip(groups, done, strict=True):
                 assert isinstance(part, _Served)
                 for i, result in zip(where, part.results, strict=True):
                     results[i], models[i] = result, part.model
@@ -209,6 +224,9 @@ class Classifier:
             self._metrics.child(counted, task.name, model).inc(models.count(model))
         if task.shadow is not None and self.shadow is not None:
             self.shadow.offer(task, items, results, models)
+        if self.tracing is not None:
+            self.tracing.set({TASK: task.name, MODEL: ", ".join(dict.fromkeys(models)),
+                              ITEMS: len(items), CACHE_HITS: len(items) - misses})
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
                        fallback_from)
 
@@ -224,6 +242,19 @@ class Classifier:
         results, _ = await self._answer(task, spec, route, items, ttl_s,
                                         time.monotonic() + timeout_s, timeout_s, True, None)
         return results
+
+    async def _serve_group(self, task: TaskSpec, chain: list[tuple[str, Route]],
+                           items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
+                           read_cache: bool, disconnected: Disconnected | None, *,
+                           canary: bool) -> _Served:
+        """`_serve` for one side of a canary split, the canary's side in its own span."""
+        if not canary or self.tracing is None:
+            return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
+                                     disconnected)
+        with self.tracing.span("gateway.canary", {TASK: task.name, MODEL: chain[0][1].model,
+                                                  ITEMS: len(items)}):
+            return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
+                                     disconnected)
 
     async def _serve(self, task: TaskSpec, chain: list[tuple[str, Route]], items: Sequence[Any],
                      ttl_s: int, deadline: float, timeout_s: float, read_cache: bool,
@@ -241,8 +272,11 @@ class Classifier:
             if position > 0 and deadline - time.monotonic() <= _RESEND_MIN_S:
                 break
             try:
-                results, misses = await self._answer(task, spec, route, items, ttl_s, deadline,
-                                                     timeout_s, read_cache, disconnected)
+                with span(self.tracing if position > 0 else None, "gateway.fallback",
+                          {UPSTREAM: name, MODEL: route.model, FALLBACK_FROM: chain[0][1].model}):
+                    results, misses = await self._answer(task, spec, route, items, ttl_s,
+                                                         deadline, timeout_s, read_cache,
+                                                         disconnected)
             except FALLBACK_ON as exc:
                 if len(chain) == 1:
                     raise
@@ -292,6 +326,14 @@ class Classifier:
         return [found[key] for key in keys], sum(1 for key in keys if key in miss_keys)
 
     async def _lookup(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
+        if self.tracing is None:
+            return await self._lookup_untraced(task, keys)
+        with self.tracing.span("gateway.cache.lookup", {TASK: task.name, ITEMS: len(keys)}):
+            found = await self._lookup_untraced(task, keys)
+            self.tracing.set({CACHE_HITS: len(found)})
+            return found
+
+    async def _lookup_untraced(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
         assert self._cache is not None
         metrics = self._metrics
         lookups = metrics.cache_lookups
@@ -332,6 +374,20 @@ class Classifier:
                           misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                           timeout_s: float, disconnected: Disconnected | None
                           ) -> dict[str, Result]:
+        if self.tracing is None:
+            return await self._fetch_untraced(task, lane, misses, ttl_s, deadline, timeout_s,
+                                              disconnected)
+        # The span the batcher's wait spans hang from, and whose context the batch links to.
+        with self.tracing.span("gateway.single_flight", {
+                TASK: task.name, UPSTREAM: lane.upstream, MODEL: lane.model,
+                ITEMS: len(misses), SHARED: self._batcher.shared(misses)}):
+            return await self._fetch_untraced(task, lane, misses, ttl_s, deadline, timeout_s,
+                                              disconnected)
+
+    async def _fetch_untraced(self, task: TaskSpec, lane: LaneKey,
+                              misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
+                              timeout_s: float, disconnected: Disconnected | None
+                              ) -> dict[str, Result]:
         sender = self._senders.get(lane.upstream)
         if sender is None:
             sender = self._senders[lane.upstream] = CurrentUpstream(

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier, cache_writer
+from service.gateway.drift import LabelDrift
 from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
@@ -120,8 +121,10 @@ def create_app(settings: Settings | None = None, *,
                                 max_per_task=settings.feedback_max_per_task)
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
+        drift = classifier.predictions = LabelDrift(metrics)
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
-                                    classifier, lifecycle, store=store, feedback=feedback)
+                                    classifier, lifecycle, store=store, feedback=feedback,
+                                    drift=drift)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):

@@ -82,6 +82,13 @@ class Outcome:
         return any(m != self.models[0] for m in self.models)
 
 
+class PredictionSink(Protocol):
+    """Where every answered item's labels are counted (drift.py)."""
+
+    def observe(self, task: TaskSpec, results: Sequence[Result],
+                models: Sequence[str]) -> None: ...
+
+
 class ShadowSink(Protocol):
     """Where answered items go to be compared with the task's shadow model (shadow.py)."""
 
@@ -174,6 +181,8 @@ class Classifier:
         self._default_timeout_s = default_timeout_s
         #: None when tracing is off (service/tracing.py): every hook below is then a no-op.
         self.tracing = tracing
+        #: Set by the app once built: the label counts of drift.py.
+        self.predictions: PredictionSink | None = None
         #: Set by the app once built (they answer through this classifier): see shadow.py.
         self.shadow: ShadowSink | None = None
 
@@ -224,6 +233,8 @@ class Classifier:
             self._metrics.child(counted, task.name, model).inc(models.count(model))
         if task.shadow is not None and self.shadow is not None:
             self.shadow.offer(task, items, results, models)
+        if self.predictions is not None:
+            self.predictions.observe(task, results, models)
         if self.tracing is not None:
             self.tracing.set({TASK: task.name, MODEL: ", ".join(dict.fromkeys(models)),
                               ITEMS: len(items), CACHE_HITS: len(items) - misses})

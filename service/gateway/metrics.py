@@ -87,6 +87,11 @@ class GatewayMetrics:
             "task's, its canary's or a fallback's; only models the tasks file names).",
             ["task", "model"], registry=registry,
         )
+        self.predicted_labels = Counter(
+            "gateway_predicted_labels", "Answered items by their top label, per target: the "
+            "model's own labels only (the task's `labels`, else those of its first answer), any "
+            "other label as `other` (drift.py).", ["task", "target", "label"], registry=registry,
+        )
         self.shadow_comparisons = Counter(
             "gateway_shadow_comparisons", "Items compared with a task's shadow model, per target: "
             "whether the top labels agree.", ["task", "target", "agreement"], registry=registry,

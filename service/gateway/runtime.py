@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier
+from service.gateway.drift import LabelDrift
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import RegistryWatcher
@@ -37,6 +38,7 @@ class Runtime:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     store: ShadowStore = field(default_factory=MemoryShadowStore)
     feedback: FeedbackBook | None = None
+    drift: LabelDrift | None = None
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -21,6 +21,7 @@ from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware, KeyChecker
+from service.gateway.predictions import PredictionLog
 from service.gateway.redis_clients import open_redis
 from service.gateway.registry import RegistryWatcher
 from service.gateway.routes import feedback as feedback_routes
@@ -122,9 +123,14 @@ def create_app(settings: Settings | None = None, *,
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
         drift = classifier.predictions = LabelDrift(metrics)
+        predictions = PredictionLog(
+            backend, settings.cache_prefix, metrics,
+            max_per_task=settings.predictions_max_per_task,
+            max_queue=settings.predictions_max_queue,
+            hash_key=settings.predictions_hash_key.get_secret_value().encode())
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
                                     classifier, lifecycle, store=store, feedback=feedback,
-                                    drift=drift)
+                                    drift=drift, predictions=predictions)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -139,6 +145,7 @@ def create_app(settings: Settings | None = None, *,
             await watcher.stop()
             await shadow.aclose()
             await feedback.aclose()
+            await predictions.aclose()
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).

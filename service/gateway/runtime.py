@@ -13,6 +13,7 @@ from service.gateway.classifier import Classifier
 from service.gateway.drift import LabelDrift
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.predictions import PredictionLog
 from service.gateway.registry import RegistryWatcher
 from service.gateway.settings import Settings
 from service.gateway.store import MemoryShadowStore, ShadowStore
@@ -39,6 +40,7 @@ class Runtime:
     store: ShadowStore = field(default_factory=MemoryShadowStore)
     feedback: FeedbackBook | None = None
     drift: LabelDrift | None = None
+    predictions: PredictionLog | None = None
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
               items: Sequence[Any]) -> Outcome:
     """The part every classification route shares, once the items are validated."""
 
+    started = time.perf_counter()
+
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -56,6 +59,8 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     outcome = dataclasses.replace(outcome, id=response_id())
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome)
+    if task.log is not None and runtime.predictions is not None:
+        runtime.predictions.offer(task, items, outcome, time.perf_counter() - started)
     return outcome
 
 

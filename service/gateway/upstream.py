@@ -348,7 +348,7 @@ class UpstreamClient:
                        decode: Callable[[Any], list[Result] | str], deadline: float, budget: float,
                        attempt: int) -> list[Result]:
         tracing = self.tracing
-        if tracing is None:
+        if tracing is None or not tracing.recording():  # off, or this batch was not sampled
             return await self._attempt_untraced(endpoint, url, body, decode, deadline, budget,
                                                 attempt)
         # A client span per attempt (retries are siblings); no URL query, userinfo or header.

@@ -27,6 +27,7 @@ from service.gateway.protocols import Result, Route
 from service.gateway.settings import Settings
 from service.tracing import Tracing, enabled_by, open_tracing
 from tests.support.factory import running_factory
+from tests.support.gateway import gateway_stack
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, running_receiver
 from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
@@ -199,3 +200,20 @@ async def test_a_batch_links_to_every_request_whose_items_it_carries(
     assert all(span_id in requests for _, span_id in batches[1].links)
     waits = [s for s in spans if s.name == "gateway.batcher.wait"]
     assert len(waits) == 4 and {s.parent_id for s in waits} == set(ids)
+
+
+def test_a_request_the_caller_did_not_sample_leaves_no_span(
+        tmp_path: Path, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    dropped, kept = uuid.uuid4().hex, uuid.uuid4().hex
+    with gateway_stack(tmp_path) as stack:
+        for trace_id, flags in ((dropped, "00"), (kept, "01")):
+            r = httpx.post(f"{stack.url}/classify", json={"task": "sentiment", "input": ["x"]},
+                           headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-{flags}"})
+            assert r.status_code == 200, r.text
+        spans = wait_for(receiver, lambda s: any(x.name == "POST /v1/classifications"
+                                                 and x.trace_id == kept for x in s))
+    assert {s.trace_id for s in spans} == {kept}
+    assert {"POST /classify", "gateway.single_flight", "gateway.upstream.batch",
+            "POST /v1/classifications"} <= {s.name for s in spans}

@@ -95,6 +95,14 @@ class Tracing:
         context = self._trace.get_current_span().get_span_context()
         return context if context.is_valid and context.trace_flags.sampled else None
 
+    def exemplar(self) -> dict[str, str] | None:
+        """`{"trace_id": ...}` of the current sampled span, for a histogram's exemplar (so that a
+        Grafana panel links a slow bucket to its trace); None outside one."""
+        context = self._trace.get_current_span().get_span_context()
+        if context.is_valid and context.trace_flags.sampled:
+            return {"trace_id": f"{context.trace_id:032x}"}
+        return None
+
     def recording(self) -> bool:
         """Whether the current span is sampled: a child is then worth making."""
         return self._trace.get_current_span().is_recording()

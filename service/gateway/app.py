@@ -170,7 +170,8 @@ def create_app(settings: Settings | None = None, *,
     for module in (tasks, feedback_routes, health):
         app.include_router(module.router)
     front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
-                         metrics=metrics, handlers=hot.handlers())
+                         metrics=metrics, handlers=hot.handlers(),
+                         exemplar=tracing.exemplar if tracing is not None else None)
     if tracing is None:
         app.front_door = front_door
     else:  # the server span wraps the front door, so that it covers refusals too

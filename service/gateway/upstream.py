@@ -415,7 +415,8 @@ class UpstreamClient:
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None
         self.metrics.child(self.metrics.upstream_duration, self.spec.name, endpoint).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started,
+            self.tracing.exemplar() if self.tracing is not None else None)
         status = response.status_code
         if self.tracing is not None:
             self.tracing.set({"http.response.status_code": status})

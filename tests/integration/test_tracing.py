@@ -202,7 +202,7 @@ async def test_a_batch_links_to_every_request_whose_items_it_carries(
     assert len(waits) == 4 and {s.parent_id for s in waits} == set(ids)
 
 
-def test_a_request_the_caller_did_not_sample_leaves_no_span(
+def test_a_request_the_caller_did_not_sample_leaves_no_span_nor_exemplar(
         tmp_path: Path, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
@@ -214,6 +214,18 @@ def test_a_request_the_caller_did_not_sample_leaves_no_span(
             assert r.status_code == 200, r.text
         spans = wait_for(receiver, lambda s: any(x.name == "POST /v1/classifications"
                                                  and x.trace_id == kept for x in s))
+        # The latency histograms carry the sampled request's trace id as an exemplar, in the
+        # OpenMetrics exposition Prometheus asks for (and only there).
+        exposition = httpx.get(f"{stack.url}/metrics",
+                               headers={"accept": "application/openmetrics-text"})
+        assert exposition.headers["content-type"].startswith("application/openmetrics-text")
+        exemplars = [line for line in exposition.text.splitlines() if " # {" in line]
+        assert any(line.startswith("gateway_request_duration_seconds_bucket")
+                   and f'trace_id="{kept}"' in line for line in exemplars), exemplars
+        assert any(line.startswith("gateway_upstream_duration_seconds_bucket")
+                   and f'trace_id="{kept}"' in line for line in exemplars), exemplars
+        assert dropped not in exposition.text
+        assert " # {" not in httpx.get(f"{stack.url}/metrics").text
     assert {s.trace_id for s in spans} == {kept}
     assert {"POST /classify", "gateway.single_flight", "gateway.upstream.batch",
             "POST /v1/classifications"} <= {s.name for s in spans}

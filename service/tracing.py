@@ -76,8 +76,9 @@ class Tracing:
         samplers are parent-based), so at 10 % sampling nine requests in ten cost one check."""
         context = None
         if parent is None:
-            current = self._trace.get_current_span()
-            if current.get_span_context().is_valid and not current.is_recording():
+            # Not `is_recording()`: a shadow comparison starts after its request's span ended.
+            current = self._trace.get_current_span().get_span_context()
+            if current.is_valid and not current.trace_flags.sampled:
                 return _NULL_SPAN
         else:
             context = self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent))
@@ -105,7 +106,7 @@ class Tracing:
 
     def recording(self) -> bool:
         """Whether the current span is sampled: a child is then worth making."""
-        return self._trace.get_current_span().is_recording()
+        return bool(self._trace.get_current_span().get_span_context().trace_flags.sampled)
 
     def link(self, context: SpanContext) -> Link:
         return self._trace.Link(context)

@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None, *,
         store = shadow_store(backend, settings.cache_prefix)
         feedback = FeedbackBook(backend, settings.cache_prefix, metrics,
                                 window_s=settings.feedback_window_s,
-                                max_per_task=settings.feedback_max_per_task)
+                                max_per_task=settings.feedback_max_per_task, tracing=tracing)
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
         drift = classifier.predictions = LabelDrift(metrics)

@@ -27,7 +27,8 @@ from service.gateway.protocols import Result, Route
 from service.gateway.settings import Settings
 from service.tracing import Tracing, enabled_by, open_tracing
 from tests.support.factory import running_factory
-from tests.support.gateway import gateway_stack
+from tests.support.fake_upstream import running_fake_upstream
+from tests.support.gateway import gateway_for, gateway_stack
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, running_receiver
 from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
@@ -229,3 +230,56 @@ def test_a_request_the_caller_did_not_sample_leaves_no_span_nor_exemplar(
     assert {s.trace_id for s in spans} == {kept}
     assert {"POST /classify", "gateway.single_flight", "gateway.upstream.batch",
             "POST /v1/classifications"} <= {s.name for s in spans}
+
+
+def test_fallback_canary_shadow_and_review_have_their_spans(
+        tmp_path: Path, redis_server: RedisServer, receiver: OtlpReceiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    with running_fake_upstream() as fake:
+        upstreams = {"dead": {"base_url": "http://127.0.0.1:9"}, "fake": {"base_url": str(fake.url)}}
+        tasks = {
+            # The model's upstream refuses connections: retried, then the fallback answers.
+            "falls": {"upstream": "dead", "model": "ft:a", "kind": "text",
+                      "fallbacks": [{"upstream": "fake", "model": "ft:b"}]},
+            "rolls": {"upstream": "fake", "model": "ft:c", "kind": "text",
+                      "canary": {"model": "ft:d", "weight": 1.0}, "review": {"max_margin": 1.0}},
+            # (a shadow sees only the items the task's own model answered, none of a full canary)
+            "shadows": {"upstream": "fake", "model": "ft:c", "kind": "text",
+                        "shadow": {"model": "ft:e", "sample": 1.0}},
+        }
+        with gateway_for(tmp_path, redis_server.url, upstreams, tasks, retry_attempts=2) as url:
+            ids = {}
+            for task in tasks:
+                trace_id = uuid.uuid4().hex
+                r = httpx.post(f"{url}/classify", json={"task": task, "input": ["hello"]},
+                               headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
+                assert r.status_code == 200, r.text
+                ids[task] = trace_id
+            names = {"gateway.fallback", "gateway.canary", "gateway.shadow", "gateway.review"}
+            spans = wait_for(receiver, lambda s: names <= {x.name for x in s})
+    by_id = {s.span_id: s for s in spans}
+
+    def chain(span: ReceivedSpan) -> list[str]:
+        out = []
+        while span.parent_id in by_id:
+            span = by_id[span.parent_id]
+            out.append(span.name)
+        return out
+
+    falls = [s for s in spans if s.trace_id == ids["falls"]]
+    fallback = next(s for s in falls if s.name == "gateway.fallback")
+    assert fallback.attributes["classifier.fallback_from"] == "ft:a"
+    assert fallback.attributes["classifier.upstream"] == "fake"
+    assert chain(fallback) == ["POST /classify"]
+    failed = [s for s in falls if s.kind == CLIENT and "error.type" in s.attributes]
+    assert len(failed) == 2 and {s.attributes.get("http.request.resend_count") for s in failed} \
+        == {None, 1}  # the first attempt and its retry, siblings under one batch
+    answered = [s for s in falls if s.kind == CLIENT and "error.type" not in s.attributes]
+    assert len(answered) == 1 and "gateway.fallback" in chain(answered[0])
+    rolls = {s.name: s for s in spans if s.trace_id in (ids["rolls"], ids["shadows"])}
+    for name in ("gateway.canary", "gateway.shadow", "gateway.review"):
+        assert chain(rolls[name])[-1] == "POST /classify", name
+    assert rolls["gateway.canary"].attributes["classifier.model"] == "ft:d"
+    assert rolls["gateway.shadow"].attributes["classifier.model"] == "ft:e"

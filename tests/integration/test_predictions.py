@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import time
 import uuid
 from pathlib import Path
@@ -10,6 +13,8 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
+from service.cli import main
+from service.factory.data import validate_file
 from service.gateway.classifier import Outcome
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.predictions import PredictionLog
@@ -125,3 +130,29 @@ async def test_a_full_queue_drops_and_counts_without_waiting(redis_server: Redis
         assert value("gateway_predictions_logged_total", {"task": "t"}) == 3
     finally:
         await redis.aclose()
+
+
+def test_predictions_export_writes_training_jsonl_once_labels_are_checked(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    with gateway_stack(tmp_path, redis_url=redis_server.url,
+                       tasks=tasks({"sample": 1.0, "inputs": True})) as stack:
+        texts = ["first logged text", "second logged text"]
+        r = httpx.post(f"{stack.url}/classify", json={"task": "sentiment", "input": texts})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(httpx.get(
+                f"{stack.url}/predictions/sentiment").json()["entries"]) < 2:
+            time.sleep(0.05)
+        out = tmp_path / "log.jsonl"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["predictions", "export", "--task", "sentiment", "--since", "1h",
+                         "--out", str(out), "--gateway-url", stack.url]) == 0
+    assert "2 logged predictions of task sentiment" in printed.getvalue()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["text"] for line in lines] == texts
+    assert [line["labels"]["sentiment"] for line in lines] == [
+        res["sentiment"]["label"] for res in r.json()["results"]]
+    assert {line["response_id"] for line in lines} == {r.json()["id"]}
+    report = validate_file(out)  # the factory takes it for training as it is
+    assert report.error_count == 0 and report.valid == 2, report.to_dict()

@@ -148,6 +148,11 @@ def test_one_trace_from_the_client_through_the_gateway_into_the_factory(
     assert parent(classify) is f_server
     for step in ("factory.load", "factory.tokenise", "factory.model"):
         assert parent(only(step, "classifier-factory")) is classify
+    # The training job is a trace of its own, its phases as events.
+    job = next(s for s in spans if s.name == "factory.job")
+    assert job.service == "classifier-factory" and job.trace_id != CLIENT_TRACE
+    assert job.attributes["classifier.job.status"] == "SUCCESS"
+    assert "phase training" in job.events, job.events
     # Nothing secret went out: not an input, not a piece of either key, in any byte sent.
     wire = b"".join(receiver.raw)
     for text in TEXTS:

@@ -13,19 +13,28 @@ Why it looks like this:
   `PSI = sum((p - q) * ln(p / q))` over labels, shares floored at `EPSILON` so that a label
   that appears or vanishes counts heavily but finitely. Above `PSI_THRESHOLD` (0.2, the usual
   "significant shift") the mix of answers has moved.
+- When the model is the factory's, the hour and the day are also compared with the label mix of
+  its training data, read once per model from the factory's job (`GET /v1/models/{id}`, then
+  `GET /v1/fine_tuning/jobs/{job}`: its `validation` report counts each label); a model whose
+  upstream does not say (Mistral's API, other servers) has only the window reference.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import httpx
 
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result
-from service.gateway.registry import TaskSpec
+from service.gateway.registry import TaskSpec, UpstreamSpec
+
+log = logging.getLogger("service.gateway.drift")
 
 MAX_LABELS = 64
 OTHER = "other"
@@ -44,6 +53,51 @@ def psi(current: dict[str, float], reference: dict[str, float]) -> float:
         q = max(reference.get(label, 0.0), EPSILON)
         total += (p - q) * math.log(p / q)
     return total
+
+
+def training_shares(job: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per target, each label's share of the training data, from a factory job's `validation`
+    report (`{"training:FILE": {"targets": {name: {"labels": {label: count}}}}}`); {} when the job
+    does not say."""
+    counts: dict[str, Counter[str]] = {}
+    validation = job.get("validation")
+    if not isinstance(validation, dict):
+        return {}
+    for role, report in validation.items():
+        if not str(role).startswith("training:") or not isinstance(report, dict):
+            continue
+        for name, target in (report.get("targets") or {}).items():
+            labels = target.get("labels") if isinstance(target, dict) else None
+            if isinstance(labels, dict):
+                counts.setdefault(str(name), Counter()).update(
+                    {str(k): int(v) for k, v in labels.items()})
+    return {name: shares(c) for name, c in counts.items()}
+
+
+async def fetch_training_shares(upstream: UpstreamSpec, model: str,
+                                timeout_s: float = 2.0) -> dict[str, dict[str, float]]:
+    """The training label mix of `model` from its upstream, when that is the factory (see the
+    module docstring); {} when the upstream cannot say or does not answer."""
+    if upstream.protocol != "mistral":
+        return {}
+    headers = {"accept": "application/json"}
+    key = upstream.api_key()
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    root = upstream.wire.root(upstream.base_url)
+    try:
+        async with httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout_s,
+                                     follow_redirects=False) as client:
+            card = (await client.get(f"/v1/models/{model}")).raise_for_status().json()
+            job_id = card.get("job") if isinstance(card, dict) else None
+            if not isinstance(job_id, str) or not job_id:
+                return {}
+            job = (await client.get(f"/v1/fine_tuning/jobs/{job_id}")).raise_for_status().json()
+    except (httpx.HTTPError, ValueError) as exc:
+        # No URL nor key in the message: the type is enough to act on.
+        log.info("drift: no training distribution for %s (%s)", model, type(exc).__name__)
+        return {}
+    return training_shares(job) if isinstance(job, dict) else {}
 
 
 def shares(counts: Counter[str]) -> dict[str, float]:
@@ -82,6 +136,8 @@ class LabelDrift:
         self._metrics = metrics
         self._clock = clock
         self._targets: dict[tuple[str, str, str], _Target] = {}
+        #: model -> its training label shares per target ({}: the upstream does not say).
+        self.training: dict[str, dict[str, dict[str, float]]] = {}
 
     def observe(self, task: TaskSpec, results: Sequence[Result], models: Sequence[str]) -> None:
         minute = int(self._clock()) // _BUCKET_S
@@ -116,9 +172,15 @@ class LabelDrift:
             moved = sorted(current.keys() | reference.keys(),
                            key=lambda label: -abs(current.get(label, 0.0)
                                                   - reference.get(label, 0.0)))
+            training = self.training.get(model, {}).get(target)
+            day_shares = shares(day)
             targets[target] = {
+                "training": None if not training else {
+                    "distribution": training,
+                    "psi_hour": psi(current, training) if current else None,
+                    "psi_day": psi(day_shares, training) if day_shares else None},
                 "hour": {"items": sum(hour.values()), "distribution": current},
-                "day": {"items": sum(day.values()), "distribution": shares(day)},
+                "day": {"items": sum(day.values()), "distribution": day_shares},
                 "reference": {"window": "the 23 hours before the last hour",
                               "items": sum(before.values()), "distribution": reference},
                 "psi": index,

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from service.gateway.drift import DAY_S, HOUR_S, PSI_THRESHOLD, LabelDrift, psi
+from service.gateway.drift import DAY_S, HOUR_S, PSI_THRESHOLD, LabelDrift, psi, training_shares
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.registry import TaskSpec, parse_registry
 
@@ -90,3 +90,15 @@ def test_labels_stay_bounded_by_the_models_own() -> None:
 def test_psi_of_identical_distributions_is_zero_and_a_vanished_label_counts() -> None:
     assert psi({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0.0
     assert psi({"a": 1.0}, {"a": 0.5, "b": 0.5}) > 1.0
+
+
+def test_training_shares_sum_the_training_files_and_ignore_the_validation_ones() -> None:
+    job = {"validation": {
+        "training:file-a": {"targets": {"sentiment": {"labels": {"positive": 3, "negative": 1}}}},
+        "training:file-b": {"targets": {"sentiment": {"labels": {"negative": 2, "neutral": 2}}}},
+        "validation:file-c": {"targets": {"sentiment": {"labels": {"neutral": 100}}}},
+    }}
+    assert training_shares(job) == {"sentiment": {"negative": 0.375, "neutral": 0.25,
+                                                  "positive": 0.375}}
+    assert training_shares({"validation": None}) == {}
+    assert training_shares({}) == {}

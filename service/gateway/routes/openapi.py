@@ -85,7 +85,9 @@ class DriftReport(BaseModel):
     scope: str = Field(description="Where the counts come from: this replica's memory.")
     targets: dict[str, dict[str, Any]] = Field(
         description="Per target: `hour`, `day` and `reference` distributions, `psi` (the hour "
-                    "against the reference), `drifted`, and the labels that `moved` most.")
+                    "against the reference), `drifted`, the labels that `moved` most, and "
+                    "`training` (a factory model's training label mix, with `psi_hour` and "
+                    "`psi_day` against it; null elsewhere).")
 
 
 class Health(BaseModel):

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from service.gateway.drift import fetch_training_shares
 from service.gateway.errors import UnknownTask
 from service.gateway.registry import Registry, RoleField, TaskSpec, UpstreamSpec, role_fields
 from service.gateway.responses import JSONResponse
@@ -135,7 +136,12 @@ async def get_stats(name: str, runtime: RuntimeDep) -> JSONResponse:
     if task is None:
         known = ", ".join(sorted(registry.tasks)) or "none"
         raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
-    if runtime.drift is None:
+    drift = runtime.drift
+    if drift is None:
         return JSONResponse({"task": task.name, "model": task.model, "threshold": 0.0,
                              "scope": "none", "targets": {}})
-    return JSONResponse(runtime.drift.stats(task))
+    if task.model not in drift.training:  # kept once known; asked again while unknown
+        found = await fetch_training_shares(registry.upstreams[task.upstream], task.model)
+        if found:
+            drift.training[task.model] = found
+    return JSONResponse(drift.stats(task))

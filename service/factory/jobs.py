@@ -304,6 +304,9 @@ class JobManager:
                     if self.tracing is not None:
                         done = self.store.get_job(job_id)
                         self.tracing.set({"classifier.job.status": done.status if done else ""})
+                        evaluation = done.doc.get("evaluation") if done else None
+                        if isinstance(evaluation, dict):  # numbers only: never a text or label
+                            self.tracing.event("evaluation", _numbers(evaluation))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -521,6 +524,19 @@ def _estimate(base: BaseModel, hyper: Hyperparameters, merged: ValidationReport)
         "train_tokens": steps * batch * tokens_per_example,
         "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
     }
+
+
+def _numbers(doc: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) evaluation, flattened to `a.b` keys, for a span event."""
+    out: dict[str, float] = {}
+    for key, value in doc.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+    return out
 
 
 def _exit_reason(code: int) -> str:

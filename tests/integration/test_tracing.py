@@ -152,7 +152,7 @@ def test_one_trace_from_the_client_through_the_gateway_into_the_factory(
     job = next(s for s in spans if s.name == "factory.job")
     assert job.service == "classifier-factory" and job.trace_id != CLIENT_TRACE
     assert job.attributes["classifier.job.status"] == "SUCCESS"
-    assert "phase training" in job.events, job.events
+    assert "phase training" in job.events, job.events  # (no validation file: no evaluation)
     # Nothing secret went out: not an input, not a piece of either key, in any byte sent.
     wire = b"".join(receiver.raw)
     for text in TEXTS:
@@ -288,3 +288,14 @@ def test_fallback_canary_shadow_and_review_have_their_spans(
         assert chain(rolls[name])[-1] == "POST /classify", name
     assert rolls["gateway.canary"].attributes["classifier.model"] == "ft:d"
     assert rolls["gateway.shadow"].attributes["classifier.model"] == "ft:e"
+
+
+def test_a_jobs_evaluation_event_carries_its_numbers_only() -> None:
+    from service.factory.jobs import _numbers
+
+    evaluation = {"loss": 0.4, "accuracy": 0.9, "early": True, "note": "text",
+                  "targets": {"sentiment": {"accuracy": 0.8, "macro_f1": 0.7, "examples": 40}}}
+    assert _numbers(evaluation) == {"loss": 0.4, "accuracy": 0.9,
+                                    "targets.sentiment.accuracy": 0.8,
+                                    "targets.sentiment.macro_f1": 0.7,
+                                    "targets.sentiment.examples": 40}

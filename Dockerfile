@@ -43,6 +43,12 @@ RUN if [ -z "$EXTRAS" ]; then \
            && pip install --no-cache-dir --require-hashes -r requirements/encoder.txt; \
          fi; \
        else echo "EXTRAS must be empty or encoder (the locked sets), not '$EXTRAS'" >&2; exit 1; fi
+# Tracing (the `otel` extra, requirements/otel.txt): in the image by default, off until an
+# OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/observability.md); `--build-arg OTEL=0` leaves it out.
+ARG OTEL=1
+RUN if [ "$OTEL" = "1" ]; then \
+         pip install --no-cache-dir --require-hashes -r requirements/otel.txt; \
+       fi
 COPY pyproject.toml README.md ./
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \

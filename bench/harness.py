@@ -79,12 +79,15 @@ def redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def gateway(upstream_url: str, redis_url: str = "", **env: str) -> Iterator[str]:
+def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] | None = None,
+            **env: str) -> Iterator[str]:
+    """`task`: more settings of the task `sentiment` (a prediction log, say)."""
     with tempfile.TemporaryDirectory() as tmp:
         tasks = Path(tmp) / "tasks.yaml"
         tasks.write_text(yaml.safe_dump({
             "upstreams": {"fake": {"base_url": upstream_url}},
-            "tasks": {"sentiment": {"upstream": "fake", "model": "ft:bench", "kind": "text"}},
+            "tasks": {"sentiment": {"upstream": "fake", "model": "ft:bench", "kind": "text",
+                                    **(task or {})}},
         }))
         port = free_port()
         settings = {"GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_PORT": str(port),

@@ -26,7 +26,7 @@ GROUPS: tuple[str, ...] = (
     "models",
     "tasks",
     "classify",  # classify and classify-chat
-    "feedback",  # feedback export and review export
+    "feedback",  # feedback export, review export and predictions export
     "keys",  # client keys over the admin API
 )
 

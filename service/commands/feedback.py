@@ -1,12 +1,14 @@
-"""`classifier-gateway feedback export` and `review export`: the gateway's corrected labels and
-review queue (kept in Redis by the gateway, paged through its `GET /feedback/{task}` and
-`GET /review/{task}`) as files: factory JSONL ready for `finetune`, or Label Studio tasks with the
+"""`classifier-gateway feedback export`, `review export` and `predictions export`: the gateway's
+corrected labels, review queue and sampled prediction log (kept in Redis by the gateway, paged
+through its `GET /feedback/{task}`, `GET /review/{task}` and `GET /predictions/{task}`) as files:
+factory JSONL ready for `finetune` (after labelling, for the log), or Label Studio tasks with the
 model's answers as predictions for pre-annotation."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,15 +57,36 @@ def register(sub: Sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_review_export)
 
+    predictions = sub.add_parser("predictions", help="the gateway's sampled prediction log",
+                                 description="Answers the gateway logged (a task's `log:` "
+                                             "setting).")
+    actions = predictions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("export", help="write a task's prediction log as JSONL",
+                           description="Write a task's logged predictions as factory JSONL (the "
+                                       "model's labels as `labels`, with its scores, model, "
+                                       "margin and response id): correct the labels and train "
+                                       "on it. Entries without their input (the task's log "
+                                       "keeps `inputs: false`) carry `input_sha256` instead.")
+    p.add_argument("--task", required=True, metavar="NAME", help="the task whose log")
+    p.add_argument("--since", metavar="AGE", help="only entries younger than AGE (90s, 30m, "
+                                                   "2h, 7d); default: all the log keeps")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL to write")
+    add_gateway_arguments(p, "the gateway that keeps the log")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(handler=cmd_predictions_export)
 
-def entries(api: Api, what: str, task: str,
-            tenant: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(task kind, entry) for every entry of the stream (of one tenant's keys), page by page."""
+
+def entries(api: Api, what: str, task: str, tenant: str | None = None,
+            since: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(task kind, entry) for every entry of the stream (of one tenant's keys), page by page
+    (from `since` ago)."""
     after = "0"
     while True:
         params: dict[str, Any] = {"after": after, "limit": 1000}
         if tenant:
             params["tenant"] = tenant
+        if since and after == "0":
+            params["since"] = since
         page = api.get(f"/{what}/{task}", params=params)
         if not isinstance(page, dict):
             raise UserError(f"the gateway answered GET /{what}/{task} with something unexpected")
@@ -157,4 +180,24 @@ def cmd_review_export(args: argparse.Namespace) -> int:
     else:
         print(f"{plural(len(found), 'queued answer')} of task {args.task} written to "
               f"{args.out.absolute()} ({args.format})")
+    return 0
+
+
+def cmd_predictions_export(args: argparse.Namespace) -> int:
+    if args.since and not re.fullmatch(r"\d+(\.\d+)?[smhd]", args.since):
+        raise UserError(f"--since {args.since!r}: give an age such as 90s, 30m, 2h or 7d")
+    with gateway_api(args) as api:
+        found = list(entries(api, "predictions", args.task, since=args.since))
+    lines = []
+    for kind, e in found:
+        line = example(kind, e["input"], e.get("labels") or {}) if "input" in e else \
+            {"input_sha256": e.get("input_sha256"), "labels": e.get("labels") or {}}
+        lines.append({**line, **{k: e.get(k) for k in (
+            "scores", "model", "margin", "response_id", "index", "time", "cache")}})
+    _write_lines(args.out, lines)
+    if args.json:
+        print_json({"task": args.task, "out": str(args.out.absolute()), "items": len(lines)})
+    else:
+        print(f"{plural(len(lines), 'logged prediction')} of task {args.task} written to "
+              f"{args.out.absolute()}")
     return 0

@@ -25,6 +25,7 @@ from service.factory.routes import classify, files, health, jobs, models
 from service.factory.settings import FactorySettings
 from service.factory.state import FactoryState
 from service.factory.store import Store
+from service.tracing import TracingMiddleware, open_tracing
 
 log = logging.getLogger("service.factory")
 
@@ -49,6 +50,8 @@ def create_app(settings: FactorySettings | None = None,
                registry: CollectorRegistry | None = None) -> FastAPI:
     settings = settings or FactorySettings()
     registry = registry or CollectorRegistry()
+    # None unless the `otel` extra is installed and OTEL_* variables ask for traces.
+    tracing = open_tracing("classifier-factory")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,8 +59,8 @@ def create_app(settings: FactorySettings | None = None,
         store = Store(data_dir)
         metrics = FactoryMetrics(registry)
         catalog = ModelCatalog(store, metrics, settings.model_cache_size, int(time.time()))
-        manager = JobManager(store, settings, metrics)
-        app.state.factory = FactoryState(settings, store, manager, catalog, metrics)
+        manager = JobManager(store, settings, metrics, tracing=tracing)
+        app.state.factory = FactoryState(settings, store, manager, catalog, metrics, tracing)
         await manager.start()
         log.info("factory ready: data in %s, %d model(s)", data_dir, len(store.list_models()))
         try:
@@ -65,10 +68,14 @@ def create_app(settings: FactorySettings | None = None,
         finally:
             await manager.stop()
             store.close()
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still buffered
 
     app = FastAPI(title="Classifier factory", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    if tracing is not None:  # a server span per request, continuing the caller's traceparent
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     app.include_router(health.router)
     protected = [Depends(_auth(settings))]
     for router in (files.router, jobs.router, models.router, classify.router):

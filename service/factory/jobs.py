@@ -55,6 +55,7 @@ from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, Store, now
 from service.factory.trainer import PARENT_ENV
+from service.tracing import JOB, MODEL, Tracing, span
 
 log = logging.getLogger("service.factory.jobs")
 
@@ -85,8 +86,9 @@ class _Running:
 class JobManager:
     def __init__(self, store: Store, settings: FactorySettings, metrics: FactoryMetrics,
                  on_model: Callable[[ModelRecord], None] | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, tracing: Tracing | None = None) -> None:
         self.store = store
+        self.tracing = tracing
         self.registry = registry or default_registry()
         self.settings = settings
         self.metrics = metrics
@@ -269,6 +271,8 @@ class JobManager:
         if phase == "training":
             running.progress.update(step=done, total_steps=total)
         if changed:
+            if self.tracing is not None:  # the job's span is current in its worker
+                self.tracing.event(f"phase {phase}", {JOB: job_id})
             self.store.add_event(job_id, "progress", {"phase": phase} | (
                 {"total": total} if total is not None else {}))
             self.store.update_job(job_id, progress=dict(running.progress))
@@ -294,7 +298,15 @@ class JobManager:
                 continue
             running = self.running[job_id] = _Running()
             try:
-                await self._run(job, running)
+                # Each job is its own trace: it outlives the request that created it.
+                with span(self.tracing, "factory.job", {JOB: job_id, MODEL: job.model}):
+                    await self._run(job, running)
+                    if self.tracing is not None:
+                        done = self.store.get_job(job_id)
+                        self.tracing.set({"classifier.job.status": done.status if done else ""})
+                        evaluation = done.doc.get("evaluation") if done else None
+                        if isinstance(evaluation, dict):  # numbers only: never a text or label
+                            self.tracing.event("evaluation", _numbers(evaluation))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -512,6 +524,19 @@ def _estimate(base: BaseModel, hyper: Hyperparameters, merged: ValidationReport)
         "train_tokens": steps * batch * tokens_per_example,
         "data_tokens": merged.total_chars // 4, "estimated_start_time": None,
     }
+
+
+def _numbers(doc: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) evaluation, flattened to `a.b` keys, for a span event."""
+    out: dict[str, float] = {}
+    for key, value in doc.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+    return out
 
 
 def _exit_reason(code: int) -> str:

@@ -11,6 +11,7 @@ from service.factory.jobs import JobManager
 from service.factory.metrics import FactoryMetrics
 from service.factory.settings import FactorySettings
 from service.factory.store import Store
+from service.tracing import Tracing
 
 
 @dataclass
@@ -20,6 +21,8 @@ class FactoryState:
     jobs: JobManager
     catalog: ModelCatalog
     metrics: FactoryMetrics
+    #: None when tracing is off (service/tracing.py).
+    tracing: Tracing | None = None
 
 
 def get_state(request: Request) -> FactoryState:

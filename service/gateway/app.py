@@ -16,10 +16,12 @@ from starlette.types import ASGIApp
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier, cache_writer
+from service.gateway.drift import LabelDrift
 from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
+from service.gateway.predictions import PredictionLog
 from service.gateway.quotas import QuotaChecker
 from service.gateway.redis_clients import link, open_redis
 from service.gateway.redis_url import parse_redis_url
@@ -32,6 +34,7 @@ from service.gateway.shadow import ShadowRunner
 from service.gateway.store import shadow_store
 from service.gateway.tenants import Authenticator, TenantStore, UsageRecorder
 from service.gateway.upstream import UpstreamPool
+from service.tracing import Tracing, TracingMiddleware, open_tracing
 
 log = logging.getLogger("service.gateway")
 BATCH_DRAIN_S = 5.0
@@ -53,7 +56,7 @@ class GatewayApp(FastAPI):
 
 
 def build_batcher(settings: Settings, metrics: GatewayMetrics,
-                  cache: ResultCache | None) -> MicroBatcher:
+                  cache: ResultCache | None, tracing: Tracing | None = None) -> MicroBatcher:
     if settings.batching:
         max_items, wait_s, slots = (settings.max_batch_items, settings.max_wait_ms / 1000,
                                     settings.max_concurrent_batches)
@@ -62,7 +65,7 @@ def build_batcher(settings: Settings, metrics: GatewayMetrics,
     return MicroBatcher(
         max_batch_items=max_items, max_wait_s=wait_s, max_concurrent_batches=slots,
         max_queue_items=settings.max_queue_items, metrics=metrics,
-        on_results=cache_writer(cache) if cache is not None else None,
+        on_results=cache_writer(cache) if cache is not None else None, tracing=tracing,
     )
 
 
@@ -72,6 +75,8 @@ def create_app(settings: Settings | None = None, *,
     metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
     lifecycle = Lifecycle()
     keys = Authenticator(settings.client_keys(), settings.admin_key.get_secret_value())
+    # None unless the `otel` extra is installed and OTEL_* variables ask for traces.
+    tracing = open_tracing("classifier-gateway")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,13 +108,13 @@ def create_app(settings: Settings | None = None, *,
             # `serve` runs uncached unless told, where the demo picks up a local Redis.
             log.info("result cache: none (GATEWAY_REDIS_URL or --redis-url is empty): every "
                      "request goes to its upstream")
-        upstreams = UpstreamPool(settings, metrics)
-        batcher = build_batcher(settings, metrics, cache)
+        upstreams = UpstreamPool(settings, metrics, tracing=tracing)
+        batcher = build_batcher(settings, metrics, cache, tracing)
         classifier = Classifier(
             batcher=batcher, upstreams=upstreams,
             upstream_specs=lambda: watcher.current.upstreams, cache=cache, metrics=metrics,
             cache_prefix=settings.cache_prefix, default_ttl_s=settings.cache_ttl_s,
-            default_timeout_s=settings.timeout_s,
+            default_timeout_s=settings.timeout_s, tracing=tracing,
         )
         # Shadow counts, feedback and the review queue: off the hot path, so a generous timeout.
         backend = open_redis(settings.feedback_redis_url or settings.redis_url,
@@ -117,7 +122,7 @@ def create_app(settings: Settings | None = None, *,
         store = shadow_store(backend, settings.cache_prefix)
         feedback = FeedbackBook(backend, settings.cache_prefix, metrics,
                                 window_s=settings.feedback_window_s,
-                                max_per_task=settings.feedback_max_per_task)
+                                max_per_task=settings.feedback_max_per_task, tracing=tracing)
         # Keys and quotas: their own client, with the hot path's deadline (tenants_timeout_s).
         tenants_backend = open_redis(settings.feedback_redis_url or settings.redis_url,
                                      settings.tenants_timeout_s)
@@ -140,9 +145,16 @@ def create_app(settings: Settings | None = None, *,
                         "keys cannot be issued, only GATEWAY_API_KEYS work")
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
+        drift = classifier.predictions = LabelDrift(metrics)
+        predictions = PredictionLog(
+            backend, settings.cache_prefix, metrics,
+            max_per_task=settings.predictions_max_per_task,
+            max_queue=settings.predictions_max_queue,
+            hash_key=settings.predictions_hash_key.get_secret_value().encode())
         app.state.runtime = Runtime(settings, metrics, watcher, upstreams, batcher, cache,
                                     classifier, lifecycle, store=store, feedback=feedback,
-                                    tenants=tenants, quotas=quotas, usage=keys.usage)
+                                    tenants=tenants, quotas=quotas, usage=keys.usage,
+                                    drift=drift, predictions=predictions)
         loop = asyncio.get_running_loop()
         sighup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -157,6 +169,7 @@ def create_app(settings: Settings | None = None, *,
             await watcher.stop()
             await shadow.aclose()
             await feedback.aclose()
+            await predictions.aclose()
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).
@@ -172,6 +185,8 @@ def create_app(settings: Settings | None = None, *,
             if quota_link is not None:
                 await quota_link.aclose()
             await upstreams.aclose()
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still buffered
 
     app = GatewayApp(
         title="Classifier Gateway",
@@ -185,6 +200,11 @@ def create_app(settings: Settings | None = None, *,
     hot.install(app)
     for module in (tasks, feedback_routes, health, admin):
         app.include_router(module.router)
-    app.front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
-                             metrics=metrics, handlers=hot.handlers())
+    front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
+                         metrics=metrics, handlers=hot.handlers(),
+                         exemplar=tracing.exemplar if tracing is not None else None)
+    if tracing is None:
+        app.front_door = front_door
+    else:  # the server span wraps the front door, so that it covers refusals too
+        app.front_door = lambda inner: TracingMiddleware(front_door(inner), tracing)
     return app

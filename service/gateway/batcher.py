@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.gateway.errors import (
     GatewayError,
@@ -29,6 +29,10 @@ from service.gateway.errors import (
 )
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result, Route
+from service.tracing import BATCH_SIZE, ITEMS, MODEL, UPSTREAM, Tracing, iter_links, span
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, SpanContext
 
 _SHUTDOWN_MESSAGE = "The gateway is shutting down; retry on another replica."
 
@@ -65,6 +69,10 @@ class PendingItem:
     waiters: int = 1
     sent: bool = False
     leaves_now: bool = False  # arrived at an idle lane: sent at the end of this event-loop turn
+    #: Tracing only: the spans of the requests waiting for this item (the batch links to them),
+    #: and the span of its wait in the queue, ended when it leaves.
+    traces: list[SpanContext] | None = None
+    wait_span: Span | None = None
 
 
 @dataclass(eq=False)
@@ -90,7 +98,7 @@ def _retrieve(future: asyncio.Future[Result]) -> None:
 class MicroBatcher:
     def __init__(self, *, max_batch_items: int, max_wait_s: float, max_concurrent_batches: int,
                  max_queue_items: int, metrics: GatewayMetrics,
-                 on_results: OnResults | None = None) -> None:
+                 on_results: OnResults | None = None, tracing: Tracing | None = None) -> None:
         self.max_batch_items = max_batch_items
         self.max_wait_s = max_wait_s
         self.max_concurrent_batches = max_concurrent_batches
@@ -101,6 +109,11 @@ class MicroBatcher:
         self._pending: dict[str, PendingItem] = {}
         self._batches: set[asyncio.Task[None]] = set()
         self._draining = False
+        self._tracing = tracing
+
+    def shared(self, items: Sequence[tuple[str, Any]]) -> int:
+        """How many of `items` would join an item already pending (single flight)."""
+        return sum(1 for key, _ in items if key in self._pending)
 
     @property
     def queued_items(self) -> int:
@@ -131,9 +144,16 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         out: list[PendingItem] = []
+        traced = self._tracing.current() if self._tracing is not None else None
+        wait_span = None
+        if traced is not None and fresh and self._tracing is not None:
+            wait_span = self._tracing.start("gateway.batcher.wait", {
+                UPSTREAM: lane_key.upstream, MODEL: lane_key.model, ITEMS: fresh})
         for key, payload in items:
             item = self._pending.get(key)
             if item is not None:
+                if traced is not None and item.traces is not None:
+                    item.traces.append(traced)
                 item.waiters += 1
                 item.deadline = max(item.deadline, deadline)  # matters only while unsent
                 item.ttl_s = max(item.ttl_s, ttl_s)
@@ -143,6 +163,8 @@ class MicroBatcher:
             future.add_done_callback(_retrieve)
             item = PendingItem(key, payload, ttl_s, deadline, future, lane_key,
                                leaves_now=leaving > 0)
+            if traced is not None:
+                item.traces, item.wait_span = [traced], wait_span
             leaving -= 1
             self._pending[key] = item
             lane.queue.append(item)
@@ -169,6 +191,7 @@ class MicroBatcher:
             item.waiters -= 1
             if item.waiters <= 0 and not item.sent and not item.future.done():
                 item.future.cancel()
+                _end(item.wait_span)
                 if self._pending.get(item.key) is item:
                     del self._pending[item.key]
                 # Out of the queue now, not when it reaches the head: dead items must not count
@@ -217,6 +240,7 @@ class MicroBatcher:
             if item.future.done():
                 continue
             item.sent = True
+            _end(item.wait_span)
             self._metrics.batch_wait.observe(now - item.enqueued_at)
             batch.append(item)
         if not batch:
@@ -231,11 +255,18 @@ class MicroBatcher:
         failed = False
         metrics = self._metrics
         metrics.child(metrics.batch_size, key.upstream, key.endpoint).observe(len(batch))
+        tracing = self._tracing
+        traced = [] if tracing is None else [c for item in batch for c in item.traces or ()]
         try:
-            results = await lane.sender.classify(
-                key.route, [item.payload for item in batch],
-                deadline=max(item.deadline for item in batch),
-            )
+            # One span for the batch: a child of the first request it carries, linked to all.
+            with span(tracing if traced else None, "gateway.upstream.batch",
+                      {UPSTREAM: key.upstream, MODEL: key.model, BATCH_SIZE: len(batch)},
+                      links=list(iter_links(tracing, traced)) if tracing and traced else (),
+                      parent=traced[0] if traced else None):
+                results = await lane.sender.classify(
+                    key.route, [item.payload for item in batch],
+                    deadline=max(item.deadline for item in batch),
+                )
             if len(results) != len(batch):
                 raise UpstreamBadResponse(
                     f"Upstream {key.upstream!r} returned {len(results)} results for "
@@ -300,3 +331,10 @@ class MicroBatcher:
         stranded = [item for item in self._pending.values() if not item.future.done()]
         self._fail(stranded, ShuttingDown(_SHUTDOWN_MESSAGE, retry_after_s=1.0))
         self._pending.clear()
+
+
+def _end(wait_span: Span | None) -> None:
+    """End an item's queue-wait span (shared by the items of one submit: the first to leave ends
+    it, so it measures the first item's wait)."""
+    if wait_span is not None and wait_span.is_recording():
+        wait_span.end()

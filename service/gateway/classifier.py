@@ -45,6 +45,17 @@ from service.gateway.protocols import Result, Route
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.tenants import DEFAULT_TENANT
 from service.gateway.upstream import UpstreamPool
+from service.tracing import (
+    CACHE_HITS,
+    FALLBACK_FROM,
+    ITEMS,
+    MODEL,
+    SHARED,
+    TASK,
+    UPSTREAM,
+    Tracing,
+    span,
+)
 
 log = logging.getLogger("service.gateway.classifier")
 
@@ -77,6 +88,13 @@ class Outcome:
     @property
     def split(self) -> bool:
         return any(m != self.models[0] for m in self.models)
+
+
+class PredictionSink(Protocol):
+    """Where every answered item's labels are counted (drift.py)."""
+
+    def observe(self, task: TaskSpec, results: Sequence[Result],
+                models: Sequence[str]) -> None: ...
 
 
 class ShadowSink(Protocol):
@@ -158,7 +176,8 @@ class Classifier:
     def __init__(self, *, batcher: MicroBatcher, upstreams: UpstreamPool,
                  upstream_specs: Callable[[], Mapping[str, UpstreamSpec]],
                  cache: ResultCache | None, metrics: GatewayMetrics, cache_prefix: str,
-                 default_ttl_s: int, default_timeout_s: float) -> None:
+                 default_ttl_s: int, default_timeout_s: float,
+                 tracing: Tracing | None = None) -> None:
         self._batcher = batcher
         self._upstreams = upstreams
         self._upstream_specs = upstream_specs
@@ -168,6 +187,10 @@ class Classifier:
         self._prefix = cache_prefix
         self._default_ttl_s = default_ttl_s
         self._default_timeout_s = default_timeout_s
+        #: None when tracing is off (service/tracing.py): every hook below is then a no-op.
+        self.tracing = tracing
+        #: Set by the app once built: the label counts of drift.py.
+        self.predictions: PredictionSink | None = None
         #: Set by the app once built (they answer through this classifier): see shadow.py.
         self.shadow: ShadowSink | None = None
         #: Items answered per cascade stage, by task and its stages' models (GET /tasks/{name}).
@@ -194,7 +217,7 @@ class Classifier:
         canary = task.canary
         if task.cascade:
             results, models, misses, fallback_from = await self._cascade(
-                task, items, ttl_s, deadline, timeout_s, read_cache, disconnected)
+                task, items, ttl_s, deadline, timeout_s, read_cache, disconnected, partition)
         elif canary is None or canary.weight <= 0.0:
             served = await self._serve(task, task.candidates(), items, ttl_s, deadline,
                                        timeout_s, read_cache, disconnected, partition)
@@ -203,13 +226,15 @@ class Classifier:
         else:
             chosen = [sticky_share(task.name, canary.model, item) < canary.weight
                       for item in items]
-            groups = [(chain, [i for i, c in enumerate(chosen) if c == to_canary])
+            groups = [(chain, [i for i, c in enumerate(chosen) if c == to_canary], to_canary)
                       for chain, to_canary in ((task.candidates(), False),
                                                (task.canary_candidates(), True))]
-            groups = [(chain, where) for chain, where in groups if where]
+            groups = [group for group in groups if group[1]]
             done = await asyncio.gather(
-                *(self._serve(task, chain, [items[i] for i in where], ttl_s, deadline, timeout_s,
-                              read_cache, disconnected, partition) for chain, where in groups),
+                *(self._serve_group(task, chain, [items[i] for i in where], ttl_s, deadline,
+                                    timeout_s, read_cache, disconnected, partition,
+                                    canary=to_canary)
+                  for chain, where, to_canary in groups),
                 return_exceptions=True)
             failed = next((d for d in done if isinstance(d, BaseException)), None)
             if failed is not None:
@@ -217,7 +242,7 @@ class Classifier:
             results = [{}] * len(items)
             models = [""] * len(items)
             misses, fallback_from = 0, None
-            for (_, where), part in zip(groups, done, strict=True):
+            for (_, where, _), part in zip(groups, done, strict=True):
                 assert isinstance(part, _Served)
                 for i, result in zip(where, part.results, strict=True):
                     results[i], models[i] = result, part.model
@@ -228,14 +253,21 @@ class Classifier:
             self._metrics.child(counted, task.name, model).inc(models.count(model))
         if task.shadow is not None and self.shadow is not None:
             self.shadow.offer(task, items, results, models)
+        if self.predictions is not None:
+            self.predictions.observe(task, results, models)
+        if self.tracing is not None:
+            self.tracing.set({TASK: task.name, MODEL: ", ".join(dict.fromkeys(models)),
+                              ITEMS: len(items), CACHE_HITS: len(items) - misses})
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
                        fallback_from, hits=len(items) - misses)
 
     async def _cascade(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
-                       timeout_s: float, read_cache: bool, disconnected: Disconnected | None
+                       timeout_s: float, read_cache: bool, disconnected: Disconnected | None,
+                       partition: str | None = None,
                        ) -> tuple[list[Result], list[str], int, str | None]:
         """Results, the model of each, cache misses and the failed model (when the last stage's
-        fallback answered), from the task's cascade (see the module docstring)."""
+        fallback answered), from the task's cascade (see the module docstring); every stage's
+        cache in the caller's `partition` (tenant), as for a task without a cascade."""
         results: list[Result] = [{}] * len(items)
         models = [""] * len(items)
         misses = 0
@@ -246,7 +278,7 @@ class Classifier:
             asked = [items[i] for i in pending]
             if min_margin is None:  # the last stage: every item left, with the task's fallbacks
                 served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
-                                           read_cache, disconnected)
+                                           read_cache, disconnected, partition)
                 for i, result in zip(pending, served.results, strict=True):
                     results[i], models[i] = result, served.model
                 misses += served.misses
@@ -257,7 +289,7 @@ class Classifier:
             (upstream, route), = chain
             try:
                 served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
-                                           read_cache, disconnected)
+                                           read_cache, disconnected, partition)
             except FALLBACK_ON as exc:
                 log.info("task %s: cascade stage %s/%s failed, its items go on: %s",
                          task.name, upstream, route.model, exc.message)
@@ -305,6 +337,19 @@ class Classifier:
                                         time.monotonic() + timeout_s, timeout_s, True, None)
         return results
 
+    async def _serve_group(self, task: TaskSpec, chain: list[tuple[str, Route]],
+                           items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
+                           read_cache: bool, disconnected: Disconnected | None,
+                           partition: str | None, *, canary: bool) -> _Served:
+        """`_serve` for one side of a canary split, the canary's side in its own span."""
+        if not canary or self.tracing is None:
+            return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
+                                     disconnected, partition)
+        with self.tracing.span("gateway.canary", {TASK: task.name, MODEL: chain[0][1].model,
+                                                  ITEMS: len(items)}):
+            return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
+                                     disconnected, partition)
+
     async def _serve(self, task: TaskSpec, chain: list[tuple[str, Route]], items: Sequence[Any],
                      ttl_s: int, deadline: float, timeout_s: float, read_cache: bool,
                      disconnected: Disconnected | None, partition: str | None = None) -> _Served:
@@ -321,9 +366,11 @@ class Classifier:
             if position > 0 and deadline - time.monotonic() <= _RESEND_MIN_S:
                 break
             try:
-                results, misses = await self._answer(task, spec, route, items, ttl_s, deadline,
-                                                     timeout_s, read_cache, disconnected,
-                                                     partition)
+                with span(self.tracing if position > 0 else None, "gateway.fallback",
+                          {UPSTREAM: name, MODEL: route.model, FALLBACK_FROM: chain[0][1].model}):
+                    results, misses = await self._answer(task, spec, route, items, ttl_s,
+                                                         deadline, timeout_s, read_cache,
+                                                         disconnected, partition)
             except FALLBACK_ON as exc:
                 if len(chain) == 1:
                     raise
@@ -376,6 +423,14 @@ class Classifier:
         return [found[key] for key in keys], sum(1 for key in keys if key in miss_keys)
 
     async def _lookup(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
+        if self.tracing is None:
+            return await self._lookup_untraced(task, keys)
+        with self.tracing.span("gateway.cache.lookup", {TASK: task.name, ITEMS: len(keys)}):
+            found = await self._lookup_untraced(task, keys)
+            self.tracing.set({CACHE_HITS: len(found)})
+            return found
+
+    async def _lookup_untraced(self, task: TaskSpec, keys: list[str]) -> dict[str, Result]:
         assert self._cache is not None
         metrics = self._metrics
         lookups = metrics.cache_lookups
@@ -416,6 +471,20 @@ class Classifier:
                           misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
                           timeout_s: float, disconnected: Disconnected | None
                           ) -> dict[str, Result]:
+        if self.tracing is None:
+            return await self._fetch_untraced(task, lane, misses, ttl_s, deadline, timeout_s,
+                                              disconnected)
+        # The span the batcher's wait spans hang from, and whose context the batch links to.
+        with self.tracing.span("gateway.single_flight", {
+                TASK: task.name, UPSTREAM: lane.upstream, MODEL: lane.model,
+                ITEMS: len(misses), SHARED: self._batcher.shared(misses)}):
+            return await self._fetch_untraced(task, lane, misses, ttl_s, deadline, timeout_s,
+                                              disconnected)
+
+    async def _fetch_untraced(self, task: TaskSpec, lane: LaneKey,
+                              misses: list[tuple[str, Any]], ttl_s: int, deadline: float,
+                              timeout_s: float, disconnected: Disconnected | None
+                              ) -> dict[str, Result]:
         sender = self._senders.get(lane.upstream)
         if sender is None:
             sender = self._senders[lane.upstream] = CurrentUpstream(

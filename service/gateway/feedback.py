@@ -37,6 +37,7 @@ from service.gateway.protocols import Result
 from service.gateway.redis_clients import RedisPy
 from service.gateway.registry import TaskSpec
 from service.gateway.tenants import DEFAULT_TENANT
+from service.tracing import ITEMS, TASK, Tracing, span
 
 log = logging.getLogger("service.gateway.feedback")
 _StreamRows = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]  # XRANGE's reply
@@ -91,8 +92,10 @@ class FeedbackBook:
     """See the module docstring. `redis` comes from redis_clients.open_redis; None: no Redis."""
 
     def __init__(self, redis: RedisPy | None, prefix: str, metrics: GatewayMetrics, *,
-                 window_s: int, max_per_task: int, rng: random.Random | None = None) -> None:
+                 window_s: int, max_per_task: int, rng: random.Random | None = None,
+                 tracing: Tracing | None = None) -> None:
         self._client = None if redis is None else redis.client
+        self._tracing = tracing
         self._prefix = prefix
         self._metrics = metrics
         self._window_s = window_s
@@ -143,6 +146,12 @@ class FeedbackBook:
 
     async def _write_after(self, task: str, response_id: str, remember: bytes | None,
                            picks: list[dict[str, Any]]) -> None:
+        # A child of the request's span (the task inherits its context), ending after it.
+        with span(self._tracing, "gateway.review", {TASK: task, ITEMS: len(picks)}):
+            await self._write_after_untraced(task, response_id, remember, picks)
+
+    async def _write_after_untraced(self, task: str, response_id: str, remember: bytes | None,
+                                    picks: list[dict[str, Any]]) -> None:
         assert self._client is not None
         try:
             pipe = self._client.pipeline(transaction=False)

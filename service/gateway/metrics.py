@@ -92,6 +92,20 @@ class GatewayMetrics:
             "1 is the first, cheapest model); the later stages' share is the escalation.",
             ["task", "stage"], registry=registry,
         )
+        self.predicted_labels = Counter(
+            "gateway_predicted_labels", "Answered items by their top label, per target: the "
+            "model's own labels only (the task's `labels`, else those of its first answer), any "
+            "other label as `other` (drift.py).", ["task", "target", "label"], registry=registry,
+        )
+        self.predictions_logged = Counter(
+            "gateway_predictions_logged", "Sampled predictions written to the task's log "
+            "(predictions.py).", ["task"], registry=registry,
+        )
+        self.predictions_dropped = Counter(
+            "gateway_predictions_dropped", "Sampled predictions not logged: queue_full (Redis "
+            "slow or down, the queue at GATEWAY_PREDICTIONS_MAX_QUEUE) or error (Redis failed).",
+            ["task", "reason"], registry=registry,
+        )
         self.shadow_comparisons = Counter(
             "gateway_shadow_comparisons", "Items compared with a task's shadow model, per target: "
             "whether the top labels agree.", ["task", "target", "agreement"], registry=registry,

@@ -33,8 +33,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, *, keys: Authenticator, max_body_bytes: int,
-                 metrics: GatewayMetrics, handlers: Mapping[str, Handler] | None = None) -> None:
+                 metrics: GatewayMetrics, handlers: Mapping[str, Handler] | None = None,
+                 exemplar: Callable[[], dict[str, str] | None] | None = None) -> None:
         self.app = app
+        # Tracing on: the trace id that request_duration's observation carries as its exemplar.
+        self.exemplar = exemplar
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -113,7 +116,8 @@ class GatewayMiddleware:
             metrics.inflight_requests.dec()
             metrics.child(metrics.requests, path, task, str(status)).inc()
             metrics.child(metrics.request_duration, path, task).observe(
-                time.perf_counter() - started)
+                time.perf_counter() - started,
+                self.exemplar() if self.exemplar is not None else None)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (Content-Length first, then the bytes)."""

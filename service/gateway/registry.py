@@ -224,6 +224,17 @@ class ReviewSpec(BaseModel):
     sample: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class LogSpec(BaseModel):
+    """The sampled prediction log (predictions.py): a share `sample` of the task's answered items,
+    with the input itself only when `inputs` (else a keyed hash of it), kept `retention_days`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample: float = Field(default=0.01, ge=0.0, le=1.0)
+    inputs: bool = False
+    retention_days: float = Field(default=7.0, gt=0.0, le=3650.0)
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -247,6 +258,9 @@ class TaskSpec(BaseModel):
     canary: Annotated[CanarySpec | None, Role(rollout=True, share_default=0.1)] = None
     shadow: Annotated[ShadowSpec | None, Role(rollout=True, share_default=1.0)] = None
     review: ReviewSpec | None = None
+    log: LogSpec | None = Field(
+        default=None, description="The sampled prediction log: `{sample, inputs, "
+        "retention_days}`; read back with GET /predictions/{task}.")
     feedback: bool = Field(
         default=False, description="Remember each response for GATEWAY_FEEDBACK_WINDOW_S so that "
         "POST /feedback may name it by `id` and item index.")

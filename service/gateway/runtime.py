@@ -10,8 +10,10 @@ from fastapi import Depends, Request
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier
+from service.gateway.drift import LabelDrift
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.predictions import PredictionLog
 from service.gateway.quotas import QuotaChecker
 from service.gateway.registry import RegistryWatcher
 from service.gateway.settings import Settings
@@ -42,6 +44,8 @@ class Runtime:
     tenants: TenantStore | None = None  # keys and tenant quotas (None without Redis)
     quotas: QuotaChecker | None = None
     usage: UsageRecorder | None = None
+    drift: LabelDrift | None = None
+    predictions: PredictionLog | None = None
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     # At most this many items wait for a shadow model's answer; beyond it comparisons are
     # dropped (counted), so a slow shadow never holds memory or sockets the callers need.
     shadow_max_pending: int = Field(default=256, ge=1)
+    # The sampled prediction log (predictions.py): entries kept per task, entries that may wait
+    # for Redis (beyond it they are dropped and counted), and the key of the inputs' hashes.
+    predictions_max_per_task: int = Field(default=100_000, ge=1)
+    predictions_max_queue: int = Field(default=10_000, ge=1)
+    predictions_hash_key: SecretStr = SecretStr("")
     # Responses of tasks with `feedback: true` are remembered this long for POST /feedback by id.
     feedback_window_s: int = Field(default=86_400, ge=1)
     # Feedback and review streams are trimmed (approximately, oldest first) beyond this per task.

@@ -28,6 +28,7 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.protocols import Result
 from service.gateway.registry import TaskSpec
 from service.gateway.store import Pair, ShadowStore
+from service.tracing import ITEMS, MODEL, TASK, span
 
 log = logging.getLogger("service.gateway.shadow")
 
@@ -94,6 +95,13 @@ class ShadowRunner:
         job.add_done_callback(self._tasks.discard)
 
     async def _compare(self, task: TaskSpec, picked: list[tuple[Any, Result]]) -> None:
+        assert task.shadow is not None
+        # A child of the request's span (the task inherits its context), ending after it.
+        with span(self._classifier.tracing, "gateway.shadow",
+                  {TASK: task.name, MODEL: task.shadow.model, ITEMS: len(picked)}):
+            await self._compare_untraced(task, picked)
+
+    async def _compare_untraced(self, task: TaskSpec, picked: list[tuple[Any, Result]]) -> None:
         assert task.shadow is not None
         upstream, route = task.shadow_route()
         try:

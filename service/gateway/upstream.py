@@ -62,6 +62,7 @@ from service.gateway.server_info import ServerInfoCache
 from service.gateway.settings import Settings
 from service.gateway.transport import PooledTransport
 from service.gateway.upstream_status import parse_retry_after, verdict
+from service.tracing import CIRCUIT, PROTOCOL, UPSTREAM, Tracing
 
 log = logging.getLogger("service.gateway.upstream")
 
@@ -96,8 +97,10 @@ class UpstreamClient:
     def __init__(self, spec: UpstreamSpec, settings: Settings, metrics: GatewayMetrics, *,
                  transport: httpx.AsyncBaseTransport | None = None,
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tracing: Tracing | None = None) -> None:
         self.spec = spec
+        self.tracing = tracing
         self.settings = settings
         self.metrics = metrics
         self._rng = rng or random.Random()
@@ -257,6 +260,8 @@ class UpstreamClient:
         breaker = self.breaker
         admission = breaker.acquire()
         if not admission.allowed:
+            if self.tracing is not None:
+                self.tracing.event("circuit open", {UPSTREAM: self.spec.name})
             self._count(endpoint, "circuit_open")
             raise UpstreamUnavailable(
                 f"upstream {self.spec.name!r} is failing "
@@ -342,8 +347,38 @@ class UpstreamClient:
     async def _attempt(self, endpoint: str, url: httpx.URL, body: bytes,
                        decode: Callable[[Any], list[Result] | str], deadline: float, budget: float,
                        attempt: int) -> list[Result]:
+        tracing = self.tracing
+        if tracing is None or not tracing.recording():  # off, or this batch was not sampled
+            return await self._attempt_untraced(endpoint, url, body, decode, deadline, budget,
+                                                attempt)
+        # A client span per attempt (retries are siblings); no URL query, userinfo or header.
+        attributes: dict[str, str | int] = {
+            "http.request.method": "POST", "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "url.full": f"{url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path}",
+            UPSTREAM: self.spec.name, PROTOCOL: self.wire.name,
+            CIRCUIT: "half_open" if self.breaker.is_open else "closed",
+        }
+        if attempt > 1:
+            attributes["http.request.resend_count"] = attempt - 1
+        with tracing.span(f"POST {url.path}", attributes, kind="client") as current:
+            try:
+                return await self._attempt_untraced(endpoint, url, body, decode, deadline,
+                                                    budget, attempt)
+            except _Retryable as failure:
+                current.set_attribute("error.type", failure.outcome)
+                raise
+            except Exception as exc:
+                current.set_attribute("error.type", type(exc).__name__)
+                raise
+
+    async def _attempt_untraced(self, endpoint: str, url: httpx.URL, body: bytes,
+                                decode: Callable[[Any], list[Result] | str], deadline: float,
+                                budget: float, attempt: int) -> list[Result]:
         remaining = max(deadline - self._clock(), 0.001)
         headers = self._auth_headers()
+        if self.tracing is not None:
+            headers = self.tracing.inject(headers)
         # The deadline is enforced by asyncio.timeout around the whole exchange (httpx's timeouts
         # are per socket operation); the transport's own timeouts sit just behind it, except the
         # connect timeout, which is shorter so that a dead host leaves time for another attempt.
@@ -380,8 +415,11 @@ class UpstreamClient:
             reason = f"connection failed ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'})"
             raise _Retryable("connect_error", reason) from None
         self.metrics.child(self.metrics.upstream_duration, self.spec.name, endpoint).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started,
+            self.tracing.exemplar() if self.tracing is not None else None)
         status = response.status_code
+        if self.tracing is not None:
+            self.tracing.set({"http.response.status_code": status})
         self._count(endpoint, str(status))
         kind = verdict(status, self.wire.server_errors)
         if kind == "answer":
@@ -471,8 +509,10 @@ class UpstreamPool:
     short."""
 
     def __init__(self, settings: Settings, metrics: GatewayMetrics, *,
-                 transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None) -> None:
+                 transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.metrics = metrics
         self._transport_factory = transport_factory
         self._clients: dict[str, UpstreamClient] = {}
@@ -484,7 +524,8 @@ class UpstreamPool:
         if client is not None and client.spec == spec:
             return client
         transport = self._transport_factory() if self._transport_factory else None
-        fresh = UpstreamClient(spec, self.settings, self.metrics, transport=transport)
+        fresh = UpstreamClient(spec, self.settings, self.metrics, transport=transport,
+                               tracing=self.tracing)
         self._clients[spec.name] = fresh
         if client is not None:
             self._retire(client)

@@ -254,10 +254,27 @@ def test_compose_gateway_settings_are_real_and_wired() -> None:
     assert grace > parsed.shutdown_delay_s + drain_s + min(drain_s, BATCH_DRAIN_S)
 
 
+def test_compose_tracing_is_off_by_default_and_its_profile_adds_collector_and_jaeger() -> None:
+    services = compose_model()["services"]
+    for name in ("gateway", "factory"):
+        env = services[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""  # no endpoint: tracing off
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    result = compose("--profile", "tracing", "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    traced = json.loads(result.stdout)["services"]
+    assert {"otel-collector", "jaeger"} <= set(traced)
+    mount = traced["otel-collector"]["volumes"][0]
+    collector = yaml.safe_load(Path(mount["source"]).read_text())
+    assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"].split(":")[0] in traced
+
+
 def test_compose_factory_keeps_its_data_on_a_named_volume() -> None:
     model = compose_model()
     factory = model["services"]["factory"]
-    env = {k.removeprefix("FACTORY_").lower(): v for k, v in factory["environment"].items()}
+    env = {k.removeprefix("FACTORY_").lower(): v for k, v in factory["environment"].items()
+           if k.startswith("FACTORY_")}
     assert set(env) <= set(FactorySettings.model_fields), sorted(env)
     settings = FactorySettings.model_validate(env)
     data_dir = str(settings.data_dir)

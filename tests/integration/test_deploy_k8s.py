@@ -343,7 +343,9 @@ def test_factory_is_a_statefulset_with_its_data_on_a_volume(overlay: tuple[str, 
     fields = set(FactorySettings.model_fields)
     values = {}
     for name, item in env_of(container).items():
-        assert name.startswith("FACTORY_"), name
+        assert name.startswith(("FACTORY_", "OTEL_")), name
+        if name.startswith("OTEL_"):
+            continue  # read by OpenTelemetry's SDK (service/tracing.py)
         assert name.removeprefix("FACTORY_").lower() in fields, f"{name} is no factory setting"
         if "value" in item:
             values[name.removeprefix("FACTORY_").lower()] = item["value"]
@@ -440,3 +442,15 @@ def test_kserve_serves_exports_behind_the_gateway_with_the_factory_as_fallback()
     (rule,) = policy["spec"]["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {
         "app.kubernetes.io/name": "classifier-gateway"}}}]
+
+
+def test_tracing_is_off_until_its_optional_configmap_names_a_collector(
+        overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    for kind, name in (("Deployment", "classifier-gateway"), ("StatefulSet", "classifier-factory")):
+        env = env_of(containers(find(docs, kind, name))[0])
+        ref = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["valueFrom"]["configMapKeyRef"]
+        assert ref["name"] == "classifier-tracing" and ref["optional"] is True
+        assert env["OTEL_SERVICE_NAME"]["value"] == name
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+        assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]["value"]) <= 1

@@ -164,3 +164,19 @@ def test_validate_is_the_gateways_parser() -> None:
     with pytest.raises(EditError, match=r"tasks\.t\.canary\.model: 'a' on 'local' is the task's own "
                                         "model"):
         task_edits.validate(doc)
+
+
+def test_the_prediction_log_is_an_entry_the_edits_merge_and_clear() -> None:
+    doc = document(t={"model": "a"})
+    task_edits.update_entry(doc, "t", "log", {"sample": 0.05, "inputs": None})
+    task_edits.update_entry(doc, "t", "log", {"retention_days": 3})
+    assert doc["tasks"]["t"]["log"] == {"sample": 0.05, "retention_days": 3}
+    spec = task_edits.validate(doc).tasks["t"].log
+    assert spec is not None and (spec.sample, spec.inputs, spec.retention_days) == (0.05, False, 3)
+    with pytest.raises(EditError, match="has no setting 'keep'"):
+        task_edits.update_entry(doc, "t", "log", {"keep": 1})
+    doc["tasks"]["t"]["log"]["sample"] = 2
+    with pytest.raises(EditError, match=r"tasks\.t\.log\.sample"):
+        task_edits.validate(doc)
+    task_edits.clear(doc, "t", "log")
+    assert "log" not in doc["tasks"]["t"]

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Response
 from service.factory.errors import TooLarge
 from service.factory.models.base import Predictor
 from service.factory.state import FactoryState, get_state
+from service.tracing import ITEMS, MODEL, span
 from service.wire import (
     CHAT_ENDPOINT,
     TEXT_ENDPOINT,
@@ -63,13 +64,18 @@ def _check_limits(state: FactoryState, texts: list[str]) -> None:
 async def _classify(state: FactoryState, model_id: str, inputs: list[str] | list[Conversation],
                     endpoint: str) -> Response:
     started = time.perf_counter()
-    _, model = await state.catalog.get(model_id)
-    texts = [_as_text(item, model.kind) for item in inputs]
-    _check_limits(state, texts)
-    if model.inline and len(texts) <= state.settings.inline_batch_items:
-        results = classification_scores(model, texts)
-    else:
-        results = await asyncio.to_thread(classification_scores, model, texts)
+    tracing = state.tracing
+    with span(tracing, "factory.classify", {MODEL: model_id, ITEMS: len(inputs)}):
+        with span(tracing, "factory.load", {MODEL: model_id}):
+            _, model = await state.catalog.get(model_id)
+        with span(tracing, "factory.tokenise", {ITEMS: len(inputs)}):  # rendering + limits
+            texts = [_as_text(item, model.kind) for item in inputs]
+            _check_limits(state, texts)
+        with span(tracing, "factory.model", {MODEL: model_id, ITEMS: len(texts)}):
+            if model.inline and len(texts) <= state.settings.inline_batch_items:
+                results = classification_scores(model, texts)
+            else:
+                results = await asyncio.to_thread(classification_scores, model, texts)
     state.metrics.classify_items.labels(endpoint=endpoint).inc(len(texts))
     state.metrics.classify_duration.labels(endpoint=endpoint).observe(
         time.perf_counter() - started)

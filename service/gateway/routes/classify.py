@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -85,6 +86,8 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     the client (fan-out shares one, and charges each of its tasks here); default: its own."""
     identity, charged = await admit(runtime, request, task, len(items))
 
+    started = time.perf_counter()
+
     async def read_until_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -102,6 +105,11 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
                                tenant=identity.tenant)
+    if task.log is not None and runtime.predictions is not None:
+        issued = identity.key_id != STATIC_IDENTITY.key_id
+        runtime.predictions.offer(task, items, outcome, time.perf_counter() - started,
+                                  key_id=identity.key_id if issued else None,
+                                  tenant=identity.tenant if issued else None)
     return outcome
 
 

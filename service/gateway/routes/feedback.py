@@ -176,3 +176,30 @@ async def get_feedback(task: str, runtime: RuntimeDep, after: str = AFTER,
 async def get_review(task: str, runtime: RuntimeDep, after: str = AFTER,
                      limit: int = LIMIT, tenant: str | None = TENANT) -> JSONResponse:
     return await _page(runtime, "review", task, after, limit, tenant)
+
+
+SINCE = Query(default=None, pattern=r"^\d+(\.\d+)?[smhd]$",
+              description="Only entries younger than this (`90s`, `30m`, `2h`, `7d`); ignored "
+                          "when `after` is given.")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@router.get("/predictions/{task}", summary="A task's sampled prediction log",
+            responses={200: {"model": StreamPage}, **error_responses(401, 404, 422, 503)})
+async def get_predictions(task: str, runtime: RuntimeDep, after: str = AFTER,
+                          since: str | None = SINCE, limit: int = LIMIT) -> JSONResponse:
+    """The entries the task's `log` sampled (service/gateway/predictions.py), oldest first, in
+    the same pages as GET /feedback/{task}."""
+    log = runtime.predictions
+    if log is None or not log.enabled:
+        raise FeedbackOff("The prediction log needs Redis: set GATEWAY_FEEDBACK_REDIS_URL (or "
+                          "GATEWAY_REDIS_URL).", retry_after_s=60)
+    spec = _task(runtime, task)
+    since_s = float(since[:-1]) * _UNITS[since[-1]] if since else None
+    try:
+        entries, cursor = await log.page(spec.name, after, since_s, limit)
+    except Exception as exc:
+        raise FeedbackOff(f"Redis did not answer ({type(exc).__name__}).",
+                          retry_after_s=5) from None
+    return JSONResponse({"task": spec.name, "kind": spec.kind, "entries": entries,
+                         "next": cursor})

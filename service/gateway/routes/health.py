@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from service.gateway.responses import JSONResponse
@@ -45,5 +47,11 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
             responses=METRICS_RESPONSES)
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    """OpenMetrics when the scraper asks for it (Prometheus does): only that format carries the
+    latency histograms' exemplars, the trace ids of sampled requests (docs/observability.md)."""
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        return Response(openmetrics.generate_latest(  # type: ignore[no-untyped-call]
+            runtime.metrics.registry),
+                        media_type=openmetrics.CONTENT_TYPE_LATEST)
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

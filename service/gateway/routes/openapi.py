@@ -88,6 +88,21 @@ class ShadowReport(BaseModel):
     targets: dict[str, ShadowTarget]
 
 
+class DriftReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    model: str
+    threshold: float = Field(description="The population stability index above which a "
+                             "target's answers count as drifted.")
+    scope: str = Field(description="Where the counts come from: this replica's memory.")
+    targets: dict[str, dict[str, Any]] = Field(
+        description="Per target: `hour`, `day` and `reference` distributions, `psi` (the hour "
+                    "against the reference), `drifted`, the labels that `moved` most, and "
+                    "`training` (a factory model's training label mix, with `psi_hour` and "
+                    "`psi_day` against it; null elsewhere).")
+
+
 class Health(BaseModel):
     status: str
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from service.gateway.drift import fetch_training_shares
 from service.gateway.errors import UnknownTask
 from service.gateway.registry import (
     CascadeStage,
@@ -18,6 +19,7 @@ from service.gateway.registry import (
 )
 from service.gateway.responses import JSONResponse
 from service.gateway.routes.openapi import (
+    DriftReport,
     ShadowReport,
     TaskDescription,
     TaskList,
@@ -140,3 +142,25 @@ async def get_shadow(name: str, runtime: RuntimeDep) -> JSONResponse:
                          "shadow": {"model": route.model, "upstream": upstream,
                                     "sample": task.shadow.sample},
                          "shared": runtime.store.shared, "targets": targets})
+
+
+@router.get("/tasks/{name}/stats", summary="A task's label distribution and its drift",
+            responses={200: {"model": DriftReport}, **error_responses(401, 404, 422)})
+async def get_stats(name: str, runtime: RuntimeDep) -> JSONResponse:
+    """Per target of the task's model: the top labels it answered over the last hour and day
+    (this replica), and the population stability index of the hour against the 23 hours before
+    it (service/gateway/drift.py, docs/observability.md)."""
+    registry = runtime.registry.current
+    task = registry.task(name)
+    if task is None:
+        known = ", ".join(sorted(registry.tasks)) or "none"
+        raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
+    drift = runtime.drift
+    if drift is None:
+        return JSONResponse({"task": task.name, "model": task.model, "threshold": 0.0,
+                             "scope": "none", "targets": {}})
+    if task.model not in drift.training:  # kept once known; asked again while unknown
+        found = await fetch_training_shares(registry.upstreams[task.upstream], task.model)
+        if found:
+            drift.training[task.model] = found
+    return JSONResponse(drift.stats(task))

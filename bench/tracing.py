@@ -1,0 +1,108 @@
+"""What tracing costs: the same traffic through a gateway with tracing off, on at 10 % sampling
+(`parentbased_traceidratio`, 0.1) and on at 100 %, exporting to a real OTLP/HTTP receiver
+(tests/support/otlp_receiver.py). Every input is unique and there is no Redis, so each request
+goes the whole way: front door, single flight, batcher, upstream attempt. Prints JSON.
+
+Measured per setting: p50 and p99 at concurrency 1, and throughput at `--concurrency`. The
+settings take turns in blocks, so that machine noise hits them alike.
+
+Target (issue 22): 10 % sampling costs at most 5 % of throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from bench.harness import emit, fake_upstream, gateway, percentile, summary_ms
+from tests.support.otlp_receiver import running_receiver
+
+SETTINGS: dict[str, dict[str, str]] = {
+    "off": {},
+    "10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    "100%": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+}
+
+
+def latencies(client: httpx.Client, url: str, tag: str, n: int) -> list[float]:
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]}).raise_for_status()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def throughput(url: str, tag: str, n: int, concurrency: int) -> float:
+    """Requests per second, `n` requests from `concurrency` clients at once."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        counter = iter(range(n))
+
+        async def worker() -> None:
+            for i in counter:
+                r = await client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]})
+                r.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def gateways(upstream_url: str, endpoint: str) -> Iterator[dict[str, str]]:
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name, env in SETTINGS.items():
+            traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+                      **env} if env else {"OTEL_SDK_DISABLED": "true"}
+            urls[name] = stack.enter_context(gateway(upstream_url, "", None, **traced))
+        yield urls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="per setting, for throughput (a tenth for latency)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=4)
+    args = parser.parse_args()
+    per_block = args.requests // args.blocks
+    with running_receiver() as receiver, fake_upstream() as upstream_url, \
+            gateways(upstream_url, receiver.endpoint) as urls, httpx.Client(timeout=10) as client:
+        for name, url in urls.items():  # warm up each gateway and its connections
+            latencies(client, f"{url}/classify", f"warm {name}", 100)
+        lat: dict[str, list[float]] = {name: [] for name in urls}
+        rps: dict[str, list[float]] = {name: [] for name in urls}
+        names = list(urls)
+        for block in range(args.blocks):
+            # Each block starts with another setting: whoever goes first must not win alone.
+            for name in names[block % len(names):] + names[:block % len(names)]:
+                url = urls[name]
+                tag = f"{name} {block}"
+                lat[name] += latencies(client, f"{url}/classify", f"lat {tag}", per_block // 10)
+                rps[name].append(asyncio.run(throughput(f"{url}/classify", f"rps {tag}",
+                                                        per_block, args.concurrency)))
+        time.sleep(0.5)  # the last spans' export
+        spans = len(receiver.snapshot())
+    base = sum(rps["off"]) / len(rps["off"])
+    out: dict[str, Any] = {"bench": "tracing", "requests": args.requests,
+                           "concurrency": args.concurrency, "spans_received": spans}
+    for name in urls:
+        mean = sum(rps[name]) / len(rps[name])
+        out[name] = {"latency": summary_ms(lat[name]), "throughput_rps": round(mean, 1),
+                     "throughput_vs_off": round(mean / base, 3),
+                     "added_p50_ms": round((percentile(lat[name], 50)
+                                            - percentile(lat["off"], 50)) * 1000, 3)}
+    out["target_10pct_throughput_vs_off"] = 0.95
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from service.commands.errors import UserError
 from service.commands.servers import run_until_stopped, settings_epilog
 from service.factory.settings import FactorySettings
 
@@ -47,9 +48,28 @@ def cmd_factory(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = FactorySettings(**overrides)
+    check_stores(settings)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=settings.log_level, loop="uvloop", http="httptools",
                             access_log=False)
     return run_until_stopped(uvicorn.Server(config))
+
+
+def check_stores(settings: FactorySettings) -> None:
+    """Open the database and the object store once before serving, so that a wrong
+    FACTORY_DATABASE_URL or an unreachable FACTORY_STORAGE_URL is one line naming the setting
+    (exit 1), not a lifespan traceback from uvicorn."""
+    from service.factory.blobs import StorageUnavailable, open_blobs
+    from service.factory.store import DatabaseUnavailable, Store
+
+    data_dir = settings.resolved_data_dir
+    database = settings.database_url.get_secret_value() if settings.database_url else None
+    try:
+        blobs = open_blobs(settings.storage_url, data_dir)
+        blobs.check()
+        Store(data_dir, database, blobs).close()
+    except (DatabaseUnavailable, StorageUnavailable) as exc:
+        raise UserError(str(exc)) from None
+

@@ -32,6 +32,17 @@ def register(sub: Sub) -> None:
                    help="files, jobs and models (FACTORY_DATA_DIR, default ./factory-data)")
     p.add_argument("--log-level", help="debug|info|warning|error (FACTORY_LOG_LEVEL)")
     p.set_defaults(handler=cmd_factory)
+    actions = p.add_subparsers(dest="factory_action", metavar="{migrate}")
+    m = actions.add_parser(
+        "migrate", help="copy a data directory's metadata and blobs into Postgres and/or S3",
+        description="Copy a factory data directory (read only) into a shared set-up: its "
+                    "metadata into the database --to names, its files and models into the "
+                    "store --storage names. Rows already there are kept, so it can be run again. "
+                    "S3 credentials and endpoint come from the AWS_* variables.")
+    m.add_argument("--data-dir", type=Path, required=True, help="the data directory to copy")
+    m.add_argument("--to", help="the target database (postgresql://user:password@host/db)")
+    m.add_argument("--storage", help="the target object store (s3://bucket/prefix)")
+    m.set_defaults(handler=cmd_migrate)
 
 
 def cmd_factory(args: argparse.Namespace) -> int:
@@ -73,3 +84,20 @@ def check_stores(settings: FactorySettings) -> None:
     except (DatabaseUnavailable, StorageUnavailable) as exc:
         raise UserError(str(exc)) from None
 
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.factory.blobs import StorageUnavailable
+    from service.factory.migrate import migrate
+    from service.factory.store import DatabaseUnavailable
+
+    if not args.to and not args.storage:
+        raise UserError("factory migrate: say where to, with --to postgresql://... and/or "
+                        "--storage s3://...")
+    try:
+        report = migrate(args.data_dir.expanduser().resolve(), args.to, args.storage)
+    except (DatabaseUnavailable, StorageUnavailable, FileNotFoundError) as exc:
+        raise UserError(str(exc).replace("FACTORY_DATABASE_URL", "--to")
+                        .replace("FACTORY_STORAGE_URL", "--storage")) from None
+    for line in report.lines():
+        print(line)
+    return 1 if report.missing else 0

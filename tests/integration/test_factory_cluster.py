@@ -262,3 +262,40 @@ def test_the_model_cache_is_bounded_by_bytes(tmp_path: Path) -> None:
         assert 0 < catalog.loaded_bytes() < both
         client.close()
 
+
+# 3. Migration.
+@needs_postgres
+def test_migrate_moves_a_first_factory_data_directory_to_postgres_and_s3(
+        postgres: Postgres, s3: S3, tmp_path: Path) -> None:
+    data = tmp_path / "old"
+    shutil.copytree(V1_DATA, data)
+    expected = orjson.loads((data / "expected.json").read_bytes())
+    database = fresh_database(postgres)
+    storage = f"s3://{s3.bucket}/migrated"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "factory", "migrate", "--data-dir", str(data),
+             "--to", database, "--storage", storage],
+            capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "jobs: 1 row(s) copied" in first.stdout and "models: 1 row(s) copied" in first.stdout
+    assert "blobs: 1 file(s) and 1 model(s)" in first.stdout, first.stdout
+    again = run()  # idempotent: nothing new, nothing doubled
+    assert again.returncode == 0 and "jobs: 0 row(s) copied, 1 already there" in again.stdout
+    with running_factory(tmp_path / "new", database_url=database, storage_url=storage,
+                         replica_id="m") as server:
+        client = FactoryClient(server.url)
+        r = client.http.post("/v1/classifications",
+                             json={"model": expected["model"], "input": TEXTS})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == expected["classification"]
+        job = client.job(expected["job"])
+        assert job["status"] == "SUCCESS"
+        names = [e["data"]["status"] for e in job["events"] if e["name"] == "status-updated"]
+        assert names[0] == "QUEUED" and names[-1] == "SUCCESS"
+        content = client.http.get(f"/v1/files/{expected['file']}/content")
+        assert content.content == (V1_DATA / "files" / f"{expected['file']}.jsonl").read_bytes()
+        client.close()

@@ -340,8 +340,10 @@ class JobManager:
             except asyncio.CancelledError:
                 raise
             except StaleStatus as exc:
-                # Another replica took the job first, or a cancel moved it: not ours to touch.
-                log.info("job %s: %s; leaving it", job_id, exc)
+                # Another replica took the job first (not ours to touch), or a cancel made on
+                # another replica moved our job on: we end it.
+                log.info("job %s: %s", job_id, exc)
+                self._cancel_if_asked(job_id)
             except Exception as exc:
                 log.exception("job %s failed", job_id)
                 with contextlib.suppress(StaleStatus):
@@ -575,13 +577,21 @@ class JobManager:
 
 
 
+    def _cancel_if_asked(self, job_id: str) -> None:
+        """End as CANCELLED a job of this replica that a cancel (from anywhere) has reached."""
+        job = self.store.get_job(job_id)
+        if (job is not None and job.status == "CANCELLATION_REQUESTED"
+                and job.doc.get("replica") == self.settings.replica):
+            with contextlib.suppress(StaleStatus):
+                self._finish(job_id, "CANCELLED")
+
     async def _watch_cancel(self, job_id: str, running: _Running) -> None:
         """Kill the trainer when the job was cancelled on another replica (this one's own
         cancels kill it at once)."""
         while not running.cancel.is_set():
             await asyncio.sleep(1.0)
             job = await asyncio.to_thread(self.store.get_job, job_id)
-            if job is not None and job.status == "CANCELLATION_REQUESTED":
+            if job is None or job.status in ("CANCELLATION_REQUESTED", *TERMINAL):
                 running.cancel.set()
                 if running.process is not None and running.process.returncode is None:
                     with contextlib.suppress(ProcessLookupError):

@@ -27,6 +27,7 @@ from tests.support.cluster import (
     running_s3,
 )
 from tests.support.factory import (
+    LONG_JOB,
     REPO,
     FactoryClient,
     FactoryProcess,
@@ -260,6 +261,60 @@ def test_the_model_cache_is_bounded_by_bytes(tmp_path: Path) -> None:
         assert r.status_code == 200
         assert list(catalog._loaded) == [second]
         assert 0 < catalog.loaded_bytes() < both
+        client.close()
+
+
+
+def test_a_cancel_on_one_replica_stops_the_training_on_the_other(tmp_path: Path) -> None:
+    """Two replicas on one database and store (here a shared SQLite file and directory): B
+    cancels the job A trains, A's trainer stops within seconds, and the job ends CANCELLED once."""
+    shared = {"database_url": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
+              "storage_url": str(tmp_path / "blobs")}
+    with running_factory(tmp_path / "a", replica_id="a", **shared) as server_a, \
+            running_factory(tmp_path / "b", replica_id="b", **shared) as server_b:
+        a, b = FactoryClient(server_a.url), FactoryClient(server_b.url)
+        file = a.upload(jsonl(sentiment_rows(200)))
+        created = a.create_job(file["id"], **LONG_JOB)
+        a.wait(created["id"], statuses=("RUNNING",), timeout_s=30)
+        r = b.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "CANCELLATION_REQUESTED", r.text
+        job = b.wait(created["id"], timeout_s=15)
+        assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None
+        statuses = [e["data"]["status"] for e in job["events"] if e["name"] == "status-updated"]
+        assert statuses[-2:] == ["CANCELLATION_REQUESTED", "CANCELLED"]
+        assert statuses.count("CANCELLED") == 1
+        assert not (tmp_path / "blobs" / "models" / created["id"]).exists()
+        a.close()
+        b.close()
+
+
+def test_a_store_gone_mid_upload_is_a_503_and_what_is_loaded_still_answers(
+        tmp_path: Path) -> None:
+    with running_s3("gone") as gone, aws_env(gone), \
+            running_factory(tmp_path / "data", storage_url="s3://gone/f") as server:
+        client = FactoryClient(server.url)
+        model = client.train(jsonl(sentiment_rows(80)))["fine_tuned_model"]
+        body = {"model": model, "input": TEXTS}
+        before = client.http.post("/v1/classifications", json=body)
+        assert before.status_code == 200
+        import obstore
+
+        store = S3Blobs("s3://gone/f", tmp_path / "probe").store
+        keys_before = {m["path"] for batch in obstore.list(store) for m in batch}
+        # The bucket goes away (its endpoint stays up, so the failure is fast and certain).
+        from tests.support.cluster import empty_and_remove_bucket
+
+        empty_and_remove_bucket(gone)
+        r = client.http.post("/v1/files", files={"file": ("late.jsonl", jsonl(
+            sentiment_rows(10, seed=9)))}, data={"purpose": "fine-tune"})
+        assert r.status_code == 503, r.text
+        assert "could not be stored" in r.json()["message"], r.text
+        files = client.http.get("/v1/files").json()["data"]
+        assert [f["filename"] for f in files] == ["train.jsonl"]  # nothing half-recorded
+        assert not list((tmp_path / "data" / "tmp").glob("*.part"))
+        after = client.http.post("/v1/classifications", json=body)
+        assert after.status_code == 200 and after.json()["results"] == before.json()["results"]
+        assert keys_before  # the model had been published before the bucket went
         client.close()
 
 

@@ -116,6 +116,19 @@ def running_s3(bucket: str = "factory") -> Iterator[S3]:
         server.stop()
 
 
+def empty_and_remove_bucket(s3: S3) -> None:
+    """Delete the bucket and everything in it (boto3, from moto's dependencies): the store that
+    a factory writes to is gone."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    listed = client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+    for item in listed:
+        client.delete_object(Bucket=s3.bucket, Key=item["Key"])
+    client.delete_bucket(Bucket=s3.bucket)
+
+
 @contextlib.contextmanager
 def aws_env(s3: S3) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in s3.env()}

@@ -117,16 +117,18 @@ def running_s3(bucket: str = "factory") -> Iterator[S3]:
 
 
 def empty_and_remove_bucket(s3: S3) -> None:
-    """Delete the bucket and everything in it (boto3, from moto's dependencies): the store that
-    a factory writes to is gone."""
-    import boto3
+    """Delete the bucket and everything in it: the store that a factory writes to is gone."""
+    import httpx
+    import obstore
+    from obstore.store import S3Store
 
-    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    listed = client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
-    for item in listed:
-        client.delete_object(Bucket=s3.bucket, Key=item["Key"])
-    client.delete_bucket(Bucket=s3.bucket)
+    store = S3Store(s3.bucket, config={"endpoint": s3.endpoint, "access_key_id": "testing",
+                                       "secret_access_key": "testing", "region": "us-east-1"},
+                    client_options={"allow_http": True})
+    keys = [m["path"] for batch in obstore.list(store) for m in batch]
+    if keys:
+        obstore.delete(store, keys)
+    httpx.delete(f"{s3.endpoint}/{s3.bucket}", timeout=10).raise_for_status()
 
 
 @contextlib.contextmanager

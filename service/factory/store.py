@@ -173,7 +173,7 @@ class Store:
         except sa.exc.OperationalError as exc:
             raise DatabaseUnavailable(
                 f"cannot open the factory's database {self.engine.url.render_as_string()} "
-                f"(FACTORY_DATABASE_URL): {exc.orig}") from None
+                f"(FACTORY_DATABASE_URL): {' '.join(str(exc.orig).split())}") from None
 
     def _migrate(self, db: Connection) -> None:
         """Bring the schema to `SCHEMA_VERSION`: version 1 (the first factory, which recorded

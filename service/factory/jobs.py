@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 
 import service
+from service.factory.blobs import BlobMissing
 from service.factory.data import (
     TargetSpec,
     ValidationReport,
@@ -402,8 +403,11 @@ class JobManager:
         for role, file_ids in (("training", [f["file_id"] for f in job.doc["training_files"]]),
                                ("validation", job.doc["validation_files"])):
             for file_id in file_ids:
-                path = self.store.file_path(file_id)
-                if not path.exists():
+                try:
+                    path = self.store.file_path(file_id)
+                except BlobMissing:
+                    path = None
+                if path is None or not path.exists():
                     return f"{role} file {file_id} was deleted; upload it again"
                 report = validate_file(path, kind=kind, targets=declared, keep_examples=False,
                                        max_errors=limit)

@@ -64,8 +64,8 @@ def create_app(settings: FactorySettings | None = None,
         manager = JobManager(store, settings, metrics)
         app.state.factory = FactoryState(settings, store, manager, catalog, metrics)
         await manager.start()
-        log.info("factory ready: metadata in %s (schema %d), blobs in %s, %d model(s)",
-                 store.engine.url.render_as_string(), store.schema_version(), blobs.url,
+        log.info("factory ready: metadata in %s (schema revision %s), blobs in %s, %d model(s)",
+                 store.engine.url.render_as_string(), store.schema_revision(), blobs.url,
                  len(store.list_models()))
         try:
             yield

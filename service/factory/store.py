@@ -3,8 +3,8 @@
 The metadata (files, jobs, events, checkpoints, models, meta) lives in the SQLite file
 `factory.sqlite3` of the data directory by default, so that a single factory needs nothing
 started, and in Postgres when `FACTORY_DATABASE_URL=postgresql://...` is set, so that replicas
-share it. The tables are the ones the first (raw `sqlite3`) factory wrote, unchanged, so an
-existing data directory keeps working; `meta.schema_version` records the version.
+share it. The schema is migrated by Alembic at every start (`migrations/`); its first revision is
+the tables the first (raw `sqlite3`) factory wrote, so an existing data directory keeps working.
 
 Layout of the data directory:
     factory.sqlite3        metadata (unless FACTORY_DATABASE_URL names another database)
@@ -37,11 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from service.factory.blobs import Blobs, LocalBlobs
-
-#: Version 1: the raw-sqlite3 factory's tables (no version recorded). Version 2: the same tables
-#: written through SQLAlchemy, models published with a MANIFEST.json (blobs.py); older models
-#: without one are still read from a local directory.
-SCHEMA_VERSION = 2
+from service.factory.migrations import runner as migrations
 
 
 class StaleStatus(Exception):
@@ -58,8 +54,9 @@ class DatabaseUnavailable(Exception):
 
 
 def _tables(with_rowid: bool) -> tuple[sa.MetaData, dict[str, sa.Table]]:
-    """The tables, as the first factory created them. SQLite orders rows of one second by its
-    implicit `rowid`; other databases get a real `rowid` identity column, so that the same
+    """The tables as the queries see them; `migrations/` creates and changes them (revision
+    0001: as the first factory created them). SQLite orders rows of one second by its implicit
+    `rowid`; other databases have a real `rowid` identity column, so that the same
     `ORDER BY rowid` keeps insertion order there too."""
     md = sa.MetaData()
 
@@ -168,33 +165,16 @@ class Store:
         self._lock = threading.Lock() if self.dialect == "sqlite" else None
         try:
             with self.engine.begin() as db:
-                self._md.create_all(db, checkfirst=True)
-                self._migrate(db)
+                migrations.upgrade(db)
         except sa.exc.OperationalError as exc:
             raise DatabaseUnavailable(
                 f"cannot open the factory's database {self.engine.url.render_as_string()} "
                 f"(FACTORY_DATABASE_URL): {' '.join(str(exc.orig).split())}") from None
 
-    def _migrate(self, db: Connection) -> None:
-        """Bring the schema to `SCHEMA_VERSION`: version 1 (the first factory, which recorded
-        none) has the same tables, so recording the version is the whole migration."""
-        meta = self._t["meta"]
-        row = db.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).first()
-        version = int(row[0]) if row else 1
-        if version > SCHEMA_VERSION:
-            raise DatabaseUnavailable(
-                f"the factory's database has schema version {version}, newer than this "
-                f"factory's {SCHEMA_VERSION}: upgrade the factory")
-        if row is None:
-            db.execute(sa.insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif version < SCHEMA_VERSION:
-            db.execute(sa.update(meta).where(meta.c.key == "schema_version")
-                       .values(value=str(SCHEMA_VERSION)))
-
-    def schema_version(self) -> int:
-        meta = self._t["meta"]
-        rows = self._query(sa.select(meta.c.value).where(meta.c.key == "schema_version"))
-        return int(rows[0]["value"]) if rows else 1
+    def schema_revision(self) -> str | None:
+        """The Alembic revision of the database (`migrations.head()` once opened)."""
+        with self.engine.connect().execution_options(factory_read=True) as db:
+            return migrations.current(db)
 
     def close(self) -> None:
         self.engine.dispose()

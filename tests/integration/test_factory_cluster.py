@@ -5,6 +5,7 @@ S3 server; and a data directory written by the first (raw sqlite3) factory."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +18,8 @@ import orjson
 import pytest
 
 from service.factory.blobs import MANIFEST, BlobMissing, LocalBlobs, S3Blobs
-from service.factory.store import SCHEMA_VERSION, JobRecord, StaleStatus, Store, now
+from service.factory.migrations import runner as migrations
+from service.factory.store import JobRecord, StaleStatus, Store, now
 from tests.support.cluster import (
     S3,
     Postgres,
@@ -103,6 +105,9 @@ def test_a_data_directory_of_the_first_factory_still_serves_its_model(tmp_path: 
     data = tmp_path / "data"
     shutil.copytree(V1_DATA, data)
     expected = orjson.loads((data / "expected.json").read_bytes())
+    with sqlite3.connect(data / "factory.sqlite3") as db:  # the first factory's: no Alembic
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'") \
+            .fetchall()
     with running_factory(data) as server:
         client = FactoryClient(server.url)
         models = [m["id"] for m in client.http.get("/v1/models").json()["data"]]
@@ -119,7 +124,7 @@ def test_a_data_directory_of_the_first_factory_still_serves_its_model(tmp_path: 
         assert client.train(jsonl(sentiment_rows(60, seed=3)))["status"] == "SUCCESS"
         client.close()
     store = Store(data)
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store.schema_revision() == migrations.head()
     assert len(store.list_models()) == 2
     store.close()
 
@@ -148,6 +153,33 @@ def test_two_stores_on_one_database_never_both_take_or_end_a_job(
     finally:
         a.close()
         b.close()
+
+
+@needs_postgres
+def test_replicas_starting_together_on_an_empty_postgres_migrate_it_once(
+        postgres: Postgres, tmp_path: Path) -> None:
+    url = fresh_database(postgres)
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def open_store(index: int) -> None:
+        barrier.wait()
+        try:
+            stores.append(Store(tmp_path / str(index), url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert {s.schema_revision() for s in stores} == {migrations.head()}
+    assert len({s.workspace_id() for s in stores}) == 1
+    for s in stores:
+        s.close()
 
 
 def test_a_wrong_database_url_stops_the_factory_with_one_line_naming_the_setting(

@@ -584,8 +584,11 @@ class JobManager:
     def _cancel_if_asked(self, job_id: str) -> None:
         """End as CANCELLED a job of this replica that a cancel (from anywhere) has reached."""
         job = self.store.get_job(job_id)
-        if (job is not None and job.status == "CANCELLATION_REQUESTED"
-                and job.doc.get("replica") == self.settings.replica):
+        # Ours: it records this replica, or none yet when the cancel came between this worker
+        # picking the job up and its first status change.
+        replica = job.doc.get("replica") if job is not None else None
+        mine = replica == self.settings.replica or (replica is None and job_id in self.running)
+        if job is not None and job.status == "CANCELLATION_REQUESTED" and mine:
             with contextlib.suppress(StaleStatus):
                 self._finish(job_id, "CANCELLED")
 

@@ -22,7 +22,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # (requirements/torch.txt: torch==2.13.0+cpu, from PyTorch's CPU index, so pip never pulls the
 # multi-GB CUDA one). For a GPU image, TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 installs
 # torch==TORCH_VERSION from that index instead, with its CUDA packages; that torch is the one
-# thing outside the lock, and encoder.txt's CPU pin is then skipped.
+# thing outside the lock, and encoder.txt's CPU pin is then skipped. `EXTRAS=cluster` gives factory
+# replicas Postgres and S3 (requirements/cluster.txt; `local-ngram` only, for now).
 ARG EXTRAS=""
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
@@ -42,7 +43,10 @@ RUN if [ -z "$EXTRAS" ]; then \
            pip install --no-cache-dir --no-deps --require-hashes -r requirements/torch.txt \
            && pip install --no-cache-dir --require-hashes -r requirements/encoder.txt; \
          fi; \
-       else echo "EXTRAS must be empty or encoder (the locked sets), not '$EXTRAS'" >&2; exit 1; fi
+       elif [ "$EXTRAS" = "cluster" ]; then \
+         pip install --no-cache-dir --require-hashes -r requirements/cluster.txt; \
+       else echo "EXTRAS must be empty, encoder or cluster (the locked sets), not '$EXTRAS'" >&2; \
+         exit 1; fi
 # Tracing (the `otel` extra, requirements/otel.txt): in the image by default, off until an
 # OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/observability.md); `--build-arg OTEL=0` leaves it out.
 ARG OTEL=1

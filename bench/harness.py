@@ -80,8 +80,9 @@ def redis() -> Iterator[str]:
 
 @contextlib.contextmanager
 def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] | None = None,
-            **env: str) -> Iterator[str]:
-    """`task`: more settings of the task `sentiment` (a prediction log, say)."""
+            env: Mapping[str, str] | None = None, **more_env: str) -> Iterator[str]:
+    """`task`: more settings of the task `sentiment` (a prediction log, say); `env` and
+    `more_env`: the gateway's environment (GATEWAY_*, OTEL_*)."""
     with tempfile.TemporaryDirectory() as tmp:
         tasks = Path(tmp) / "tasks.yaml"
         tasks.write_text(yaml.safe_dump({
@@ -92,7 +93,7 @@ def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] |
         port = free_port()
         settings = {"GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_PORT": str(port),
                     "GATEWAY_REDIS_URL": redis_url, "GATEWAY_LOG_LEVEL": "warning",
-                    "GATEWAY_SHUTDOWN_DELAY_S": "0", **env}
+                    "GATEWAY_SHUTDOWN_DELAY_S": "0", **(env or {}), **more_env}
         with process(["-m", "service.cli", "serve"], port, settings, ready_path="/readyz"):
             yield f"http://127.0.0.1:{port}"
 

@@ -58,7 +58,7 @@ async def throughput(url: str, tag: str, n: int, concurrency: int) -> float:
 @contextlib.contextmanager
 def gateways(upstream_url: str, redis_url: str) -> Iterator[dict[str, str]]:
     with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(gateway(upstream_url, redis_url, task=task, **env))
+        yield {name: stack.enter_context(gateway(upstream_url, redis_url, task=task, env=env))
                for name, (task, env) in SETTINGS.items()}
 
 

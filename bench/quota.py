@@ -65,7 +65,7 @@ def replicas(seconds: float) -> None:
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     shared = {"GATEWAY_ADMIN_KEY": ADMIN, "GATEWAY_CACHE_PREFIX": prefix}
     with fake_upstream() as upstream_url, redis() as redis_url, contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(gateway(upstream_url, redis_url, **shared)) for _ in range(3)]
+        urls = [stack.enter_context(gateway(upstream_url, redis_url, env=shared)) for _ in range(3)]
         created = httpx.post(f"{urls[0]}/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"},
                              json={"tenant": "bench", "name": "bench",
                                    "quotas": {"items_per_minute": 300}})

@@ -62,7 +62,7 @@ def gateways(upstream_url: str, endpoint: str) -> Iterator[dict[str, str]]:
         for name, env in SETTINGS.items():
             traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
                       **env} if env else {"OTEL_SDK_DISABLED": "true"}
-            urls[name] = stack.enter_context(gateway(upstream_url, "", None, **traced))
+            urls[name] = stack.enter_context(gateway(upstream_url, "", env=traced))
         yield urls
 
 

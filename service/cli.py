@@ -45,8 +45,10 @@ def version() -> str:
 def _help_when_incomplete(parser: argparse.ArgumentParser) -> None:
     """`classifier-gateway` alone, or a command group without its action (`jobs`), prints that
     parser's help instead of argparse's "the following arguments are required" error: someone who
-    types it is asking what there is."""
-    parser.set_defaults(handler=_printing_help(parser))
+    types it is asking what there is. A command that runs on its own and also has actions
+    (`factory`, and `factory migrate`) keeps its own handler."""
+    if parser.get_default("handler") is None:
+        parser.set_defaults(handler=_printing_help(parser))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             action.required = False

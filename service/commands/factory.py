@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from service.commands.errors import UserError
 from service.commands.servers import run_until_stopped, settings_epilog
 from service.factory.settings import FactorySettings
 
@@ -31,6 +32,17 @@ def register(sub: Sub) -> None:
                    help="files, jobs and models (FACTORY_DATA_DIR, default ./factory-data)")
     p.add_argument("--log-level", help="debug|info|warning|error (FACTORY_LOG_LEVEL)")
     p.set_defaults(handler=cmd_factory)
+    actions = p.add_subparsers(dest="factory_action", metavar="{migrate}")
+    m = actions.add_parser(
+        "migrate", help="copy a data directory's metadata and blobs into Postgres and/or S3",
+        description="Copy a factory data directory (read only) into a shared set-up: its "
+                    "metadata into the database --to names, its files and models into the "
+                    "store --storage names. Rows already there are kept, so it can be run again. "
+                    "S3 credentials and endpoint come from the AWS_* variables.")
+    m.add_argument("--data-dir", type=Path, required=True, help="the data directory to copy")
+    m.add_argument("--to", help="the target database (postgresql://user:password@host/db)")
+    m.add_argument("--storage", help="the target object store (s3://bucket/prefix)")
+    m.set_defaults(handler=cmd_migrate)
 
 
 def cmd_factory(args: argparse.Namespace) -> int:
@@ -47,9 +59,45 @@ def cmd_factory(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = FactorySettings(**overrides)
+    check_stores(settings)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=settings.log_level, loop="uvloop", http="httptools",
                             access_log=False)
     return run_until_stopped(uvicorn.Server(config))
+
+
+def check_stores(settings: FactorySettings) -> None:
+    """Open the database and the object store once before serving, so that a wrong
+    FACTORY_DATABASE_URL or an unreachable FACTORY_STORAGE_URL is one line naming the setting
+    (exit 1), not a lifespan traceback from uvicorn."""
+    from service.factory.blobs import StorageUnavailable, open_blobs
+    from service.factory.store import DatabaseUnavailable, Store
+
+    data_dir = settings.resolved_data_dir
+    database = settings.database_url.get_secret_value() if settings.database_url else None
+    try:
+        blobs = open_blobs(settings.storage_url, data_dir)
+        blobs.check()
+        Store(data_dir, database, blobs).close()
+    except (DatabaseUnavailable, StorageUnavailable) as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.factory.blobs import StorageUnavailable
+    from service.factory.migrate import migrate
+    from service.factory.store import DatabaseUnavailable
+
+    if not args.to and not args.storage:
+        raise UserError("factory migrate: say where to, with --to postgresql://... and/or "
+                        "--storage s3://...")
+    try:
+        report = migrate(args.data_dir.expanduser().resolve(), args.to, args.storage)
+    except (DatabaseUnavailable, StorageUnavailable, FileNotFoundError) as exc:
+        raise UserError(str(exc).replace("FACTORY_DATABASE_URL", "--to")
+                        .replace("FACTORY_STORAGE_URL", "--storage")) from None
+    for line in report.lines():
+        print(line)
+    return 1 if report.missing else 0

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header
 from prometheus_client import CollectorRegistry
 
+from service.factory.blobs import open_blobs
 from service.factory.catalog import ModelCatalog
 from service.factory.errors import Unauthorized, install_error_handlers
 from service.factory.jobs import JobManager
@@ -56,13 +57,19 @@ def create_app(settings: FactorySettings | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = settings.resolved_data_dir
-        store = Store(data_dir)
+        blobs = open_blobs(settings.storage_url, data_dir)
+        blobs.check()
+        database = settings.database_url.get_secret_value() if settings.database_url else None
+        store = Store(data_dir, database, blobs)
         metrics = FactoryMetrics(registry)
-        catalog = ModelCatalog(store, metrics, settings.model_cache_size, int(time.time()))
+        catalog = ModelCatalog(store, metrics, settings.model_cache_size, int(time.time()),
+                               capacity_bytes=settings.model_cache_bytes)
         manager = JobManager(store, settings, metrics, tracing=tracing)
         app.state.factory = FactoryState(settings, store, manager, catalog, metrics, tracing)
         await manager.start()
-        log.info("factory ready: data in %s, %d model(s)", data_dir, len(store.list_models()))
+        log.info("factory ready: metadata in %s (schema revision %s), blobs in %s, %d model(s)",
+                 store.engine.url.render_as_string(), store.schema_revision(), blobs.url,
+                 len(store.list_models()))
         try:
             yield
         finally:

@@ -1,18 +1,23 @@
 """The models the factory serves: base models, fine-tuned models from the store, and a bounded
 LRU of loaded ones.
 
-Loading reads a few megabytes from disk, so it happens in a worker thread, once per model even
-when many requests ask for it at the same moment (one future per model id).
+Loading reads a few megabytes from disk (after fetching them from the object store, on a replica
+that has not seen the model yet), so it happens in a worker thread, once per model even when many
+requests ask for it at the same moment (one future per model id); other models answer meanwhile.
+The LRU is bounded by count (`FACTORY_MODEL_CACHE_SIZE`) and by the bytes of the models' files
+(`FACTORY_MODEL_CACHE_BYTES`), the measure that follows memory when models differ a hundredfold
+in size (an n-gram model against a MiniLM one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
+from service.factory.blobs import BlobMissing, dir_bytes
 from service.factory.errors import FactoryError, NotFound
 from service.factory.metrics import FactoryMetrics
 from service.factory.models.base import ModelFormatError, Predictor
@@ -23,13 +28,16 @@ from service.factory.store import ModelRecord, Store
 
 class ModelCatalog:
     def __init__(self, store: Store, metrics: FactoryMetrics, capacity: int,
-                 started_at: int, registry: Registry | None = None) -> None:
+                 started_at: int, registry: Registry | None = None,
+                 capacity_bytes: int | None = None) -> None:
         self.store = store
         self.registry = registry or default_registry()
         self.metrics = metrics
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.started_at = started_at
         self._loaded: OrderedDict[str, Predictor] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._loading: dict[str, asyncio.Future[Predictor]] = {}
 
     def base_models(self) -> list[dict[str, Any]]:
@@ -82,13 +90,24 @@ class ModelCatalog:
         if record is None:
             raise NotFound(self._unknown(model_id), param="model_id", code="unknown_model")
         self._loaded.pop(model_id, None)
+        self._sizes.pop(model_id, None)
         self.metrics.models_loaded.set(len(self._loaded))
-        shutil.rmtree(self.store.model_dir(record.job_id), ignore_errors=True)
+        self.store.blobs.delete_dir(self.store.model_key(record.job_id))
         return {"id": model_id, "object": "model", "deleted": True}
 
-    def _load(self, record: ModelRecord) -> Predictor:
+    def local_dir(self, record: ModelRecord) -> Path:
+        """The model's files on this machine (fetched from the object store on first use)."""
         try:
-            return self.registry.load(self.store.model_dir(record.job_id))
+            return self.store.blobs.local_dir(self.store.model_key(record.job_id))
+        except BlobMissing:
+            raise FactoryError(f"model {record.id!r} is recorded but its files are not in the "
+                               f"store ({self.store.blobs.url}); delete it and train it again",
+                               param="model", code="model_unreadable", status=409) from None
+
+    def _load(self, record: ModelRecord) -> tuple[Predictor, int]:
+        try:
+            path = self.local_dir(record)
+            return self.registry.load(path), dir_bytes(path)
         except ModelFormatError as exc:
             raise FactoryError(f"model {record.id!r} cannot be served: {exc}", param="model",
                                code="model_unreadable", status=409) from None
@@ -109,7 +128,7 @@ class ModelCatalog:
             future = asyncio.get_running_loop().create_future()
             self._loading[model_id] = future
             try:
-                loaded = await asyncio.to_thread(self._load, record)
+                loaded, size = await asyncio.to_thread(self._load, record)
             except BaseException as exc:
                 future.set_exception(exc)
                 future.exception()  # retrieved: waiters re-raise it, nobody else must
@@ -117,10 +136,25 @@ class ModelCatalog:
             else:
                 future.set_result(loaded)
                 self._loaded[model_id] = loaded
-                while len(self._loaded) > self.capacity:
-                    self._loaded.popitem(last=False)
+                self._sizes[model_id] = size
+                self._evict()
                 self.metrics.models_loaded.set(len(self._loaded))
             finally:
                 self._loading.pop(model_id, None)
             return record, loaded
         return record, await future
+
+    def _evict(self) -> None:
+        """Drop the least recently used models beyond either bound; the newest always stays."""
+        def over() -> bool:
+            if len(self._loaded) > self.capacity:
+                return True
+            return (self.capacity_bytes is not None
+                    and sum(self._sizes.values()) > self.capacity_bytes)
+
+        while len(self._loaded) > 1 and over():
+            evicted, _ = self._loaded.popitem(last=False)
+            self._sizes.pop(evicted, None)
+
+    def loaded_bytes(self) -> int:
+        return sum(self._sizes.values())

@@ -9,6 +9,13 @@ Validation runs in a thread; training in a child process (`service.factory.train
 cancel kills at once. Every status change is a `status-updated` event in the store, so a restart
 loses nothing: QUEUED jobs are queued again, and a job that was VALIDATING or RUNNING when the
 process died is FAILED with that reason.
+
+Replicas sharing one database (FACTORY_DATABASE_URL) each work the jobs they were asked to create
+or start. Every status change that acts on a job (taking it, finishing it, cancelling it) is
+conditional on the status it expects (`Store.update_job(expect=...)`), so that of two replicas
+racing for one job exactly one acts; a job records the replica that runs it (`replica`), the
+replica that runs a job notices a cancel made on another one within a second, and a restarting
+replica fails only the jobs that it left behind (FACTORY_REPLICA_ID).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import orjson
 
 import service
+from service.factory.blobs import BlobMissing
 from service.factory.data import (
     TargetSpec,
     ValidationReport,
@@ -53,7 +61,7 @@ from service.factory.models.registry import (
 )
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
-from service.factory.store import JobRecord, ModelRecord, Store, now
+from service.factory.store import JobRecord, ModelRecord, StaleStatus, Store, now
 from service.factory.trainer import PARENT_ENV
 from service.tracing import JOB, MODEL, Tracing, span
 
@@ -99,16 +107,27 @@ class JobManager:
         self.workspace = store.workspace_id()
 
     # Life of the manager.
+    def _mine(self, job: JobRecord) -> bool:
+        """Whether this replica ran the job (jobs of factories before replicas record none)."""
+        return job.doc.get("replica") in (None, self.settings.replica)
+
     async def start(self) -> None:
         for job in self.store.jobs_with_status("VALIDATING", "RUNNING", "STARTED"):
+            if not self._mine(job):
+                continue
             reason = CRASH_REASON.format(status=job.status)
-            self.store.update_job(job.id, status="FAILED", error=reason,
-                                  event_data={"reason": reason})
-            self.metrics.jobs.labels(status="FAILED").inc()
-            log.warning("job %s was %s when the factory stopped: FAILED", job.id, job.status)
+            with contextlib.suppress(StaleStatus):
+                self.store.update_job(job.id, status="FAILED", error=reason, expect=(job.status,),
+                                      event_data={"reason": reason})
+                self.metrics.jobs.labels(status="FAILED").inc()
+                log.warning("job %s was %s when the factory stopped: FAILED", job.id, job.status)
         for job in self.store.jobs_with_status("CANCELLATION_REQUESTED"):
-            self.store.update_job(job.id, status="CANCELLED")
-            self.metrics.jobs.labels(status="CANCELLED").inc()
+            if not self._mine(job):
+                continue
+            with contextlib.suppress(StaleStatus):
+                self.store.update_job(job.id, status="CANCELLED",
+                                      expect=("CANCELLATION_REQUESTED",))
+                self.metrics.jobs.labels(status="CANCELLED").inc()
         for job in self.store.jobs_with_status("QUEUED", "VALIDATED"):
             if job.status == "QUEUED" or job.doc.get("start_requested"):
                 self.queue.put_nowait(job.id)
@@ -128,11 +147,12 @@ class JobManager:
             job = self.store.get_job(job_id)
             if job is not None and job.status in ("VALIDATING", "RUNNING",
                                                   "CANCELLATION_REQUESTED"):
-                if job.status == "CANCELLATION_REQUESTED":
-                    self._finish(job_id, "CANCELLED")
-                else:
-                    self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
-                        status=job.status))
+                with contextlib.suppress(StaleStatus):
+                    if job.status == "CANCELLATION_REQUESTED":
+                        self._finish(job_id, "CANCELLED")
+                    else:
+                        self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
+                            status=job.status))
         for task in self.workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -221,26 +241,49 @@ class JobManager:
 
     async def start_job(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
-        if job.status == "VALIDATED":
-            job = self.store.update_job(job_id, start_requested=True)
-            self.queue.put_nowait(job_id)
-            self._update_queued()
+        try:
+            if job.status == "VALIDATED":
+                job = self.store.update_job(job_id, start_requested=True, expect=("VALIDATED",))
+                self.queue.put_nowait(job_id)
+                self._update_queued()
+                return job
+            if job.status in ("QUEUED", "VALIDATING"):
+                return self.store.update_job(job_id, start_requested=True,
+                                             expect=("QUEUED", "VALIDATING", "VALIDATED"))
+        except StaleStatus as exc:
+            job = self.get(job_id)
+            if exc.status not in ("VALIDATED", "RUNNING"):
+                raise Conflict(f"job {job_id} is {job.status}; only a VALIDATED job can be "
+                               "started", param="job_id") from None
             return job
-        if job.status in ("QUEUED", "VALIDATING"):
-            return self.store.update_job(job_id, start_requested=True)
         raise Conflict(f"job {job_id} is {job.status}; only a VALIDATED job (created with "
                        "auto_start false) can be started", param="job_id")
 
     async def cancel(self, job_id: str) -> JobRecord:
-        job = self.get(job_id)
-        if job.status in TERMINAL:
-            raise Conflict(f"job {job_id} is already {job.status}", param="job_id")
-        if job.status in ("QUEUED", "VALIDATED") and job_id not in self.running:
-            job = self.store.update_job(job_id, status="CANCELLED")
-            self.metrics.jobs.labels(status="CANCELLED").inc()
-            self._update_queued()
-            return job
-        job = self.store.update_job(job_id, status="CANCELLATION_REQUESTED")
+        """Cancel a job, whichever replica runs it: one waiting is CANCELLED at once (unless a
+        worker took it in the meantime); one at work becomes CANCELLATION_REQUESTED, which the
+        replica running it sees and acts on. Each step is conditional, so that a cancel racing a
+        worker (or another cancel) never lands on a finished job nor counts twice."""
+        for _ in range(5):
+            job = self.get(job_id)
+            if job.status in TERMINAL:
+                raise Conflict(f"job {job_id} is already {job.status}", param="job_id")
+            try:
+                if job.status in ("QUEUED", "VALIDATED") and job_id not in self.running:
+                    job = self.store.update_job(job_id, status="CANCELLED",
+                                                expect=("QUEUED", "VALIDATED"))
+                    self.metrics.jobs.labels(status="CANCELLED").inc()
+                    self._update_queued()
+                    return job
+                job = self.store.update_job(
+                    job_id, status="CANCELLATION_REQUESTED",
+                    expect=[s for s in ACTIVE_STATUSES if s not in ("QUEUED", "VALIDATED")]
+                    + (["QUEUED", "VALIDATED"] if job_id in self.running else []))
+                break
+            except StaleStatus:
+                continue  # it moved meanwhile (a worker took it, or it ended): look again
+        else:
+            raise Conflict(f"job {job_id} keeps changing status; try again", param="job_id")
         running = self.running.get(job_id)
         if running is not None:
             running.cancel.set()
@@ -309,16 +352,27 @@ class JobManager:
                             self.tracing.event("evaluation", _numbers(evaluation))
             except asyncio.CancelledError:
                 raise
+            except StaleStatus as exc:
+                # Another replica took the job first (not ours to touch), or a cancel made on
+                # another replica moved our job on: we end it.
+                log.info("job %s: %s", job_id, exc)
+                self._cancel_if_asked(job_id)
             except Exception as exc:
                 log.exception("job %s failed", job_id)
-                self._finish(job_id, "FAILED", error=f"internal error: {exc}")
+                with contextlib.suppress(StaleStatus):
+                    self._finish(job_id, "FAILED", error=f"internal error: {exc}")
             finally:
                 self.running.pop(job_id, None)
                 self._update_queued()
 
     def _finish(self, job_id: str, status: str, **doc: Any) -> JobRecord:
+        """End a job that is still active (`StaleStatus` when it ended meanwhile elsewhere).
+        A SUCCESS lands only on a RUNNING job: a cancel that came first wins."""
         data = {"reason": doc["error"]} if doc.get("error") else None
-        job = self.store.update_job(job_id, status=status, event_data=data, **doc)
+        expect = ("RUNNING",) if status == "SUCCESS" else \
+            [s for s in ACTIVE_STATUSES if s != status] + ["CANCELLATION_REQUESTED"]
+        job = self.store.update_job(job_id, status=status, event_data=data, expect=expect,
+                                    **doc)
         self.metrics.jobs.labels(status=status).inc()
         return job
 
@@ -330,7 +384,8 @@ class JobManager:
 
     async def _run(self, job: JobRecord, running: _Running) -> None:
         if job.status == "QUEUED":
-            job = self.store.update_job(job.id, status="VALIDATING")
+            job = self.store.update_job(job.id, status="VALIDATING", expect=("QUEUED",),
+                                        replica=self.settings.replica)
             self._update_queued()
             outcome = await asyncio.to_thread(self._validate, job)
             if self._cancelled(job.id, running):
@@ -338,7 +393,8 @@ class JobManager:
             if isinstance(outcome, str):
                 self._finish(job.id, "FAILED_VALIDATION", error=outcome)
                 return
-            job = self.store.update_job(job.id, status="VALIDATED", **outcome)
+            job = self.store.update_job(job.id, status="VALIDATED", expect=("VALIDATING",),
+                                        **outcome)
             if not job.doc["auto_start"] and not job.doc.get("start_requested"):
                 return
         if self._cancelled(job.id, running):
@@ -359,8 +415,11 @@ class JobManager:
         for role, file_ids in (("training", [f["file_id"] for f in job.doc["training_files"]]),
                                ("validation", job.doc["validation_files"])):
             for file_id in file_ids:
-                path = self.store.file_path(file_id)
-                if not path.exists():
+                try:
+                    path = self.store.file_path(file_id)
+                except BlobMissing:
+                    path = None
+                if path is None or not path.exists():
                     return f"{role} file {file_id} was deleted; upload it again"
                 report = validate_file(path, kind=kind, targets=declared, keep_examples=False,
                                        max_errors=limit)
@@ -423,7 +482,8 @@ class JobManager:
         }
 
     async def _train(self, job: JobRecord, running: _Running) -> None:
-        job = self.store.update_job(job.id, status="RUNNING")
+        job = self.store.update_job(job.id, status="RUNNING", expect=("VALIDATED",),
+                                    replica=self.settings.replica)
         self.metrics.jobs_running.inc()
         try:
             await self._train_process(job, running)
@@ -432,6 +492,12 @@ class JobManager:
 
     async def _train_process(self, job: JobRecord, running: _Running) -> None:
         job_dir = self.store.job_dir(job.id)
+        # Local files for the child: the uploads (fetched from a remote store once), and a
+        # directory it writes the model into, published to the store once it is whole.
+        await asyncio.to_thread(lambda: [self.store.file_path(f["file_id"])
+                                         for f in job.doc["training_files"]]
+                                + [self.store.file_path(f) for f in job.doc["validation_files"]])
+        output_dir = self.store.blobs.output_dir(self.store.model_key(job.id))
         spec = TrainingSpec(
             base_model=self._job_base(job).name,
             kind=job.doc["kind"],
@@ -444,7 +510,7 @@ class JobManager:
                                    for f in job.doc["validation_files"]),
             # seed 0: the same data and hyperparameters give the same model
             hyperparameters=Hyperparameters.from_job(job.doc["hyperparameters"], seed=0),
-            output_dir=str(self.store.model_dir(job.id)),
+            output_dir=str(output_dir),
             checkpoints=self.settings.checkpoints,
             device=self.settings.device,
         )
@@ -463,6 +529,7 @@ class JobManager:
             running.process = process
             if running.cancel.is_set():
                 process.kill()
+            watcher = asyncio.create_task(self._watch_cancel(job.id, running))
             result: dict[str, Any] | None = None
             assert process.stdout is not None
             async for raw in process.stdout:
@@ -477,6 +544,7 @@ class JobManager:
                 elif message["type"] == "result":
                     result = message
             code = await process.wait()
+            watcher.cancel()
         if running.progress:  # where it got to, for `jobs get` once it is over
             self.store.update_job(job.id, progress=dict(running.progress))
         if running.cancel.is_set():
@@ -487,6 +555,10 @@ class JobManager:
             reason = tail[-1] if tail else _exit_reason(code)
             self._finish(job.id, "FAILED", error=reason)
             return
+        # The model's files first, whole, then the record that makes it visible: a crash (or a
+        # failing store) between the two leaves files nobody reads, never a half model.
+        await asyncio.to_thread(self.store.blobs.publish_dir, self.store.model_key(job.id),
+                                output_dir)
         when = time.time()
         model_id = fine_tuned_model_id(job.model, self.workspace, job.id, when)
         record = ModelRecord(id=model_id, job_id=job.id, root=job.model, created=int(when),
@@ -494,7 +566,6 @@ class JobManager:
                              doc={"targets": job.doc["targets"], "suffix": job.suffix,
                                   "base_model": self._job_base(job).name,
                                   "evaluation": result.get("evaluation")})
-        self.store.add_model(record)
         steps = result.get("steps")
         progress = {**running.progress, "phase": "done", "done": None, "total": None}
         if isinstance(steps, int) and steps > 0:
@@ -502,13 +573,48 @@ class JobManager:
         if result.get("stopped"):
             progress["stopped"] = str(result["stopped"])
         running.progress = progress  # what a poll sees until the worker lets the job go
-        self._finish(job.id, "SUCCESS", fine_tuned_model=model_id,
-                     trained_tokens=result["trained_tokens"], evaluation=result.get("evaluation"),
-                     train_seconds=result.get("train_seconds"), progress=progress)
+        try:
+            self.store.finish_with_model(record, expect=("RUNNING",), fine_tuned_model=model_id,
+                                         trained_tokens=result["trained_tokens"],
+                                         evaluation=result.get("evaluation"),
+                                         train_seconds=result.get("train_seconds"),
+                                         progress=progress)
+        except StaleStatus as exc:
+            # A cancel (from any replica) came first: it wins, and the model goes.
+            await asyncio.to_thread(self.store.blobs.delete_dir, self.store.model_key(job.id))
+            if exc.status == "CANCELLATION_REQUESTED":
+                self._finish(job.id, "CANCELLED")
+                return
+            raise
+        self.metrics.jobs.labels(status="SUCCESS").inc()
         if self.on_model is not None:
             self.on_model(record)
         log.info("job %s: SUCCESS, model %s", job.id, model_id)
 
+
+
+    def _cancel_if_asked(self, job_id: str) -> None:
+        """End as CANCELLED a job of this replica that a cancel (from anywhere) has reached."""
+        job = self.store.get_job(job_id)
+        # Ours: it records this replica, or none yet when the cancel came between this worker
+        # picking the job up and its first status change.
+        replica = job.doc.get("replica") if job is not None else None
+        mine = replica == self.settings.replica or (replica is None and job_id in self.running)
+        if job is not None and job.status == "CANCELLATION_REQUESTED" and mine:
+            with contextlib.suppress(StaleStatus):
+                self._finish(job_id, "CANCELLED")
+
+    async def _watch_cancel(self, job_id: str, running: _Running) -> None:
+        """Kill the trainer when the job was cancelled on another replica (this one's own
+        cancels kill it at once)."""
+        while not running.cancel.is_set():
+            await asyncio.sleep(1.0)
+            job = await asyncio.to_thread(self.store.get_job, job_id)
+            if job is None or job.status in ("CANCELLATION_REQUESTED", *TERMINAL):
+                running.cancel.set()
+                if running.process is not None and running.process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        running.process.kill()
 
 
 def _estimate(base: BaseModel, hyper: Hyperparameters, merged: ValidationReport) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -18,6 +19,24 @@ class FactorySettings(BaseSettings):
         description="SQLite metadata, uploaded files and trained models; relative to the "
                     "working directory unless absolute.",
     )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="The metadata database: unset, the SQLite file factory.sqlite3 in the data "
+                    "directory; postgresql://user:password@host/db (the `cluster` extra) shares "
+                    "it between replicas.",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Where uploaded files and models live: unset, the data directory; "
+                    "s3://bucket/prefix (the `cluster` extra) for any S3-compatible store, with "
+                    "credentials and endpoint from the AWS_* variables.",
+    )
+    replica_id: str | None = Field(
+        default=None, min_length=1,
+        description="This replica's name, recorded on the jobs it runs: at start it fails only "
+                    "the jobs its own earlier run left VALIDATING or RUNNING. Default: the host "
+                    "name (a pod's name).",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="When set, every /v1 call needs `Authorization: Bearer <key>`."
     )
@@ -31,6 +50,12 @@ class FactorySettings(BaseSettings):
 
     # Models and jobs.
     model_cache_size: int = Field(default=8, ge=1, description="Models kept loaded (LRU).")
+    model_cache_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024, ge=1,
+        description="Bytes of model files kept loaded (LRU, with model_cache_size): the least "
+                    "recently used models are evicted beyond it (the last one loaded always "
+                    "stays).",
+    )
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs training at once.")
     max_reported_errors: int = Field(default=20, ge=1, description="Errors shown in a job.")
     checkpoints: int = Field(default=10, ge=1, description="Checkpoints recorded per job.")
@@ -43,6 +68,10 @@ class FactorySettings(BaseSettings):
         description="Batches up to this size are scored on the event loop (sub-millisecond); "
                     "larger ones in a worker thread.",
     )
+
+    @property
+    def replica(self) -> str:
+        return self.replica_id or socket.gethostname()
 
     @property
     def resolved_data_dir(self) -> Path:

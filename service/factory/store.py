@@ -1,56 +1,108 @@
-"""Everything the factory must not lose: SQLite for metadata, plain files on disk for blobs.
+"""Everything the factory must not lose: metadata in SQL (SQLAlchemy Core), blobs in `blobs.py`.
+
+The metadata (files, jobs, events, checkpoints, models, meta) lives in the SQLite file
+`factory.sqlite3` of the data directory by default, so that a single factory needs nothing
+started, and in Postgres when `FACTORY_DATABASE_URL=postgresql://...` is set, so that replicas
+share it. The schema is migrated by Alembic at every start (`migrations/`); its first revision is
+the tables the first (raw `sqlite3`) factory wrote, so an existing data directory keeps working.
 
 Layout of the data directory:
-    factory.sqlite3        files, jobs, events, checkpoints, models, meta
-    files/<file id>.jsonl  uploaded files, as uploaded
-    models/<job id>/       a trained model (`model.json` + `weights.npz`), written atomically
-    jobs/<job id>/         the trainer's spec and log
+    factory.sqlite3        metadata (unless FACTORY_DATABASE_URL names another database)
+    files/<file id>.jsonl  uploaded files, as uploaded           } the local blob store, unless
+    models/<job id>/       a trained model + MANIFEST.json       } FACTORY_STORAGE_URL says s3://
+    jobs/<job id>/         the trainer's spec and log (scratch, never shared)
+    cache/                 blobs fetched from a remote store (scratch)
 
 Every call is short (one statement or a small transaction), so the event loop may call it directly;
-a lock makes the one connection safe for the worker threads that also record progress.
+the engine's pool makes it safe for the worker threads that also record progress.
+
+Job status changes are conditional (`UPDATE jobs ... WHERE id = ? AND status = <the status read>`,
+with the row locked on Postgres): when two replicas race to start, finish or cancel one job, one
+wins and the other gets `StaleStatus`, instead of both acting on it.
 """
 
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, RowMapping
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, num_lines INTEGER, sample_type TEXT NOT NULL,
-    mimetype TEXT, visibility TEXT, deleted INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS files_by_content ON files (filename, sha256);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, modified_at INTEGER NOT NULL,
-    status TEXT NOT NULL, model TEXT NOT NULL, suffix TEXT, fingerprint TEXT NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, name TEXT NOT NULL,
-    data TEXT, created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    job_id TEXT NOT NULL, step_number INTEGER NOT NULL, metrics TEXT NOT NULL,
-    created_at INTEGER NOT NULL, PRIMARY KEY (job_id, step_number)
-);
-CREATE TABLE IF NOT EXISTS models (
-    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, root TEXT NOT NULL, created INTEGER NOT NULL,
-    kind TEXT NOT NULL, doc TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
-);
-"""
+from service.factory.blobs import Blobs, LocalBlobs
+from service.factory.migrations import runner as migrations
+
+
+class StaleStatus(Exception):
+    """A conditional job update lost: the job's status is no longer one the caller expected
+    (another replica, or a cancel, moved it first)."""
+
+    def __init__(self, job_id: str, status: str, expected: Collection[str]) -> None:
+        super().__init__(f"job {job_id} is {status}, not {' or '.join(sorted(expected))}")
+        self.job_id, self.status, self.expected = job_id, status, tuple(expected)
+
+
+class DatabaseUnavailable(Exception):
+    """The metadata database cannot be reached or opened; the message names the setting."""
+
+
+def _tables(with_rowid: bool) -> tuple[sa.MetaData, dict[str, sa.Table]]:
+    """The tables as the queries see them; `migrations/` creates and changes them (revision
+    0001: as the first factory created them). SQLite orders rows of one second by its implicit
+    `rowid`; other databases have a real `rowid` identity column, so that the same
+    `ORDER BY rowid` keeps insertion order there too."""
+    md = sa.MetaData()
+
+    def rowid() -> list[sa.Column[Any]]:
+        return [sa.Column("rowid", sa.BigInteger, sa.Identity(), nullable=False, unique=True)] \
+            if with_rowid else []
+
+    text, integer = sa.Text, sa.BigInteger
+    tables = {
+        "meta": sa.Table("meta", md, sa.Column("key", text, primary_key=True),
+                         sa.Column("value", text, nullable=False)),
+        "files": sa.Table(
+            "files", md, sa.Column("id", text, primary_key=True),
+            sa.Column("filename", text, nullable=False), sa.Column("purpose", text, nullable=False),
+            sa.Column("bytes", integer, nullable=False), sa.Column("sha256", text, nullable=False),
+            sa.Column("created_at", integer, nullable=False), sa.Column("num_lines", integer),
+            sa.Column("sample_type", text, nullable=False), sa.Column("mimetype", text),
+            sa.Column("visibility", text),
+            sa.Column("deleted", integer, nullable=False, server_default="0"),
+            *rowid(), sa.Index("files_by_content", "filename", "sha256")),
+        "jobs": sa.Table(
+            "jobs", md, sa.Column("id", text, primary_key=True),
+            sa.Column("created_at", integer, nullable=False),
+            sa.Column("modified_at", integer, nullable=False),
+            sa.Column("status", text, nullable=False), sa.Column("model", text, nullable=False),
+            sa.Column("suffix", text), sa.Column("fingerprint", text, nullable=False),
+            sa.Column("doc", text, nullable=False), *rowid()),
+        "events": sa.Table(
+            "events", md, sa.Column("seq", integer().with_variant(sa.Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True),
+            sa.Column("job_id", text, nullable=False), sa.Column("name", text, nullable=False),
+            sa.Column("data", text), sa.Column("created_at", integer, nullable=False),
+            sa.Index("events_by_job", "job_id", "seq"), sqlite_autoincrement=True),
+        "checkpoints": sa.Table(
+            "checkpoints", md, sa.Column("job_id", text, primary_key=True),
+            sa.Column("step_number", integer, primary_key=True),
+            sa.Column("metrics", text, nullable=False),
+            sa.Column("created_at", integer, nullable=False)),
+        "models": sa.Table(
+            "models", md, sa.Column("id", text, primary_key=True),
+            sa.Column("job_id", text, nullable=False), sa.Column("root", text, nullable=False),
+            sa.Column("created", integer, nullable=False), sa.Column("kind", text, nullable=False),
+            sa.Column("doc", text, nullable=False),
+            sa.Column("deleted", integer, nullable=False, server_default="0"), *rowid()),
+    }
+    return md, tables
 
 
 def now() -> int:
@@ -96,44 +148,60 @@ class ModelRecord:
 
 
 class Store:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, database_url: str | None = None,
+                 blobs: Blobs | None = None) -> None:
         self.data_dir = data_dir
-        for sub in ("files", "models", "jobs", "tmp"):
+        for sub in ("jobs", "tmp"):
             (data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(data_dir / "factory.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        self.blobs = blobs or LocalBlobs(data_dir)
+        url = database_url or f"sqlite:///{data_dir / 'factory.sqlite3'}"
+        self.engine = _engine(url)
+        self.dialect = self.engine.dialect.name
+        self._md, self._t = _tables(with_rowid=self.dialect != "sqlite")
+        #: The tables, for `migrate.py`, which copies them row by row.
+        self.tables = self._t
+        # SQLite takes one writer at a time anyway; the lock keeps BEGIN IMMEDIATE from waiting
+        # on the busy timeout between this process's own threads.
+        self._lock = threading.Lock() if self.dialect == "sqlite" else None
+        try:
+            with self.engine.begin() as db:
+                migrations.upgrade(db)
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"cannot open the factory's database {self.engine.url.render_as_string()} "
+                f"(FACTORY_DATABASE_URL): {' '.join(str(exc.orig).split())}") from None
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision of the database (`migrations.head()` once opened)."""
+        with self.engine.connect().execution_options(factory_read=True) as db:
+            return migrations.current(db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> Iterator[Connection]:
+        if self._lock is None:
+            with self.engine.begin() as db:
+                yield db
+            return
+        with self._lock, self.engine.begin() as db:
+            yield db
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, params).fetchall())
+    def _query(self, statement: sa.Executable) -> list[RowMapping]:
+        with self.engine.connect().execution_options(factory_read=True) as db:
+            return list(db.execute(statement).mappings().all())
 
-    # Paths.
+    # Paths: local copies of the blobs, for the code that reads files (validation, the trainer).
+    def file_key(self, file_id: str) -> str:
+        return f"files/{file_id}.jsonl"
+
     def file_path(self, file_id: str) -> Path:
-        return self.data_dir / "files" / f"{file_id}.jsonl"
+        """A local path to an uploaded file: itself in the local store, else a cached copy."""
+        return self.blobs.local_file(self.file_key(file_id))
 
-    def model_dir(self, job_id: str) -> Path:
-        return self.data_dir / "models" / job_id
+    def model_key(self, job_id: str) -> str:
+        return f"models/{job_id}"
 
     def job_dir(self, job_id: str) -> Path:
         path = self.data_dir / "jobs" / job_id
@@ -145,193 +213,264 @@ class Store:
 
     # Meta.
     def workspace_id(self) -> str:
-        """Eight hex digits, fixed for this data directory: the 'workspace' segment of model ids."""
+        """Eight hex digits, fixed for this database: the 'workspace' segment of model ids."""
+        meta = self._t["meta"]
         with self._tx() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'workspace'").fetchone()
+            row = db.execute(sa.select(meta.c.value).where(meta.c.key == "workspace")).first()
             if row is not None:
-                return str(row["value"])
-            value = secrets.token_hex(4)
-            db.execute("INSERT INTO meta (key, value) VALUES ('workspace', ?)", (value,))
-            return value
+                return str(row[0])
+        value = secrets.token_hex(4)
+        try:
+            with self._tx() as db:
+                db.execute(sa.insert(meta).values(key="workspace", value=value))
+        except sa.exc.IntegrityError:  # another replica wrote it first: theirs stands
+            pass
+        return str(self._query(sa.select(meta.c.value).where(meta.c.key == "workspace"))[0]
+                   ["value"])
 
     # Files.
     def add_file(self, record: FileRecord) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at, num_lines, "
-                "sample_type, mimetype, visibility, deleted) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
-                (record.id, record.filename, record.purpose, record.bytes, record.sha256,
-                 record.created_at, record.num_lines, record.sample_type, record.mimetype,
-                 record.visibility),
-            )
+            db.execute(sa.insert(self._t["files"]).values(
+                id=record.id, filename=record.filename, purpose=record.purpose,
+                bytes=record.bytes, sha256=record.sha256, created_at=record.created_at,
+                num_lines=record.num_lines, sample_type=record.sample_type,
+                mimetype=record.mimetype, visibility=record.visibility, deleted=0))
 
     def get_file(self, file_id: str, *, include_deleted: bool = False) -> FileRecord | None:
-        rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
+        files = self._t["files"]
+        rows = self._query(sa.select(files).where(files.c.id == file_id))
         if not rows or (rows[0]["deleted"] and not include_deleted):
             return None
         return _file(rows[0])
 
     def find_file(self, filename: str, sha256: str, purpose: str) -> FileRecord | None:
+        f = self._t["files"]
         rows = self._query(
-            "SELECT * FROM files WHERE filename = ? AND sha256 = ? AND purpose = ? AND deleted = 0 "
-            "ORDER BY created_at LIMIT 1", (filename, sha256, purpose))
+            sa.select(f).where(f.c.filename == filename, f.c.sha256 == sha256,
+                               f.c.purpose == purpose, f.c.deleted == 0)
+            .order_by(f.c.created_at).limit(1))
         return _file(rows[0]) if rows else None
 
     def list_files(self, *, page: int, page_size: int, purpose: str | None = None,
                    search: str | None = None,
                    sample_types: Sequence[str] | None = None) -> tuple[list[FileRecord], int]:
-        where: list[str] = ["deleted = 0"]
-        params: list[Any] = []
+        f = self._t["files"]
+        where: list[sa.ColumnElement[bool]] = [f.c.deleted == 0]
         if purpose:
-            where.append("purpose = ?")
-            params.append(purpose)
+            where.append(f.c.purpose == purpose)
         if search:
-            where.append("(filename LIKE ? OR id LIKE ?)")
-            params += [f"%{search}%", f"%{search}%"]
+            where.append(sa.or_(f.c.filename.like(f"%{search}%"), f.c.id.like(f"%{search}%")))
         if sample_types:
-            where.append(f"sample_type IN ({','.join('?' * len(sample_types))})")
-            params += list(sample_types)
-        clause = " AND ".join(where)
-        total = int(self._query(f"SELECT COUNT(*) AS n FROM files WHERE {clause}", params)[0]["n"])
-        rows = self._query(
-            f"SELECT * FROM files WHERE {clause} ORDER BY created_at DESC, rowid DESC "
-            "LIMIT ? OFFSET ?", [*params, page_size, page * page_size])
+            where.append(f.c.sample_type.in_(list(sample_types)))
+        total = int(self._query(sa.select(sa.func.count().label("n")).select_from(f)
+                                .where(*where))[0]["n"])
+        rows = self._query(sa.select(f).where(*where)
+                           .order_by(f.c.created_at.desc(), sa.literal_column("rowid").desc())
+                           .limit(page_size).offset(page * page_size))
         return [_file(r) for r in rows], total
 
     def delete_file(self, file_id: str) -> bool:
+        f = self._t["files"]
         with self._tx() as db:
-            changed = db.execute("UPDATE files SET deleted = 1 WHERE id = ? AND deleted = 0",
-                                 (file_id,)).rowcount
+            changed = db.execute(sa.update(f).where(f.c.id == file_id, f.c.deleted == 0)
+                                 .values(deleted=1)).rowcount
         if changed:
-            self.file_path(file_id).unlink(missing_ok=True)
+            self.blobs.delete(self.file_key(file_id))
         return bool(changed)
 
     # Jobs.
     def add_job(self, job: JobRecord) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO jobs (id, created_at, modified_at, status, model, suffix, fingerprint, "
-                "doc) VALUES (?,?,?,?,?,?,?,?)",
-                (job.id, job.created_at, job.modified_at, job.status, job.model, job.suffix,
-                 job.fingerprint, orjson.dumps(job.doc).decode()),
-            )
-            _event(db, job.id, "status-updated", {"status": job.status}, job.created_at)
+            db.execute(sa.insert(self._t["jobs"]).values(
+                id=job.id, created_at=job.created_at, modified_at=job.modified_at,
+                status=job.status, model=job.model, suffix=job.suffix,
+                fingerprint=job.fingerprint, doc=orjson.dumps(job.doc).decode()))
+            self._event(db, job.id, "status-updated", {"status": job.status}, job.created_at)
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        j = self._t["jobs"]
+        rows = self._query(sa.select(j).where(j.c.id == job_id))
         return _job(rows[0]) if rows else None
 
     def update_job(self, job_id: str, *, status: str | None = None,
+                   expect: Collection[str] | None = None,
                    event_data: dict[str, Any] | None = None, **doc: Any) -> JobRecord:
         """Change a job's status and/or document fields in one transaction; a status change is
-        recorded as a `status-updated` event (with `event_data` merged into its data)."""
+        recorded as a `status-updated` event (with `event_data` merged into its data).
+
+        With `expect`, the change happens only while the job's status is one of those, else
+        `StaleStatus`: the one way a worker takes, finishes or cancels a job, so that of two
+        replicas racing for it exactly one goes on. The UPDATE itself says `WHERE status = <the
+        status read>` (and the row is locked between read and write where the database can), so
+        a change that slips in between is caught, not overwritten."""
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise KeyError(job_id)
-            job = _job(row)
-            job.doc.update(doc)
-            stamp = now()
-            if status is not None and status != job.status:
-                job.status = status
-                _event(db, job_id, "status-updated", {"status": status, **(event_data or {})},
-                       stamp)
-            job.modified_at = stamp
-            db.execute("UPDATE jobs SET status = ?, modified_at = ?, doc = ? WHERE id = ?",
-                       (job.status, stamp, orjson.dumps(job.doc).decode(), job_id))
+            return self._update_job(db, job_id, status, expect, event_data, doc)
+
+    def finish_with_model(self, record: ModelRecord, *, expect: Collection[str],
+                          **doc: Any) -> JobRecord:
+        """Record a trained model and its job's SUCCESS in one transaction: the model becomes
+        visible exactly when the job succeeds, and of two replicas finishing one job only one
+        adds it (`StaleStatus` for the other, or when a cancel came first)."""
+        with self._tx() as db:
+            job = self._update_job(db, record.job_id, "SUCCESS", expect, None, doc)
+            db.execute(sa.insert(self._t["models"]).values(
+                id=record.id, job_id=record.job_id, root=record.root, created=record.created,
+                kind=record.kind, doc=orjson.dumps(record.doc).decode(), deleted=0))
             return job
+
+    def _update_job(self, db: Connection, job_id: str, status: str | None,
+                    expect: Collection[str] | None, event_data: dict[str, Any] | None,
+                    doc: dict[str, Any]) -> JobRecord:
+        j = self._t["jobs"]
+        row = db.execute(sa.select(j).where(j.c.id == job_id).with_for_update()) \
+            .mappings().first()
+        if row is None:
+            raise KeyError(job_id)
+        job = _job(row)
+        read_status = job.status
+        if expect is not None and read_status not in expect:
+            raise StaleStatus(job_id, read_status, expect)
+        job.doc.update(doc)
+        stamp = now()
+        if status is not None and status != job.status:
+            job.status = status
+            self._event(db, job_id, "status-updated",
+                        {"status": status, **(event_data or {})}, stamp)
+        job.modified_at = stamp
+        changed = db.execute(
+            sa.update(j).where(j.c.id == job_id, j.c.status == read_status)
+            .values(status=job.status, modified_at=stamp,
+                    doc=orjson.dumps(job.doc).decode())).rowcount
+        if changed != 1:
+            raise StaleStatus(job_id, "changed meanwhile", expect or (read_status,))
+        return job
 
     def add_event(self, job_id: str, name: str, data: dict[str, Any]) -> None:
         with self._tx() as db:
-            _event(db, job_id, name, data, now())
+            self._event(db, job_id, name, data, now())
 
     def list_jobs(self, *, page: int, page_size: int, model: str | None = None,
                   status: str | None = None, suffix: str | None = None,
                   created_after: int | None = None,
                   created_before: int | None = None) -> tuple[list[JobRecord], int]:
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        for column, value in (("model", model), ("status", status), ("suffix", suffix)):
+        j = self._t["jobs"]
+        where: list[sa.ColumnElement[bool]] = []
+        for column, value in ((j.c.model, model), (j.c.status, status), (j.c.suffix, suffix)):
             if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
+                where.append(column == value)
         if created_after is not None:
-            where.append("created_at >= ?")
-            params.append(created_after)
+            where.append(j.c.created_at >= created_after)
         if created_before is not None:
-            where.append("created_at <= ?")
-            params.append(created_before)
-        clause = " AND ".join(where)
-        total = int(self._query(f"SELECT COUNT(*) AS n FROM jobs WHERE {clause}", params)[0]["n"])
-        rows = self._query(
-            f"SELECT * FROM jobs WHERE {clause} ORDER BY created_at DESC, rowid DESC "
-            "LIMIT ? OFFSET ?", [*params, page_size, page * page_size])
+            where.append(j.c.created_at <= created_before)
+        total = int(self._query(sa.select(sa.func.count().label("n")).select_from(j)
+                                .where(sa.true(), *where))[0]["n"])
+        rows = self._query(sa.select(j).where(sa.true(), *where)
+                           .order_by(j.c.created_at.desc(), sa.literal_column("rowid").desc())
+                           .limit(page_size).offset(page * page_size))
         return [_job(r) for r in rows], total
 
     def jobs_with_status(self, *statuses: str) -> list[JobRecord]:
-        rows = self._query(
-            f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(statuses))}) "
-            "ORDER BY created_at, rowid", statuses)
+        j = self._t["jobs"]
+        rows = self._query(sa.select(j).where(j.c.status.in_(statuses))
+                           .order_by(j.c.created_at, sa.literal_column("rowid")))
         return [_job(r) for r in rows]
 
     def find_active_job(self, fingerprint: str, statuses: Sequence[str]) -> JobRecord | None:
-        rows = self._query(
-            f"SELECT * FROM jobs WHERE fingerprint = ? AND status IN "
-            f"({','.join('?' * len(statuses))}) LIMIT 1", [fingerprint, *statuses])
+        j = self._t["jobs"]
+        rows = self._query(sa.select(j).where(j.c.fingerprint == fingerprint,
+                                              j.c.status.in_(list(statuses))).limit(1))
         return _job(rows[0]) if rows else None
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT name, data, created_at FROM events WHERE job_id = ? ORDER BY seq",
-                           (job_id,))
+        e = self._t["events"]
+        rows = self._query(sa.select(e.c.name, e.c.data, e.c.created_at)
+                           .where(e.c.job_id == job_id).order_by(e.c.seq))
         return [{"name": r["name"], "data": orjson.loads(r["data"]) if r["data"] else None,
                  "created_at": r["created_at"]} for r in rows]
 
     def add_checkpoint(self, job_id: str, step_number: int, metrics: dict[str, Any],
                        created_at: int) -> None:
+        c = self._t["checkpoints"]
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO checkpoints (job_id, step_number, metrics, "
-                       "created_at) VALUES (?,?,?,?)",
-                       (job_id, step_number, orjson.dumps(metrics).decode(), created_at))
+            db.execute(sa.delete(c).where(c.c.job_id == job_id, c.c.step_number == step_number))
+            db.execute(sa.insert(c).values(job_id=job_id, step_number=step_number,
+                                           metrics=orjson.dumps(metrics).decode(),
+                                           created_at=created_at))
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC",
-                           (job_id,))
+        c = self._t["checkpoints"]
+        rows = self._query(sa.select(c).where(c.c.job_id == job_id)
+                           .order_by(c.c.step_number.desc()))
         return [{"metrics": orjson.loads(r["metrics"]), "step_number": r["step_number"],
                  "created_at": r["created_at"]} for r in rows]
 
     # Models.
     def add_model(self, record: ModelRecord) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO models (id, job_id, root, created, kind, doc, deleted) "
-                       "VALUES (?,?,?,?,?,?,0)",
-                       (record.id, record.job_id, record.root, record.created, record.kind,
-                        orjson.dumps(record.doc).decode()))
+            db.execute(sa.insert(self._t["models"]).values(
+                id=record.id, job_id=record.job_id, root=record.root, created=record.created,
+                kind=record.kind, doc=orjson.dumps(record.doc).decode(), deleted=0))
 
     def get_model(self, model_id: str) -> ModelRecord | None:
-        rows = self._query("SELECT * FROM models WHERE id = ? AND deleted = 0", (model_id,))
+        m = self._t["models"]
+        rows = self._query(sa.select(m).where(m.c.id == model_id, m.c.deleted == 0))
         return _model(rows[0]) if rows else None
 
     def list_models(self) -> list[ModelRecord]:
-        rows = self._query("SELECT * FROM models WHERE deleted = 0 ORDER BY created, rowid")
+        m = self._t["models"]
+        rows = self._query(sa.select(m).where(m.c.deleted == 0)
+                           .order_by(m.c.created, sa.literal_column("rowid")))
         return [_model(r) for r in rows]
 
     def delete_model(self, model_id: str) -> ModelRecord | None:
+        m = self._t["models"]
         with self._tx() as db:
-            row = db.execute("SELECT * FROM models WHERE id = ? AND deleted = 0",
-                             (model_id,)).fetchone()
+            row = db.execute(sa.select(m).where(m.c.id == model_id, m.c.deleted == 0)
+                             .with_for_update()).mappings().first()
             if row is None:
                 return None
-            db.execute("UPDATE models SET deleted = 1 WHERE id = ?", (model_id,))
-        return _model(row)
+            changed = db.execute(sa.update(m).where(m.c.id == model_id, m.c.deleted == 0)
+                                 .values(deleted=1)).rowcount
+        return _model(row) if changed else None
+
+    def _event(self, db: Connection, job_id: str, name: str, data: dict[str, Any],
+               created_at: int) -> None:
+        db.execute(sa.insert(self._t["events"]).values(
+            job_id=job_id, name=name, data=orjson.dumps(data).decode(), created_at=created_at))
 
 
-def _event(db: sqlite3.Connection, job_id: str, name: str, data: dict[str, Any],
-           created_at: int) -> None:
-    db.execute("INSERT INTO events (job_id, name, data, created_at) VALUES (?,?,?,?)",
-               (job_id, name, orjson.dumps(data).decode(), created_at))
+def _engine(url: str) -> Engine:
+    """An engine for `url`. SQLite: WAL (readers never wait on the writer), and transactions
+    that begin IMMEDIATE, so a read-then-write transaction holds the write lock from its read
+    (pysqlite's own BEGIN is deferred, which would let two writers read the same status)."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise DatabaseUnavailable(
+            f"FACTORY_DATABASE_URL {url.split('@')[-1]!r} cannot be used: {exc} (Postgres needs "
+            "the `cluster` extra: pip install 'classifier-gateway[cluster]')") from None
+    if engine.dialect.name == "sqlite":
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False,
+                                                     "isolation_level": None})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi: Any, _record: Any) -> None:
+            dbapi.execute("PRAGMA journal_mode=WAL")
+            dbapi.execute("PRAGMA synchronous=NORMAL")
+            dbapi.execute("PRAGMA busy_timeout=10000")
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            read = conn.get_execution_options().get("factory_read")
+            conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+    return engine
 
 
-def _file(row: sqlite3.Row) -> FileRecord:
+def _file(row: RowMapping) -> FileRecord:
     return FileRecord(
         id=row["id"], filename=row["filename"], purpose=row["purpose"], bytes=row["bytes"],
         sha256=row["sha256"], created_at=row["created_at"], num_lines=row["num_lines"],
@@ -340,7 +479,7 @@ def _file(row: sqlite3.Row) -> FileRecord:
     )
 
 
-def _job(row: sqlite3.Row) -> JobRecord:
+def _job(row: RowMapping) -> JobRecord:
     return JobRecord(
         id=row["id"], created_at=row["created_at"], modified_at=row["modified_at"],
         status=row["status"], model=row["model"], suffix=row["suffix"],
@@ -348,7 +487,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
     )
 
 
-def _model(row: sqlite3.Row) -> ModelRecord:
+def _model(row: RowMapping) -> ModelRecord:
     return ModelRecord(
         id=row["id"], job_id=row["job_id"], root=row["root"], created=row["created"],
         kind=row["kind"], doc=orjson.loads(row["doc"]), deleted=bool(row["deleted"]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,7 +120,14 @@ async def upload_file(request: Request,
                             sha256=sha, created_at=now(), num_lines=lines,
                             sample_type=sample_type, mimetype="application/jsonl",
                             visibility=visibility)
-        shutil.move(tmp, store.file_path(record.id))
+        try:
+            await run_in_threadpool(store.blobs.put_file, store.file_key(record.id), tmp)
+        except Exception as exc:
+            # The store went away mid-upload: nothing is recorded, the partial file goes.
+            tmp.unlink(missing_ok=True)
+            raise FactoryError(f"the file could not be stored ({store.blobs.url}): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                               param="file", status=503, code="storage_unavailable") from None
         store.add_file(record)
         return file_out(record)
     finally:
@@ -161,7 +167,8 @@ async def retrieve_file(file_id: str,
 async def download_file(file_id: str,
                         state: Annotated[FactoryState, Depends(get_state)]) -> FileResponse:
     record = _file(state, file_id)
-    return FileResponse(state.store.file_path(record.id), media_type="application/octet-stream",
+    path = await run_in_threadpool(state.store.file_path, record.id)
+    return FileResponse(path, media_type="application/octet-stream",
                         filename=record.filename)
 
 

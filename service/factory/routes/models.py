@@ -40,7 +40,7 @@ async def export_model(model_id: str, state: Annotated[FactoryState, Depends(get
     from service.export.writer import BadFormat, NotExportable, archive, export
 
     record = state.catalog.record(model_id)
-    model_dir = state.store.model_dir(record.job_id)
+    model_dir = await asyncio.to_thread(state.catalog.local_dir, record)
     work = Path(tempfile.mkdtemp(prefix="export-", dir=state.store.tmp_dir()))
     tarball = work / "export.tar"
 

@@ -1,0 +1,1 @@
+"""The factory's schema migrations (Alembic): `runner.py` runs them, `versions/` holds them."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the factory's metadata (loaded by Alembic from their files)."""

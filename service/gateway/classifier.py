@@ -306,6 +306,9 @@ class Classifier:
             pending = left
             if not pending:
                 break
+        # An item can miss the cache at several stages; counted once, so `hits` never goes
+        # below zero (a one-item request that missed twice answered X-Cache `partial`).
+        misses = min(misses, len(items))
         for stage, count in enumerate(answered, start=1):
             if count:
                 self._metrics.child(self._metrics.cascade_items, task.name, str(stage)).inc(count)

@@ -33,6 +33,10 @@ TASKS: dict[str, dict[str, Any]] = {
     "sentiment": {"upstream": "fake", "model": "ft:classifier:test:sentiment"},
     "topic": {"upstream": "fake", "model": "ft:classifier:test:topic"},
     "public": {"upstream": "fake", "model": "ft:classifier:test:public", "cache_scope": "shared"},
+    # min_margin 0: the first stage answers every item, so each tenant costs it one call
+    "cascaded": {"upstream": "fake", "model": "ft:classifier:test:big", "target": "sentiment",
+                 "cascade": [{"model": "ft:classifier:test:small", "min_margin": 0.0},
+                             {"model": "ft:classifier:test:big"}]},
     "reviewed": {"upstream": "fake", "model": "ft:classifier:test:reviewed", "feedback": True,
                  "review": {"max_margin": 1.0, "sample": 1.0}},
 }
@@ -293,7 +297,8 @@ def test_redis_killed_during_load(tmp_path: Path, own_redis: RedisServer, on_err
         assert counted == len(statuses)
 
 
-@pytest.mark.parametrize(("task", "calls"), [("sentiment", 2), ("public", 1)])
+@pytest.mark.parametrize(("task", "calls"), [("sentiment", 2), ("public", 1),
+                                            ("cascaded", 2)])
 def test_the_cache_never_crosses_tenants_unless_shared(tmp_path: Path, redis_server: RedisServer,
                                                        task: str, calls: int) -> None:
     with replicas(tmp_path, redis_server.url, count=1) as cluster:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -106,3 +107,54 @@ def metric_sum(metrics_text: str, name: str) -> float:
             if head == name or head.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def latencies(client: httpx.Client, url: str, tag: str, n: int,
+              headers: Mapping[str, str] | None = None) -> list[float]:
+    """Seconds per request, `n` sequential `sentiment` requests of unique inputs (`tag` i)."""
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]},
+                    headers=headers).raise_for_status()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def throughput(url: str, tag: str, n: int, concurrency: int,
+                     headers: Mapping[str, str] | None = None) -> float:
+    """Requests per second, `n` requests of unique inputs from `concurrency` clients at once."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
+        counter = iter(range(n))
+
+        async def worker() -> None:
+            for i in counter:
+                r = await client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]})
+                r.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / (time.perf_counter() - started)
+
+
+def rotating_blocks(client: httpx.Client, urls: Mapping[str, str], requests: int, blocks: int,
+                    concurrency: int, headers: Mapping[str, str] | None = None,
+                    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Latency samples (a tenth of each block, concurrency 1) and per-block throughput of each
+    gateway in `urls` on `/classify`, after a warm-up. The settings take turns in `blocks`, each
+    block starting with another one, so that machine noise (and going first) hits them alike."""
+    per_block = requests // blocks
+    for name, url in urls.items():  # warm up each gateway and its connections
+        latencies(client, f"{url}/classify", f"warm {name}", 100, headers)
+    lat: dict[str, list[float]] = {name: [] for name in urls}
+    rps: dict[str, list[float]] = {name: [] for name in urls}
+    names = list(urls)
+    for block in range(blocks):
+        for name in names[block % len(names):] + names[:block % len(names)]:
+            url, tag = urls[name], f"{name} {block}"
+            lat[name] += latencies(client, f"{url}/classify", f"lat {tag}", per_block // 10,
+                                   headers)
+            rps[name].append(asyncio.run(throughput(f"{url}/classify", f"rps {tag}",
+                                                    per_block, concurrency, headers)))
+    return lat, rps

@@ -12,15 +12,22 @@ Target (issue 22): the log at 1 % costs at most 5 % of throughput; a full queue 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from bench.harness import emit, fake_upstream, gateway, metric_sum, percentile, redis, summary_ms
+from bench.harness import (
+    emit,
+    fake_upstream,
+    gateway,
+    metric_sum,
+    percentile,
+    redis,
+    rotating_blocks,
+    summary_ms,
+)
 
 SETTINGS: dict[str, tuple[dict[str, Any] | None, dict[str, str]]] = {
     "no log": (None, {}),
@@ -28,31 +35,6 @@ SETTINGS: dict[str, tuple[dict[str, Any] | None, dict[str, str]]] = {
     "log 100%, full queue": ({"log": {"sample": 1.0}}, {"GATEWAY_PREDICTIONS_MAX_QUEUE": "1"}),
 }
 NO_CACHE = {"cache-control": "no-cache"}
-
-
-def latencies(client: httpx.Client, url: str, tag: str, n: int) -> list[float]:
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]},
-                    headers=NO_CACHE).raise_for_status()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-async def throughput(url: str, tag: str, n: int, concurrency: int) -> float:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=30, limits=limits, headers=NO_CACHE) as client:
-        counter = iter(range(n))
-
-        async def worker() -> None:
-            for i in counter:
-                r = await client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]})
-                r.raise_for_status()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / (time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -69,20 +51,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args()
-    per_block = args.requests // args.blocks
     with fake_upstream() as upstream_url, redis() as redis_url, \
             gateways(upstream_url, redis_url) as urls, httpx.Client(timeout=10) as client:
-        for name, url in urls.items():
-            latencies(client, f"{url}/classify", f"warm {name}", 100)
-        lat: dict[str, list[float]] = {name: [] for name in urls}
-        rps: dict[str, list[float]] = {name: [] for name in urls}
-        names = list(urls)
-        for block in range(args.blocks):
-            for name in names[block % len(names):] + names[:block % len(names)]:
-                url, tag = urls[name], f"{name} {block}"
-                lat[name] += latencies(client, f"{url}/classify", f"lat {tag}", per_block // 10)
-                rps[name].append(asyncio.run(throughput(f"{url}/classify", f"rps {tag}",
-                                                        per_block, args.concurrency)))
+        lat, rps = rotating_blocks(client, urls, args.requests, args.blocks, args.concurrency,
+                                   NO_CACHE)
         counts = {name: {
             "logged": metric_sum(text, "gateway_predictions_logged_total"),
             "dropped": metric_sum(text, "gateway_predictions_dropped_total")}

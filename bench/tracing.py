@@ -12,7 +12,6 @@ Target (issue 22): 10 % sampling costs at most 5 % of throughput.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import emit, fake_upstream, gateway, percentile, summary_ms
+from bench.harness import emit, fake_upstream, gateway, percentile, rotating_blocks, summary_ms
 from tests.support.otlp_receiver import running_receiver
 
 SETTINGS: dict[str, dict[str, str]] = {
@@ -28,31 +27,6 @@ SETTINGS: dict[str, dict[str, str]] = {
     "10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
     "100%": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
 }
-
-
-def latencies(client: httpx.Client, url: str, tag: str, n: int) -> list[float]:
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]}).raise_for_status()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-async def throughput(url: str, tag: str, n: int, concurrency: int) -> float:
-    """Requests per second, `n` requests from `concurrency` clients at once."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        counter = iter(range(n))
-
-        async def worker() -> None:
-            for i in counter:
-                r = await client.post(url, json={"task": "sentiment", "input": [f"{tag} {i}"]})
-                r.raise_for_status()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / (time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -73,22 +47,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args()
-    per_block = args.requests // args.blocks
     with running_receiver() as receiver, fake_upstream() as upstream_url, \
             gateways(upstream_url, receiver.endpoint) as urls, httpx.Client(timeout=10) as client:
-        for name, url in urls.items():  # warm up each gateway and its connections
-            latencies(client, f"{url}/classify", f"warm {name}", 100)
-        lat: dict[str, list[float]] = {name: [] for name in urls}
-        rps: dict[str, list[float]] = {name: [] for name in urls}
-        names = list(urls)
-        for block in range(args.blocks):
-            # Each block starts with another setting: whoever goes first must not win alone.
-            for name in names[block % len(names):] + names[:block % len(names)]:
-                url = urls[name]
-                tag = f"{name} {block}"
-                lat[name] += latencies(client, f"{url}/classify", f"lat {tag}", per_block // 10)
-                rps[name].append(asyncio.run(throughput(f"{url}/classify", f"rps {tag}",
-                                                        per_block, args.concurrency)))
+        lat, rps = rotating_blocks(client, urls, args.requests, args.blocks, args.concurrency)
         time.sleep(0.5)  # the last spans' export
         spans = len(receiver.snapshot())
     base = sum(rps["off"]) / len(rps["off"])

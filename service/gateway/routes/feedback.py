@@ -18,6 +18,7 @@ from service.gateway.responses import JSONResponse
 from service.gateway.routes.body import openapi_body, parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.openapi import error_responses
+from service.gateway.routes.resolve import known_task
 from service.gateway.runtime import Runtime, RuntimeDep, runtime_of
 from service.gateway.tenants import STATIC_IDENTITY, TENANT_PATTERN, Identity
 from service.wire import Conversation
@@ -88,11 +89,7 @@ def _check_labels(labels: dict[str, str | list[str]], known: dict[str, set[str]]
 
 
 def _task(runtime: Runtime, name: str) -> TaskSpec:
-    task = runtime.registry.current.task(name)
-    if task is None:
-        known = ", ".join(sorted(runtime.registry.current.tasks)) or "none"
-        raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
-    return task
+    return known_task(runtime.registry.current, name)
 
 
 @router.post("/feedback", summary="The correct labels of an item the gateway answered",

@@ -11,6 +11,16 @@ from service.gateway.registry import Registry, TaskKind, TaskSpec, UpstreamSpec
 KIND_ROUTES = {"text": "/classify", "chat": "/classify-chat"}
 
 
+def known_task(registry: Registry, name: str) -> TaskSpec:
+    """The task `name`, or a 404 that lists the known ones: for the routes that name a task in
+    their path (GET /tasks/{name}, its stats, feedback and review)."""
+    task = registry.task(name)
+    if task is None:
+        known = ", ".join(sorted(registry.tasks)) or "none"
+        raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
+    return task
+
+
 def resolve_task(request: Request, registry: Registry, name: str, kind: TaskKind, *,
                  by_model: bool = False) -> tuple[TaskSpec, UpstreamSpec]:
     task = registry.resolve_model(name, kind) if by_model else registry.task(name)

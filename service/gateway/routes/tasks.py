@@ -25,6 +25,7 @@ from service.gateway.routes.openapi import (
     TaskList,
     error_responses,
 )
+from service.gateway.routes.resolve import known_task
 from service.gateway.runtime import RuntimeDep
 from service.gateway.scrub import scrub
 
@@ -104,10 +105,7 @@ async def list_tasks(runtime: RuntimeDep) -> JSONResponse:
             responses={200: {"model": TaskDescription}, **error_responses(401, 404, 422)})
 async def get_task(name: str, runtime: RuntimeDep) -> JSONResponse:
     registry = runtime.registry.current
-    task = registry.task(name)
-    if task is None:
-        known = ", ".join(sorted(registry.tasks)) or "none"
-        raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
+    task = known_task(registry, name)
     s = runtime.settings
     body = describe(task, registry, s.cache_ttl_s, s.timeout_s)
     if task.cascade:
@@ -151,10 +149,7 @@ async def get_stats(name: str, runtime: RuntimeDep) -> JSONResponse:
     (this replica), and the population stability index of the hour against the 23 hours before
     it (service/gateway/drift.py, docs/observability.md)."""
     registry = runtime.registry.current
-    task = registry.task(name)
-    if task is None:
-        known = ", ".join(sorted(registry.tasks)) or "none"
-        raise UnknownTask(f"Unknown task {name!r}; known tasks: {known}.")
+    task = known_task(registry, name)
     drift = runtime.drift
     if drift is None:
         return JSONResponse({"task": task.name, "model": task.model, "threshold": 0.0,

@@ -42,6 +42,7 @@ class Runtime:
     store: ShadowStore = field(default_factory=MemoryShadowStore)
     feedback: FeedbackBook | None = None
     tenants: TenantStore | None = None  # keys and tenant quotas (None without Redis)
+    admin_tenants: TenantStore | None = None  # the same, for the admin API's longer deadline
     quotas: QuotaChecker | None = None
     usage: UsageRecorder | None = None
     drift: LabelDrift | None = None

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         default=True, description="Whether items answered from the cache count against quotas.")
     tenants_timeout_s: float = Field(
         default=0.5, gt=0, description="Deadline of a key lookup or quota check in Redis.")
+    admin_timeout_s: float = Field(
+        default=5.0, gt=0, description="Deadline of an admin API call in Redis (keys, quotas): "
+        "off the hot path, so a busy Redis slows it rather than failing it.")
 
     # Micro-batching.
     max_batch_items: int = Field(default=32, ge=1)

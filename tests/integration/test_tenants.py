@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from service.cli import main
 from service.gateway.app import create_app
@@ -134,6 +135,21 @@ def test_admin_api_issues_keys_that_show_their_secret_once(tmp_path: Path,
         bad = httpx.post(f"{url}/admin/keys", headers=cluster.admin,
                          json={"tenant": "acme", "name": "x", "quotas": {"items_per_minute": 0}})
         assert bad.status_code == 422 and "items_per_minute" in bad.text
+
+
+def test_the_admin_api_waits_out_a_busy_redis_that_the_hot_path_would_not(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis paused for 1.5 s, three times the hot path's 0.5 s deadline: a key is still issued
+    and listed (GATEWAY_ADMIN_TIMEOUT_S, 5 s), where it used to be a 503 (CI, 2 busy cores)."""
+    with replicas(tmp_path, own_redis.url, count=1) as cluster:
+        create_key(cluster, tenant="acme")  # connections open before the pause
+        with redis.Redis.from_url(own_redis.url) as client:
+            client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        started = time.monotonic()
+        created = create_key(cluster, tenant="acme")
+        assert time.monotonic() - started >= 1.0  # it did wait for Redis
+        listed = httpx.get(f"{cluster.urls[0]}/admin/keys", headers=cluster.admin)
+        assert created["id"] in [key["id"] for key in listed.json()]
 
 
 def test_rotation_keeps_the_old_secret_for_its_grace_period(tmp_path: Path,

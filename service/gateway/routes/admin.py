@@ -95,10 +95,10 @@ class CreatedKey(KeyView):
 
 
 def _store(runtime: RuntimeDep) -> TenantStore:
-    if runtime.tenants is None:
+    if runtime.admin_tenants is None:
         raise TenantsUnavailable("Keys live in Redis and this gateway has none: set "
                                  "GATEWAY_REDIS_URL (or GATEWAY_FEEDBACK_REDIS_URL).")
-    return runtime.tenants
+    return runtime.admin_tenants
 
 
 async def _redis(call: Awaitable[T]) -> T:

@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     feedback_max_per_task: int = Field(default=100_000, ge=1)
     cache_prefix: str = "cgw:v1"
 
+    def shared_redis(self) -> tuple[str, str]:
+        """The URL of the Redis for what outlives a request (shadow counts, feedback, the review
+        queue, the prediction log, keys and quotas, the drift counts) and the setting it came
+        from, so that an error about it names the variable to fix: GATEWAY_FEEDBACK_REDIS_URL
+        when set, else GATEWAY_REDIS_URL (both empty: "", no Redis)."""
+        if self.feedback_redis_url:
+            return self.feedback_redis_url, "GATEWAY_FEEDBACK_REDIS_URL"
+        return self.redis_url, "GATEWAY_REDIS_URL"
+
     # Client authentication: comma-separated keys, or the path of a file with one key per line.
     api_keys: SecretStr = SecretStr("")
     # Tenants (tenants.py, quotas.py): the admin API's key (never accepted as a client key); keys

@@ -176,10 +176,10 @@ async def test_a_bad_feedback_redis_url_is_named_by_the_setting_that_holds_it(
     with running_fake_upstream(TARGETS) as fake:
         write_tasks(tmp_path / "tasks.yaml", str(fake.url))
         bad = "redis://127.0.0.1:notaport/0"
-        urls = ({"feedback_redis_url": bad, "redis_url": ""}
-                if setting == "GATEWAY_FEEDBACK_REDIS_URL" else {"redis_url": bad})
+        feedback_url, cache_url = ((bad, "") if setting == "GATEWAY_FEEDBACK_REDIS_URL"
+                                   else ("", bad))
         app = create_app(Settings(tasks_file=tmp_path / "tasks.yaml", cache_prefix="test:bad",
-                                  **urls))
+                                  feedback_redis_url=feedback_url, redis_url=cache_url))
         with pytest.raises(ValueError) as caught:
             async with app.router.lifespan_context(app):
                 pass

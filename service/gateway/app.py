@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier, cache_writer
-from service.gateway.drift import LabelDrift
+from service.gateway.drift import LabelDrift, minute_counts
 from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
@@ -154,7 +154,9 @@ def create_app(settings: Settings | None = None, *,
                         "issued, only GATEWAY_API_KEYS work")
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
-        drift = classifier.predictions = LabelDrift(metrics)
+        # Label and cascade counts: in the shared Redis, so that every replica reports them alike.
+        drift = classifier.predictions = LabelDrift(
+            metrics, counts=minute_counts(backend, settings.cache_prefix))
         predictions = PredictionLog(
             backend, settings.cache_prefix, metrics,
             max_per_task=settings.predictions_max_per_task,
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None, *,
             await shadow.aclose()
             await feedback.aclose()
             await predictions.aclose()
+            await drift.counts.aclose()  # its last second of counts
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -13,7 +15,10 @@ import pytest
 from service.commands.demo_runner import DATASETS, TASKS, train_task
 from service.gateway.drift import psi
 from tests.support.factory import running_factory
+from tests.support.fake_upstream import running_fake_upstream
 from tests.support.gateway import gateway_for, gateway_stack
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.waits import Deadline
 
 
 def test_stats_report_the_labels_answered_and_the_metric_counts_them(tmp_path: Path) -> None:
@@ -29,6 +34,7 @@ def test_stats_report_the_labels_answered_and_the_metric_counts_them(tmp_path: P
         hour = body["targets"]["sentiment"]["hour"]
         assert hour["items"] == 7
         assert hour["distribution"] == {label: labels.count(label) / 7 for label in set(labels)}
+        assert body["scope"] == "this replica"  # no Redis: the replica's own memory
         # No reference yet (nothing older than an hour): no index, not drifted.
         assert body["targets"]["sentiment"]["psi"] is None
         assert not body["targets"]["sentiment"]["drifted"]
@@ -65,3 +71,52 @@ def test_a_factory_model_is_compared_with_its_training_labels(
     hour = target["hour"]["distribution"]
     assert target["training"]["psi_hour"] == pytest.approx(
         psi(hour, target["training"]["distribution"]))
+
+
+def test_two_replicas_on_one_redis_report_the_same_stats_counting_every_item(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Behind a load balancer, whichever replica answers `GET /tasks/{name}/stats` reports
+    the traffic of both: the counts live in Redis (drift.py)."""
+    tasks = {"sentiment": {"upstream": "fake", "model": "ft:classifier:test:sentiment",
+                           "kind": "text"}}
+    prefix = f"test:{uuid.uuid4().hex[:8]}"
+    with running_fake_upstream() as fake, contextlib.ExitStack() as stack:
+        upstreams = {"fake": {"base_url": str(fake.url)}}
+        replicas = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            replicas.append(stack.enter_context(gateway_for(
+                tmp_path / name, redis_server.url, upstreams, tasks, cache_prefix=prefix)))
+        a, b = replicas
+        labels: list[str] = []
+        for url, texts in ((a, [f"to a {i}" for i in range(5)]),
+                           (b, [f"to b {i}" for i in range(8)]),
+                           (a, ["to a again"])):
+            r = httpx.post(f"{url}/classify", json={"task": "sentiment", "input": texts})
+            assert r.status_code == 200, r.text
+            labels += [res["sentiment"]["label"] for res in r.json()["results"]]
+        # A replica's read flushes its own counts; the other's reach Redis within a second.
+        deadline = Deadline(10)
+        while True:
+            first = httpx.get(f"{a}/tasks/sentiment/stats").json()
+            hour = first["targets"].get("sentiment", {}).get("hour", {})
+            if hour.get("items") == len(labels) or deadline.expired():
+                break
+            time.sleep(0.1)
+        second = httpx.get(f"{b}/tasks/sentiment/stats").json()
+    assert first["scope"] == "all replicas"
+    assert hour["items"] == 14
+    assert hour["distribution"] == {label: labels.count(label) / 14 for label in set(labels)}
+    assert first["targets"]["sentiment"]["day"]["items"] == 14
+    assert second == first
+
+
+def test_stats_answer_503_naming_the_setting_when_their_redis_is_down(tmp_path: Path) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with gateway_stack(tmp_path, redis_url=down, redis_backoff_s=60) as stack:
+        r = httpx.post(f"{stack.url}/classify", json={"task": "sentiment", "input": ["x"]})
+        assert r.status_code == 200, r.text  # answers never wait for the counts
+        stats = httpx.get(f"{stack.url}/tasks/sentiment/stats", timeout=30)
+    assert stats.status_code == 503, stats.text
+    message = stats.json()["error"]["message"]
+    assert "GATEWAY_REDIS_URL" in message and "127.0.0.1" not in message

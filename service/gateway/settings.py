@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         "link, or redis-py (Sentinel and Cluster always use redis-py).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Default TTL of a cached result.")
     feedback_redis_url: str = Field(
-        default="", description="Redis for shadow comparison counts shared by the replicas; "
+        default="", description="Redis for what the replicas share beyond the cache (shadow "
+        "and drift counts, feedback, the review queue, the prediction log, keys and quotas); "
         "default: GATEWAY_REDIS_URL (empty for both: this process's memory).")
     # At most this many items wait for a shadow model's answer; beyond it comparisons are
     # dropped (counted), so a slow shadow never holds memory or sockets the callers need.

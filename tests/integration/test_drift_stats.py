@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.exceptions import RedisError
 
 from service.commands.demo_runner import DATASETS, TASKS, train_task
-from service.gateway.drift import psi
+from service.gateway.drift import REDIS_TTL_S, RedisCounts, psi
+from service.gateway.redis_clients import open_redis
 from tests.support.factory import running_factory
 from tests.support.fake_upstream import running_fake_upstream
 from tests.support.gateway import gateway_for, gateway_stack
@@ -120,3 +123,36 @@ def test_stats_answer_503_naming_the_setting_when_their_redis_is_down(tmp_path: 
     assert stats.status_code == 503, stats.text
     message = stats.json()["error"]["message"]
     assert "GATEWAY_REDIS_URL" in message and "127.0.0.1" not in message
+
+
+async def test_counts_a_flush_could_not_write_go_with_the_next_one(own_redis: RedisServer) -> None:
+    """Redis down: `add` still only updates memory (the answers never wait), the failed flush
+    keeps its counts, and once Redis is back they reach it, added to the newer ones."""
+    backend = open_redis(own_redis.url, 0.5)
+    assert backend is not None
+    counts = RedisCounts(backend, f"test:{uuid.uuid4().hex[:8]}", flush_s=3600)
+    try:
+        counts.add("t", 100, {"l\x1fm\x1ft\x1fa": 2})
+        await counts.flush()
+        own_redis.kill()
+        counts.add("t", 100, {"l\x1fm\x1ft\x1fa": 3})
+        counts.add("t", 101, {"l\x1fm\x1ft\x1fb": 1})
+        with pytest.raises((RedisError, OSError, TimeoutError)):
+            await counts.flush()
+        own_redis.restart()  # no persistence: the first 2 are gone with the old process
+        counts.add("t", 101, {"l\x1fm\x1ft\x1fb": 4})
+        deadline = Deadline(10)
+        while True:  # redis-py reconnects on a later call
+            try:
+                found = await counts.read("t", 100, 101)
+                break
+            except (RedisError, OSError, TimeoutError):
+                if deadline.expired():
+                    raise
+                await asyncio.sleep(0.1)
+        assert found == {100: Counter({"l\x1fm\x1ft\x1fa": 3}),
+                         101: Counter({"l\x1fm\x1ft\x1fb": 5})}
+        assert 0 < await backend.client.ttl(counts.key("t", 100)) <= REDIS_TTL_S
+    finally:
+        await counts.aclose()
+        await backend.aclose()

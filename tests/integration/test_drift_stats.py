@@ -20,6 +20,7 @@ from service.gateway.redis_clients import open_redis
 from tests.support.factory import running_factory
 from tests.support.fake_upstream import running_fake_upstream
 from tests.support.gateway import gateway_for, gateway_stack
+from tests.support.redis_cluster import start_cluster
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.waits import Deadline
 
@@ -157,3 +158,23 @@ async def test_counts_a_flush_could_not_write_go_with_the_next_one(own_redis: Re
     finally:
         await counts.aclose()
         await backend.aclose()
+
+
+async def test_counts_work_on_a_redis_cluster(tmp_path: Path) -> None:
+    """A task's buckets share one slot (`{task}`), so the summing script may read them all."""
+    cluster = start_cluster(tmp_path / "cluster")
+    backend = open_redis(cluster.url, 2.0)
+    assert backend is not None and backend.kind == "cluster"
+    counts = RedisCounts(backend, f"test:{uuid.uuid4().hex[:8]}", flush_s=3600)
+    now = int(time.time()) // 60
+    try:
+        for task in ("sentiment", "intent"):  # two tasks: two slots
+            counts.add(task, now, {"l\x1fm\x1ft\x1fa": 2})
+            counts.add(task, now - 61, {"l\x1fm\x1ft\x1fb": 1})
+        for task in ("sentiment", "intent"):
+            assert await counts.windows(task, now) == (Counter({"l\x1fm\x1ft\x1fa": 2}),
+                                                       Counter({"l\x1fm\x1ft\x1fb": 1}))
+    finally:
+        await counts.aclose()
+        await backend.aclose()
+        cluster.stop()

@@ -237,7 +237,8 @@ class RedisCounts:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_s)
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            # Logged by flush, counts kept for the next one: the loop must outlive any error.
+            with contextlib.suppress(Exception):
                 await self.flush()
 
     async def flush(self) -> None:
@@ -256,7 +257,7 @@ class RedisCounts:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # Redis down, a cluster moving slots: keep, and say so
                 log.warning("drift counts: %d buckets not saved yet (%s)", len(pending),
                             type(exc).__name__)
                 for where, counts in pending.items():

@@ -42,6 +42,7 @@ def register(sub: Sub) -> None:
 HELPERS: tuple[str, ...] = (
     "errors",     # UserError, TransientError
     "output",     # tables, JSON, timestamps, the progress line
+    "parquet",    # export lines as Parquet, through pyarrow (the `export` extra)
     "demo_runner",  # demo's work: both servers, the demo tasks, the first answer
     "servers",    # what serve and factory share: their settings in --help, how they stop
     "api",        # HTTP clients of the upstream and the gateway; where they are, their keys

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from service.commands import parquet
 from service.commands.api import Api, add_gateway_arguments, gateway_api
 from service.commands.errors import UserError
 from service.commands.output import plural, print_json
@@ -61,16 +62,21 @@ def register(sub: Sub) -> None:
                                  description="Answers the gateway logged (a task's `log:` "
                                              "setting).")
     actions = predictions.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = actions.add_parser("export", help="write a task's prediction log as JSONL",
+    p = actions.add_parser("export", help="write a task's prediction log as JSONL or Parquet",
                            description="Write a task's logged predictions as factory JSONL (the "
                                        "model's labels as `labels`, with its scores, model, "
                                        "margin and response id): correct the labels and train "
                                        "on it. Entries without their input (the task's log "
-                                       "keeps `inputs: false`) carry `input_sha256` instead.")
+                                       "keeps `inputs: false`) carry `input_sha256` instead. "
+                                       "--format parquet writes the same fields as Parquet "
+                                       f"(needs pyarrow: the {parquet.EXTRA} extra).")
     p.add_argument("--task", required=True, metavar="NAME", help="the task whose log")
     p.add_argument("--since", metavar="AGE", help="only entries younger than AGE (90s, 30m, "
                                                    "2h, 7d); default: all the log keeps")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL to write")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                   help="jsonl (factory JSONL plus the log's fields) or parquet (the same "
+                        "fields, one column each); default jsonl")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")
     add_gateway_arguments(p, "the gateway that keeps the log")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_predictions_export)
@@ -186,6 +192,8 @@ def cmd_review_export(args: argparse.Namespace) -> int:
 def cmd_predictions_export(args: argparse.Namespace) -> int:
     if args.since and not re.fullmatch(r"\d+(\.\d+)?[smhd]", args.since):
         raise UserError(f"--since {args.since!r}: give an age such as 90s, 30m, 2h or 7d")
+    if args.format == "parquet":
+        parquet.require()  # before anything is fetched
     with gateway_api(args) as api:
         found = list(entries(api, "predictions", args.task, since=args.since))
     lines = []
@@ -194,10 +202,14 @@ def cmd_predictions_export(args: argparse.Namespace) -> int:
             {"input_sha256": e.get("input_sha256"), "labels": e.get("labels") or {}}
         lines.append({**line, **{k: e.get(k) for k in (
             "scores", "model", "margin", "response_id", "index", "time", "cache")}})
-    _write_lines(args.out, lines)
+    if args.format == "parquet":
+        parquet.write_parquet(args.out, lines)
+    else:
+        _write_lines(args.out, lines)
     if args.json:
-        print_json({"task": args.task, "out": str(args.out.absolute()), "items": len(lines)})
+        print_json({"task": args.task, "out": str(args.out.absolute()), "items": len(lines),
+                    "format": args.format})
     else:
         print(f"{plural(len(lines), 'logged prediction')} of task {args.task} written to "
-              f"{args.out.absolute()}")
+              f"{args.out.absolute()} ({args.format})")
     return 0

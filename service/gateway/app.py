@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 from service.gateway.batcher import MicroBatcher
 from service.gateway.cache import ResultCache
 from service.gateway.classifier import Classifier, cache_writer
-from service.gateway.drift import LabelDrift
+from service.gateway.drift import LabelDrift, minute_counts
 from service.gateway.errors import install_error_handlers
 from service.gateway.feedback import FeedbackBook
 from service.gateway.metrics import GatewayMetrics
@@ -117,28 +117,29 @@ def create_app(settings: Settings | None = None, *,
             default_timeout_s=settings.timeout_s, tracing=tracing,
         )
         # Shadow counts, feedback and the review queue: off the hot path, so a generous timeout.
-        backend = open_redis(settings.feedback_redis_url or settings.redis_url,
-                             max(settings.redis_socket_timeout_s, 1.0))
+        # Every client of that Redis names the setting its URL came from in its errors.
+        shared_url, shared_setting = settings.shared_redis()
+        backend = open_redis(shared_url, max(settings.redis_socket_timeout_s, 1.0),
+                             setting=shared_setting)
         store = shadow_store(backend, settings.cache_prefix)
         feedback = FeedbackBook(backend, settings.cache_prefix, metrics,
                                 window_s=settings.feedback_window_s,
                                 max_per_task=settings.feedback_max_per_task, tracing=tracing)
         # Keys and quotas: their own client, with the hot path's deadline (tenants_timeout_s).
-        tenants_backend = open_redis(settings.feedback_redis_url or settings.redis_url,
-                                     settings.tenants_timeout_s)
+        tenants_backend = open_redis(shared_url, settings.tenants_timeout_s,
+                                     setting=shared_setting)
         # The admin API: its own client, with a deadline for writes a person waits on. On the
         # hot path's 0.5 s, a key issued while Redis was busy failed with a 503 (CI, 2 cores).
-        admin_backend = open_redis(settings.feedback_redis_url or settings.redis_url,
-                                   settings.admin_timeout_s)
+        admin_backend = open_redis(shared_url, settings.admin_timeout_s,
+                                   setting=shared_setting)
         tenants = admin_tenants = quotas = quota_link = None
         if admin_backend is not None:
             admin_tenants = TenantStore(admin_backend, settings.cache_prefix,
                                         timeout_s=settings.admin_timeout_s)
         if tenants_backend is not None:
             if tenants_backend.kind == "standalone" and settings.redis_client == "link":
-                quota_link = link(parse_redis_url(settings.feedback_redis_url
-                                                  or settings.redis_url),
-                                  settings.tenants_timeout_s)
+                quota_link = link(parse_redis_url(shared_url, shared_setting),
+                                  settings.tenants_timeout_s, setting=shared_setting)
             tenants = TenantStore(tenants_backend, settings.cache_prefix,
                                   timeout_s=settings.tenants_timeout_s)
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
@@ -148,11 +149,14 @@ def create_app(settings: Settings | None = None, *,
             keys.usage = UsageRecorder(tenants)
             keys.usage.start()
         elif settings.admin_key.get_secret_value():
-            log.warning("GATEWAY_ADMIN_KEY is set but there is no Redis (GATEWAY_REDIS_URL): "
-                        "keys cannot be issued, only GATEWAY_API_KEYS work")
+            log.warning("GATEWAY_ADMIN_KEY is set but there is no Redis "
+                        "(GATEWAY_FEEDBACK_REDIS_URL or GATEWAY_REDIS_URL): keys cannot be "
+                        "issued, only GATEWAY_API_KEYS work")
         shadow = ShadowRunner(classifier, store, metrics, max_pending=settings.shadow_max_pending)
         classifier.shadow = shadow
-        drift = classifier.predictions = LabelDrift(metrics)
+        # Label and cascade counts: in the shared Redis, so that every replica reports them alike.
+        drift = classifier.predictions = LabelDrift(
+            metrics, counts=minute_counts(backend, settings.cache_prefix))
         predictions = PredictionLog(
             backend, settings.cache_prefix, metrics,
             max_per_task=settings.predictions_max_per_task,
@@ -178,6 +182,7 @@ def create_app(settings: Settings | None = None, *,
             await shadow.aclose()
             await feedback.aclose()
             await predictions.aclose()
+            await drift.counts.aclose()  # its last second of counts
             # uvicorn has already given in-flight requests drain_timeout_s; what is left here are
             # batches already sent, so a short bound keeps the whole shutdown inside a pod's grace
             # period (preStop + shutdown delay + drain + this).

@@ -91,10 +91,13 @@ class Outcome:
 
 
 class PredictionSink(Protocol):
-    """Where every answered item's labels are counted (drift.py)."""
+    """Where every answered item's labels, and a cascade's items per stage, are counted
+    (drift.py). Both are called on the response path and must not wait."""
 
     def observe(self, task: TaskSpec, results: Sequence[Result],
                 models: Sequence[str]) -> None: ...
+
+    def cascaded(self, task: TaskSpec, answered: Sequence[int]) -> None: ...
 
 
 class ShadowSink(Protocol):
@@ -193,8 +196,6 @@ class Classifier:
         self.predictions: PredictionSink | None = None
         #: Set by the app once built (they answer through this classifier): see shadow.py.
         self.shadow: ShadowSink | None = None
-        #: Items answered per cascade stage, by task and its stages' models (GET /tasks/{name}).
-        self.cascade_counts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
@@ -312,20 +313,9 @@ class Classifier:
         for stage, count in enumerate(answered, start=1):
             if count:
                 self._metrics.child(self._metrics.cascade_items, task.name, str(stage)).inc(count)
-        book = self.cascade_counts.setdefault(
-            (task.name, tuple(stage.model for stage in task.cascade)), [0] * len(task.cascade))
-        for stage, count in enumerate(answered):
-            book[stage] += count
+        if self.predictions is not None:  # GET /tasks/{name}'s escalation share (drift.py)
+            self.predictions.cascaded(task, answered)
         return results, models, misses, fallback_from
-
-    def cascade_report(self, task: TaskSpec) -> dict[str, Any]:
-        """Items each stage of the task's cascade answered in this process (since its stages
-        were last changed), and the share that went past the first stage."""
-        book = self.cascade_counts.get((task.name, tuple(s.model for s in task.cascade)),
-                                       [0] * len(task.cascade))
-        total = sum(book)
-        return {"items": total, "answered": list(book),
-                "escalated_share": round(1 - book[0] / total, 6) if total else None}
 
     async def answer(self, task: TaskSpec, upstream: str, route: Route,
                      items: Sequence[Any]) -> list[Result]:

@@ -91,12 +91,14 @@ def redis_py(url: RedisURL, socket_timeout_s: float) -> RedisPy:
     return _cluster(url, timeouts, pool)
 
 
-def open_redis(url: str, socket_timeout_s: float) -> RedisPy | None:
+def open_redis(url: str, socket_timeout_s: float, *,
+               setting: str = "GATEWAY_REDIS_URL") -> RedisPy | None:
     """redis-py's client for `url` (any scheme the cache takes), or None when it is empty: for
-    the gateway's data that outlives a request (shadow counts, feedback, the review queue)."""
+    the gateway's data that outlives a request (shadow counts, feedback, the review queue).
+    `setting` names where the URL came from, for errors that say what to fix."""
     if not url:
         return None
-    return redis_py(parse_redis_url(url), socket_timeout_s)
+    return redis_py(parse_redis_url(url, setting), socket_timeout_s)
 
 
 async def ping(url: RedisURL, timeout_s: float) -> None:

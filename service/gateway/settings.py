@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         "link, or redis-py (Sentinel and Cluster always use redis-py).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Default TTL of a cached result.")
     feedback_redis_url: str = Field(
-        default="", description="Redis for shadow comparison counts shared by the replicas; "
+        default="", description="Redis for what the replicas share beyond the cache (shadow "
+        "and drift counts, feedback, the review queue, the prediction log, keys and quotas); "
         "default: GATEWAY_REDIS_URL (empty for both: this process's memory).")
     # At most this many items wait for a shadow model's answer; beyond it comparisons are
     # dropped (counted), so a slow shadow never holds memory or sockets the callers need.
@@ -50,6 +51,15 @@ class Settings(BaseSettings):
     # Feedback and review streams are trimmed (approximately, oldest first) beyond this per task.
     feedback_max_per_task: int = Field(default=100_000, ge=1)
     cache_prefix: str = "cgw:v1"
+
+    def shared_redis(self) -> tuple[str, str]:
+        """The URL of the Redis for what outlives a request (shadow counts, feedback, the review
+        queue, the prediction log, keys and quotas, the drift counts) and the setting it came
+        from, so that an error about it names the variable to fix: GATEWAY_FEEDBACK_REDIS_URL
+        when set, else GATEWAY_REDIS_URL (both empty: "", no Redis)."""
+        if self.feedback_redis_url:
+            return self.feedback_redis_url, "GATEWAY_FEEDBACK_REDIS_URL"
+        return self.redis_url, "GATEWAY_REDIS_URL"
 
     # Client authentication: comma-separated keys, or the path of a file with one key per line.
     api_keys: SecretStr = SecretStr("")

@@ -29,6 +29,8 @@ from service.factory.settings import FactorySettings
 from service.gateway.app import BATCH_DRAIN_S
 from service.gateway.registry import load_registry
 from service.gateway.settings import Settings
+from service.tracing import enabled_by
+from tests.support.otel_env import ratio_sampler, sampler, unknown_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -55,11 +57,13 @@ def compose_binary() -> str:
     return str(binary)
 
 
-def compose(*args: str, file: Path = ROOT / "docker-compose.yml") -> subprocess.CompletedProcess[str]:
+def compose(*args: str, file: Path = ROOT / "docker-compose.yml",
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`env`: the shell's variables that the compose file interpolates."""
     return subprocess.run(
         [compose_binary(), "-f", str(file), "--project-directory", str(ROOT), *args],
         capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **(env or {})},
     )
 
 
@@ -268,6 +272,50 @@ def test_compose_tracing_is_off_by_default_and_its_profile_adds_collector_and_ja
     collector = yaml.safe_load(Path(mount["source"]).read_text())
     assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
     assert collector["exporters"]["otlp/jaeger"]["endpoint"].split(":")[0] in traced
+
+
+def test_compose_tracing_profile_as_documented_sends_spans_through_the_collector_to_jaeger(
+        ) -> None:
+    """docs/observability.md's command, `OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318
+    docker compose --profile tracing up`: the gateway and the factory then trace (as
+    service/tracing.py reads their variables), to a port the collector listens on with OTLP/HTTP;
+    the SDK takes every OTEL_* name and value (it would ignore a typo, and sample everything on
+    a misspelt sampler); every component a collector pipeline names is defined; the collector's
+    exporter reaches Jaeger's OTLP/gRPC port, which Jaeger enables; Grafana's Jaeger data source
+    points at Jaeger's published UI port."""
+    endpoint = "http://otel-collector:4318"
+    result = compose("--profile", "tracing", "config", "--format", "json",
+                     env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    services = model["services"]
+    mount = next(v for v in services["otel-collector"]["volumes"]
+                 if v["target"] == "/etc/otelcol/config.yaml")
+    assert f"--config={mount['target']}" in services["otel-collector"]["command"]
+    collector = yaml.safe_load(Path(mount["source"]).read_text())
+    http = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    for name in ("gateway", "factory"):
+        env = services[name]["environment"]
+        assert unknown_names(env) == [], name
+        assert enabled_by(env), f"{name} does not trace with the documented command"
+        assert sampler(env).startswith(ratio_sampler(float(env["OTEL_TRACES_SAMPLER_ARG"])))
+        url = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert url.hostname in services and url.hostname == "otel-collector"
+        assert url.port == int(http.rsplit(":", 1)[1])
+    # The collector's pipelines name only components it defines (it refuses to start otherwise).
+    for pipeline in collector["service"]["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                assert component in collector.get(kind, {}), f"{kind}: {component} is undefined"
+    jaeger = services["jaeger"]
+    exporter = urlsplit("//" + collector["exporters"]["otlp/jaeger"]["endpoint"])
+    assert exporter.hostname == "jaeger" and exporter.port == 4317  # Jaeger's OTLP/gRPC
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    datasources = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "datasources"
+                                  / "prometheus.yml").read_text())["datasources"]
+    source = urlsplit(next(d for d in datasources if d["type"] == "jaeger")["url"])
+    assert source.hostname == "jaeger"
+    assert source.port in {int(p["target"]) for p in jaeger["ports"]}
 
 
 def test_compose_factory_keeps_its_data_on_a_named_volume() -> None:

@@ -28,6 +28,8 @@ from service.factory.settings import FactorySettings
 from service.gateway.app import BATCH_DRAIN_S
 from service.gateway.registry import parse_registry
 from service.gateway.settings import Settings
+from service.tracing import enabled_by
+from tests.support.otel_env import ratio_sampler, sampler, unknown_names
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -454,3 +456,41 @@ def test_tracing_is_off_until_its_optional_configmap_names_a_collector(
         assert env["OTEL_SERVICE_NAME"]["value"] == name
         assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
         assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]["value"]) <= 1
+
+
+def test_the_documented_tracing_configmap_turns_tracing_on_with_values_the_sdk_takes(
+        overlay: tuple[str, list[Doc]], tmp_path: Path) -> None:
+    """docs/observability.md's `kubectl create configmap classifier-tracing
+    --from-literal=endpoint=...`, made by kubectl itself: with it in the overlay's namespace, the
+    manifests stay valid under the strict schemas, its key is the one the pods read, and the
+    pods' OTEL_* variables, resolved as the kubelet would, turn tracing on (service/tracing.py)
+    with names and values OpenTelemetry's SDK takes (it ignores an unknown name and samples
+    everything on a misspelt sampler or ratio, silently)."""
+    name, docs = overlay
+    endpoint = "http://otel-collector.observability:4318"
+    made = subprocess.run([tool("kubectl"), "create", "configmap", "classifier-tracing",
+                           f"--from-literal=endpoint={endpoint}", "--dry-run=client",
+                           "-o", "yaml"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    configmap = yaml.safe_load(made.stdout)
+    namespace = find(docs, "Deployment", "classifier-gateway")["metadata"].get("namespace")
+    if namespace:
+        configmap["metadata"]["namespace"] = namespace
+    assert validate_all([*docs, configmap], tmp_path) == [], f"overlay {name}"
+    for kind, workload in (("Deployment", "classifier-gateway"),
+                           ("StatefulSet", "classifier-factory")):
+        env: dict[str, str] = {}
+        for var, item in env_of(containers(find(docs, kind, workload))[0]).items():
+            if not var.startswith("OTEL_"):
+                continue
+            if "value" in item:
+                env[var] = item["value"]
+            else:
+                ref = item["valueFrom"]["configMapKeyRef"]
+                assert ref["name"] == configmap["metadata"]["name"], var
+                env[var] = configmap["data"][ref["key"]]
+        assert unknown_names(env) == [], workload
+        assert enabled_by(env) and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint, workload
+        assert sampler(env).startswith(ratio_sampler(float(env["OTEL_TRACES_SAMPLER_ARG"])))
+        assert not enabled_by({k: v for k, v in env.items()
+                               if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}), "on without a collector"

@@ -166,3 +166,24 @@ async def test_feedback_without_redis_says_what_to_set(tmp_path: Path) -> None:
                 r = await client.post("/feedback", json={"task": "sentiment", "input": "x",
                                                          "labels": {"sentiment": "neutral"}})
     assert r.status_code == 503 and "GATEWAY_FEEDBACK_REDIS_URL" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("setting", ["GATEWAY_FEEDBACK_REDIS_URL", "GATEWAY_REDIS_URL"])
+async def test_a_bad_feedback_redis_url_is_named_by_the_setting_that_holds_it(
+        tmp_path: Path, setting: str) -> None:
+    """The Redis of feedback, keys and quotas comes from GATEWAY_FEEDBACK_REDIS_URL when it is
+    set, else from GATEWAY_REDIS_URL: the start-up error names the one to fix."""
+    with running_fake_upstream(TARGETS) as fake:
+        write_tasks(tmp_path / "tasks.yaml", str(fake.url))
+        bad = "redis://127.0.0.1:notaport/0"
+        feedback_url, cache_url = ((bad, "") if setting == "GATEWAY_FEEDBACK_REDIS_URL"
+                                   else ("", bad))
+        app = create_app(Settings(tasks_file=tmp_path / "tasks.yaml", cache_prefix="test:bad",
+                                  feedback_redis_url=feedback_url, redis_url=cache_url))
+        with pytest.raises(ValueError) as caught:
+            async with app.router.lifespan_context(app):
+                pass
+    message = str(caught.value)
+    assert setting in message and "port" in message
+    if setting == "GATEWAY_FEEDBACK_REDIS_URL":
+        assert "GATEWAY_REDIS_URL" not in message.replace("GATEWAY_FEEDBACK_REDIS_URL", "")

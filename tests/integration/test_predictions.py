@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from service.cli import main
+from service.commands.datacheck import problem
 from service.factory.data import validate_file
 from service.gateway.classifier import Outcome
 from service.gateway.metrics import GatewayMetrics
@@ -22,6 +25,7 @@ from service.gateway.redis_clients import open_redis
 from service.gateway.registry import parse_registry
 from tests.support.gateway import gateway_stack
 from tests.support.redis_server import RedisServer
+from tests.support.waits import Deadline
 
 MODEL = "ft:classifier:test:sentiment"
 
@@ -132,27 +136,89 @@ async def test_a_full_queue_drops_and_counts_without_waiting(redis_server: Redis
         await redis.aclose()
 
 
-def test_predictions_export_writes_training_jsonl_once_labels_are_checked(
+def _exported(stack_url: str, out: Path, *args: str) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["predictions", "export", *args, "--since", "1h", "--out", str(out),
+                     "--gateway-url", stack_url]) == 0
+    return printed.getvalue()
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """A Parquet export read back with pyarrow, as the JSONL lines it stands for: maps as dicts,
+    `messages` from its JSON, and a row's nulls dropped (fields its line does not have)."""
+    import pyarrow.parquet as pq
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return {k: plain(v) for k, v in value}
+        return value
+
+    rows = []
+    for row in pq.read_table(path).to_pylist():
+        line = {k: plain(v) for k, v in row.items() if v is not None}
+        if "messages" in line:
+            line["messages"] = json.loads(line["messages"])
+        rows.append(line)
+    return rows
+
+
+def test_predictions_export_writes_training_jsonl_and_the_same_rows_as_parquet(
         tmp_path: Path, redis_server: RedisServer) -> None:
-    with gateway_stack(tmp_path, redis_url=redis_server.url,
-                       tasks=tasks({"sample": 1.0, "inputs": True})) as stack:
-        texts = ["first logged text", "second logged text"]
+    """The log's JSONL goes to `finetune --train` once labels are checked (the factory's own
+    validation, as finetune runs it), and has the fields of `review export`'s JSONL lines (but
+    `reason`); the Parquet export holds the same rows and fields. A log that keeps only the
+    inputs' hashes exports, but finetune refuses it, saying what is missing."""
+    logged = {**tasks({"sample": 1.0, "inputs": True}),
+              "audit": {"upstream": "fake", "model": MODEL, "kind": "text",
+                        "log": {"sample": 1.0}}}
+    with gateway_stack(tmp_path, redis_url=redis_server.url, tasks=logged) as stack:
+        texts = ["first logged text", "second logged text", "third, ünïcode"]
         r = httpx.post(f"{stack.url}/classify", json={"task": "sentiment", "input": texts})
         assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(httpx.get(
-                f"{stack.url}/predictions/sentiment").json()["entries"]) < 2:
+        assert httpx.post(f"{stack.url}/classify",
+                          json={"task": "audit", "input": ["private"]}).status_code == 200
+        deadline = Deadline(10)
+        while not deadline.expired() and (
+                len(httpx.get(f"{stack.url}/predictions/sentiment").json()["entries"]) < 3
+                or not httpx.get(f"{stack.url}/predictions/audit").json()["entries"]):
             time.sleep(0.05)
         out = tmp_path / "log.jsonl"
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            assert main(["predictions", "export", "--task", "sentiment", "--since", "1h",
-                         "--out", str(out), "--gateway-url", stack.url]) == 0
-    assert "2 logged predictions of task sentiment" in printed.getvalue()
+        printed = _exported(stack.url, out, "--task", "sentiment")
+        table = tmp_path / "log.parquet"
+        printed_parquet = _exported(stack.url, table, "--task", "sentiment", "--format",
+                                    "parquet")
+        hashed = tmp_path / "audit.jsonl"
+        _exported(stack.url, hashed, "--task", "audit")
+    assert "3 logged predictions of task sentiment" in printed and "(jsonl)" in printed
+    assert "(parquet)" in printed_parquet
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["text"] for line in lines] == texts
     assert [line["labels"]["sentiment"] for line in lines] == [
         res["sentiment"]["label"] for res in r.json()["results"]]
     assert {line["response_id"] for line in lines} == {r.json()["id"]}
     report = validate_file(out)  # the factory takes it for training as it is
-    assert report.error_count == 0 and report.valid == 2, report.to_dict()
+    assert report.error_count == 0 and report.valid == 3, report.to_dict()
+    assert problem(str(out), report) is None  # and so does finetune's check before uploading
+    assert {"text", "labels", "scores", "model", "margin"} <= set(lines[0])
+    # Parquet: the same rows, the same fields, the same values.
+    assert _parquet_rows(table) == lines
+    # inputs: false: only the hash, which finetune cannot train on, and says so.
+    (audit,) = [json.loads(line) for line in hashed.read_text().splitlines()]
+    assert "text" not in audit and len(audit["input_sha256"]) == 64
+    reason = problem(str(hashed), validate_file(hashed))
+    assert reason is not None and "text" in reason, reason
+
+
+def test_parquet_without_pyarrow_names_the_extra_to_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # As if pyarrow were not installed: importing it raises ImportError.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    out = tmp_path / "log.parquet"
+    code = main(["predictions", "export", "--task", "sentiment", "--format", "parquet",
+                 "--out", str(out), "--gateway-url", "http://127.0.0.1:9"])
+    assert code != 0 and not out.exists()
+    err = capsys.readouterr().err
+    assert "pyarrow" in err and "classifier-gateway[export]" in err and "--format jsonl" in err

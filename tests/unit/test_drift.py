@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -47,7 +48,7 @@ def run(hour_mix: dict[str, int]) -> dict[str, Any]:
     feed(drift, clock, {"positive": 7, "negative": 2, "neutral": 1}, DAY_S - HOUR_S)
     feed(drift, clock, hour_mix, HOUR_S)
     clock.now -= 1  # inside the last minute fed
-    target: dict[str, Any] = drift.stats(TASK)["targets"]["sentiment"]
+    target: dict[str, Any] = asyncio.run(drift.stats(TASK))["targets"]["sentiment"]
     return target
 
 

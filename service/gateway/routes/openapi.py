@@ -88,6 +88,15 @@ class ShadowReport(BaseModel):
     targets: dict[str, ShadowTarget]
 
 
+class CascadeStats(BaseModel):
+    items: int = Field(description="Items the cascade answered over the window (a day for "
+                       "`GET /tasks/{name}`) since its stages last changed: every replica's when "
+                       "the gateway has Redis, else this replica's.")
+    answered: list[int] = Field(description="How many of them each stage answered, in order.")
+    escalated_share: float | None = Field(
+        description="The share the first stage handed on; null before any item.")
+
+
 class DriftReport(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -95,12 +104,16 @@ class DriftReport(BaseModel):
     model: str
     threshold: float = Field(description="The population stability index above which a "
                              "target's answers count as drifted.")
-    scope: str = Field(description="Where the counts come from: this replica's memory.")
+    scope: str = Field(description="Where the counts come from: `all replicas` (Redis, "
+                       "shared by every replica) or `this replica` (its memory, without Redis).")
     targets: dict[str, dict[str, Any]] = Field(
         description="Per target: `hour`, `day` and `reference` distributions, `psi` (the hour "
                     "against the reference), `drifted`, the labels that `moved` most, and "
                     "`training` (a factory model's training label mix, with `psi_hour` and "
                     "`psi_day` against it; null elsewhere).")
+    cascade: dict[str, CascadeStats] | None = Field(
+        default=None, description="Only for a task with a cascade: `hour` and `day`, the items "
+        "each stage answered and the share the first stage handed on.")
 
 
 class Health(BaseModel):
@@ -112,14 +125,6 @@ class Readiness(BaseModel):
 
     status: str = Field(description="`ready`, `degraded` (serving without the cache) or `not ready`.")
     problems: list[str]
-
-
-class CascadeStats(BaseModel):
-    items: int = Field(description="Items the cascade answered in this process since its "
-                       "stages last changed.")
-    answered: list[int] = Field(description="How many of them each stage answered, in order.")
-    escalated_share: float | None = Field(
-        description="The share the first stage handed on; null before any item.")
 
 
 class TaskDescription(BaseModel):

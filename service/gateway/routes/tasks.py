@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from redis.exceptions import RedisError
 
 from service.gateway.drift import fetch_training_shares
-from service.gateway.errors import UnknownTask
+from service.gateway.errors import GatewayError, UnknownTask
 from service.gateway.registry import (
     CascadeStage,
     Registry,
@@ -26,7 +27,7 @@ from service.gateway.routes.openapi import (
     error_responses,
 )
 from service.gateway.routes.resolve import known_task
-from service.gateway.runtime import RuntimeDep
+from service.gateway.runtime import Runtime, RuntimeDep
 from service.gateway.scrub import scrub
 
 router = APIRouter(tags=["tasks"])
@@ -108,9 +109,13 @@ async def get_task(name: str, runtime: RuntimeDep) -> JSONResponse:
     task = known_task(registry, name)
     s = runtime.settings
     body = describe(task, registry, s.cache_ttl_s, s.timeout_s)
-    if task.cascade:
-        # Escalation: the share of items the first stage handed on, in this process.
-        body["cascade_stats"] = runtime.classifier.cascade_report(task)
+    if task.cascade and runtime.drift is not None:
+        # Escalation: the share of items the first stage handed on, over the last day (counted
+        # in Redis, by every replica, when the gateway has one: drift.py).
+        try:
+            body["cascade_stats"] = await runtime.drift.cascade_report(task)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StatsUnavailable(_unavailable(runtime, exc), retry_after_s=5) from None
     return JSONResponse(body)
 
 
@@ -146,8 +151,9 @@ async def get_shadow(name: str, runtime: RuntimeDep) -> JSONResponse:
             responses={200: {"model": DriftReport}, **error_responses(401, 404, 422)})
 async def get_stats(name: str, runtime: RuntimeDep) -> JSONResponse:
     """Per target of the task's model: the top labels it answered over the last hour and day
-    (this replica), and the population stability index of the hour against the 23 hours before
-    it (service/gateway/drift.py, docs/observability.md)."""
+    (every replica's, when the gateway has Redis; else this replica's), and the population
+    stability index of the hour against the 23 hours before it; for a cascade, the items each
+    stage answered over the hour and the day (service/gateway/drift.py, docs/observability.md)."""
     registry = runtime.registry.current
     task = known_task(registry, name)
     drift = runtime.drift
@@ -158,4 +164,21 @@ async def get_stats(name: str, runtime: RuntimeDep) -> JSONResponse:
         found = await fetch_training_shares(registry.upstreams[task.upstream], task.model)
         if found:
             drift.training[task.model] = found
-    return JSONResponse(drift.stats(task))
+    try:
+        return JSONResponse(await drift.stats(task))
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StatsUnavailable(_unavailable(runtime, exc), retry_after_s=5) from None
+
+
+class StatsUnavailable(GatewayError):
+    """The counts live in Redis (shared by the replicas) and Redis did not answer."""
+
+    status_code = 503
+    error_type = "stats_unavailable"
+
+
+def _unavailable(runtime: Runtime, exc: BaseException) -> str:
+    _, setting = runtime.settings.shared_redis()
+    # The type only: a redis-py message may carry the host, never worth a key's risk.
+    return (f"The task's counts are kept in Redis ({setting}), which did not answer "
+            f"({type(exc).__name__}); retry, or check that Redis.")

@@ -8,6 +8,10 @@ glossary).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +58,40 @@ def _body(message: str, type_: str, param: str | None, code: str | None) -> dict
     return ErrorBody(message=message, type=type_, param=param, code=code).model_dump()
 
 
+#: Request fields that hold a secret (an integration's `api_key`): a 422 never echoes them.
+SECRET_FIELDS = frozenset({"api_key"})
+
+
+#: Credentials written into a URL (`https://user:password@host`).
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _hide_secrets(value: Any) -> Any:
+    if isinstance(value, str):
+        return _USERINFO.sub("[hidden]@", value)
+    if isinstance(value, dict):
+        return {k: "[hidden]" if k in SECRET_FIELDS else _hide_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_secrets(v) for v in value]
+    return value
+
+
+def without_secrets(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's errors with no secret in their `input` (an error about an integration carries
+    the whole integration, key included; a URL may carry a password) nor in their context."""
+    out = []
+    for error in errors:
+        error = dict(error)
+        if error.get("loc") and error["loc"][-1] in SECRET_FIELDS:
+            error["input"] = "[hidden]"
+            error.pop("ctx", None)
+        elif "input" in error:
+            error["input"] = _hide_secrets(error["input"])
+        out.append(error)
+    return out
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def factory_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, FactoryError)
@@ -67,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
+        errors = without_secrets(exc.errors())
         return JSONResponse({"detail": jsonable_encoder(errors), "message": describe(errors)},
                             status_code=422)
 

@@ -62,6 +62,7 @@ from service.factory.models.registry import (
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, StaleStatus, Store, now
+from service.factory.tracking.keys import KeyRing, handoff_env
 from service.factory.trainer import PARENT_ENV
 from service.tracing import JOB, MODEL, Tracing, span
 
@@ -105,6 +106,8 @@ class JobManager:
         self.running: dict[str, _Running] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.workspace = store.workspace_id()
+        #: Integrations' API keys, in memory until their job trains (`tracking/keys.py`).
+        self.keys = KeyRing()
 
     # Life of the manager.
     def _mine(self, job: JobRecord) -> bool:
@@ -187,8 +190,9 @@ class JobManager:
             "training_files": [f.model_dump() for f in files],
             "validation_files": list(request.validation_files or []),
             "hyperparameters": hyper_doc,
-            # A wandb integration carries an API key: never store or echo it.
-            "integrations": [{k: v for k, v in i.items() if k != "api_key"}
+            # An integration's API key is never stored nor echoed: it stays in memory until
+            # the job trains (`self.keys`).
+            "integrations": [i.model_dump(exclude={"api_key"}, exclude_none=True)
                              for i in request.integrations or []],
             "invalid_sample_skip_percentage": request.invalid_sample_skip_percentage,
             "classifier_targets": targets,
@@ -209,6 +213,8 @@ class JobManager:
                         status="QUEUED", model=request.model, suffix=request.suffix,
                         fingerprint=fingerprint, doc=doc)
         self.store.add_job(job)
+        self.keys.keep(job.id, [i.api_key.get_secret_value() if i.api_key else None
+                                for i in request.integrations or []])
         self.queue.put_nowait(job.id)
         self._update_queued()
         return job
@@ -272,6 +278,7 @@ class JobManager:
                 if job.status in ("QUEUED", "VALIDATED") and job_id not in self.running:
                     job = self.store.update_job(job_id, status="CANCELLED",
                                                 expect=("QUEUED", "VALIDATED"))
+                    self.keys.forget(job_id)
                     self.metrics.jobs.labels(status="CANCELLED").inc()
                     self._update_queued()
                     return job
@@ -373,6 +380,7 @@ class JobManager:
             [s for s in ACTIVE_STATUSES if s != status] + ["CANCELLATION_REQUESTED"]
         job = self.store.update_job(job_id, status=status, event_data=data, expect=expect,
                                     **doc)
+        self.keys.forget(job_id)
         self.metrics.jobs.labels(status=status).inc()
         return job
 
@@ -520,6 +528,8 @@ class JobManager:
         root = _PACKAGE_ROOT
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env[PARENT_ENV] = str(os.getpid())
+        env.update(handoff_env(job.id, job.doc.get("integrations"), self.keys.take(job.id),
+                               job_dir / "tracking"))
         stderr_path = job_dir / "trainer.log"
         with stderr_path.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(

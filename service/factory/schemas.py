@@ -8,9 +8,9 @@ dicts built here, so every field the SDK requires is in one place (`job_type` on
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from service.factory.models.base import Hyperparameters
 from service.factory.store import FileRecord, JobRecord, ModelRecord
@@ -59,6 +59,42 @@ class ClassifierHyperparameters(BaseModel):
     ngram_blend: bool | None = None
 
 
+class WandbIntegration(BaseModel):
+    """Mistral's `WandbIntegration` (SDK 2.5.1 sends exactly these fields). `api_key` is
+    optional here: without one (or when W&B cannot be reached) the run is written offline, to be
+    synced later (`service/factory/tracking/wandb_run.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"] = "wandb"
+    project: str = Field(min_length=1, max_length=128)  # W&B's own limit on project names
+    name: str | None = Field(default=None, max_length=128)
+    run_name: str | None = Field(default=None, max_length=128)
+    api_key: SecretStr | None = Field(default=None, min_length=1, max_length=512)
+
+
+class MlflowIntegration(BaseModel):
+    """Beyond Mistral's API: an MLflow tracking server. Only `http(s)://` servers: a `file:` or
+    database URI would have the factory write wherever a caller names. `api_key`, when given,
+    is sent as a bearer token (MLflow's `MLFLOW_TRACKING_TOKEN`); credentials in the URL
+    (`user:password@`) are refused, since the URL is stored and shown with the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mlflow"]
+    tracking_uri: str = Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s/@]+(/\S*)?$")
+    experiment_name: str | None = Field(default=None, min_length=1, max_length=256)
+    run_name: str | None = Field(default=None, max_length=256)
+    api_key: SecretStr | None = Field(default=None, min_length=1, max_length=4096)
+
+
+Integration = Annotated[WandbIntegration | MlflowIntegration, Field(discriminator="type")]
+
+#: Trackers per job: one of each kind is what anybody needs; a bound keeps a job's training from
+#: waiting on a long list of remote servers.
+MAX_INTEGRATIONS = 4
+
+
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,7 +103,7 @@ class JobIn(BaseModel):
     training_files: list[TrainingFile | str] = Field(default_factory=list)
     validation_files: list[str] | None = None
     suffix: str | None = Field(default=None, max_length=18)
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = Field(default=None, max_length=MAX_INTEGRATIONS)
     auto_start: bool = True
     invalid_sample_skip_percentage: float = Field(default=0.0, ge=0, le=0.5)
     job_type: Literal["classifier", "completion"] | None = None
@@ -109,7 +145,11 @@ def job_out(job: JobRecord) -> dict[str, Any]:
         "validation_files": doc.get("validation_files") or [],
         "hyperparameters": doc["hyperparameters"],
         "fine_tuned_model": doc.get("fine_tuned_model"), "suffix": job.suffix,
-        "integrations": doc.get("integrations") or [],
+        # Mistral's shape has W&B integrations only (SDK 2.5.1 rejects a job with any other
+        # type); the others (MLflow) are listed beside them.
+        "integrations": [i for i in doc.get("integrations") or [] if i.get("type") == "wandb"],
+        "extra_integrations": [i for i in doc.get("integrations") or []
+                               if i.get("type") != "wandb"],
         "trained_tokens": doc.get("trained_tokens"), "metadata": doc.get("metadata"),
         # Beyond Mistral's shape (clients ignore extra keys): why a job failed, and how good
         # the model is on the validation file.

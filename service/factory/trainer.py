@@ -9,6 +9,8 @@ facts the job should record (the device that trained it), `{"type": "progress", 
 `{"type": "result", ...}` at the
 end; a failure is a non-zero exit with the reason as the last line of stderr. The job hands over a
 `TrainingSpec` (JSON) naming the base model; which model trains is the registry's business.
+Stdout is the protocol's alone: what libraries print (experiment trackers do) goes to stderr.
+The job's experiment trackers, if it names any, follow the run (`service.factory.tracking`).
 """
 
 from __future__ import annotations
@@ -28,15 +30,28 @@ import orjson
 from service.factory.data import Example, validate_file
 from service.factory.models.base import Checkpoint, TrainingData, TrainingSpec
 from service.factory.models.registry import default_registry
+from service.factory.tracking.reporter import Reporter
 
 _PR_SET_PDEATHSIG = 1
 #: The factory's pid, set by the factory when it starts a trainer.
 PARENT_ENV = "FACTORY_TRAINER_PARENT_PID"
 
 
+#: The protocol's stream: the process's stdout as it started (`_own_stdout` points fd 1, where
+#: anything else would print, at stderr).
+_protocol = sys.stdout
+
+
 def _emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(orjson.dumps(message).decode() + "\n")
+    _protocol.write(orjson.dumps(message).decode() + "\n")
+    _protocol.flush()
+
+
+def _own_stdout() -> None:
+    global _protocol
+    _protocol = os.fdopen(os.dup(1), "w")
     sys.stdout.flush()
+    os.dup2(2, 1)
 
 
 class _Control:
@@ -45,6 +60,7 @@ class _Control:
 
     def __init__(self) -> None:
         self.stop = False
+        self.reporter: Reporter | None = None
         signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum: int, frame: object) -> None:
@@ -54,10 +70,12 @@ class _Control:
         def r(value: float | None) -> float | None:
             return None if value is None else round(value, 6)
 
-        _emit({"type": "checkpoint", "step_number": checkpoint.step_number,
-               "metrics": {"train_loss": r(checkpoint.train_loss),
-                           "valid_loss": r(checkpoint.valid_loss),
-                           "valid_mean_token_accuracy": r(checkpoint.valid_accuracy)}})
+        metrics = {"train_loss": r(checkpoint.train_loss),
+                   "valid_loss": r(checkpoint.valid_loss),
+                   "valid_mean_token_accuracy": r(checkpoint.valid_accuracy)}
+        _emit({"type": "checkpoint", "step_number": checkpoint.step_number, "metrics": metrics})
+        if self.reporter is not None:  # the job's trackers get the numbers the job records
+            self.reporter.checkpoint(checkpoint.step_number, metrics)
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         _emit({"type": "event", "name": name, "data": dict(data)})
@@ -93,17 +111,23 @@ def run(spec: TrainingSpec) -> None:
     control = _Control()
     control.progress("reading")  # the training files, validated again: seconds for large ones
     data = load_data(spec)
-    model, evaluation = base.train(data, spec, control)
-    output = Path(spec.output_dir)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save(partial)
-    shutil.rmtree(output, ignore_errors=True)
-    partial.rename(output)
+    reporter = control.reporter = Reporter.from_environment(control.event)
+    reporter.start(spec)
+    try:
+        model, evaluation = base.train(data, spec, control)
+        output = Path(spec.output_dir)
+        partial = output.with_name(output.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save(partial)
+        shutil.rmtree(output, ignore_errors=True)
+        partial.rename(output)
+    except BaseException:
+        reporter.finish(None, None)
+        raise
     examples = data.examples
     tokens_per_example = sum(len(e.text.split()) for e in examples) / len(examples)
     trained_examples = int(model.info.get("trained_examples", len(examples)))
-    _emit({
+    result = {
         "type": "result",
         "trained_tokens": int(trained_examples * tokens_per_example),
         "examples": len(examples),
@@ -115,7 +139,9 @@ def run(spec: TrainingSpec) -> None:
             "valid_accuracy": round(evaluation.accuracy, 6),
             "targets": evaluation.targets,
         },
-    })
+    }
+    reporter.finish(result, output)
+    _emit(result)
 
 
 def _die_with_parent() -> None:
@@ -132,6 +158,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    _own_stdout()
     if len(argv) != 1:
         print("usage: python -m service.factory.trainer <spec.json>", file=sys.stderr)
         return 2

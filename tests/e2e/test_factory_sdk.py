@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from mistralai.client import Mistral
 from mistralai.client.errors import HTTPValidationError, SDKError
@@ -31,6 +32,7 @@ from tests.support.factory import (
 )
 
 KEY = "factory-test-key"
+WANDB_KEY = "sdk-flow-wandb-key-" + "0" * 24  # as factory_sdk251_flow.py
 FLOW = REPO / "tests" / "support" / "factory_sdk251_flow.py"
 
 
@@ -68,6 +70,14 @@ def test_sdk_251_runs_the_flow(flow: dict[str, Any]) -> None:
     assert flow["chat_job"]["status"] == "SUCCESS"
     assert flow["chat_job"]["events"] == ["QUEUED", "VALIDATING", "VALIDATED", "RUNNING",
                                           "SUCCESS"]
+    # The W&B integration parses as the SDK's own type, without its key; with no W&B to reach,
+    # the run went offline, to sync later.
+    (integration,) = flow["chat_job"]["integrations"]
+    assert integration["project"] == "sdk-flow" and "api_key" not in integration
+    (event,) = flow["chat_job"]["integration_events"]
+    assert event["type"] == "wandb" and event["status"] == "offline"
+    assert event["sync"] == f"wandb sync {event['run_dir']}"
+    assert WANDB_KEY not in orjson.dumps(flow).decode()
 
 
 def test_sdk_251_classifies_with_the_trained_models(flow: dict[str, Any]) -> None:

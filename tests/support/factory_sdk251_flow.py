@@ -21,6 +21,8 @@ from mistralai.client import Mistral
 from tests.support.waits import Deadline
 
 LONG_STEPS = 30_000  # as tests/support/factory.py (this script runs with the 2.5.1 SDK only)
+#: The chat job's W&B key, which the factory must never return (test_factory_sdk.py).
+WANDB_KEY = "sdk-flow-wandb-key-" + "0" * 24
 
 
 def _known(obj: Any) -> Any:
@@ -86,6 +88,9 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str,
         auto_start=False, suffix="sdk-chat",
         classifier_targets=[{"name": "intent", "labels": ["greet", "order", "weather"],
                              "weight": 1, "loss_function": "single_class"}],
+        # Mistral's W&B integration as the SDK sends it (W&B is not reachable from the tests:
+        # the run is written offline in the factory's data directory).
+        integrations=[{"type": "wandb", "project": "sdk-flow", "api_key": WANDB_KEY}],
     ))
     validated = wait(client, created.id, ("VALIDATED", "FAILED_VALIDATION"))
     out["validated_status"] = validated.status
@@ -94,6 +99,9 @@ def main(server_url: str, api_key: str, text_path: str, chat_path: str,
     chat_job = wait(client, created.id, ("SUCCESS", "FAILED", "CANCELLED"))
     out["chat_job"] = {
         "status": chat_job.status, "model": chat_job.fine_tuned_model,
+        "integrations": [i.model_dump() for i in chat_job.integrations or []],
+        "integration_events": [e.data for e in chat_job.events or []
+                               if e.name == "integration"],
         "events": [e.data["status"] for e in chat_job.events or [] if e.name == "status-updated"],
     }
 

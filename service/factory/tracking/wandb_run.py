@@ -1,0 +1,95 @@
+"""Weights & Biases: a job's run, online when W&B answers, offline (to sync later) when not.
+
+Online needs a key (the job's `api_key`, else the factory's own `WANDB_API_KEY`) and W&B's API
+host (`WANDB_BASE_URL`, default api.wandb.ai) accepting a TCP connection within
+`PROBE_TIMEOUT_S`; otherwise, or when the online start fails, the run is written offline
+(`WANDB_MODE=offline` semantics) under the job's directory, and the job's `integration` event
+names the directory and the `wandb sync` command that uploads it. The key is never given to an
+offline run, so nothing on disk holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from service.factory.tracking.base import EVENT, Param, RunContext
+
+PACKAGE = "wandb"
+INSTALL = "pip install 'classifier-gateway[tracking]' (or pip install wandb)"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+#: A reachable W&B answers a TCP connect in well under a second; 3 s is what a training waits
+#: at most before it goes offline (there is no retry: the offline run loses nothing).
+PROBE_TIMEOUT_S = 3.0
+
+
+def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+class WandbRun:
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def start(self, params: Mapping[str, Param]) -> None:
+        self.run.config.update(dict(params), allow_val_change=True)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def finish(self, summary: Mapping[str, float], model_dir: Path | None, ok: bool) -> None:
+        self.run.summary.update(dict(summary))
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+def _init(config: Mapping[str, Any], context: RunContext, *, online: bool,
+          api_key: str | None) -> Any:
+    import wandb
+
+    context.run_dir.mkdir(parents=True, exist_ok=True)
+    settings = wandb.Settings(
+        mode="online" if online else "offline", api_key=api_key if online else None,
+        # Nothing on the trainer's stdout (its protocol), no system sampling, no code or git
+        # state of the factory's host in the run.
+        silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True,
+        disable_git=True, save_code=False, root_dir=str(context.run_dir), init_timeout=60)
+    return wandb.init(
+        project=str(config["project"]), dir=str(context.run_dir),
+        name=config.get("run_name") or config.get("name") or f"job-{context.job_id}",
+        tags=["classifier-factory"], notes=f"fine-tuning job {context.job_id}",
+        settings=settings)
+
+
+def open_run(config: Mapping[str, Any], api_key: str | None, context: RunContext) -> WandbRun:
+    key = api_key or os.environ.get("WANDB_API_KEY") or None
+    base_url = os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    reason = None
+    if key is None:
+        reason = "no API key was given (the job's api_key, or WANDB_API_KEY on the factory)"
+    elif not reachable(base_url):
+        reason = f"{urlsplit(base_url).hostname} could not be reached"
+    run = None
+    if reason is None:
+        try:
+            run = _init(config, context, online=True, api_key=key)
+        except Exception as exc:
+            reason = f"the online run could not start ({type(exc).__name__})"
+    if run is not None:
+        context.event(EVENT, {"type": "wandb", "status": "online",
+                              "project": config["project"], "url": run.url})
+        return WandbRun(run)
+    run = _init(config, context, online=False, api_key=None)
+    sync_dir = str(Path(run.dir).parent)  # run.dir is the run's files/ folder
+    context.event(EVENT, {"type": "wandb", "status": "offline", "reason": reason,
+                          "run_dir": sync_dir, "sync": f"wandb sync {sync_dir}"})
+    return WandbRun(run)

@@ -32,7 +32,7 @@ def register(sub: Sub) -> None:
                    help="files, jobs and models (FACTORY_DATA_DIR, default ./factory-data)")
     p.add_argument("--log-level", help="debug|info|warning|error (FACTORY_LOG_LEVEL)")
     p.set_defaults(handler=cmd_factory)
-    actions = p.add_subparsers(dest="factory_action", metavar="{migrate}")
+    actions = p.add_subparsers(dest="factory_action", metavar="{migrate,gc}")
     m = actions.add_parser(
         "migrate", help="copy a data directory's metadata and blobs into Postgres and/or S3",
         description="Copy a factory data directory (read only) into a shared set-up: its "
@@ -43,6 +43,19 @@ def register(sub: Sub) -> None:
     m.add_argument("--to", help="the target database (postgresql://user:password@host/db)")
     m.add_argument("--storage", help="the target object store (s3://bucket/prefix)")
     m.set_defaults(handler=cmd_migrate)
+    g = actions.add_parser(
+        "gc", help="remove orphaned blobs: files and models no record names (a crash's leftovers)",
+        description="Remove the blobs of the factory's store (FACTORY_STORAGE_URL, or the data "
+                    "directory) that its database (FACTORY_DATABASE_URL) names nowhere and that "
+                    "are older than --min-age; a factory also does this at every start. Safe "
+                    "beside running replicas while --min-age exceeds any upload's duration.")
+    g.add_argument("--data-dir", type=Path,
+                   help="the data directory (FACTORY_DATA_DIR, default ./factory-data)")
+    g.add_argument("--min-age", type=float, metavar="SECONDS",
+                   help="only blobs last written longer ago than this (FACTORY_GC_MIN_AGE_S, "
+                        "default 3600); 0 only when no factory is running")
+    g.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    g.set_defaults(handler=cmd_gc)
 
 
 def cmd_factory(args: argparse.Namespace) -> int:
@@ -101,3 +114,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     return 1 if report.missing else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from service.factory.blobs import StorageUnavailable, open_blobs
+    from service.factory.gc import sweep
+    from service.factory.store import DatabaseUnavailable, Store
+
+    settings = FactorySettings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    if args.min_age is not None and args.min_age < 0:
+        raise UserError(f"--min-age must be 0 or more seconds, not {args.min_age:g}")
+    data_dir = settings.resolved_data_dir
+    database = settings.database_url.get_secret_value() if settings.database_url else None
+    try:
+        blobs = open_blobs(settings.storage_url, data_dir)
+        blobs.check()
+        store = Store(data_dir, database, blobs)
+    except (DatabaseUnavailable, StorageUnavailable) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        report = sweep(store, min_age_s=settings.gc_min_age_s if args.min_age is None
+                       else args.min_age, dry_run=args.dry_run)
+    finally:
+        store.close()
+    for line in report.lines():
+        print(("would remove " + line.removeprefix("removed ")) if args.dry_run
+              and line.startswith("removed ") else line)
+    return 0

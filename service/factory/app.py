@@ -7,6 +7,8 @@ side, each on its own data directory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -20,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from service.factory.blobs import open_blobs
 from service.factory.catalog import ModelCatalog
 from service.factory.errors import Unauthorized, install_error_handlers
+from service.factory.gc import sweep
 from service.factory.jobs import JobManager
 from service.factory.metrics import FactoryMetrics
 from service.factory.routes import classify, files, health, jobs, models
@@ -47,6 +50,20 @@ def _auth(settings: FactorySettings) -> Callable[..., Awaitable[None]]:
     return check
 
 
+async def _sweep_orphans(store: Store, min_age_s: int) -> None:
+    """The start-up sweep of orphaned blobs (`gc.py`), off the start's path: a large bucket
+    takes a while to list, and serving does not depend on it."""
+    try:
+        report = await asyncio.to_thread(sweep, store, min_age_s=min_age_s)
+    except Exception as exc:
+        log.warning("the sweep of orphaned blobs failed (%s: %s); run `classifier-gateway "
+                    "factory gc` to retry it", type(exc).__name__, exc)
+        return
+    if report.removed:
+        log.info("removed %d orphaned blob(s), %d bytes", len(report.removed),
+                 report.bytes_removed)
+
+
 def create_app(settings: FactorySettings | None = None,
                registry: CollectorRegistry | None = None) -> FastAPI:
     settings = settings or FactorySettings()
@@ -57,7 +74,7 @@ def create_app(settings: FactorySettings | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = settings.resolved_data_dir
-        blobs = open_blobs(settings.storage_url, data_dir)
+        blobs = open_blobs(settings.storage_url, data_dir, settings.disk_cache_bytes)
         blobs.check()
         database = settings.database_url.get_secret_value() if settings.database_url else None
         store = Store(data_dir, database, blobs)
@@ -67,12 +84,17 @@ def create_app(settings: FactorySettings | None = None,
         manager = JobManager(store, settings, metrics, tracing=tracing)
         app.state.factory = FactoryState(settings, store, manager, catalog, metrics, tracing)
         await manager.start()
+        sweeper = asyncio.create_task(_sweep_orphans(store, settings.gc_min_age_s),
+                                      name="factory-gc")
         log.info("factory ready: metadata in %s (schema revision %s), blobs in %s, %d model(s)",
                  store.engine.url.render_as_string(), store.schema_revision(), blobs.url,
                  len(store.list_models()))
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await manager.stop()
             store.close()
             if tracing is not None:

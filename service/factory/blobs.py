@@ -9,7 +9,8 @@ every model and a lost pod volume loses nothing.
 Code that reads blobs wants local files (the validator, the trainer child, the ONNX runtime): a
 remote blob is fetched once into the data directory's `cache/` and used from there; blobs never
 change once written (a file or a model is replaced by a new id, never rewritten), so the cached
-copy never goes stale.
+copy never goes stale. The cached models are bounded in bytes, least recently used out
+(`S3Blobs`).
 
 A model is a directory of files published under `models/<job id>/`. It is visible only once
 `MANIFEST.json` (every file's name and size) is written, last; the database record comes after
@@ -18,10 +19,15 @@ that. A crash mid-upload leaves files without a manifest, which nothing reads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,15 @@ class BlobMissing(Exception):
 
 class StorageUnavailable(Exception):
     """The object store cannot be used; the message names the setting and the reason."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob: its key, size and when it was last written (seconds since the epoch)."""
+
+    key: str
+    bytes: int
+    modified: float
 
 
 class Blobs(ABC):
@@ -75,6 +90,16 @@ class Blobs(ABC):
     @abstractmethod
     def delete_dir(self, prefix: str) -> None:
         """Unpublish `prefix` (manifest first, so that nothing sees it half gone)."""
+
+    @contextlib.contextmanager
+    def pinned(self, prefix: str) -> Iterator[Path]:
+        """`local_dir(prefix)`, kept on this machine's disk while the block reads it (a cache
+        bound never removes it meanwhile)."""
+        yield self.local_dir(prefix)
+
+    @abstractmethod
+    def entries(self, prefix: str) -> Iterator[BlobInfo]:
+        """Every blob under `prefix` (`files/`, `models/`), in no particular order."""
 
     def check(self) -> None:  # noqa: B027 - only remote stores have anything to check
         """Fail at start, with the setting named, when the store cannot be reached."""
@@ -145,12 +170,31 @@ class LocalBlobs(Blobs):
         (path / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
+    def entries(self, prefix: str) -> Iterator[BlobInfo]:
+        base = self._path(prefix)
+        for path in base.rglob("*") if base.is_dir() else ():
+            try:
+                if path.is_file():
+                    stat = path.stat()
+                    yield BlobInfo(path.relative_to(self.root).as_posix(), stat.st_size,
+                                   stat.st_mtime)
+            except FileNotFoundError:  # removed meanwhile (a delete on this machine)
+                continue
+
 
 class S3Blobs(Blobs):
     """Blobs in an S3-compatible bucket (`s3://bucket/prefix`) through obstore, fetched on use
-    into `cache_dir`."""
+    into `cache_dir`.
 
-    def __init__(self, url: str, cache_dir: Path) -> None:
+    The cached models are bounded by `cache_bytes` (FACTORY_DISK_CACHE_BYTES): each use of a
+    model (`local_dir`) stamps its manifest's modification time, and a fetch that takes the
+    cache over the bound removes the least recently used models until it fits, never the one
+    being used nor one `pinned` (being loaded or exported). Only published models (with their
+    manifest) go: a model being trained into the cache has none yet, and an evicted one is
+    fetched again on its next use. An eviction renames the directory away before removing it,
+    so a reader sees a model whole or absent."""
+
+    def __init__(self, url: str, cache_dir: Path, cache_bytes: int | None = None) -> None:
         try:
             from obstore.store import S3Store
         except ImportError:
@@ -159,6 +203,9 @@ class S3Blobs(Blobs):
                 "pip install 'classifier-gateway[cluster]'") from None
         self.url = url
         self.cache_dir = cache_dir
+        self.cache_bytes = cache_bytes
+        self._cache_lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
         (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
@@ -247,7 +294,9 @@ class S3Blobs(Blobs):
 
         target = self.cache_dir / prefix
         if (target / MANIFEST).exists():
-            return target
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: fetch it again
+                os.utime(target / MANIFEST)  # its last use, for the cache's bound
+                return target
         try:
             raw = bytes(obstore.get(self.store, f"{prefix}/{MANIFEST}").bytes())
         except FileNotFoundError:
@@ -268,7 +317,56 @@ class S3Blobs(Blobs):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.bound_cache(keep=prefix)
         return target
+
+    @contextlib.contextmanager
+    def pinned(self, prefix: str) -> Iterator[Path]:
+        with self._cache_lock:
+            self._pins[prefix] += 1
+        try:
+            yield self.local_dir(prefix)
+        finally:
+            with self._cache_lock:
+                self._pins[prefix] -= 1
+                if self._pins[prefix] <= 0:
+                    del self._pins[prefix]
+
+    def cached_models(self) -> list[tuple[str, int, float]]:
+        """The published models on this disk: (prefix, bytes, last use), least recent first."""
+        out = []
+        for manifest in (self.cache_dir / "models").glob(f"*/{MANIFEST}"):
+            try:
+                used = manifest.stat().st_mtime
+                size = dir_bytes(manifest.parent)
+            except (FileNotFoundError, ValueError, KeyError):
+                continue  # evicted meanwhile, or a manifest being written
+            out.append((f"models/{manifest.parent.name}", size, used))
+        return sorted(out, key=lambda entry: entry[2])
+
+    def bound_cache(self, keep: str | None = None) -> list[str]:
+        """Remove the least recently used models beyond `cache_bytes`; returns their
+        prefixes."""
+        if self.cache_bytes is None:
+            return []
+        evicted = []
+        with self._cache_lock:
+            models = self.cached_models()
+            total = sum(size for _, size, _ in models)
+            for prefix, size, _ in models:
+                if total <= self.cache_bytes:
+                    break
+                if prefix == keep or self._pins.get(prefix):
+                    continue
+                away = self.cache_dir / "tmp" / f"evicted-{uuid.uuid4().hex}"
+                try:
+                    (self.cache_dir / prefix).rename(away)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(away, ignore_errors=True)
+                total -= size
+                evicted.append(prefix)
+        return evicted
 
     def delete_dir(self, prefix: str) -> None:
         import obstore
@@ -280,13 +378,22 @@ class S3Blobs(Blobs):
             obstore.delete(self.store, keys)
         shutil.rmtree(self.cache_dir / prefix, ignore_errors=True)
 
+    def entries(self, prefix: str) -> Iterator[BlobInfo]:
+        import obstore
 
-def open_blobs(url: str | None, data_dir: Path) -> Blobs:
-    """The store `FACTORY_STORAGE_URL` names: unset (or a path), the data directory itself."""
+        for batch in obstore.list(self.store, prefix):
+            for meta in batch:
+                yield BlobInfo(str(meta["path"]), int(meta["size"]),
+                               meta["last_modified"].timestamp())
+
+
+def open_blobs(url: str | None, data_dir: Path, cache_bytes: int | None = None) -> Blobs:
+    """The store `FACTORY_STORAGE_URL` names: unset (or a path), the data directory itself.
+    `cache_bytes` bounds a remote store's copies on this disk (FACTORY_DISK_CACHE_BYTES)."""
     if not url:
         return LocalBlobs(data_dir)
     if url.startswith("s3://"):
-        return S3Blobs(url, data_dir / "cache")
+        return S3Blobs(url, data_dir / "cache", cache_bytes)
     if url.startswith("file://") or "://" not in url:
         return LocalBlobs(Path(url.removeprefix("file://")).expanduser().resolve())
     raise StorageUnavailable(f"FACTORY_STORAGE_URL={url!r}: use s3://bucket/prefix, or leave it "

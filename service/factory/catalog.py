@@ -12,8 +12,10 @@ in size (an n-gram model against a MiniLM one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +102,26 @@ class ModelCatalog:
         try:
             return self.store.blobs.local_dir(self.store.model_key(record.job_id))
         except BlobMissing:
-            raise FactoryError(f"model {record.id!r} is recorded but its files are not in the "
-                               f"store ({self.store.blobs.url}); delete it and train it again",
-                               param="model", code="model_unreadable", status=409) from None
+            raise self._unreadable(record) from None
+
+    @contextlib.contextmanager
+    def using(self, record: ModelRecord) -> Iterator[Path]:
+        """`local_dir`, kept on disk while the block reads it (the disk cache's bound waits)."""
+        try:
+            with self.store.blobs.pinned(self.store.model_key(record.job_id)) as path:
+                yield path
+        except BlobMissing:
+            raise self._unreadable(record) from None
+
+    def _unreadable(self, record: ModelRecord) -> FactoryError:
+        return FactoryError(f"model {record.id!r} is recorded but its files are not in the "
+                            f"store ({self.store.blobs.url}); delete it and train it again",
+                            param="model", code="model_unreadable", status=409)
 
     def _load(self, record: ModelRecord) -> tuple[Predictor, int]:
         try:
-            path = self.local_dir(record)
-            return self.registry.load(path), dir_bytes(path)
+            with self.using(record) as path:
+                return self.registry.load(path), dir_bytes(path)
         except ModelFormatError as exc:
             raise FactoryError(f"model {record.id!r} cannot be served: {exc}", param="model",
                                code="model_unreadable", status=409) from None

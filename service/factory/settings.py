@@ -56,6 +56,18 @@ class FactorySettings(BaseSettings):
                     "recently used models are evicted beyond it (the last one loaded always "
                     "stays).",
     )
+    disk_cache_bytes: int = Field(
+        default=10 * 1024 * 1024 * 1024, ge=1,
+        description="Bytes of model files a replica keeps on its disk, fetched from an object "
+                    "store (FACTORY_STORAGE_URL=s3://...): the least recently used are removed "
+                    "beyond it (the model in use always stays). No effect on a local store.",
+    )
+    gc_min_age_s: int = Field(
+        default=3600, ge=60,
+        description="Blobs that no record names are removed at start (and by `factory gc`) "
+                    "once older than this: younger ones may be another replica's upload or "
+                    "model between its two writes.",
+    )
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs training at once.")
     max_reported_errors: int = Field(default=20, ge=1, description="Errors shown in a job.")
     checkpoints: int = Field(default=10, ge=1, description="Checkpoints recorded per job.")

@@ -434,6 +434,19 @@ class Store:
                                  .values(deleted=1)).rowcount
         return _model(row) if changed else None
 
+    def referenced_blobs(self, active_statuses: Sequence[str]) -> set[str]:
+        """The blob keys the metadata needs (`gc.py`): every file not deleted, and the model
+        prefix of every model not deleted and of every job still at work (whose model is being
+        written). Read in one transaction, so that a sweep sees one moment of the database."""
+        f, m, j = self._t["files"], self._t["models"], self._t["jobs"]
+        with self._tx() as db:
+            files = db.execute(sa.select(f.c.id).where(f.c.deleted == 0)).scalars().all()
+            models = db.execute(sa.select(m.c.job_id).where(m.c.deleted == 0)).scalars().all()
+            jobs = db.execute(sa.select(j.c.id).where(j.c.status.in_(list(active_statuses)))
+                              ).scalars().all()
+        return ({self.file_key(i) for i in files}
+                | {self.model_key(i) for i in [*models, *jobs]})
+
     def _event(self, db: Connection, job_id: str, name: str, data: dict[str, Any],
                created_at: int) -> None:
         db.execute(sa.insert(self._t["events"]).values(

@@ -40,12 +40,12 @@ async def export_model(model_id: str, state: Annotated[FactoryState, Depends(get
     from service.export.writer import BadFormat, NotExportable, archive, export
 
     record = state.catalog.record(model_id)
-    model_dir = await asyncio.to_thread(state.catalog.local_dir, record)
     work = Path(tempfile.mkdtemp(prefix="export-", dir=state.store.tmp_dir()))
     tarball = work / "export.tar"
 
     def build() -> None:
-        export(model_dir, model_id, format, work / "out")
+        with state.catalog.using(record) as model_dir:  # on disk until the export is written
+            export(model_dir, model_id, format, work / "out")
         archive(work / "out", tarball)
 
     try:

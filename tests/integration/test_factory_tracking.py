@@ -162,7 +162,7 @@ def test_missing_tracker_packages_leave_the_job_training(tmp_path: Path,
 
 
 #: (integration, the field the 422 names, what its message says)
-BAD_INTEGRATIONS = [
+BAD_INTEGRATIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"type": "mlflow", "tracking_uri": "file:///etc"}, "tracking_uri", "https?://"),
     ({"type": "mlflow", "tracking_uri": "http://user:pw@host"}, "tracking_uri", "https?://"),
     ({"type": "mlflow"}, "tracking_uri", "required"),

@@ -41,7 +41,7 @@ def records(path: Path) -> Iterator[Any]:
         offset += HEADER.size + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             record.ParseFromString(pending)
             yield record
 

@@ -83,6 +83,7 @@ lock-files:
 	$(UV_COMPILE) pyproject.toml --extra encoder -c requirements/dev.txt -o requirements/encoder.txt
 	$(UV_COMPILE) pyproject.toml --extra otel -c requirements/dev.txt -o requirements/otel.txt
 	$(UV_COMPILE) pyproject.toml --extra cluster -c requirements/dev.txt -o requirements/cluster.txt
+	$(UV_COMPILE) pyproject.toml --extra tracking -c requirements/dev.txt -o requirements/tracking.txt
 	$(UV_COMPILE) requirements/infinity.in -o requirements/infinity.txt
 	( printf '%s\n' '# Written by `make lock`: dev.txt'"'"'s PyTorch alone, the CPU build, from its own index.' \
 		'# `pip install --no-deps -r requirements/torch.txt` (the Makefile, the Dockerfile).' \

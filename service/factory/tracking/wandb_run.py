@@ -2,7 +2,7 @@
 
 Online needs a key (the job's `api_key`, else the factory's own `WANDB_API_KEY`) and W&B's API
 host (`WANDB_BASE_URL`, default api.wandb.ai) accepting a TCP connection within
-`PROBE_TIMEOUT_S`; otherwise, or when the online start fails, the run is written offline
+`PROBE_TIMEOUT_S`, and no `WANDB_MODE=offline` on the factory; otherwise, or when the online start fails, the run is written offline
 (`WANDB_MODE=offline` semantics) under the job's directory, and the job's `integration` event
 names the directory and the `wandb sync` command that uploads it. The key is never given to an
 offline run, so nothing on disk holds it.
@@ -74,7 +74,9 @@ def open_run(config: Mapping[str, Any], api_key: str | None, context: RunContext
     key = api_key or os.environ.get("WANDB_API_KEY") or None
     base_url = os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
     reason = None
-    if key is None:
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):  # the operator's choice
+        reason = f"WANDB_MODE={os.environ['WANDB_MODE']} is set on the factory"
+    elif key is None:
         reason = "no API key was given (the job's api_key, or WANDB_API_KEY on the factory)"
     elif not reachable(base_url):
         reason = f"{urlsplit(base_url).hostname} could not be reached"

@@ -5,12 +5,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,65 +19,28 @@ from service.factory.executors.ray import NAMESPACE, actor_name
 from tests.support.cluster import S3, aws_env, running_s3
 from tests.support.factory import (
     LONG_JOB,
-    REPO,
     FactoryClient,
     jsonl,
     running_factory,
     sentiment_rows,
 )
-from tests.support.redis_server import wait_for_port
+from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, running_ray
 from tests.support.waits import Deadline
 
 TEXTS = ["the film was wonderful", "the meal was awful", "the app was broken, really useless"]
-GCS_PORT = 6379  # the namespace is ours alone: Ray's default ports are free in it
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3]:
-    assert os.environ.get("CGW_RAY_NETNS"), "run by test_factory_ray.py, inside its namespace"
+    assert os.environ.get(NETNS_ENV), "run by test_factory_ray.py, inside its namespace"
     with running_s3() as server, aws_env(server):
         yield server
 
 
 @pytest.fixture(scope="module")
 def ray_address(s3: S3) -> Iterator[str]:
-    """`ray start --head --block` in a process group of its own, on 127.0.0.1; its workers get
-    the store's credentials from their environment and import `service` from the repository."""
-    temp = Path(f"/tmp/cgw-ray-{os.getpid()}")  # short: Ray's unix sockets live under it
-    log = (Path(os.environ.get("TMPDIR", "/tmp")) / f"cgw-ray-{os.getpid()}.log").open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-         "--node-ip-address", "127.0.0.1", "--port", str(GCS_PORT), "--num-cpus", "2",
-         "--num-gpus", "0", "--include-dashboard=false", "--disable-usage-stats",
-         "--temp-dir", str(temp)],
-        env={**os.environ, **s3.env(), "PYTHONPATH": str(REPO)}, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{GCS_PORT}"
-    try:
-        wait_for_port(GCS_PORT, timeout_s=60)
-        deadline = Deadline(60)
-        while True:  # the GCS answers a moment before the head node has registered
-            try:
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-                break
-            except ConnectionError:
-                if deadline.expired():
-                    raise
-                time.sleep(0.5)
+    with running_ray(s3.env()) as address:
         yield address
-    finally:
-        ray.shutdown()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        with contextlib.suppress(ProcessLookupError):  # workers left in the group
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def listening() -> list[str]:

@@ -82,6 +82,10 @@ ORPHAN_REASON = ("the factory replica {replica} that supervised this job stopped
                  "for {lease} s) while the job was {status}; its training ran in that replica "
                  "(FACTORY_EXECUTOR={executor}) and stopped with it: create the job again "
                  "(with FACTORY_EXECUTOR=ray a training outlives its replica)")
+LOST_RUN_REASON = ("the factory replica {replica} that supervised this job stopped (no heartbeat "
+                   "for {lease} s) while the job was {status}, and its training is gone from "
+                   "the {executor} cluster too (its actor died, or this replica cannot reach "
+                   "it: check FACTORY_EXECUTOR and FACTORY_RAY_ADDRESS): create the job again")
 
 
 def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> str:
@@ -721,10 +725,10 @@ class JobManager:
                 if job.status == "CANCELLATION_REQUESTED":
                     self._finish(job_id, "CANCELLED")
                     return
-                reason = ORPHAN_REASON.format(
+                executor = ref.get("executor", "local") if isinstance(ref, dict) else "local"
+                reason = (ORPHAN_REASON if executor == "local" else LOST_RUN_REASON).format(
                     replica=owner, status=job.status, lease=f"{self.settings.lease_s:g}",
-                    executor=(ref or {}).get("executor", "local") if isinstance(ref, dict)
-                    else "local")
+                    executor=executor)
                 self._finish(job_id, "FAILED", error=reason, owner=self.me)
                 log.warning("job %s: FAILED, %s", job_id, reason)
                 return

@@ -20,6 +20,7 @@ from tests.support.cluster import S3, aws_env, running_s3
 from tests.support.factory import (
     LONG_JOB,
     FactoryClient,
+    FactoryProcess,
     jsonl,
     running_factory,
     sentiment_rows,
@@ -126,14 +127,7 @@ def test_a_cancel_from_another_replica_stops_the_ray_run(ray_address: str, s3: S
         created = a.create_job(file["id"], **LONG_JOB)
         a.wait(created["id"], statuses=("RUNNING",), timeout_s=60)
         name = actor_name(created["id"])
-        deadline = Deadline(60)
-        while True:  # the actor exists and trains
-            try:
-                ray.get_actor(name, namespace=NAMESPACE)
-                break
-            except ValueError:
-                assert not deadline.expired(), "no Ray actor for the job"
-                time.sleep(0.2)
+        wait_for_actor(name)  # the actor exists and trains
         r = b.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "CANCELLATION_REQUESTED", r.text
         wait_until_gone(name, seconds=5)  # B killed the actor itself
@@ -143,3 +137,55 @@ def test_a_cancel_from_another_replica_stops_the_ray_run(ray_address: str, s3: S
         assert statuses[-2:] == ["CANCELLATION_REQUESTED", "CANCELLED"]
         a.close()
         b.close()
+
+
+def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """A (a real process, SIGKILLed) supervises a Ray training; B takes the lapsed lease and
+    follows the same actor (the training never stopped), then a cancel on B ends it: the job is
+    never left RUNNING without a supervisor."""
+    shared = {**s3.env(), "FACTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
+              "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/follow", "FACTORY_EXECUTOR": "ray",
+              "FACTORY_RAY_ADDRESS": ray_address, "FACTORY_LEASE_S": "2"}
+    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a"}).start()
+    try:
+        with running_factory(tmp_path / "b", database_url=shared["FACTORY_DATABASE_URL"],
+                             storage_url=shared["FACTORY_STORAGE_URL"], executor="ray",
+                             ray_address=ray_address, replica_id="b", lease_s=2) as server:
+            on_a, on_b = FactoryClient(a.url), FactoryClient(server.url)
+            file = on_a.upload(jsonl(sentiment_rows(200)))
+            created = on_a.create_job(file["id"], **LONG_JOB)
+            on_b.wait(created["id"], statuses=("RUNNING",), timeout_s=60)
+            name = actor_name(created["id"])
+            actor = wait_for_actor(name)
+            a.kill()
+            deadline = Deadline(30)
+            while True:  # B takes the job over, and follows the same actor
+                job = on_b.job(created["id"])
+                changed = [e["data"] for e in job["events"] if e["name"] == "supervisor-changed"]
+                if changed:
+                    break
+                assert job["status"] == "RUNNING", job
+                assert not deadline.expired(), "no replica took the job over"
+                time.sleep(0.2)
+            assert changed == [{"from": "a", "to": "b"}]
+            assert ray.get_actor(name, namespace=NAMESPACE)._actor_id == actor._actor_id
+            r = on_b.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
+            assert r.status_code == 200, r.text
+            job = on_b.wait(created["id"], timeout_s=15)
+            assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None, job
+            wait_until_gone(name)
+            on_a.close()
+            on_b.close()
+    finally:
+        a.stop()
+
+
+def wait_for_actor(name: str, seconds: float = 60) -> Any:
+    deadline = Deadline(seconds)
+    while True:
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            assert not deadline.expired(), f"no Ray actor {name}"
+            time.sleep(0.2)

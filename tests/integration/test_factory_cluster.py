@@ -245,6 +245,18 @@ def test_a_wrong_database_url_stops_the_factory_with_one_line_naming_the_setting
     assert "secret" not in err, err
 
 
+def test_the_ray_executor_without_its_address_stops_the_factory_with_one_line(
+        tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "factory", "--data-dir", str(tmp_path),
+         "--port", "1"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "FACTORY_EXECUTOR": "ray"},
+        capture_output=True, timeout=60, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "FACTORY_RAY_ADDRESS" in err and "Traceback" not in err, err
+
+
 # 2. Blobs in an object store.
 def test_a_model_without_its_manifest_is_not_there(s3: S3, tmp_path: Path) -> None:
     blobs = S3Blobs(f"s3://{s3.bucket}/manifest-{uuid.uuid4().hex[:6]}", tmp_path / "cache")

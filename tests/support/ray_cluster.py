@@ -41,13 +41,23 @@ def in_loopback_namespace(argv: Sequence[str], env: Mapping[str, str] | None = N
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
                        check=True)
-        return subprocess.run(
+        done = subprocess.run(
             ["ip", "netns", "exec", name, *argv],
             env={**os.environ, "PYTHONPATH": str(REPO), NETNS_ENV: name, **(env or {})},
             cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
+        log = ray_dir(name) / "ray-start.log"
+        if done.returncode != 0 and log.exists():  # what Ray said, for the failure message
+            done.stdout += "\n--- ray start ---\n" + log.read_text(errors="replace")[-4000:]
+        return done
     finally:
         _stop_everything_in(name)
         subprocess.run(["ip", "netns", "delete", name], check=False)
+        shutil.rmtree(ray_dir(name), ignore_errors=True)
+
+
+def ray_dir(netns: str) -> Path:
+    """Ray's temporary directory for the namespace (short: Ray's unix sockets live under it)."""
+    return Path("/tmp") / netns
 
 
 def _stop_everything_in(name: str) -> None:
@@ -71,8 +81,9 @@ def running_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[str]:
     import ray
 
     assert os.environ.get(NETNS_ENV), "start Ray only inside in_loopback_namespace"
-    temp = Path(f"/tmp/cgw-ray-{os.getpid()}")  # short: Ray's unix sockets live under it
-    log = (Path(os.environ.get("TMPDIR", "/tmp")) / f"cgw-ray-{os.getpid()}.log").open("wb")
+    temp = ray_dir(os.environ[NETNS_ENV])
+    temp.mkdir(parents=True, exist_ok=True)
+    log = (temp / "ray-start.log").open("wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
          "--node-ip-address", "127.0.0.1", "--port", str(GCS_PORT), "--num-cpus",
@@ -104,5 +115,4 @@ def running_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[str]:
             process.wait(10)
         with contextlib.suppress(ProcessLookupError):  # workers left in the group
             os.killpg(process.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        log.close()  # the directory goes with the namespace (in_loopback_namespace)

@@ -151,9 +151,6 @@ class RayExecutor(Executor):
     def __init__(self, settings: FactorySettings, blobs: Blobs) -> None:
         from service.factory.executors.registry import ExecutorUnavailable
 
-        if not settings.ray_address:
-            raise ExecutorUnavailable("FACTORY_EXECUTOR=ray needs FACTORY_RAY_ADDRESS: the Ray "
-                                      "cluster's address (ray://head:10001, or host:6379)")
         self.settings = settings
         self.storage_url = blobs.url  # s3://..., or a directory the Ray workers share
         try:

@@ -23,6 +23,9 @@ def _local(settings: FactorySettings, blobs: Blobs) -> Executor:
 
 
 def _ray(settings: FactorySettings, blobs: Blobs) -> Executor:
+    if not settings.ray_address:
+        raise ExecutorUnavailable("FACTORY_EXECUTOR=ray needs FACTORY_RAY_ADDRESS: the Ray "
+                                  "cluster's address (ray://head:10001, or host:6379)")
     try:
         from service.factory.executors.ray import RayExecutor
     except ImportError as exc:

@@ -688,8 +688,9 @@ class JobManager:
                     if running.run is not None:
                         await running.run.abandon()
             elif running.run is not None and running.cursor != running.saved_cursor:
-                self.store.update_job(job_id, run_cursor=running.cursor)
-                running.saved_cursor = running.cursor
+                with contextlib.suppress(StaleStatus):  # a cancel moved it: saved next beat
+                    self.store.update_job(job_id, run_cursor=running.cursor)
+                    running.saved_cursor = running.cursor
 
     async def _take_lapsed(self) -> None:
         lapsed = await asyncio.to_thread(self.store.lapsed_leases, SUPERVISED)

@@ -82,10 +82,11 @@ def cmd_factory(args: argparse.Namespace) -> int:
 
 
 def check_stores(settings: FactorySettings) -> None:
-    """Open the database and the object store once before serving, so that a wrong
-    FACTORY_DATABASE_URL or an unreachable FACTORY_STORAGE_URL is one line naming the setting
-    (exit 1), not a lifespan traceback from uvicorn."""
+    """Open the database, the object store and the executor once before serving, so that a
+    wrong FACTORY_DATABASE_URL, an unreachable FACTORY_STORAGE_URL or FACTORY_RAY_ADDRESS is one
+    line naming the setting (exit 1), not a lifespan traceback from uvicorn."""
     from service.factory.blobs import StorageUnavailable, open_blobs
+    from service.factory.executors.registry import ExecutorUnavailable, open_executor
     from service.factory.store import DatabaseUnavailable, Store
 
     data_dir = settings.resolved_data_dir
@@ -94,7 +95,9 @@ def check_stores(settings: FactorySettings) -> None:
         blobs = open_blobs(settings.storage_url, data_dir)
         blobs.check()
         Store(data_dir, database, blobs).close()
-    except (DatabaseUnavailable, StorageUnavailable) as exc:
+        if settings.executor != "local":  # FACTORY_RAY_ADDRESS reachable (Ray connects once)
+            open_executor(settings, blobs)
+    except (DatabaseUnavailable, StorageUnavailable, ExecutorUnavailable) as exc:
         raise UserError(str(exc)) from None
 
 

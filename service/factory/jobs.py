@@ -16,6 +16,14 @@ conditional on the status it expects (`Store.update_job(expect=...)`), so that o
 racing for one job exactly one acts; a job records the replica that runs it (`replica`), the
 replica that runs a job notices a cancel made on another one within a second, and a restarting
 replica fails only the jobs that it left behind (FACTORY_REPLICA_ID).
+
+Training runs on an executor (`executors/`, FACTORY_EXECUTOR): a child process of this replica,
+or a Ray actor. Exactly one replica supervises a job it works on: it holds the job's lease in the
+database (FACTORY_LEASE_S, 15 s), renews it every third of that (the heartbeat), and only it
+records the job's progress and outcome. Every replica, at each beat, takes the jobs whose lease
+lapsed (one conditional UPDATE: one taker): it follows a run that outlived its replica (Ray) to
+its end, and fails a job whose run died with it (a child process) with the reason. A replica dead
+is so replaced within FACTORY_LEASE_S * 4/3 (20 s).
 """
 
 from __future__ import annotations
@@ -24,19 +32,15 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-import service
 from service.factory.blobs import BlobMissing
 from service.factory.data import (
     TargetSpec,
@@ -46,6 +50,8 @@ from service.factory.data import (
     validate_file,
 )
 from service.factory.errors import Conflict, FactoryError, NotFound
+from service.factory.executors.base import Executor, TrainingRun
+from service.factory.executors.registry import open_executor
 from service.factory.metrics import FactoryMetrics
 from service.factory.models.base import (
     BaseModel,
@@ -63,18 +69,24 @@ from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, StaleStatus, Store, now
 from service.factory.tracking.keys import KeyRing, handoff_env
-from service.factory.trainer import PARENT_ENV
 from service.tracing import JOB, MODEL, Tracing, span
 
 log = logging.getLogger("service.factory.jobs")
 
-# The directory holding the `service` package: the trainer child imports it from there even when
-# the factory runs from another working directory without the package installed.
-_PACKAGE_ROOT = str(Path(service.__file__).resolve().parent.parent)
+#: The statuses in which a replica works on a job and holds its lease.
+SUPERVISED = ("VALIDATING", "RUNNING", "CANCELLATION_REQUESTED")
 SHUTDOWN_REASON = ("the factory was shut down while this job was {status}; its partial work is "
                    "lost: create the job again")
 CRASH_REASON = ("the factory stopped while this job was {status}; its partial work is lost: "
                 "create the job again")
+ORPHAN_REASON = ("the factory replica {replica} that supervised this job stopped (no heartbeat "
+                 "for {lease} s) while the job was {status}; its training ran in that replica "
+                 "(FACTORY_EXECUTOR={executor}) and stopped with it: create the job again "
+                 "(with FACTORY_EXECUTOR=ray a training outlives its replica)")
+LOST_RUN_REASON = ("the factory replica {replica} that supervised this job stopped (no heartbeat "
+                   "for {lease} s) while the job was {status}, and its training is gone from "
+                   "the {executor} cluster too (its actor died, or this replica cannot reach "
+                   "it: check FACTORY_EXECUTOR and FACTORY_RAY_ADDRESS): create the job again")
 
 
 def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> str:
@@ -86,7 +98,14 @@ def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> 
 @dataclass
 class _Running:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    process: asyncio.subprocess.Process | None = None
+    run: TrainingRun | None = None
+    #: Whether this replica holds the job's lease (from its first status change on).
+    leased: bool = False
+    #: The lease was taken over (this replica stalled past it): stop, record nothing.
+    lost: bool = False
+    #: Messages of the run consumed, and as last saved on the job (`run_cursor`).
+    cursor: int = 0
+    saved_cursor: int = 0
     #: The trainer's latest `progress` (see `JobManager.progress`): kept here, written to the
     #: store only when the phase changes, since a step may be a fraction of a second.
     progress: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +114,8 @@ class _Running:
 class JobManager:
     def __init__(self, store: Store, settings: FactorySettings, metrics: FactoryMetrics,
                  on_model: Callable[[ModelRecord], None] | None = None,
-                 registry: Registry | None = None, tracing: Tracing | None = None) -> None:
+                 registry: Registry | None = None, tracing: Tracing | None = None,
+                 executor: Executor | None = None) -> None:
         self.store = store
         self.tracing = tracing
         self.registry = registry or default_registry()
@@ -108,6 +128,10 @@ class JobManager:
         self.workspace = store.workspace_id()
         #: Integrations' API keys, in memory until their job trains (`tracking/keys.py`).
         self.keys = KeyRing()
+        self.me = settings.replica
+        self.executor = executor or open_executor(settings, store.blobs)
+        self.supervisor: asyncio.Task[None] | None = None
+        self.adopting: set[asyncio.Task[None]] = set()
 
     # Life of the manager.
     def _mine(self, job: JobRecord) -> bool:
@@ -118,6 +142,9 @@ class JobManager:
         for job in self.store.jobs_with_status("VALIDATING", "RUNNING", "STARTED"):
             if not self._mine(job):
                 continue
+            if self._followable(job):  # a Ray run outlives its replica: follow it again
+                self._adopt_now(job.id, self.me)
+                continue
             reason = CRASH_REASON.format(status=job.status)
             with contextlib.suppress(StaleStatus):
                 self.store.update_job(job.id, status="FAILED", error=reason, expect=(job.status,),
@@ -126,6 +153,9 @@ class JobManager:
                 log.warning("job %s was %s when the factory stopped: FAILED", job.id, job.status)
         for job in self.store.jobs_with_status("CANCELLATION_REQUESTED"):
             if not self._mine(job):
+                continue
+            if self._followable(job):
+                self._adopt_now(job.id, self.me)
                 continue
             with contextlib.suppress(StaleStatus):
                 self.store.update_job(job.id, status="CANCELLED",
@@ -137,16 +167,35 @@ class JobManager:
         self._update_queued()
         self.workers = [asyncio.create_task(self._worker(), name=f"factory-job-worker-{i}")
                         for i in range(self.settings.max_concurrent_jobs)]
+        self.supervisor = asyncio.create_task(self._supervision(), name="factory-supervision")
+
+    def _followable(self, job: JobRecord) -> bool:
+        """Whether the job's run can outlive its replica and this one's executor can follow it."""
+        ref = job.doc.get("run")
+        return (job.status != "VALIDATING" and isinstance(ref, dict)
+                and ref.get("executor") not in (None, "local")
+                and ref.get("executor") == self.executor.name)
+
+    def _adopt_now(self, job_id: str, owner: str) -> None:
+        self.store.take_lease(job_id, self.me, self.settings.lease_s)
+        task = asyncio.create_task(self._adopt(job_id, owner), name=f"factory-job-adopt-{job_id}")
+        self.adopting.add(task)
+        task.add_done_callback(self.adopting.discard)
 
     async def stop(self) -> None:
-        """Stop the workers. A job caught validating or training is killed and recorded as
-        FAILED now (a crash leaves that to the next start, which says the same)."""
-        for task in self.workers:
+        """Stop the workers. A run that outlives this replica (Ray) is handed over: its lease
+        lapses now and another replica (or this one's next start) follows it. A job caught
+        validating or training here is killed and recorded as FAILED now (a crash leaves that
+        to the replica that takes its lease, which says the same)."""
+        tasks = [*self.workers, *self.adopting] + ([self.supervisor] if self.supervisor else [])
+        for task in tasks:
             task.cancel()
         for job_id, running in list(self.running.items()):
-            if running.process is not None and running.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    running.process.kill()
+            if running.run is not None:
+                await running.run.abandon()
+                if running.run.ref.get("executor") != "local":
+                    self.store.hand_over(job_id, self.me)
+                    continue
             job = self.store.get_job(job_id)
             if job is not None and job.status in ("VALIDATING", "RUNNING",
                                                   "CANCELLATION_REQUESTED"):
@@ -156,9 +205,10 @@ class JobManager:
                     else:
                         self._finish(job_id, "FAILED", error=SHUTDOWN_REASON.format(
                             status=job.status))
-        for task in self.workers:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.executor.close()
 
     # API operations.
     async def create(self, request: JobIn, *, dry_run: bool = False) -> JobRecord | dict[str, Any]:
@@ -294,9 +344,14 @@ class JobManager:
         running = self.running.get(job_id)
         if running is not None:
             running.cancel.set()
-            if running.process is not None and running.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    running.process.kill()
+            if running.run is not None:
+                await running.run.cancel()
+        else:
+            # Supervised elsewhere: a run that an executor can reach from here (Ray) is stopped
+            # from here at once; its supervisor records CANCELLED when it sees the run end.
+            ref = job.doc.get("run")
+            if isinstance(ref, dict) and ref.get("executor") == self.executor.name:
+                await self.executor.stop(ref)
         return job
 
     def progress(self, job: JobRecord) -> dict[str, Any] | None:
@@ -393,7 +448,9 @@ class JobManager:
     async def _run(self, job: JobRecord, running: _Running) -> None:
         if job.status == "QUEUED":
             job = self.store.update_job(job.id, status="VALIDATING", expect=("QUEUED",),
-                                        replica=self.settings.replica)
+                                        replica=self.me, owner=self.me,
+                                        lease_s=self.settings.lease_s)
+            running.leased = True
             self._update_queued()
             outcome = await asyncio.to_thread(self._validate, job)
             if self._cancelled(job.id, running):
@@ -491,84 +548,96 @@ class JobManager:
 
     async def _train(self, job: JobRecord, running: _Running) -> None:
         job = self.store.update_job(job.id, status="RUNNING", expect=("VALIDATED",),
-                                    replica=self.settings.replica)
+                                    replica=self.me, owner=self.me,
+                                    lease_s=self.settings.lease_s)
+        running.leased = True
         self.metrics.jobs_running.inc()
         try:
-            await self._train_process(job, running)
+            spec = self._spec(job)
+            job_dir = self.store.job_dir(job.id)
+            env = handoff_env(job.id, job.doc.get("integrations"), self.keys.take(job.id),
+                              job_dir / "tracking")
+            if env and self.executor.name != "local":
+                # Keys would be shown by the cluster's API (Ray's dashboard): not sent there.
+                for integration in job.doc.get("integrations") or []:
+                    self.store.add_event(job.id, "integration", {
+                        "type": integration.get("type"), "status": "unavailable",
+                        "reason": f"experiment tracking runs with FACTORY_EXECUTOR=local only, "
+                                  f"not {self.executor.name}"})
+            run = running.run = await self.executor.submit(job.id, spec, job_dir, env)
+            self.store.update_job(job.id, run=run.ref)
+            if running.cancel.is_set():
+                await run.cancel()
+            await self._supervise(job, running, run)
         finally:
             self.metrics.jobs_running.dec()
 
-    async def _train_process(self, job: JobRecord, running: _Running) -> None:
-        job_dir = self.store.job_dir(job.id)
-        # Local files for the child: the uploads (fetched from a remote store once), and a
-        # directory it writes the model into, published to the store once it is whole.
-        await asyncio.to_thread(lambda: [self.store.file_path(f["file_id"])
-                                         for f in job.doc["training_files"]]
-                                + [self.store.file_path(f) for f in job.doc["validation_files"]])
-        output_dir = self.store.blobs.output_dir(self.store.model_key(job.id))
-        spec = TrainingSpec(
+    def _spec(self, job: JobRecord) -> TrainingSpec:
+        """The job's training as the executors take it: blob keys, not paths (see
+        `executors/base.py`)."""
+        return TrainingSpec(
             base_model=self._job_base(job).name,
             kind=job.doc["kind"],
             targets=tuple(TargetSpec(t["name"], tuple(t["labels"]), t["loss_function"],
                                      float(t["weight"])) for t in job.doc["targets"]),
-            training_files=tuple(TrainingFile(str(self.store.file_path(f["file_id"])),
+            training_files=tuple(TrainingFile(self.store.file_key(f["file_id"]),
                                               float(f["weight"]))
                                  for f in job.doc["training_files"]),
-            validation_files=tuple(str(self.store.file_path(f))
-                                   for f in job.doc["validation_files"]),
+            validation_files=tuple(self.store.file_key(f) for f in job.doc["validation_files"]),
             # seed 0: the same data and hyperparameters give the same model
             hyperparameters=Hyperparameters.from_job(job.doc["hyperparameters"], seed=0),
-            output_dir=str(output_dir),
+            output_dir=self.store.model_key(job.id),
             checkpoints=self.settings.checkpoints,
             device=self.settings.device,
         )
-        spec_path = job_dir / "spec.json"
-        spec_path.write_bytes(orjson.dumps(spec.to_json()))
-        env = dict(os.environ)
-        root = _PACKAGE_ROOT
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        env[PARENT_ENV] = str(os.getpid())
-        env.update(handoff_env(job.id, job.doc.get("integrations"), self.keys.take(job.id),
-                               job_dir / "tracking"))
-        stderr_path = job_dir / "trainer.log"
-        with stderr_path.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service.factory.trainer", str(spec_path),
-                stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
-            )
-            running.process = process
-            if running.cancel.is_set():
-                process.kill()
-            watcher = asyncio.create_task(self._watch_cancel(job.id, running))
-            result: dict[str, Any] | None = None
-            assert process.stdout is not None
-            async for raw in process.stdout:
-                message = orjson.loads(raw)
-                if message["type"] == "checkpoint":
-                    self.store.add_checkpoint(job.id, message["step_number"], message["metrics"],
-                                              int(time.time()))
-                elif message["type"] == "event":
+
+    async def _supervise(self, job: JobRecord, running: _Running, run: TrainingRun) -> None:
+        """Record what the run says (checkpoints, events, progress) until it ends, then its
+        outcome: the model, a failure with its reason, or CANCELLED."""
+        watcher = asyncio.create_task(self._watch_cancel(job.id, running))
+        result: dict[str, Any] | None = None
+        failure: str | None = None
+        try:
+            async for message in run.messages():
+                kind = message["type"]
+                if kind == "checkpoint":
+                    self.store.add_checkpoint(job.id, message["step_number"],
+                                              message["metrics"], int(time.time()))
+                elif kind == "event":
                     self.store.add_event(job.id, str(message["name"]), dict(message["data"]))
-                elif message["type"] == "progress":
+                elif kind == "progress":
                     self._progressed(job.id, running, message)
-                elif message["type"] == "result":
+                elif kind == "result":
                     result = message
-            code = await process.wait()
+                elif kind == "failed":
+                    failure = str(message["reason"])
+                running.cursor = run.cursor
+        finally:
             watcher.cancel()
+        if running.lost:
+            return  # another replica took the lease: it records the outcome
+        try:
+            await self._record(job, running, result, failure)
+        finally:
+            await run.close()
+
+    async def _record(self, job: JobRecord, running: _Running, result: dict[str, Any] | None,
+                      failure: str | None) -> None:
         if running.progress:  # where it got to, for `jobs get` once it is over
             self.store.update_job(job.id, progress=dict(running.progress))
-        if running.cancel.is_set():
+        current = self.store.get_job(job.id)
+        if running.cancel.is_set() or (current is not None
+                                       and current.status == "CANCELLATION_REQUESTED"):
+            if result is not None:  # it finished as the cancel came: the cancel wins
+                await asyncio.to_thread(self.store.blobs.delete_dir,
+                                        self.store.model_key(job.id))
             self._finish(job.id, "CANCELLED")
             return
-        if code != 0 or result is None:
-            tail = stderr_path.read_text(errors="replace").strip().splitlines()
-            reason = tail[-1] if tail else _exit_reason(code)
-            self._finish(job.id, "FAILED", error=reason)
+        if result is None:
+            self._finish(job.id, "FAILED", error=failure or "the training ended without a result")
             return
-        # The model's files first, whole, then the record that makes it visible: a crash (or a
-        # failing store) between the two leaves files nobody reads, never a half model.
-        await asyncio.to_thread(self.store.blobs.publish_dir, self.store.model_key(job.id),
-                                output_dir)
+        # The run published the model's files, whole; the record makes it visible: a crash
+        # (or a failing store) between the two leaves files nobody reads, never a half model.
         when = time.time()
         model_id = fine_tuned_model_id(job.model, self.workspace, job.id, when)
         record = ModelRecord(id=model_id, job_id=job.id, root=job.model, created=int(when),
@@ -584,15 +653,17 @@ class JobManager:
             progress["stopped"] = str(result["stopped"])
         running.progress = progress  # what a poll sees until the worker lets the job go
         try:
-            self.store.finish_with_model(record, expect=("RUNNING",), fine_tuned_model=model_id,
+            self.store.finish_with_model(record, expect=("RUNNING",), owner=self.me,
+                                         fine_tuned_model=model_id,
                                          trained_tokens=result["trained_tokens"],
                                          evaluation=result.get("evaluation"),
                                          train_seconds=result.get("train_seconds"),
                                          progress=progress)
         except StaleStatus as exc:
             # A cancel (from any replica) came first: it wins, and the model goes.
-            await asyncio.to_thread(self.store.blobs.delete_dir, self.store.model_key(job.id))
             if exc.status == "CANCELLATION_REQUESTED":
+                await asyncio.to_thread(self.store.blobs.delete_dir,
+                                        self.store.model_key(job.id))
                 self._finish(job.id, "CANCELLED")
                 return
             raise
@@ -601,7 +672,102 @@ class JobManager:
             self.on_model(record)
         log.info("job %s: SUCCESS, model %s", job.id, model_id)
 
+    # Supervision: leases, heartbeats, and taking over the jobs of a replica that died.
+    async def _supervision(self) -> None:
+        """Every third of FACTORY_LEASE_S: renew this replica's leases (the heartbeat), and take
+        the jobs whose supervisor stopped renewing theirs."""
+        interval = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat()
+                await self._take_lapsed()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away for a moment: try again next beat
+                log.exception("supervision: heartbeat or take-over failed; retrying")
 
+    async def _heartbeat(self) -> None:
+        ids = [job_id for job_id, r in self.running.items() if r.leased]
+        held = await asyncio.to_thread(self.store.renew_leases, ids, self.me,
+                                       self.settings.lease_s)
+        for job_id in ids:
+            running = self.running.get(job_id)
+            if running is None:
+                continue
+            if job_id not in held:
+                job = self.store.get_job(job_id)
+                if job is not None and job.status not in TERMINAL:
+                    # It stalled past its lease and another replica took the job: let go.
+                    log.warning("job %s: lease taken over by another replica; letting go",
+                                job_id)
+                    running.lost = True
+                    if running.run is not None:
+                        await running.run.abandon()
+            elif running.run is not None and running.cursor != running.saved_cursor:
+                with contextlib.suppress(StaleStatus):  # a cancel moved it: saved next beat
+                    self.store.update_job(job_id, run_cursor=running.cursor)
+                    running.saved_cursor = running.cursor
+
+    async def _take_lapsed(self) -> None:
+        lapsed = await asyncio.to_thread(self.store.lapsed_leases, SUPERVISED)
+        for job, owner in lapsed:
+            if job.id in self.running:
+                continue
+            taken = await asyncio.to_thread(self.store.take_lease, job.id, self.me,
+                                            self.settings.lease_s, statuses=SUPERVISED)
+            if not taken:
+                continue  # another replica was first
+            log.warning("job %s: replica %s stopped renewing its lease; %s supervises it now",
+                        job.id, owner, self.me)
+            task = asyncio.create_task(self._adopt(job.id, owner),
+                                       name=f"factory-job-adopt-{job.id}")
+            self.adopting.add(task)
+            task.add_done_callback(self.adopting.discard)
+
+    async def _adopt(self, job_id: str, owner: str) -> None:
+        """Supervise a job whose replica died: follow its run to its end when the run outlived
+        it (Ray), else end the job with the reason."""
+        job = self.store.get_job(job_id)
+        if job is None or job.status not in SUPERVISED:
+            return
+        running = self.running[job_id] = _Running(leased=True)
+        try:
+            ref = job.doc.get("run")
+            run = None
+            if job.status != "VALIDATING" and isinstance(ref, dict) \
+                    and ref.get("executor") == self.executor.name:
+                run = await self.executor.follow(job_id, ref,
+                                                 int(job.doc.get("run_cursor") or 0))
+            if run is None:
+                if job.status == "CANCELLATION_REQUESTED":
+                    self._finish(job_id, "CANCELLED")
+                    return
+                executor = ref.get("executor", "local") if isinstance(ref, dict) else "local"
+                reason = (ORPHAN_REASON if executor == "local" else LOST_RUN_REASON).format(
+                    replica=owner, status=job.status, lease=f"{self.settings.lease_s:g}",
+                    executor=executor)
+                self._finish(job_id, "FAILED", error=reason, owner=self.me)
+                log.warning("job %s: FAILED, %s", job_id, reason)
+                return
+            self.store.add_event(job_id, "supervisor-changed", {"from": owner, "to": self.me})
+            running.run = run
+            running.progress = dict(job.doc.get("progress") or {})
+            if job.status == "RUNNING":
+                self.metrics.jobs_running.inc()
+            try:
+                await self._supervise(job, running, run)
+            finally:
+                if job.status == "RUNNING":
+                    self.metrics.jobs_running.dec()
+        except StaleStatus as exc:
+            log.info("job %s: %s", job_id, exc)
+        except Exception as exc:
+            log.exception("job %s: following it failed", job_id)
+            with contextlib.suppress(StaleStatus):
+                self._finish(job_id, "FAILED", error=f"internal error: {exc}")
+        finally:
+            self.running.pop(job_id, None)
 
     def _cancel_if_asked(self, job_id: str) -> None:
         """End as CANCELLED a job of this replica that a cancel (from anywhere) has reached."""
@@ -615,16 +781,15 @@ class JobManager:
                 self._finish(job_id, "CANCELLED")
 
     async def _watch_cancel(self, job_id: str, running: _Running) -> None:
-        """Kill the trainer when the job was cancelled on another replica (this one's own
-        cancels kill it at once)."""
+        """Stop the run when the job was cancelled on another replica (this one's own
+        cancels stop it at once)."""
         while not running.cancel.is_set():
             await asyncio.sleep(1.0)
             job = await asyncio.to_thread(self.store.get_job, job_id)
             if job is None or job.status in ("CANCELLATION_REQUESTED", *TERMINAL):
                 running.cancel.set()
-                if running.process is not None and running.process.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        running.process.kill()
+                if running.run is not None:
+                    await running.run.cancel()
 
 
 def _estimate(base: BaseModel, hyper: Hyperparameters, merged: ValidationReport) -> dict[str, Any]:
@@ -653,14 +818,3 @@ def _numbers(doc: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, dict):
             out.update(_numbers(value, f"{prefix}{key}."))
     return out
-
-
-def _exit_reason(code: int) -> str:
-    """Why a trainer that printed nothing died: a signal is almost always the kernel's OOM killer
-    (SIGKILL) or an operator."""
-    if code == -9:
-        return ("the training process was killed (SIGKILL), most likely out of memory: train on "
-                "fewer or shorter examples (a smaller seq_len), or give the factory more memory")
-    if code < 0:
-        return f"the training process was stopped by signal {-code}; create the job again"
-    return f"the training process exited with code {code} without saying why; see trainer.log"

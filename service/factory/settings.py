@@ -75,6 +75,23 @@ class FactorySettings(BaseSettings):
         default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$",
         description="Where base models that can use an accelerator (local-minilm) train: cpu, "
                     "cuda or cuda:N. Unset: CUDA when PyTorch sees a GPU, else CPU.")
+    executor: str = Field(
+        default="local", pattern=r"^(local|ray)$",
+        description="Where trainings run: local (a child process of the replica that took the "
+                    "job) or ray (a Ray actor on the cluster FACTORY_RAY_ADDRESS names; the "
+                    "`cluster` extra).")
+    ray_address: str | None = Field(
+        default=None,
+        description="The Ray cluster of FACTORY_EXECUTOR=ray: ray://head:10001 (Ray Client, "
+                    "from outside the cluster) or host:6379 (a Ray node on this machine).")
+    ray_num_cpus: float = Field(
+        default=1.0, gt=0,
+        description="CPUs a Ray training asks for (and 1 GPU more when the device is cuda).")
+    lease_s: float = Field(
+        default=15.0, ge=1.0, le=300.0,
+        description="A supervising replica's lease on a job it works on, renewed every third "
+                    "of it; another replica takes a job whose lease lapsed: within lease_s * "
+                    "4/3 (20 s by default) of its supervisor's death.")
     inline_batch_items: int = Field(
         default=16, ge=0,
         description="Batches up to this size are scored on the event loop (sub-millisecond); "

@@ -16,6 +16,11 @@ Layout of the data directory:
 Every call is short (one statement or a small transaction), so the event loop may call it directly;
 the engine's pool makes it safe for the worker threads that also record progress.
 
+A job that a replica works on (validating, training, following a run on Ray) carries a lease:
+`lease_owner` and `lease_until` (ms). The owner renews it (`renew_leases`, a heartbeat); another
+replica may take it only once it has lapsed (`take_lease`: one conditional UPDATE, `WHERE
+lease_until < now OR lease_owner = me`), so exactly one replica supervises a job at a time.
+
 Job status changes are conditional (`UPDATE jobs ... WHERE id = ? AND status = <the status read>`,
 with the row locked on Postgres): when two replicas race to start, finish or cancel one job, one
 wins and the other gets `StaleStatus`, instead of both acting on it.
@@ -38,6 +43,10 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from service.factory.blobs import Blobs, LocalBlobs
 from service.factory.migrations import runner as migrations
+
+#: Statuses after which nobody supervises a job (schemas.TERMINAL; not imported: the store
+#: stays below the API's schemas).
+_ENDED = frozenset({"SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"})
 
 
 class StaleStatus(Exception):
@@ -83,7 +92,9 @@ def _tables(with_rowid: bool) -> tuple[sa.MetaData, dict[str, sa.Table]]:
             sa.Column("modified_at", integer, nullable=False),
             sa.Column("status", text, nullable=False), sa.Column("model", text, nullable=False),
             sa.Column("suffix", text), sa.Column("fingerprint", text, nullable=False),
-            sa.Column("doc", text, nullable=False), *rowid()),
+            sa.Column("doc", text, nullable=False), *rowid(),
+            # revision 0002: the supervising replica's lease (`take_lease`)
+            sa.Column("lease_owner", text), sa.Column("lease_until", integer)),
         "events": sa.Table(
             "events", md, sa.Column("seq", integer().with_variant(sa.Integer, "sqlite"),
                                     primary_key=True, autoincrement=True),
@@ -107,6 +118,10 @@ def _tables(with_rowid: bool) -> tuple[sa.MetaData, dict[str, sa.Table]]:
 
 def now() -> int:
     return int(time.time())
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass
@@ -295,7 +310,8 @@ class Store:
 
     def update_job(self, job_id: str, *, status: str | None = None,
                    expect: Collection[str] | None = None,
-                   event_data: dict[str, Any] | None = None, **doc: Any) -> JobRecord:
+                   event_data: dict[str, Any] | None = None, owner: str | None = None,
+                   lease_s: float | None = None, **doc: Any) -> JobRecord:
         """Change a job's status and/or document fields in one transaction; a status change is
         recorded as a `status-updated` event (with `event_data` merged into its data).
 
@@ -303,17 +319,22 @@ class Store:
         `StaleStatus`: the one way a worker takes, finishes or cancels a job, so that of two
         replicas racing for it exactly one goes on. The UPDATE itself says `WHERE status = <the
         status read>` (and the row is locked between read and write where the database can), so
-        a change that slips in between is caught, not overwritten."""
+        a change that slips in between is caught, not overwritten.
+
+        With `owner`, the change happens only while that replica holds the job's lease (or none
+        does): a supervisor that lost its lease (taken over while it stalled) ends nothing.
+        With `owner` and `lease_s`, the same UPDATE makes `owner` the job's supervisor for
+        `lease_s` seconds (a worker taking a job). Ending a job releases its lease."""
         with self._tx() as db:
-            return self._update_job(db, job_id, status, expect, event_data, doc)
+            return self._update_job(db, job_id, status, expect, event_data, doc, owner, lease_s)
 
     def finish_with_model(self, record: ModelRecord, *, expect: Collection[str],
-                          **doc: Any) -> JobRecord:
+                          owner: str | None = None, **doc: Any) -> JobRecord:
         """Record a trained model and its job's SUCCESS in one transaction: the model becomes
         visible exactly when the job succeeds, and of two replicas finishing one job only one
         adds it (`StaleStatus` for the other, or when a cancel came first)."""
         with self._tx() as db:
-            job = self._update_job(db, record.job_id, "SUCCESS", expect, None, doc)
+            job = self._update_job(db, record.job_id, "SUCCESS", expect, None, doc, owner)
             db.execute(sa.insert(self._t["models"]).values(
                 id=record.id, job_id=record.job_id, root=record.root, created=record.created,
                 kind=record.kind, doc=orjson.dumps(record.doc).decode(), deleted=0))
@@ -321,7 +342,8 @@ class Store:
 
     def _update_job(self, db: Connection, job_id: str, status: str | None,
                     expect: Collection[str] | None, event_data: dict[str, Any] | None,
-                    doc: dict[str, Any]) -> JobRecord:
+                    doc: dict[str, Any], owner: str | None = None,
+                    lease_s: float | None = None) -> JobRecord:
         j = self._t["jobs"]
         row = db.execute(sa.select(j).where(j.c.id == job_id).with_for_update()) \
             .mappings().first()
@@ -331,6 +353,10 @@ class Store:
         read_status = job.status
         if expect is not None and read_status not in expect:
             raise StaleStatus(job_id, read_status, expect)
+        holder = row["lease_owner"] if (row["lease_until"] or 0) >= now_ms() else None
+        if owner is not None and holder not in (None, owner):
+            raise StaleStatus(job_id, f"{read_status}, supervised by replica {holder}",
+                              expect or (read_status,))
         job.doc.update(doc)
         stamp = now()
         if status is not None and status != job.status:
@@ -338,13 +364,75 @@ class Store:
             self._event(db, job_id, "status-updated",
                         {"status": status, **(event_data or {})}, stamp)
         job.modified_at = stamp
+        lease: dict[str, Any] = {}
+        if job.status in _ENDED:
+            lease = {"lease_owner": None, "lease_until": None}
+        elif owner is not None and lease_s is not None:
+            lease = {"lease_owner": owner, "lease_until": now_ms() + int(lease_s * 1000)}
         changed = db.execute(
             sa.update(j).where(j.c.id == job_id, j.c.status == read_status)
             .values(status=job.status, modified_at=stamp,
-                    doc=orjson.dumps(job.doc).decode())).rowcount
+                    doc=orjson.dumps(job.doc).decode(), **lease)).rowcount
         if changed != 1:
             raise StaleStatus(job_id, "changed meanwhile", expect or (read_status,))
         return job
+
+    # Leases: which replica supervises a job.
+    def take_lease(self, job_id: str, owner: str, ttl_s: float, *,
+                   statuses: Collection[str] | None = None) -> bool:
+        """Make `owner` the job's supervisor for `ttl_s` seconds, if nobody else holds a live
+        lease on it (and, with `statuses`, while its status is one of them). One conditional
+        UPDATE: of two replicas taking a lapsed lease at once, exactly one wins."""
+        j = self._t["jobs"]
+        stamp = now_ms()
+        where: list[sa.ColumnElement[bool]] = [
+            j.c.id == job_id,
+            sa.or_(j.c.lease_until.is_(None), j.c.lease_until < stamp, j.c.lease_owner == owner)]
+        if statuses is not None:
+            where.append(j.c.status.in_(list(statuses)))
+        with self._tx() as db:
+            changed = db.execute(sa.update(j).where(*where).values(
+                lease_owner=owner, lease_until=stamp + int(ttl_s * 1000))).rowcount
+        return bool(changed)
+
+    def renew_leases(self, job_ids: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        """The heartbeat: extend `owner`'s leases on these jobs; returns the ones it still held
+        (a job missing from the answer was taken over, or has no lease any more)."""
+        if not job_ids:
+            return set()
+        j = self._t["jobs"]
+        stamp = now_ms()
+        with self._tx() as db:
+            db.execute(sa.update(j).where(j.c.id.in_(list(job_ids)), j.c.lease_owner == owner)
+                       .values(lease_until=stamp + int(ttl_s * 1000)))
+        rows = self._query(sa.select(j.c.id).where(j.c.id.in_(list(job_ids)),
+                                                   j.c.lease_owner == owner))
+        return {str(r["id"]) for r in rows}
+
+    def hand_over(self, job_id: str, owner: str) -> None:
+        """`owner` stops supervising a job that goes on (its run outlives the replica): the
+        lease lapses now, so that the next replica's scan takes it without waiting."""
+        j = self._t["jobs"]
+        with self._tx() as db:
+            db.execute(sa.update(j).where(j.c.id == job_id, j.c.lease_owner == owner)
+                       .values(lease_until=0))
+
+    def lapsed_leases(self, statuses: Collection[str]) -> list[tuple[JobRecord, str]]:
+        """Jobs in `statuses` whose supervisor stopped renewing its lease: (job, last owner)."""
+        j = self._t["jobs"]
+        rows = self._query(sa.select(j).where(j.c.status.in_(list(statuses)),
+                                              j.c.lease_until.is_not(None),
+                                              j.c.lease_until < now_ms())
+                           .order_by(j.c.created_at, sa.literal_column("rowid")))
+        return [(_job(r), str(r["lease_owner"])) for r in rows]
+
+    def lease(self, job_id: str) -> tuple[str | None, int | None]:
+        """(owner, until in ms) of a job's lease."""
+        j = self._t["jobs"]
+        rows = self._query(sa.select(j.c.lease_owner, j.c.lease_until).where(j.c.id == job_id))
+        if not rows:
+            return None, None
+        return rows[0]["lease_owner"], rows[0]["lease_until"]
 
     def add_event(self, job_id: str, name: str, data: dict[str, Any]) -> None:
         with self._tx() as db:

@@ -21,7 +21,8 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,21 @@ def _own_stdout() -> None:
     os.dup2(2, 1)
 
 
-class _Control:
-    """Checkpoints and events go to stdout as JSON lines; SIGTERM asks the model to stop at its
-    next step (the factory's cancel is a SIGKILL, this is for a polite stop)."""
+Emit = Callable[[dict[str, Any]], None]
 
-    def __init__(self) -> None:
+
+class Control:
+    """Checkpoints, events and progress go to `emit` as messages (stdout's JSON lines in the
+    trainer process; a buffer that the factory polls on a Ray worker); SIGTERM asks the model to
+    stop at its next step (the factory's cancel is a SIGKILL, this is for a polite stop), where
+    this runs in a process's main thread."""
+
+    def __init__(self, emit: Emit = _emit) -> None:
         self.stop = False
+        self.emit = emit
         self.reporter: Reporter | None = None
-        signal.signal(signal.SIGTERM, self._on_term)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.stop = True
@@ -73,15 +81,16 @@ class _Control:
         metrics = {"train_loss": r(checkpoint.train_loss),
                    "valid_loss": r(checkpoint.valid_loss),
                    "valid_mean_token_accuracy": r(checkpoint.valid_accuracy)}
-        _emit({"type": "checkpoint", "step_number": checkpoint.step_number, "metrics": metrics})
+        self.emit({"type": "checkpoint", "step_number": checkpoint.step_number,
+                   "metrics": metrics})
         if self.reporter is not None:  # the job's trackers get the numbers the job records
             self.reporter.checkpoint(checkpoint.step_number, metrics)
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:
-        _emit({"type": "event", "name": name, "data": dict(data)})
+        self.emit({"type": "event", "name": name, "data": dict(data)})
 
     def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
-        _emit({"type": "progress", "phase": phase, "done": done, "total": total})
+        self.emit({"type": "progress", "phase": phase, "done": done, "total": total})
 
     def cancelled(self) -> bool:
         return self.stop
@@ -103,12 +112,14 @@ def load_data(spec: TrainingSpec) -> TrainingData:
     return TrainingData(examples, weights, validation)
 
 
-def run(spec: TrainingSpec) -> None:
+def run(spec: TrainingSpec, control: Control | None = None) -> dict[str, Any]:
+    """Train the model `spec` names into `spec.output_dir` (renamed into place once whole);
+    returns the `result` message, also emitted last."""
     base = default_registry().get(spec.base_model)
     missing = base.availability()
     if missing is not None:
         raise RuntimeError(missing)
-    control = _Control()
+    control = control or Control()
     control.progress("reading")  # the training files, validated again: seconds for large ones
     data = load_data(spec)
     reporter = control.reporter = Reporter.from_environment(control.event)
@@ -141,7 +152,8 @@ def run(spec: TrainingSpec) -> None:
         },
     }
     reporter.finish(result, output)
-    _emit(result)
+    control.emit(result)
+    return result
 
 
 def _die_with_parent() -> None:

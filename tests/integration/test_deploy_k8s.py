@@ -4,7 +4,8 @@ Built-in kinds go through `kubernetes-validate --strict` (the published OpenAPI 
 fields rejected). The prometheus-operator kinds (ServiceMonitor, PrometheusRule) and KServe's
 (ServingRuntime, InferenceService) are CRDs that tool has no schema for (it only warns), so they are
 checked against the strict subset schemas vendored in deploy/k8s/schemas/, and any other kind without a schema fails the test instead of being waved
-through. The rest checks what a schema cannot: that the pieces fit each other and the gateway.
+through. KubeRay's RayCluster is checked against its CRD's own schema made strict, and the pods it
+embeds as v1 PodTemplates by `kubernetes-validate --strict`. The rest checks what a schema cannot: that the pieces fit each other and the gateway.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tests.support.otel_env import ratio_sampler, sampler, unknown_names
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = K8S / "schemas"
-OVERLAYS = ("dev", "prod", "kserve")
+OVERLAYS = ("dev", "prod", "kserve", "cluster")
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com.v1.json",
@@ -42,6 +43,9 @@ CRD_SCHEMAS = {
         "servingruntime.serving.kserve.io.v1alpha1.json",
     ("serving.kserve.io/v1beta1", "InferenceService"):
         "inferenceservice.serving.kserve.io.v1beta1.json",
+    # KubeRay's own CRD schema made strict (raycluster_schema.py); its pod templates are
+    # validated as v1 PodTemplates (`pod_templates`).
+    ("ray.io/v1", "RayCluster"): "raycluster.ray.io.v1.json",
 }
 #: The label KServe puts on an InferenceService's predictor pods.
 ISVC_LABEL = "serving.kserve.io/inferenceservice"
@@ -83,10 +87,22 @@ def crd_errors(doc: Doc) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
+def pod_templates(doc: Doc) -> list[Doc]:
+    """The pods a RayCluster embeds (head, each worker group), as v1 PodTemplates."""
+    if doc["kind"] != "RayCluster":
+        return []
+    groups = [("head", doc["spec"]["headGroupSpec"])] + [
+        (g["groupName"], g) for g in doc["spec"].get("workerGroupSpecs", [])]
+    return [{"apiVersion": "v1", "kind": "PodTemplate",
+             "metadata": {"name": f"{doc['metadata']['name']}-{name}"},
+             "template": group["template"]} for name, group in groups]
+
+
 def validate_all(docs: list[Doc], tmp_path: Path) -> list[str]:
     """Every problem of a rendered overlay, built-in and custom kinds alike; [] when valid."""
     problems: list[str] = []
     builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CRD_SCHEMAS]
+    builtin += [t for d in docs for t in pod_templates(d)]
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
             problems += [f"{doc['kind']}/{doc['metadata']['name']}: {e}" for e in crd_errors(doc)]
@@ -113,16 +129,25 @@ def containers(doc: Doc) -> list[Doc]:
 
 
 def pods(docs: list[Doc]) -> list[tuple[str, dict[str, str], list[Doc]]]:
-    """(name, pod labels, containers) of every workload: Deployments and StatefulSets, and the
+    """(name, pod labels, containers) of every workload: Deployments and StatefulSets, the
     predictor pods KServe makes of an InferenceService (labelled with its name, running its
-    ServingRuntime's containers)."""
+    ServingRuntime's containers), and a RayCluster's pods (`ray.io/cluster: <name>`)."""
     out = [(d["metadata"]["name"], d["spec"]["template"]["metadata"]["labels"], containers(d))
            for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     for isvc in (d for d in docs if d["kind"] == "InferenceService"):
         runtime = find(docs, "ServingRuntime", isvc["spec"]["predictor"]["model"]["runtime"])
         out.append((isvc["metadata"]["name"], {ISVC_LABEL: isvc["metadata"]["name"]},
                     runtime["spec"]["containers"]))
+    for ray in (d for d in docs if d["kind"] == "RayCluster"):  # KubeRay labels all its pods
+        name = ray["metadata"]["name"]
+        out.append((name, {"ray.io/cluster": name},
+                    [c for t in pod_templates(ray) for c in t["template"]["spec"]["containers"]]))
     return out
+
+
+def factory_kind(docs: list[Doc]) -> str:
+    """A StatefulSet with its volume, or (deploy/k8s/components/factory-cluster) a Deployment."""
+    return "StatefulSet" if any(d["kind"] == "StatefulSet" for d in docs) else "Deployment"
 
 
 def env_of(container: Doc) -> dict[str, Doc]:
@@ -186,6 +211,61 @@ def test_a_typo_in_an_inferenceservice_fails_validation(tmp_path: Path) -> None:
     assert any("storageUrl" in p for p in problems), problems
 
 
+def test_a_typo_in_a_raycluster_or_its_pods_fails_validation(tmp_path: Path) -> None:
+    docs = render("cluster")
+    ray = find(docs, "RayCluster", "classifier-ray")
+    group = ray["spec"]["workerGroupSpecs"][0]
+    group["maxReplica"] = group.pop("maxReplicas")
+    worker = group["template"]["spec"]["containers"][0]
+    worker["resource"] = worker.pop("resources")
+    problems = "\n".join(validate_all(docs, tmp_path))
+    assert "maxReplica" in problems and "resource" in problems, problems
+
+
+def test_the_cluster_factory_is_two_replicas_training_on_the_rayclusters_gpus() -> None:
+    """deploy/k8s/components/factory-cluster fits together: two factory replicas (a PDB keeps
+    one) on Postgres and S3 from a Secret, the Ray address naming the RayCluster's head Service
+    and client port, trainings on cuda, and a worker group that has the GPU they ask for."""
+    docs = render("cluster")
+    factory = find(docs, "Deployment", "classifier-factory")
+    assert factory["spec"]["replicas"] == 2
+    pdb = find(docs, "PodDisruptionBudget", "classifier-factory")
+    assert pdb["spec"]["minAvailable"] == 1
+    labels = factory["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    container = containers(factory)[0]
+    env = env_of(container)
+    factory_env_names_are_real_settings(container)
+    for name in ("FACTORY_DATABASE_URL", "FACTORY_STORAGE_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "classifier-factory-cluster"
+    assert env["FACTORY_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["FACTORY_EXECUTOR"]["value"] == "ray"
+    assert env["FACTORY_DEVICE"]["value"].startswith("cuda")
+    ray = find(docs, "RayCluster", "classifier-ray")
+    address = urlsplit(env["FACTORY_RAY_ADDRESS"]["value"])
+    assert address.scheme == "ray"
+    assert address.hostname == f"{ray['metadata']['name']}-head-svc"  # KubeRay's naming
+    head = ray["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no training on the head
+    head_ports = {p["name"]: p["containerPort"] for p in
+                  head["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["client"] == address.port
+    gpu = [g for g in ray["spec"]["workerGroupSpecs"]
+           if g["template"]["spec"]["containers"][0]["resources"]["limits"]
+           .get("nvidia.com/gpu")]
+    assert gpu and gpu[0]["maxReplicas"] >= 1
+    for pod in [head, *ray["spec"]["workerGroupSpecs"]]:
+        image = pod["template"]["spec"]["containers"][0]["image"]
+        assert image.split("/")[-1].split(":")[0] == "classifier-gateway-train"
+    workers_env = env_of(gpu[0]["template"]["spec"]["containers"][0])
+    assert workers_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == \
+        "classifier-factory-cluster"
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    service = find(docs, "Service", "classifier-factory")
+    assert "clusterIP" not in service["spec"]  # spread over both replicas
+
+
 def test_a_kind_without_any_schema_fails_instead_of_passing_with_a_warning(tmp_path: Path) -> None:
     docs = [*render("dev"), {"apiVersion": "example.com/v1", "kind": "Widget",
                              "metadata": {"name": "w"}, "spec": {}}]
@@ -235,7 +315,8 @@ def test_grace_period_outlasts_pre_stop_plus_drain(overlay: tuple[str, list[Doc]
 
 def test_gateway_runs_non_root_on_a_read_only_root(overlay: tuple[str, list[Doc]]) -> None:
     _, docs = overlay
-    for kind, name in (("Deployment", "classifier-gateway"), ("StatefulSet", "classifier-factory")):
+    for kind, name in (("Deployment", "classifier-gateway"),
+                       (factory_kind(docs), "classifier-factory")):
         pod = find(docs, kind, name)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
@@ -327,11 +408,28 @@ def test_hpa_pdb_and_network_policies_point_at_real_things(overlay: tuple[str, l
         assert len(selected) == 1, policy["metadata"]["name"]
         ports = {p["name"] for c in selected[0] for p in c.get("ports", [])}
         for rule in policy["spec"]["ingress"]:
-            assert {p["port"] for p in rule["ports"]} <= ports, policy["metadata"]["name"]
+            # (no `ports`: every port, as Ray's, whose workers listen on ports chosen at start)
+            assert {p["port"] for p in rule.get("ports", [])} <= ports, policy["metadata"]["name"]
+
+
+def factory_env_names_are_real_settings(container: Doc) -> None:
+    fields = set(FactorySettings.model_fields)
+    values = {}
+    for name, item in env_of(container).items():
+        assert name.startswith(("FACTORY_", "OTEL_", "AWS_")), name
+        if name.startswith(("OTEL_", "AWS_")):
+            continue  # read by OpenTelemetry's SDK (service/tracing.py), by obstore
+        assert name.removeprefix("FACTORY_").lower() in fields, f"{name} is no factory setting"
+        if "value" in item:
+            values[name.removeprefix("FACTORY_").lower()] = item["value"]
+    FactorySettings.model_validate(values)
 
 
 def test_factory_is_a_statefulset_with_its_data_on_a_volume(overlay: tuple[str, list[Doc]]) -> None:
-    _, docs = overlay
+    name, docs = overlay
+    if name == "cluster":  # its factory is two replicas on Postgres and S3 (test below)
+        assert not [d for d in docs if d["kind"] == "StatefulSet"]
+        return
     factory = find(docs, "StatefulSet", "classifier-factory")
     assert factory["spec"]["replicas"] == 1
     container = containers(factory)[0]
@@ -342,16 +440,7 @@ def test_factory_is_a_statefulset_with_its_data_on_a_volume(overlay: tuple[str, 
     assert mounts[data_dir] in claims
     assert factory["spec"]["serviceName"] == "classifier-factory"
     find(docs, "Service", "classifier-factory")
-    fields = set(FactorySettings.model_fields)
-    values = {}
-    for name, item in env_of(container).items():
-        assert name.startswith(("FACTORY_", "OTEL_")), name
-        if name.startswith("OTEL_"):
-            continue  # read by OpenTelemetry's SDK (service/tracing.py)
-        assert name.removeprefix("FACTORY_").lower() in fields, f"{name} is no factory setting"
-        if "value" in item:
-            values[name.removeprefix("FACTORY_").lower()] = item["value"]
-    FactorySettings.model_validate(values)
+    factory_env_names_are_real_settings(container)
 
 
 # --- what differs between the overlays --------------------------------------------------------
@@ -449,7 +538,8 @@ def test_kserve_serves_exports_behind_the_gateway_with_the_factory_as_fallback()
 def test_tracing_is_off_until_its_optional_configmap_names_a_collector(
         overlay: tuple[str, list[Doc]]) -> None:
     _, docs = overlay
-    for kind, name in (("Deployment", "classifier-gateway"), ("StatefulSet", "classifier-factory")):
+    for kind, name in (("Deployment", "classifier-gateway"),
+                       (factory_kind(docs), "classifier-factory")):
         env = env_of(containers(find(docs, kind, name))[0])
         ref = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["valueFrom"]["configMapKeyRef"]
         assert ref["name"] == "classifier-tracing" and ref["optional"] is True

@@ -155,6 +155,55 @@ def test_two_stores_on_one_database_never_both_take_or_end_a_job(
         b.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=needs_postgres)])
+def test_a_lapsed_lease_is_taken_by_exactly_one_replica(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = (fresh_database(request.getfixturevalue("postgres")) if backend == "postgres"
+           else f"sqlite:///{tmp_path / 'shared.sqlite3'}")
+    stores = [Store(tmp_path / str(i), url) for i in range(3)]
+    try:
+        job_ids = [queued_job(stores[0]) for _ in range(10)]
+        for job_id in job_ids:  # replica 0 works them all, with a lease that lapses at once
+            stores[0].update_job(job_id, status="RUNNING", expect=("QUEUED",), owner="0",
+                                 lease_s=0.0)
+        # A live lease is nobody else's; its owner renews it.
+        assert stores[0].take_lease(job_ids[0], "0", 60)
+        assert not stores[1].take_lease(job_ids[0], "1", 60)
+        assert stores[0].renew_leases(job_ids, "0", 60) == set(job_ids)
+        assert stores[0].renew_leases(job_ids, "1", 60) == set()
+        for job_id in job_ids[1:]:
+            stores[0].update_job(job_id, owner="0", lease_s=-1.0)  # lapsed a second ago
+        lapsed = {job.id: owner for job, owner in stores[1].lapsed_leases(["RUNNING"])}
+        assert lapsed == {job_id: "0" for job_id in job_ids[1:]}
+        winners: dict[str, list[int]] = {job_id: [] for job_id in job_ids[1:]}
+        barrier = threading.Barrier(2)
+
+        def take(index: int) -> None:
+            barrier.wait()
+            for job_id in job_ids[1:]:
+                if stores[index].take_lease(job_id, str(index), 60, statuses=["RUNNING"]):
+                    winners[job_id].append(index)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(len(w) == 1 for w in winners.values()), winners
+        # The old owner lost them: renewing says so, and it can no longer end them.
+        assert stores[0].renew_leases(job_ids, "0", 60) == {job_ids[0]}
+        with pytest.raises(StaleStatus):
+            stores[0].update_job(job_ids[1], status="FAILED", expect=("RUNNING",), owner="0")
+        winner = winners[job_ids[1]][0]
+        done = stores[winner].update_job(job_ids[1], status="FAILED", expect=("RUNNING",),
+                                         owner=str(winner))
+        assert done.status == "FAILED"
+        assert stores[0].lease(job_ids[1]) == (None, None)  # an ended job holds no lease
+    finally:
+        for store in stores:
+            store.close()
+
+
 @needs_postgres
 def test_replicas_starting_together_on_an_empty_postgres_migrate_it_once(
         postgres: Postgres, tmp_path: Path) -> None:
@@ -194,6 +243,18 @@ def test_a_wrong_database_url_stops_the_factory_with_one_line_naming_the_setting
     assert done.returncode == 1, err
     assert "FACTORY_DATABASE_URL" in err and "Traceback" not in err, err
     assert "secret" not in err, err
+
+
+def test_the_ray_executor_without_its_address_stops_the_factory_with_one_line(
+        tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "factory", "--data-dir", str(tmp_path),
+         "--port", "1"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "FACTORY_EXECUTOR": "ray"},
+        capture_output=True, timeout=60, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "FACTORY_RAY_ADDRESS" in err and "Traceback" not in err, err
 
 
 # 2. Blobs in an object store.
@@ -386,3 +447,42 @@ def test_migrate_moves_a_first_factory_data_directory_to_postgres_and_s3(
         content = client.http.get(f"/v1/files/{expected['file']}/content")
         assert content.content == (V1_DATA / "files" / f"{expected['file']}.jsonl").read_bytes()
         client.close()
+
+
+@needs_postgres
+def test_killing_the_supervising_replica_hands_its_job_to_the_other(
+        postgres: Postgres, s3: S3, tmp_path: Path) -> None:
+    """Two replicas on one Postgres and S3, the local executor: A trains, A is SIGKILLed (its
+    trainer dies with it); B takes the lapsed lease and fails the job with a reason a user can
+    act on. Never stuck RUNNING, no model half-visible."""
+    database = fresh_database(postgres)
+    storage = f"s3://{s3.bucket}/kill-{uuid.uuid4().hex[:6]}"
+    shared = {**s3.env(), "FACTORY_DATABASE_URL": database, "FACTORY_STORAGE_URL": storage,
+              "FACTORY_LEASE_S": "2"}
+    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a"}).start()
+    b = FactoryProcess(tmp_path / "b", env={**shared, "FACTORY_REPLICA_ID": "b"}).start()
+    try:
+        on_a, on_b = FactoryClient(a.url), FactoryClient(b.url)
+        file = on_b.upload(jsonl(sentiment_rows(200)))
+        created = on_a.create_job(file["id"], **LONG_JOB)
+        on_b.wait(created["id"], statuses=("RUNNING",), timeout_s=60)
+        a.kill()
+        job = on_b.wait(created["id"], timeout_s=60)
+        assert job["status"] == "FAILED", job
+        assert job["fine_tuned_model"] is None
+        reason = job["error"]
+        assert [e["data"].get("reason") for e in job["events"]
+                if e["name"] == "status-updated"][-1] == reason
+        assert "replica a" in reason and "create the job again" in reason, reason
+        assert "FACTORY_EXECUTOR=local" in reason, reason
+        assert all(m["id"] != created["id"] for m in on_b.http.get("/v1/models").json()["data"])
+        import obstore
+
+        keys = {m["path"] for batch in obstore.list(
+            S3Blobs(storage, tmp_path / "probe").store) for m in batch}
+        assert not [k for k in keys if k.startswith(f"models/{created['id']}/")], keys
+        on_a.close()
+        on_b.close()
+    finally:
+        a.stop()
+        b.stop()

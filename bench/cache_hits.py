@@ -3,11 +3,15 @@ Redis GET (bench/minimal_redis_app.py): same uvicorn settings (uvloop, httptools
 access log), same run, same load tool (wrk). Prints JSON.
 
 Target (gateway issue): the gateway reaches >= 80% of the baseline's requests per second.
+
+`--tree PATH`: also run the gateway of another checkout (a worktree at an earlier commit) in the
+same interleaved rounds, so that a change's before and after are measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import subprocess
@@ -51,9 +55,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--tree", type=Path, help="another checkout whose gateway runs alongside")
     args = parser.parse_args()
     port = free_port()
-    with fake_upstream() as upstream_url, redis() as redis_url, \
+    with fake_upstream() as upstream_url, redis() as redis_url, contextlib.ExitStack() as stack, \
             gateway(upstream_url, redis_url) as gateway_url, \
             process(["-m", "uvicorn", "bench.minimal_redis_app:app", "--port", str(port),
                      "--loop", "uvloop", "--http", "httptools", "--no-access-log",
@@ -67,6 +72,11 @@ def main() -> None:
             raise SystemExit("the gateway did not cache the bench item; is Redis reachable?")
         targets = {"gateway": f"{gateway_url}/classify",
                    "baseline": f"http://127.0.0.1:{port}/classify"}
+        if args.tree is not None:
+            other = stack.enter_context(gateway(upstream_url, redis_url, tree=args.tree.resolve()))
+            if httpx.post(f"{other}/classify", json=BODY).headers["x-cache"] != "hit":
+                raise SystemExit(f"the gateway of {args.tree} did not answer from the cache")
+            targets["gateway_at_tree"] = f"{other}/classify"
         for url in targets.values():
             wrk(url, 2, args.connections)  # warm-up
         # Interleaved rounds, so that load from elsewhere on the machine hits both sides alike.
@@ -82,6 +92,10 @@ def main() -> None:
         "gateway": best["gateway"],
         "baseline_fastapi_one_redis_get": best["baseline"],
         "ratio": round(best["gateway"]["rps"] / best["baseline"]["rps"], 3),
+        **({"gateway_at_tree": {"tree": str(args.tree), **best["gateway_at_tree"],
+                                "ratio": round(best["gateway_at_tree"]["rps"]
+                                               / best["baseline"]["rps"], 3)}}
+           if args.tree is not None else {}),
         "all_rounds_rps": {name: [r["rps"] for r in results] for name, results in runs.items()},
         "target_ratio": 0.8,
     })

@@ -41,8 +41,11 @@ def emit(result: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def process(args: list[str], port: int, env: Mapping[str, str] | None = None,
-            ready_path: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**os.environ, **(env or {})},
+            ready_path: str | None = None, tree: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """`tree`: the checkout whose code runs (another commit's worktree, to compare side by side)."""
+    more = {"PYTHONPATH": str(tree)} if tree != REPO else {}
+    proc = subprocess.Popen([sys.executable, *args], cwd=tree,
+                            env={**os.environ, **(env or {}), **more},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, 30)
@@ -81,9 +84,11 @@ def redis() -> Iterator[str]:
 
 @contextlib.contextmanager
 def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] | None = None,
-            env: Mapping[str, str] | None = None, **more_env: str) -> Iterator[str]:
+            env: Mapping[str, str] | None = None, tree: Path = REPO,
+            **more_env: str) -> Iterator[str]:
     """`task`: more settings of the task `sentiment` (a prediction log, say); `env` and
-    `more_env`: the gateway's environment (GATEWAY_*, OTEL_*)."""
+    `more_env`: the gateway's environment (GATEWAY_*, OTEL_*); `tree`: the checkout whose
+    gateway runs (default this one)."""
     with tempfile.TemporaryDirectory() as tmp:
         tasks = Path(tmp) / "tasks.yaml"
         tasks.write_text(yaml.safe_dump({
@@ -95,7 +100,8 @@ def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] |
         settings = {"GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_PORT": str(port),
                     "GATEWAY_REDIS_URL": redis_url, "GATEWAY_LOG_LEVEL": "warning",
                     "GATEWAY_SHUTDOWN_DELAY_S": "0", **(env or {}), **more_env}
-        with process(["-m", "service.cli", "serve"], port, settings, ready_path="/readyz"):
+        with process(["-m", "service.cli", "serve"], port, settings, ready_path="/readyz",
+                     tree=tree):
             yield f"http://127.0.0.1:{port}"
 
 

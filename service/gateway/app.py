@@ -134,8 +134,14 @@ def create_app(settings: Settings | None = None, *,
         if admin_backend is not None:
             admin_tenants = TenantStore(admin_backend, settings.cache_prefix,
                                         timeout_s=settings.admin_timeout_s)
+        shared_link = None
         if tenants_backend is not None:
-            if tenants_backend.kind == "standalone" and settings.redis_client == "link":
+            if settings.feedback_redis_url in ("", settings.redis_url) and cache is not None:
+                # Keys in the cache's Redis: a charge rides the cache's connection, in one write
+                # with the lookup that follows it (quotas.Charge).
+                shared_link = cache.link
+            if shared_link is None and tenants_backend.kind == "standalone" and \
+                    settings.redis_client == "link":
                 quota_link = link(parse_redis_url(settings.feedback_redis_url
                                                   or settings.redis_url),
                                   settings.tenants_timeout_s)
@@ -143,7 +149,8 @@ def create_app(settings: Settings | None = None, *,
                                   timeout_s=settings.tenants_timeout_s)
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
                                   on_redis_error=settings.quota_on_redis_error,
-                                  timeout_s=settings.tenants_timeout_s, link=quota_link)
+                                  timeout_s=settings.tenants_timeout_s,
+                                  link=shared_link or quota_link)
             keys.store = tenants
             keys.usage = UsageRecorder(tenants)
             keys.usage.start()

@@ -191,6 +191,14 @@ class TenantStore:
 
         task.add_done_callback(done)
 
+    def cached_tenant_quotas(self, tenant: str) -> Quotas | None:
+        """A tenant's quotas while the local cache holds them fresh, without a coroutine: the
+        hot path's common case."""
+        cached = self._tenant_cache.get(tenant)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        return None
+
     async def tenant_quotas(self, tenant: str) -> Quotas:
         """A tenant's own quotas (cached like keys; the last known ones during an outage)."""
         clock = time.monotonic()

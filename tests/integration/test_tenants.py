@@ -234,15 +234,25 @@ def test_a_request_that_does_not_fit_is_not_charged(tmp_path: Path,
         key = create_key(cluster, tenant="fit", quotas={"items_per_minute": 10,
                                                         "requests_per_second": 100})["key"]
         assert classify(url, key, [f"a{i}" for i in range(8)]).status_code == 200
+        calls = cluster.upstream.call_count()
         refused = classify(url, key, [f"b{i}" for i in range(5)])
         assert refused.status_code == 429
         assert "key.items_per_minute" in refused.json()["error"]["message"]
-        # Nothing was taken by the refused request, from either bucket: two items still fit.
-        assert classify(url, key, ["c0", "c1"]).status_code == 200
+        # The charge shares a Redis write with the cache lookup, but the refused items never
+        # reach the upstream.
+        assert cluster.upstream.call_count() == calls
+        # Nor does a refused request whose items the cache holds count anywhere.
+        assert classify(url, key, ["a0"]).status_code == 200
+        refused_hit = classify(url, key, [f"a{i}" for i in range(8)] * 2)
+        assert refused_hit.status_code == 429
+        # Nothing was taken by the refused requests, from either bucket: one item still fits.
+        assert classify(url, key, ["c0"]).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
-        assert ('gateway_quota_rejections_total{quota="key.items_per_minute",tenant="fit"} 1.0'
+        assert ('gateway_quota_rejections_total{quota="key.items_per_minute",tenant="fit"} 2.0'
                 in metrics)
         assert 'gateway_tenant_items_total{task="sentiment",tenant="fit"} 10.0' in metrics
+        assert 'gateway_model_items_total{model="ft:classifier:test:sentiment",task="sentiment"} ' \
+               '10.0' in metrics
 
 
 def test_a_fan_out_call_charges_each_task_its_items(tmp_path: Path,

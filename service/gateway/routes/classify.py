@@ -17,8 +17,9 @@ from starlette.requests import Request
 
 from service.gateway.classifier import Disconnected, Outcome, decorate
 from service.gateway.errors import Forbidden, InvalidField, InvalidRequest, QuotaExceeded
+from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
-from service.gateway.quotas import Bucket
+from service.gateway.quotas import Bucket, Charge
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes import fanout
@@ -28,6 +29,8 @@ from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
 from service.gateway.tenants import STATIC_IDENTITY, Identity
 from service.wire import Conversation
+
+STATIC_KEY_ID = STATIC_IDENTITY.key_id
 
 TaskName = Annotated[str, Field(min_length=1)]
 TASK_DOC = "A task name from the tasks file."
@@ -83,8 +86,14 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
               items: Sequence[Any], disconnected: Disconnected | None = None) -> Outcome:
     """The part every classification route shares, once the items are validated: admitted
     (the key's tasks, its quotas charged), then classified. `disconnected`: the call's watch on
-    the client (fan-out shares one, and charges each of its tasks here); default: its own."""
-    identity, charged = await admit(runtime, request, task, len(items))
+    the client (fan-out shares one, and charges each of its tasks here); default: its own.
+
+    The quota charge is sent before the cache lookup and over the same connection when both
+    live in one Redis, in one write (quotas.Charge): the classifier awaits the decision before
+    any item goes upstream and before the answer is counted anywhere, so a request refused by
+    its quota reaches no upstream and no shadow, drift or review count; only its cache lookup
+    has happened."""
+    identity, admission = await admit(runtime, request, task, len(items))
 
     started = time.perf_counter()
 
@@ -96,46 +105,80 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     outcome = await runtime.classifier.classify(task, upstream, items, tenant=identity.tenant,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
-                                                disconnected=disconnected)
+                                                disconnected=disconnected,
+                                                admitted=admission)
+    if admission is not None:
+        await admission()  # decided by now (the classifier awaited it); raises a 429
     outcome = dataclasses.replace(outcome, id=response_id())
-    if charged and outcome.hits and runtime.quotas is not None and \
-            not runtime.settings.quota_charge_cache_hits:
-        await runtime.quotas.refund(charged, outcome.hits)
-    setattr(request.state, USAGE, (len(items), outcome.hits))
+    state = request.scope.setdefault("state", {})
+    state[USAGE] = (len(items), outcome.hits)
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
                                tenant=identity.tenant)
     if task.log is not None and runtime.predictions is not None:
-        issued = identity.key_id != STATIC_IDENTITY.key_id
+        issued = identity.key_id != STATIC_KEY_ID
         runtime.predictions.offer(task, items, outcome, time.perf_counter() - started,
                                   key_id=identity.key_id if issued else None,
                                   tenant=identity.tenant if issued else None)
+    if outcome.hits and admission is not None and runtime.quotas is not None and \
+            not runtime.settings.quota_charge_cache_hits:
+        await runtime.quotas.refund(admission.buckets, outcome.hits)
     return outcome
 
 
-async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
-                ) -> tuple[Identity, list[Bucket]]:
-    """May this caller run `items` items of `task` now? 403 for a task outside the key's `tasks`,
-    429 over a quota (charged up front, all buckets at once: quotas.py); the quota's RateLimit
-    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota. Returns the caller and
-    the buckets charged."""
-    identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
-    buckets: list[Bucket] = []
-    if not identity.may_call(task.name):
-        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
-                        "PATCH /admin/keys/{id}.")
-    if (runtime.quotas is not None and runtime.tenants is not None
-            and identity.key_id != STATIC_IDENTITY.key_id):
-        tenant_quotas = await runtime.tenants.tenant_quotas(identity.tenant)
-        buckets = runtime.quotas.buckets(identity, tenant_quotas, items)
-        decision = await runtime.quotas.charge(buckets, identity.tenant)
+class Admission:
+    """The gate the classifier awaits (classifier.Admitted): the quota's decision, a 429 when
+    the request does not fit; on the way in, the RateLimit headers for the answer and the
+    tenant's item count."""
+
+    __slots__ = ("_charge", "_done", "_items", "_metrics", "_state", "_task")
+
+    def __init__(self, charge: Charge, state: dict[str, Any], metrics: GatewayMetrics,
+                 task: str, items: int) -> None:
+        self._charge = charge
+        self._state = state
+        self._metrics = metrics
+        self._task = task
+        self._items = items
+        self._done = False
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return self._charge.buckets
+
+    async def __call__(self) -> None:
+        decision = await self._charge.decision()
         if not decision.allowed:
             raise QuotaExceeded(decision.message, decision.headers)
-        if decision.headers:
-            setattr(request.state, EXTRA_HEADERS, decision.headers)
+        if not self._done:
+            self._done = True
+            if decision.headers:
+                self._state[EXTRA_HEADERS] = decision.headers
+            tenant = self._charge.tenant
+            self._metrics.child(self._metrics.tenant_items, tenant, self._task).inc(self._items)
+
+
+async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
+                ) -> tuple[Identity, Admission | None]:
+    """May this caller run `items` items of `task`? 403 for a task outside the key's `tasks`,
+    at once; the quota charge (all buckets at once: quotas.py) is sent now and decided by the
+    returned Admission, which the classifier awaits. Keys from GATEWAY_API_KEYS have no quota
+    (no Admission)."""
+    state = request.scope.setdefault("state", {})
+    identity: Identity = state.get(IDENTITY, STATIC_IDENTITY)
+    if identity.tasks is not None and task.name not in identity.tasks:
+        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
+                        "PATCH /admin/keys/{id}.")
+    quotas, tenants = runtime.quotas, runtime.tenants
     metrics = runtime.metrics
-    metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
-    return identity, buckets
+    if quotas is None or tenants is None or identity.key_id == STATIC_KEY_ID:
+        metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
+        return identity, None
+    tenant_quotas = tenants.cached_tenant_quotas(identity.tenant)
+    if tenant_quotas is None:
+        tenant_quotas = await tenants.tenant_quotas(identity.tenant)
+    charge = quotas.start(identity, tenant_quotas, items)
+    return identity, Admission(charge, state, metrics, task.name, items)
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

@@ -146,7 +146,9 @@ def create_app(settings: Settings | None = None, *,
                                                   or settings.redis_url),
                                   settings.tenants_timeout_s)
             tenants = TenantStore(tenants_backend, settings.cache_prefix,
-                                  timeout_s=settings.tenants_timeout_s)
+                                  timeout_s=settings.tenants_timeout_s,
+                                  cache_ttl_s=settings.key_cache_ttl_s)
+            tenants.listen()  # admin writes on any replica drop this one's cached lookups
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
                                   on_redis_error=settings.quota_on_redis_error,
                                   timeout_s=settings.tenants_timeout_s,
@@ -195,6 +197,8 @@ def create_app(settings: Settings | None = None, *,
             if keys.usage is not None:
                 await keys.usage.aclose()
                 keys.usage = None
+            if tenants is not None:
+                await tenants.aclose()
             for backend_ in (tenants_backend, admin_backend):
                 if backend_ is not None:
                     await backend_.aclose()

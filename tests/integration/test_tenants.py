@@ -27,6 +27,7 @@ from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
 from tests.support.gateway import write_tasks
 from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
+from tests.support.waits import Deadline
 
 ADMIN = "admin-" + "x" * 40
 STATIC = "static-client-key-0123456789"
@@ -47,6 +48,7 @@ TASKS: dict[str, dict[str, Any]] = {
 class Cluster:
     urls: list[str]
     upstream: FakeUpstream
+    prefix: str
 
     @property
     def admin(self) -> dict[str, str]:
@@ -67,7 +69,7 @@ def replicas(tmp_path: Path, redis_url: str, count: int = 3, **settings: Any) ->
                 "admin_key": ADMIN, "api_keys": STATIC, "retry_backoff_s": 0.01,
                 "drain_timeout_s": 1.0, "redis_backoff_s": 0.2, **settings}
             urls.append(stack.enter_context(serve(create_app(Settings(**config)))).url)
-        yield Cluster(urls, upstream)
+        yield Cluster(urls, upstream, prefix)
 
 
 def create_key(cluster: Cluster, **body: Any) -> dict[str, Any]:
@@ -303,6 +305,51 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
         time.sleep(max(0.0, revoked_at + 1.0 - time.monotonic()))
         assert [classify(url, created["key"], ["a"]).status_code
                 for url in cluster.urls] == [401, 401, 401]
+
+
+def refused_after(url: str, key: str, seconds: float = 10.0) -> int:
+    """Requests with `key` until one gets 401; how many it took (a wait, never a bound)."""
+    deadline = Deadline(seconds)
+    for attempt in range(1, 100_000):
+        status = classify(url, key, [f"until-refused-{attempt}"]).status_code
+        if status == 401:
+            return attempt
+        assert status == 200, status
+        assert not deadline.expired(), f"still accepted after {attempt} requests"
+        time.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def test_a_revoke_reaches_other_replicas_by_pub_sub_not_by_their_ttl(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Lookups cached for an hour: only the invalidation can explain a refusal within seconds.
+    A change that bypasses the admin API (no message) is not seen until the subscription is
+    lost and made again, which starts from an empty cache."""
+    with replicas(tmp_path, redis_server.url, count=2, key_cache_ttl_s=3600) as cluster:
+        a, b = cluster.urls
+        admin = redis.Redis(port=redis_server.port)
+        channel = f"{cluster.prefix}:tenants:changes"
+        deadline = Deadline(10)
+        while admin.pubsub_numsub(channel)[0][1] < 2:  # both replicas listening
+            assert not deadline.expired(), admin.pubsub_numsub(channel)
+            time.sleep(0.02)
+        revoked, bypassed = create_key(cluster, tenant="sub"), create_key(cluster, tenant="sub")
+        for key in (revoked, bypassed):
+            assert classify(b, key["key"], ["cached"]).status_code == 200
+        stored = f"{cluster.prefix}:tenants:key:{bypassed['id']}"
+        record = json.loads(admin.get(stored) or b"")
+        admin.set(stored, json.dumps({**record, "revoked": True}))
+        assert [classify(b, bypassed["key"], [f"x{i}"]).status_code
+                for i in range(5)] == [200] * 5  # B trusts its entry: nothing told it
+
+        assert httpx.delete(f"{a}/admin/keys/{revoked['id']}",
+                            headers=cluster.admin).status_code == 200
+        refused_after(b, revoked["key"])
+        assert classify(a, revoked["key"], ["a"]).status_code == 401
+
+        admin.client_kill_filter(_type="pubsub")  # every subscriber's connection
+        refused_after(b, bypassed["key"])
+        admin.close()
 
 
 @pytest.mark.parametrize("on_error", ["allow", "deny"])

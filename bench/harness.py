@@ -21,6 +21,8 @@ import yaml
 from tests.support.redis_server import free_port, start_redis, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
+#: url -> pid of each gateway `gateway()` started and still runs (for CPU readings).
+GATEWAY_PIDS: dict[str, int] = {}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,9 +102,20 @@ def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] |
         settings = {"GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_PORT": str(port),
                     "GATEWAY_REDIS_URL": redis_url, "GATEWAY_LOG_LEVEL": "warning",
                     "GATEWAY_SHUTDOWN_DELAY_S": "0", **(env or {}), **more_env}
+        url = f"http://127.0.0.1:{port}"
         with process(["-m", "service.cli", "serve"], port, settings, ready_path="/readyz",
-                     tree=tree):
-            yield f"http://127.0.0.1:{port}"
+                     tree=tree) as proc:
+            GATEWAY_PIDS[url] = proc.pid
+            try:
+                yield url
+            finally:
+                GATEWAY_PIDS.pop(url, None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric_sum(metrics_text: str, name: str) -> float:

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -56,8 +57,9 @@ CACHE_TTL_S = 0.5
 PING_S = 1.0
 RESUBSCRIBE_S = 0.5
 SECRET_PREFIX = "cgw_"
-#: Visible ASCII: what GATEWAY_API_KEYS may hold, and more than a `cgw_` secret uses.
-_TOKEN_CHARS = frozenset(range(0x21, 0x7F))
+#: Visible ASCII: what GATEWAY_API_KEYS may hold, and more than a `cgw_` secret uses. A compiled
+#: pattern rather than a loop over the bytes: 0.3 against 2-3 us per request.
+_TOKEN = re.compile(rb"[\x21-\x7e]+")
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -129,7 +131,7 @@ def bearer_token(header: bytes | None) -> bytes | None:
     if header is None or len(header) > MAX_AUTHORIZATION_BYTES or header[:7].lower() != b"bearer ":
         return None
     token = header[7:].strip()
-    if not token or not all(byte in _TOKEN_CHARS for byte in token):
+    if _TOKEN.fullmatch(token) is None:
         return None
     return token
 
@@ -510,10 +512,8 @@ class Authenticator:
         self._admin = admin_key.encode()
         self.store = store
         self.usage: UsageRecorder | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._static or self._admin)
+        #: Whether any key is configured (fixed for the process's life).
+        self.enabled = bool(self._static or self._admin)
 
     def is_admin(self, header: bytes | None) -> bool:
         token = bearer_token(header)

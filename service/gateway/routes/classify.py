@@ -5,7 +5,6 @@ The routes themselves (paths, docs) are declared in hot.py."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 import time
@@ -19,7 +18,7 @@ from service.gateway.classifier import Disconnected, Outcome, decorate
 from service.gateway.errors import Forbidden, InvalidField, InvalidRequest, QuotaExceeded
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
-from service.gateway.quotas import Bucket, Charge
+from service.gateway.quotas import Bucket, Charge, QuotaChecker
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes import fanout
@@ -27,10 +26,8 @@ from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
-from service.gateway.tenants import STATIC_IDENTITY, Identity
+from service.gateway.tenants import STATIC_IDENTITY, Identity, TenantStore
 from service.wire import Conversation
-
-STATIC_KEY_ID = STATIC_IDENTITY.key_id
 
 TaskName = Annotated[str, Field(min_length=1)]
 TASK_DOC = "A task name from the tasks file."
@@ -93,30 +90,31 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
     any item goes upstream and before the answer is counted anywhere, so a request refused by
     its quota reaches no upstream and no shadow, drift or review count; only its cache lookup
     has happened."""
-    identity, admission = await admit(runtime, request, task, len(items))
+    state = request.scope.setdefault("state", {})
+    identity, admission = admit(runtime, state, task, len(items))
+    if admission is not None and not admission.start():
+        await admission.start_after_lookup()
 
-    started = time.perf_counter()
+    started = time.perf_counter() if task.log is not None else 0.0
 
     async def read_until_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    disconnected = disconnected or read_until_disconnect
     outcome = await runtime.classifier.classify(task, upstream, items, tenant=identity.tenant,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
-                                                disconnected=disconnected,
-                                                admitted=admission)
+                                                disconnected=disconnected or read_until_disconnect,
+                                                admitted=admission, response_id=response_id())
+    issued = identity is not STATIC_IDENTITY
     if admission is not None:
         await admission()  # decided by now (the classifier awaited it); raises a 429
-    outcome = dataclasses.replace(outcome, id=response_id())
-    state = request.scope.setdefault("state", {})
-    state[USAGE] = (len(items), outcome.hits)
+    if issued:  # usage is counted per issued key (middleware.py)
+        state[USAGE] = (len(items), outcome.hits)
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
                                tenant=identity.tenant)
     if task.log is not None and runtime.predictions is not None:
-        issued = identity.key_id != STATIC_KEY_ID
         runtime.predictions.offer(task, items, outcome, time.perf_counter() - started,
                                   key_id=identity.key_id if issued else None,
                                   tenant=identity.tenant if issued else None)
@@ -127,26 +125,53 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
 
 
 class Admission:
-    """The gate the classifier awaits (classifier.Admitted): the quota's decision, a 429 when
-    the request does not fit; on the way in, the RateLimit headers for the answer and the
-    tenant's item count."""
+    """A request's quota charge and the gate the classifier awaits (classifier.Admitted): the
+    decision, a 429 when the request does not fit; on the way in, the RateLimit headers for the
+    answer and the tenant's item count."""
 
-    __slots__ = ("_charge", "_done", "_items", "_metrics", "_state", "_task")
+    __slots__ = (
+        "_charge",
+        "_done",
+        "_identity",
+        "_items",
+        "_metrics",
+        "_quotas",
+        "_state",
+        "_task",
+        "_tenants",
+    )
 
-    def __init__(self, charge: Charge, state: dict[str, Any], metrics: GatewayMetrics,
-                 task: str, items: int) -> None:
-        self._charge = charge
+    def __init__(self, quotas: QuotaChecker, tenants: TenantStore, identity: Identity,
+                 state: dict[str, Any], metrics: GatewayMetrics, task: str, items: int) -> None:
+        self._quotas = quotas
+        self._tenants = tenants
+        self._identity = identity
         self._state = state
         self._metrics = metrics
         self._task = task
         self._items = items
+        self._charge: Charge | None = None
         self._done = False
+
+    def start(self) -> bool:
+        """Send the charge now, when the tenant's quotas are known locally (the common case:
+        no coroutine); False when they must be read from Redis first."""
+        tenant_quotas = self._tenants.cached_tenant_quotas(self._identity.tenant)
+        if tenant_quotas is None:
+            return False
+        self._charge = self._quotas.start(self._identity, tenant_quotas, self._items)
+        return True
+
+    async def start_after_lookup(self) -> None:
+        tenant_quotas = await self._tenants.tenant_quotas(self._identity.tenant)
+        self._charge = self._quotas.start(self._identity, tenant_quotas, self._items)
 
     @property
     def buckets(self) -> list[Bucket]:
-        return self._charge.buckets
+        return [] if self._charge is None else self._charge.buckets
 
     async def __call__(self) -> None:
+        assert self._charge is not None, "Admission awaited before it was started"
         decision = await self._charge.decision()
         if not decision.allowed:
             raise QuotaExceeded(decision.message, decision.headers)
@@ -154,31 +179,25 @@ class Admission:
             self._done = True
             if decision.headers:
                 self._state[EXTRA_HEADERS] = decision.headers
-            tenant = self._charge.tenant
-            self._metrics.child(self._metrics.tenant_items, tenant, self._task).inc(self._items)
+            self._metrics.child(self._metrics.tenant_items, self._identity.tenant,
+                                self._task).inc(self._items)
 
 
-async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
-                ) -> tuple[Identity, Admission | None]:
-    """May this caller run `items` items of `task`? 403 for a task outside the key's `tasks`,
-    at once; the quota charge (all buckets at once: quotas.py) is sent now and decided by the
-    returned Admission, which the classifier awaits. Keys from GATEWAY_API_KEYS have no quota
-    (no Admission)."""
-    state = request.scope.setdefault("state", {})
+def admit(runtime: Runtime, state: dict[str, Any], task: TaskSpec, items: int
+          ) -> tuple[Identity, Admission | None]:
+    """Who is calling, and may it call `task`? 403 for a task outside the key's `tasks`, at
+    once. A key with quotas gets an Admission (start it, then await it: quotas.py); keys from
+    GATEWAY_API_KEYS, and everyone when no key is configured, have no quota: their items are
+    counted here, with no coroutine on their path."""
     identity: Identity = state.get(IDENTITY, STATIC_IDENTITY)
     if identity.tasks is not None and task.name not in identity.tasks:
         raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
                         "PATCH /admin/keys/{id}.")
-    quotas, tenants = runtime.quotas, runtime.tenants
-    metrics = runtime.metrics
-    if quotas is None or tenants is None or identity.key_id == STATIC_KEY_ID:
+    quotas, tenants, metrics = runtime.quotas, runtime.tenants, runtime.metrics
+    if quotas is None or tenants is None or identity is STATIC_IDENTITY:
         metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
         return identity, None
-    tenant_quotas = tenants.cached_tenant_quotas(identity.tenant)
-    if tenant_quotas is None:
-        tenant_quotas = await tenants.tenant_quotas(identity.tenant)
-    charge = quotas.start(identity, tenant_quotas, items)
-    return identity, Admission(charge, state, metrics, task.name, items)
+    return identity, Admission(quotas, tenants, identity, state, metrics, task.name, items)
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

@@ -352,6 +352,30 @@ def test_a_revoke_reaches_other_replicas_by_pub_sub_not_by_their_ttl(
         admin.close()
 
 
+def test_without_a_subscription_lookups_fall_back_to_half_a_second(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """Lookups cached for an hour, the subscription lost and refused (no pub/sub channel allowed
+    to Redis's default user): a change made behind the replica's back, which no message
+    announces, is seen anyway; only the 0.5 s fallback can explain it."""
+    with replicas(tmp_path, own_redis.url, count=1, key_cache_ttl_s=3600) as cluster:
+        (url,) = cluster.urls
+        admin = redis.Redis(port=own_redis.port)
+        channel = f"{cluster.prefix}:tenants:changes"
+        deadline = Deadline(10)
+        while admin.pubsub_numsub(channel)[0][1] < 1:
+            assert not deadline.expired()
+            time.sleep(0.02)
+        created = create_key(cluster, tenant="nosub")
+        assert classify(url, created["key"], ["cached"]).status_code == 200
+        admin.acl_setuser("default", reset_channels=True)  # SUBSCRIBE now fails: NOPERM
+        admin.client_kill_filter(_type="pubsub")
+        stored = f"{cluster.prefix}:tenants:key:{created['id']}"
+        admin.set(stored, json.dumps({**json.loads(admin.get(stored) or b""), "revoked": True}))
+        refused_after(url, created["key"])
+        assert admin.pubsub_numsub(channel)[0][1] == 0  # still no subscriber
+        admin.close()
+
+
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 def test_redis_killed_during_load(tmp_path: Path, own_redis: RedisServer, on_error: str) -> None:
     with replicas(tmp_path, own_redis.url, quota_on_redis_error=on_error) as cluster:

@@ -21,6 +21,8 @@ import yaml
 from tests.support.redis_server import free_port, start_redis, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
+#: url -> pid of each gateway `gateway()` started and still runs (for CPU readings).
+GATEWAY_PIDS: dict[str, int] = {}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,9 +43,11 @@ def emit(result: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def process(args: list[str], port: int, env: Mapping[str, str] | None = None,
-            ready_path: str | None = None, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
-    """`cwd`: where `python -m` finds the code it runs (first on sys.path, before PYTHONPATH)."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env={**os.environ, **(env or {})},
+            ready_path: str | None = None, tree: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """`tree`: the checkout whose code runs (another commit's worktree, to compare side by side)."""
+    more = {"PYTHONPATH": str(tree)} if tree != REPO else {}
+    proc = subprocess.Popen([sys.executable, *args], cwd=tree,
+                            env={**os.environ, **(env or {}), **more},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, 30)
@@ -85,8 +89,8 @@ def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] |
             env: Mapping[str, str] | None = None, tree: Path = REPO,
             **more_env: str) -> Iterator[str]:
     """`task`: more settings of the task `sentiment` (a prediction log, say); `env` and
-    `more_env`: the gateway's environment (GATEWAY_*, OTEL_*); `tree`: the source tree whose
-    code it runs (bench/before_after.py)."""
+    `more_env`: the gateway's environment (GATEWAY_*, OTEL_*); `tree`: the checkout whose
+    gateway runs (default this one)."""
     with tempfile.TemporaryDirectory() as tmp:
         tasks = Path(tmp) / "tasks.yaml"
         tasks.write_text(yaml.safe_dump({
@@ -98,11 +102,20 @@ def gateway(upstream_url: str, redis_url: str = "", *, task: Mapping[str, Any] |
         settings = {"GATEWAY_TASKS_FILE": str(tasks), "GATEWAY_PORT": str(port),
                     "GATEWAY_REDIS_URL": redis_url, "GATEWAY_LOG_LEVEL": "warning",
                     "GATEWAY_SHUTDOWN_DELAY_S": "0", **(env or {}), **more_env}
-        if tree != REPO:
-            settings["PYTHONPATH"] = str(tree)
+        url = f"http://127.0.0.1:{port}"
         with process(["-m", "service.cli", "serve"], port, settings, ready_path="/readyz",
-                     cwd=tree):
-            yield f"http://127.0.0.1:{port}"
+                     tree=tree) as proc:
+            GATEWAY_PIDS[url] = proc.pid
+            try:
+                yield url
+            finally:
+                GATEWAY_PIDS.pop(url, None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric_sum(metrics_text: str, name: str) -> float:

@@ -7,6 +7,10 @@ Prints JSON.
 
 Target (issue 21): the quota check adds at most 0.15 ms at p50 to a cache hit.
 
+`--tree PATH`: the same two keys also against a gateway run from another checkout (a worktree at
+an earlier commit) on the same Redis and upstream, all four sides interleaved: a change's before
+and after in one run.
+
 `--replicas-seconds T`: instead, three gateway processes on one Redis, a key with
 `items_per_minute: 300`, one-item requests spread over the three for T seconds: the items accepted
 against what the bucket allows (300 + 300*T/60), which must stay within [0.95, 1] (+1 item).
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 
@@ -89,33 +94,42 @@ def main() -> None:
                              "identity's cost alone, no Redis call)")
     parser.add_argument("--replicas-seconds", type=float, metavar="T",
                         help="measure accepted vs allowed under three replicas for T s instead")
+    parser.add_argument("--tree", type=Path,
+                        help="another checkout whose gateway is measured alongside")
     args = parser.parse_args()
     if args.replicas_seconds:
         replicas(args.replicas_seconds)
         return
     quotas = {"six": HIGH, "one": {"items_per_minute": HIGH["items_per_minute"]},
               "none": {}}[args.buckets]
-    with fake_upstream() as upstream_url, redis() as redis_url, \
-            gateway(upstream_url, redis_url, GATEWAY_ADMIN_KEY=ADMIN,
-                    GATEWAY_API_KEYS=STATIC) as url, httpx.Client() as client:
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        if args.buckets == "six":
-            client.put(f"{url}/admin/tenants/bench", headers=admin,
-                       json={"quotas": HIGH}).raise_for_status()
-        created = client.post(f"{url}/admin/keys", headers=admin,
-                              json={"tenant": "bench", "name": "bench", "quotas": quotas})
-        created.raise_for_status()
-        keys = {"quotas_off": STATIC, "quotas_on": created.json()["key"]}
-        endpoint = f"{url}/classify"
-        for key in keys.values():  # cache the item in both tenants' scopes, warm up
+    trees = {"": None} if args.tree is None else {"": None, "at_tree_": args.tree.resolve()}
+    with fake_upstream() as upstream_url, redis() as redis_url, contextlib.ExitStack() as stack, \
+            httpx.Client() as client:
+        keys: dict[str, tuple[str, str]] = {}  # side -> (url, key)
+        for tag, tree in trees.items():
+            more = {} if tree is None else {"tree": tree,
+                                            "GATEWAY_CACHE_PREFIX": "bench-tree"}
+            url = stack.enter_context(gateway(upstream_url, redis_url, GATEWAY_ADMIN_KEY=ADMIN,
+                                              GATEWAY_API_KEYS=STATIC, **more))
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            tenant = f"bench{tag.strip('_')}"
+            if args.buckets == "six":
+                client.put(f"{url}/admin/tenants/{tenant}", headers=admin,
+                           json={"quotas": HIGH}).raise_for_status()
+            created = client.post(f"{url}/admin/keys", headers=admin,
+                                  json={"tenant": tenant, "name": "bench", "quotas": quotas})
+            created.raise_for_status()
+            keys[f"{tag}quotas_off"] = (url, STATIC)
+            keys[f"{tag}quotas_on"] = (url, created.json()["key"])
+        for url, key in keys.values():  # cache the item in both tenants' scopes, warm up
             for _ in range(200):
-                timed(client, endpoint, key, "this product is great")
+                timed(client, f"{url}/classify", key, "this product is great")
         hits: dict[str, list[float]] = {name: [] for name in keys}
         misses: dict[str, list[float]] = {name: [] for name in keys}
         for _ in range(args.requests):
-            for name, key in keys.items():
-                hits[name].append(timed(client, endpoint, key, "this product is great"))
-                misses[name].append(timed(client, endpoint, key, uuid.uuid4().hex))
+            for name, (url, key) in keys.items():
+                hits[name].append(timed(client, f"{url}/classify", key, "this product is great"))
+                misses[name].append(timed(client, f"{url}/classify", key, uuid.uuid4().hex))
     p50 = {kind: {name: round(percentile(samples, 50) * 1000, 3) for name, samples in runs.items()}
            for kind, runs in (("hit", hits), ("miss", misses))}
     emit({
@@ -125,6 +139,11 @@ def main() -> None:
         "p50_ms": p50,
         "added_p50_ms": {kind: round(v["quotas_on"] - v["quotas_off"], 3)
                          for kind, v in p50.items()},
+        **({"tree": str(args.tree),
+            "added_p50_ms_at_tree": {kind: round(v["at_tree_quotas_on"]
+                                                 - v["at_tree_quotas_off"], 3)
+                                     for kind, v in p50.items()}}
+           if args.tree is not None else {}),
         "target_added_p50_ms_on_hits": 0.15,
     })
 

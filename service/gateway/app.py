@@ -136,15 +136,24 @@ def create_app(settings: Settings | None = None, *,
         if admin_backend is not None:
             admin_tenants = TenantStore(admin_backend, settings.cache_prefix,
                                         timeout_s=settings.admin_timeout_s)
+        shared_link = None
         if tenants_backend is not None:
-            if tenants_backend.kind == "standalone" and settings.redis_client == "link":
+            if shared_url == settings.redis_url and cache is not None:
+                # Keys in the cache's Redis: a charge rides the cache's connection, in one write
+                # with the lookup that follows it (quotas.Charge).
+                shared_link = cache.link
+            if shared_link is None and tenants_backend.kind == "standalone" and \
+                    settings.redis_client == "link":
                 quota_link = link(parse_redis_url(shared_url, shared_setting),
                                   settings.tenants_timeout_s, setting=shared_setting)
             tenants = TenantStore(tenants_backend, settings.cache_prefix,
-                                  timeout_s=settings.tenants_timeout_s)
+                                  timeout_s=settings.tenants_timeout_s,
+                                  cache_ttl_s=settings.key_cache_ttl_s)
+            tenants.listen()  # admin writes on any replica drop this one's cached lookups
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
                                   on_redis_error=settings.quota_on_redis_error,
-                                  timeout_s=settings.tenants_timeout_s, link=quota_link)
+                                  timeout_s=settings.tenants_timeout_s,
+                                  link=shared_link or quota_link)
             keys.store = tenants
             keys.usage = UsageRecorder(tenants)
             keys.usage.start()
@@ -193,6 +202,8 @@ def create_app(settings: Settings | None = None, *,
             if keys.usage is not None:
                 await keys.usage.aclose()
                 keys.usage = None
+            if tenants is not None:
+                await tenants.aclose()
             for backend_ in (tenants_backend, admin_backend):
                 if backend_ is not None:
                     await backend_.aclose()

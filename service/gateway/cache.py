@@ -85,6 +85,7 @@ class _LinkBackend:
 
     def __init__(self, link: RedisLink) -> None:
         self._link = link
+        self.link = link
         self.description = link.description
 
     async def mget(self, keys: list[str]) -> list[Any]:
@@ -248,6 +249,12 @@ class ResultCache:
     def description(self) -> str:
         """Where the cache lives (scheme and hosts, never a password), for /readyz and logs."""
         return "disabled" if self._conn is None else self._conn.description
+
+    @property
+    def link(self) -> RedisLink | None:
+        """The RedisLink the cache reads over (standalone Redis, GATEWAY_REDIS_CLIENT=link),
+        for a caller whose commands should share the lookup's write (quotas.py)."""
+        return self._conn.link if isinstance(self._conn, _LinkBackend) else None
 
     @property
     def pending_writes(self) -> int:

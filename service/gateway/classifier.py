@@ -54,13 +54,16 @@ from service.tracing import (
     TASK,
     UPSTREAM,
     Tracing,
-    span,
 )
 
 log = logging.getLogger("service.gateway.classifier")
 
 CacheStatus = Literal["hit", "miss", "partial"]
 Disconnected = Callable[[], Awaitable[None]]
+#: The caller's admission (its quota's decision): returns when the request may go on, raises
+#: (a 429) when it may not. Awaited before any item is sent upstream and before an answer is
+#: counted or offered anywhere, not before the cache lookup, which may share its Redis write.
+Admitted = Callable[[], Awaitable[None]]
 # Time a request must have left for a resend after a borrowed timeout; also absorbs timers that fire
 # up to a millisecond early.
 _RESEND_MIN_S = 0.01
@@ -77,7 +80,7 @@ class Outcome:
     fallback_from: str | None = None
     #: Items answered from the cache (usage counts them per key).
     hits: int = 0
-    #: The response's id, set by the route (feedback names a response by it).
+    #: The response's id, given by the route (feedback names a response by it).
     id: str = ""
 
     @property
@@ -200,7 +203,8 @@ class Classifier:
     async def classify(self, task: TaskSpec, upstream: UpstreamSpec, items: Sequence[Any], *,
                        read_cache: bool = True,
                        disconnected: Disconnected | None = None,
-                       tenant: str = DEFAULT_TENANT) -> Outcome:
+                       tenant: str = DEFAULT_TENANT,
+                       admitted: Admitted | None = None, response_id: str = "") -> Outcome:
         """One result per item, in input order, from the cache, the task's model (or its canary,
         for the items the canary's weight sends there) or, when that fails, its fallbacks (see
         the module docstring). Items answered by the task's model are then offered to its shadow.
@@ -210,7 +214,11 @@ class Classifier:
 
         `tenant` joins the cache key (and so single flight) unless the task's `cache_scope` is
         `shared`: one tenant is never answered from another's entries. Tenant `default` keeps the
-        keys it had before tenants existed."""
+        keys it had before tenants existed.
+
+        `admitted`: the caller's quota decision (see `Admitted`); `response_id`: the answer's
+        id, carried by the Outcome (set here rather than copied in by the route: a frozen
+        dataclass's `replace` cost 3-5 us per request)."""
         timeout_s = task.timeout_s or self._default_timeout_s
         partition = None if task.cache_scope == "shared" or tenant == DEFAULT_TENANT else tenant
         deadline = time.monotonic() + timeout_s
@@ -218,10 +226,11 @@ class Classifier:
         canary = task.canary
         if task.cascade:
             results, models, misses, fallback_from = await self._cascade(
-                task, items, ttl_s, deadline, timeout_s, read_cache, disconnected, partition)
+                task, items, ttl_s, deadline, timeout_s, read_cache, disconnected, partition,
+                admitted)
         elif canary is None or canary.weight <= 0.0:
             served = await self._serve(task, task.candidates(), items, ttl_s, deadline,
-                                       timeout_s, read_cache, disconnected, partition)
+                                       timeout_s, read_cache, disconnected, partition, admitted)
             results, models = served.results, [served.model] * len(items)
             misses, fallback_from = served.misses, served.fallback_from
         else:
@@ -233,7 +242,7 @@ class Classifier:
             groups = [group for group in groups if group[1]]
             done = await asyncio.gather(
                 *(self._serve_group(task, chain, [items[i] for i in where], ttl_s, deadline,
-                                    timeout_s, read_cache, disconnected, partition,
+                                    timeout_s, read_cache, disconnected, partition, admitted,
                                     canary=to_canary)
                   for chain, where, to_canary in groups),
                 return_exceptions=True)
@@ -249,6 +258,8 @@ class Classifier:
                     results[i], models[i] = result, part.model
                 misses += part.misses
                 fallback_from = fallback_from or part.fallback_from
+        if admitted is not None:
+            await admitted()  # nothing is counted for a request its quota refuses
         counted = self._metrics.model_items
         for model in dict.fromkeys(models):
             self._metrics.child(counted, task.name, model).inc(models.count(model))
@@ -260,11 +271,11 @@ class Classifier:
             self.tracing.set({TASK: task.name, MODEL: ", ".join(dict.fromkeys(models)),
                               ITEMS: len(items), CACHE_HITS: len(items) - misses})
         return Outcome(results, _cache_status(len(items) - misses, len(items)), models,
-                       fallback_from, hits=len(items) - misses)
+                       fallback_from, hits=len(items) - misses, id=response_id)
 
     async def _cascade(self, task: TaskSpec, items: Sequence[Any], ttl_s: int, deadline: float,
                        timeout_s: float, read_cache: bool, disconnected: Disconnected | None,
-                       partition: str | None = None,
+                       partition: str | None = None, admitted: Admitted | None = None,
                        ) -> tuple[list[Result], list[str], int, str | None]:
         """Results, the model of each, cache misses and the failed model (when the last stage's
         fallback answered), from the task's cascade (see the module docstring); every stage's
@@ -279,7 +290,7 @@ class Classifier:
             asked = [items[i] for i in pending]
             if min_margin is None:  # the last stage: every item left, with the task's fallbacks
                 served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
-                                           read_cache, disconnected, partition)
+                                           read_cache, disconnected, partition, admitted)
                 for i, result in zip(pending, served.results, strict=True):
                     results[i], models[i] = result, served.model
                 misses += served.misses
@@ -290,7 +301,7 @@ class Classifier:
             (upstream, route), = chain
             try:
                 served = await self._serve(task, chain, asked, ttl_s, deadline, timeout_s,
-                                           read_cache, disconnected, partition)
+                                           read_cache, disconnected, partition, admitted)
             except FALLBACK_ON as exc:
                 log.info("task %s: cascade stage %s/%s failed, its items go on: %s",
                          task.name, upstream, route.model, exc.message)
@@ -310,6 +321,8 @@ class Classifier:
         # An item can miss the cache at several stages; counted once, so `hits` never goes
         # below zero (a one-item request that missed twice answered X-Cache `partial`).
         misses = min(misses, len(items))
+        if admitted is not None:
+            await admitted()  # a refused request's stages count nothing
         for stage, count in enumerate(answered, start=1):
             if count:
                 self._metrics.child(self._metrics.cascade_items, task.name, str(stage)).inc(count)
@@ -333,19 +346,21 @@ class Classifier:
     async def _serve_group(self, task: TaskSpec, chain: list[tuple[str, Route]],
                            items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
                            read_cache: bool, disconnected: Disconnected | None,
-                           partition: str | None, *, canary: bool) -> _Served:
+                           partition: str | None, admitted: Admitted | None, *,
+                           canary: bool) -> _Served:
         """`_serve` for one side of a canary split, the canary's side in its own span."""
         if not canary or self.tracing is None:
             return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
-                                     disconnected, partition)
+                                     disconnected, partition, admitted)
         with self.tracing.span("gateway.canary", {TASK: task.name, MODEL: chain[0][1].model,
                                                   ITEMS: len(items)}):
             return await self._serve(task, chain, items, ttl_s, deadline, timeout_s, read_cache,
-                                     disconnected, partition)
+                                     disconnected, partition, admitted)
 
     async def _serve(self, task: TaskSpec, chain: list[tuple[str, Route]], items: Sequence[Any],
                      ttl_s: int, deadline: float, timeout_s: float, read_cache: bool,
-                     disconnected: Disconnected | None, partition: str | None = None) -> _Served:
+                     disconnected: Disconnected | None, partition: str | None = None,
+                     admitted: Admitted | None = None) -> _Served:
         """The first model of `chain` that answers: the task's (or canary's), then its
         fallbacks. With a single model, its error is the caller's as it is."""
         specs = self._upstream_specs()
@@ -359,11 +374,17 @@ class Classifier:
             if position > 0 and deadline - time.monotonic() <= _RESEND_MIN_S:
                 break
             try:
-                with span(self.tracing if position > 0 else None, "gateway.fallback",
-                          {UPSTREAM: name, MODEL: route.model, FALLBACK_FROM: chain[0][1].model}):
+                if position == 0 or self.tracing is None:  # the common case: no span, no dict
                     results, misses = await self._answer(task, spec, route, items, ttl_s,
                                                          deadline, timeout_s, read_cache,
-                                                         disconnected, partition)
+                                                         disconnected, partition, admitted)
+                else:
+                    with self.tracing.span("gateway.fallback", {
+                            UPSTREAM: name, MODEL: route.model,
+                            FALLBACK_FROM: chain[0][1].model}):
+                        results, misses = await self._answer(task, spec, route, items, ttl_s,
+                                                             deadline, timeout_s, read_cache,
+                                                             disconnected, partition, admitted)
             except FALLBACK_ON as exc:
                 if len(chain) == 1:
                     raise
@@ -392,9 +413,11 @@ class Classifier:
     async def _answer(self, task: TaskSpec, upstream: UpstreamSpec, route: Route,
                       items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
                       read_cache: bool, disconnected: Disconnected | None,
-                      partition: str | None = None) -> tuple[list[Result], int]:
+                      partition: str | None = None, admitted: Admitted | None = None,
+                      ) -> tuple[list[Result], int]:
         """Results from the cache and one upstream; also how many items the cache missed.
-        `partition`: the tenant whose cache (and single flight) this is, None for the shared one."""
+        `partition`: the tenant whose cache (and single flight) this is, None for the shared one;
+        `admitted`: awaited before any miss is sent (or joins another caller's flight)."""
         scope = cache_scope(upstream, route)
         if partition is not None:
             scope = f"{scope}\x00tenant={partition}"
@@ -406,9 +429,12 @@ class Classifier:
             unique.setdefault(key, item)
         found: dict[str, Result] = {}
         if self._cache is not None and ttl_s > 0 and read_cache:
-            found = await self._lookup(task, list(unique))
+            found = await (self._lookup_untraced(task, list(unique)) if self.tracing is None
+                           else self._lookup(task, list(unique)))
         misses = [(key, item) for key, item in unique.items() if key not in found]
         if misses:
+            if admitted is not None:
+                await admitted()
             lane = LaneKey(upstream.name, endpoint, route)
             found.update(await self._fetch(task, lane, misses, ttl_s, deadline, timeout_s,
                                            disconnected))

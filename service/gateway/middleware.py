@@ -81,11 +81,12 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            identity = await self.keys.identify(_header(scope, b"authorization"))
-            if identity is None:
-                await _unauthorized(scope, receive, send_wrapper)
-                return
-            state[IDENTITY] = identity
+            if self.keys.enabled:  # else everyone is the default tenant: no coroutine to await
+                identity = await self.keys.identify(_header(scope, b"authorization"))
+                if identity is None:
+                    await _unauthorized(scope, receive, send_wrapper)
+                    return
+                state[IDENTITY] = identity
             try:
                 body = await self._read_body(scope, receive, send_wrapper)
             except _ClientLeft:  # gone before the body was complete: nothing to answer
@@ -107,11 +108,12 @@ class GatewayMiddleware:
                 response = render_error(request, exc)
             await response(scope, receive, send_wrapper)
         finally:
-            usage = self.keys.usage
             who = state.get(IDENTITY)
-            if usage is not None and who is not None and who.key_id != STATIC_IDENTITY.key_id:
-                items, hits = state.get(USAGE, (0, 0))
-                usage.record(who.key_id, status, items, hits)
+            if who is not None and who is not STATIC_IDENTITY:  # an issued key: its usage
+                usage = self.keys.usage
+                if usage is not None:
+                    items, hits = state.get(USAGE, (0, 0))
+                    usage.record(who.key_id, status, items, hits)
             task = state.get(TASK_LABEL, UNKNOWN)
             metrics.inflight_requests.dec()
             metrics.child(metrics.requests, path, task, str(status)).inc()

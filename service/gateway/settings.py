@@ -72,6 +72,9 @@ class Settings(BaseSettings):
         default=True, description="Whether items answered from the cache count against quotas.")
     tenants_timeout_s: float = Field(
         default=0.5, gt=0, description="Deadline of a key lookup or quota check in Redis.")
+    key_cache_ttl_s: float = Field(
+        default=0.5, gt=0, le=3600, description="How long a replica trusts a key lookup while its "
+        "subscription to key changes works (at most 0.5 s while it does not).")
     admin_timeout_s: float = Field(
         default=5.0, gt=0, description="Deadline of an admin API call in Redis (keys, quotas): "
         "off the hot path, so a busy Redis slows it rather than failing it.")

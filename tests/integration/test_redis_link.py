@@ -108,6 +108,44 @@ async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(
         await link.aclose()
 
 
+async def test_submitted_commands_share_one_write_with_the_calls_after_them(
+        link: RedisLink, admin: redis.Redis) -> None:
+    """A quota check and the cache lookup after it: one write, so Redis reads both at once."""
+    key = unique("shared")
+    assert await link.execute(("PING",)) == [b"PONG"]  # connected and handshaken
+    before = int(admin.info("stats")["total_reads_processed"])
+    first = link.submit(("SET", key, "1", "EX", 60), ("INCR", key))
+    assert not first.done()
+    assert await link.execute(("GET", key)) == [b"2"]  # sent after, in order
+    assert await first == [b"OK", 2]
+    # The link's one read, and the read of this INFO command itself.
+    assert int(admin.info("stats")["total_reads_processed"]) - before == 2
+    with pytest.raises(ValueError, match="at least one command"):
+        link.submit()
+
+
+async def test_a_calls_own_shorter_deadline_is_kept_behind_a_longer_one(
+        own_redis: RedisServer) -> None:
+    """A quota check (its own 5 s deadline here) ahead of a lookup (the link's): a frozen Redis
+    fails both at the lookup's deadline, not the check's."""
+    link = RedisLink.from_url(own_redis.url, timeout_s=TIMEOUT_S)
+    try:
+        assert await link.execute(("PING",)) == [b"PONG"]
+        own_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            slow = link.submit(("PING",), timeout_s=TIMEOUT_S * 10)
+            async with asyncio.timeout(TIMEOUT_S + SLACK_S):  # a hang fails the test
+                with pytest.raises(TimeoutError):
+                    await link.execute(("PING",))
+                with pytest.raises(TimeoutError):
+                    await slow
+        finally:
+            own_redis.process.send_signal(signal.SIGCONT)
+        assert await link.execute(("PING",)) == [b"PONG"]
+    finally:
+        await link.aclose()
+
+
 # -- handshake ---------------------------------------------------------------------------------------
 
 

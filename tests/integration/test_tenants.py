@@ -27,6 +27,7 @@ from tests.support.fake_upstream import FakeUpstream, running_fake_upstream
 from tests.support.gateway import write_tasks
 from tests.support.redis_server import RedisServer
 from tests.support.servers import serve
+from tests.support.waits import Deadline
 
 ADMIN = "admin-" + "x" * 40
 STATIC = "static-client-key-0123456789"
@@ -47,6 +48,7 @@ TASKS: dict[str, dict[str, Any]] = {
 class Cluster:
     urls: list[str]
     upstream: FakeUpstream
+    prefix: str
 
     @property
     def admin(self) -> dict[str, str]:
@@ -67,7 +69,7 @@ def replicas(tmp_path: Path, redis_url: str, count: int = 3, **settings: Any) ->
                 "admin_key": ADMIN, "api_keys": STATIC, "retry_backoff_s": 0.01,
                 "drain_timeout_s": 1.0, "redis_backoff_s": 0.2, **settings}
             urls.append(stack.enter_context(serve(create_app(Settings(**config)))).url)
-        yield Cluster(urls, upstream)
+        yield Cluster(urls, upstream, prefix)
 
 
 def create_key(cluster: Cluster, **body: Any) -> dict[str, Any]:
@@ -234,15 +236,25 @@ def test_a_request_that_does_not_fit_is_not_charged(tmp_path: Path,
         key = create_key(cluster, tenant="fit", quotas={"items_per_minute": 10,
                                                         "requests_per_second": 100})["key"]
         assert classify(url, key, [f"a{i}" for i in range(8)]).status_code == 200
+        calls = cluster.upstream.call_count()
         refused = classify(url, key, [f"b{i}" for i in range(5)])
         assert refused.status_code == 429
         assert "key.items_per_minute" in refused.json()["error"]["message"]
-        # Nothing was taken by the refused request, from either bucket: two items still fit.
-        assert classify(url, key, ["c0", "c1"]).status_code == 200
+        # The charge shares a Redis write with the cache lookup, but the refused items never
+        # reach the upstream.
+        assert cluster.upstream.call_count() == calls
+        # Nor does a refused request whose items the cache holds count anywhere.
+        assert classify(url, key, ["a0"]).status_code == 200
+        refused_hit = classify(url, key, [f"a{i}" for i in range(8)] * 2)
+        assert refused_hit.status_code == 429
+        # Nothing was taken by the refused requests, from either bucket: one item still fits.
+        assert classify(url, key, ["c0"]).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
-        assert ('gateway_quota_rejections_total{quota="key.items_per_minute",tenant="fit"} 1.0'
+        assert ('gateway_quota_rejections_total{quota="key.items_per_minute",tenant="fit"} 2.0'
                 in metrics)
         assert 'gateway_tenant_items_total{task="sentiment",tenant="fit"} 10.0' in metrics
+        assert 'gateway_model_items_total{model="ft:classifier:test:sentiment",task="sentiment"} ' \
+               '10.0' in metrics
 
 
 def test_a_fan_out_call_charges_each_task_its_items(tmp_path: Path,
@@ -293,6 +305,75 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
         time.sleep(max(0.0, revoked_at + 1.0 - time.monotonic()))
         assert [classify(url, created["key"], ["a"]).status_code
                 for url in cluster.urls] == [401, 401, 401]
+
+
+def refused_after(url: str, key: str, seconds: float = 10.0) -> int:
+    """Requests with `key` until one gets 401; how many it took (a wait, never a bound)."""
+    deadline = Deadline(seconds)
+    for attempt in range(1, 100_000):
+        status = classify(url, key, [f"until-refused-{attempt}"]).status_code
+        if status == 401:
+            return attempt
+        assert status == 200, status
+        assert not deadline.expired(), f"still accepted after {attempt} requests"
+        time.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def test_a_revoke_reaches_other_replicas_by_pub_sub_not_by_their_ttl(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Lookups cached for an hour: only the invalidation can explain a refusal within seconds.
+    A change that bypasses the admin API (no message) is not seen until the subscription is
+    lost and made again, which starts from an empty cache."""
+    with replicas(tmp_path, redis_server.url, count=2, key_cache_ttl_s=3600) as cluster:
+        a, b = cluster.urls
+        admin = redis.Redis(port=redis_server.port)
+        channel = f"{cluster.prefix}:tenants:changes"
+        deadline = Deadline(10)
+        while admin.pubsub_numsub(channel)[0][1] < 2:  # both replicas listening
+            assert not deadline.expired(), admin.pubsub_numsub(channel)
+            time.sleep(0.02)
+        revoked, bypassed = create_key(cluster, tenant="sub"), create_key(cluster, tenant="sub")
+        for key in (revoked, bypassed):
+            assert classify(b, key["key"], ["cached"]).status_code == 200
+        stored = f"{cluster.prefix}:tenants:key:{bypassed['id']}"
+        record = json.loads(admin.get(stored) or b"")
+        admin.set(stored, json.dumps({**record, "revoked": True}))
+        assert [classify(b, bypassed["key"], [f"x{i}"]).status_code
+                for i in range(5)] == [200] * 5  # B trusts its entry: nothing told it
+
+        assert httpx.delete(f"{a}/admin/keys/{revoked['id']}",
+                            headers=cluster.admin).status_code == 200
+        refused_after(b, revoked["key"])
+        assert classify(a, revoked["key"], ["a"]).status_code == 401
+
+        admin.client_kill_filter(_type="pubsub")  # every subscriber's connection
+        refused_after(b, bypassed["key"])
+        admin.close()
+
+
+def test_without_a_subscription_lookups_fall_back_to_half_a_second(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """Lookups cached for an hour, the subscription lost and refused (no pub/sub channel allowed
+    to Redis's default user): a change made behind the replica's back, which no message
+    announces, is seen anyway; only the 0.5 s fallback can explain it."""
+    with replicas(tmp_path, own_redis.url, count=1, key_cache_ttl_s=3600) as cluster:
+        (url,) = cluster.urls
+        admin = redis.Redis(port=own_redis.port)
+        channel = f"{cluster.prefix}:tenants:changes"
+        deadline = Deadline(10)
+        while admin.pubsub_numsub(channel)[0][1] < 1:
+            assert not deadline.expired()
+            time.sleep(0.02)
+        created = create_key(cluster, tenant="nosub")
+        assert classify(url, created["key"], ["cached"]).status_code == 200
+        admin.acl_setuser("default", reset_channels=True)  # SUBSCRIBE now fails: NOPERM
+        admin.client_kill_filter(_type="pubsub")
+        stored = f"{cluster.prefix}:tenants:key:{created['id']}"
+        admin.set(stored, json.dumps({**json.loads(admin.get(stored) or b""), "revoked": True}))
+        refused_after(url, created["key"])
+        assert admin.pubsub_numsub(channel)[0][1] == 0  # still no subscriber
+        admin.close()
 
 
 @pytest.mark.parametrize("on_error", ["allow", "deny"])

@@ -5,7 +5,6 @@ The routes themselves (paths, docs) are declared in hot.py."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 import time
@@ -17,8 +16,9 @@ from starlette.requests import Request
 
 from service.gateway.classifier import Disconnected, Outcome, decorate
 from service.gateway.errors import Forbidden, InvalidField, InvalidRequest, QuotaExceeded
+from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import EXTRA_HEADERS, IDENTITY, USAGE
-from service.gateway.quotas import Bucket
+from service.gateway.quotas import Bucket, Charge, QuotaChecker
 from service.gateway.registry import TaskSpec, UpstreamSpec
 from service.gateway.responses import JSONResponse
 from service.gateway.routes import fanout
@@ -26,7 +26,7 @@ from service.gateway.routes.body import parse_body
 from service.gateway.routes.limits import check_texts, conversations_payload
 from service.gateway.routes.resolve import resolve_task
 from service.gateway.runtime import Runtime, runtime_of
-from service.gateway.tenants import STATIC_IDENTITY, Identity
+from service.gateway.tenants import STATIC_IDENTITY, Identity, TenantStore
 from service.wire import Conversation
 
 TaskName = Annotated[str, Field(min_length=1)]
@@ -83,59 +83,121 @@ async def run(runtime: Runtime, request: Request, task: TaskSpec, upstream: Upst
               items: Sequence[Any], disconnected: Disconnected | None = None) -> Outcome:
     """The part every classification route shares, once the items are validated: admitted
     (the key's tasks, its quotas charged), then classified. `disconnected`: the call's watch on
-    the client (fan-out shares one, and charges each of its tasks here); default: its own."""
-    identity, charged = await admit(runtime, request, task, len(items))
+    the client (fan-out shares one, and charges each of its tasks here); default: its own.
 
-    started = time.perf_counter()
+    The quota charge is sent before the cache lookup and over the same connection when both
+    live in one Redis, in one write (quotas.Charge): the classifier awaits the decision before
+    any item goes upstream and before the answer is counted anywhere, so a request refused by
+    its quota reaches no upstream and no shadow, drift or review count; only its cache lookup
+    has happened."""
+    state = request.scope.setdefault("state", {})
+    identity, admission = admit(runtime, state, task, len(items))
+    if admission is not None and not admission.start():
+        await admission.start_after_lookup()
+
+    started = time.perf_counter() if task.log is not None else 0.0
 
     async def read_until_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    disconnected = disconnected or read_until_disconnect
     outcome = await runtime.classifier.classify(task, upstream, items, tenant=identity.tenant,
                                                 read_cache=reads_cache(
                                                     request.headers.get("cache-control")),
-                                                disconnected=disconnected)
-    outcome = dataclasses.replace(outcome, id=response_id())
-    if charged and outcome.hits and runtime.quotas is not None and \
-            not runtime.settings.quota_charge_cache_hits:
-        await runtime.quotas.refund(charged, outcome.hits)
-    setattr(request.state, USAGE, (len(items), outcome.hits))
+                                                disconnected=disconnected or read_until_disconnect,
+                                                admitted=admission, response_id=response_id())
+    issued = identity is not STATIC_IDENTITY
+    if admission is not None:
+        await admission()  # decided by now (the classifier awaited it); raises a 429
+    if issued:  # usage is counted per issued key (middleware.py)
+        state[USAGE] = (len(items), outcome.hits)
     if runtime.feedback is not None:
         runtime.feedback.after(outcome.id, task, items, outcome, key_id=identity.key_id,
                                tenant=identity.tenant)
     if task.log is not None and runtime.predictions is not None:
-        issued = identity.key_id != STATIC_IDENTITY.key_id
         runtime.predictions.offer(task, items, outcome, time.perf_counter() - started,
                                   key_id=identity.key_id if issued else None,
                                   tenant=identity.tenant if issued else None)
+    if outcome.hits and admission is not None and runtime.quotas is not None and \
+            not runtime.settings.quota_charge_cache_hits:
+        await runtime.quotas.refund(admission.buckets, outcome.hits)
     return outcome
 
 
-async def admit(runtime: Runtime, request: Request, task: TaskSpec, items: int
-                ) -> tuple[Identity, list[Bucket]]:
-    """May this caller run `items` items of `task` now? 403 for a task outside the key's `tasks`,
-    429 over a quota (charged up front, all buckets at once: quotas.py); the quota's RateLimit
-    headers go onto the answer. Keys from GATEWAY_API_KEYS have no quota. Returns the caller and
-    the buckets charged."""
-    identity: Identity = getattr(request.state, IDENTITY, STATIC_IDENTITY)
-    buckets: list[Bucket] = []
-    if not identity.may_call(task.name):
-        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
-                        "PATCH /admin/keys/{id}.")
-    if (runtime.quotas is not None and runtime.tenants is not None
-            and identity.key_id != STATIC_IDENTITY.key_id):
-        tenant_quotas = await runtime.tenants.tenant_quotas(identity.tenant)
-        buckets = runtime.quotas.buckets(identity, tenant_quotas, items)
-        decision = await runtime.quotas.charge(buckets, identity.tenant)
+class Admission:
+    """A request's quota charge and the gate the classifier awaits (classifier.Admitted): the
+    decision, a 429 when the request does not fit; on the way in, the RateLimit headers for the
+    answer and the tenant's item count."""
+
+    __slots__ = (
+        "_charge",
+        "_done",
+        "_identity",
+        "_items",
+        "_metrics",
+        "_quotas",
+        "_state",
+        "_task",
+        "_tenants",
+    )
+
+    def __init__(self, quotas: QuotaChecker, tenants: TenantStore, identity: Identity,
+                 state: dict[str, Any], metrics: GatewayMetrics, task: str, items: int) -> None:
+        self._quotas = quotas
+        self._tenants = tenants
+        self._identity = identity
+        self._state = state
+        self._metrics = metrics
+        self._task = task
+        self._items = items
+        self._charge: Charge | None = None
+        self._done = False
+
+    def start(self) -> bool:
+        """Send the charge now, when the tenant's quotas are known locally (the common case:
+        no coroutine); False when they must be read from Redis first."""
+        tenant_quotas = self._tenants.cached_tenant_quotas(self._identity.tenant)
+        if tenant_quotas is None:
+            return False
+        self._charge = self._quotas.start(self._identity, tenant_quotas, self._items)
+        return True
+
+    async def start_after_lookup(self) -> None:
+        tenant_quotas = await self._tenants.tenant_quotas(self._identity.tenant)
+        self._charge = self._quotas.start(self._identity, tenant_quotas, self._items)
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [] if self._charge is None else self._charge.buckets
+
+    async def __call__(self) -> None:
+        assert self._charge is not None, "Admission awaited before it was started"
+        decision = await self._charge.decision()
         if not decision.allowed:
             raise QuotaExceeded(decision.message, decision.headers)
-        if decision.headers:
-            setattr(request.state, EXTRA_HEADERS, decision.headers)
-    metrics = runtime.metrics
-    metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
-    return identity, buckets
+        if not self._done:
+            self._done = True
+            if decision.headers:
+                self._state[EXTRA_HEADERS] = decision.headers
+            self._metrics.child(self._metrics.tenant_items, self._identity.tenant,
+                                self._task).inc(self._items)
+
+
+def admit(runtime: Runtime, state: dict[str, Any], task: TaskSpec, items: int
+          ) -> tuple[Identity, Admission | None]:
+    """Who is calling, and may it call `task`? 403 for a task outside the key's `tasks`, at
+    once. A key with quotas gets an Admission (start it, then await it: quotas.py); keys from
+    GATEWAY_API_KEYS, and everyone when no key is configured, have no quota: their items are
+    counted here, with no coroutine on their path."""
+    identity: Identity = state.get(IDENTITY, STATIC_IDENTITY)
+    if identity.tasks is not None and task.name not in identity.tasks:
+        raise Forbidden(f"This key may not call task {task.name!r}; its tasks are set by "
+                        "PATCH /admin/keys/{id}.")
+    quotas, tenants, metrics = runtime.quotas, runtime.tenants, runtime.metrics
+    if quotas is None or tenants is None or identity is STATIC_IDENTITY:
+        metrics.child(metrics.tenant_items, identity.tenant, task.name).inc(items)
+        return identity, None
+    return identity, Admission(quotas, tenants, identity, state, metrics, task.name, items)
 
 
 _ids = random.Random()  # seeded from the OS; ids need to be unique, not secret

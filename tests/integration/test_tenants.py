@@ -374,7 +374,11 @@ def test_without_a_subscription_lookups_fall_back_to_half_a_second(
             time.sleep(0.02)
         created = create_key(cluster, tenant="nosub")
         assert classify(url, created["key"], ["cached"]).status_code == 200
-        admin.acl_setuser("default", reset_channels=True)  # SUBSCRIBE now fails: NOPERM
+        # SUBSCRIBE now fails (NOPERM); everything else still works. enabled=True matters:
+        # redis-py's acl_setuser defaults to `off`, which would lock the default user out of new
+        # connections, and a lookup on one would fail and serve the last known answer (the
+        # outage rule), so the test would pass or fail by which pooled connection it got.
+        admin.acl_setuser("default", enabled=True, reset_channels=True)
         admin.client_kill_filter(_type="pubsub")
         stored = f"{cluster.prefix}:tenants:key:{created['id']}"
         admin.set(stored, json.dumps({**json.loads(admin.get(stored) or b""), "revoked": True}))

@@ -72,7 +72,7 @@ def as_jsonl(rows: Rows, target: str) -> bytes:
     return jsonl([{"text": t, "labels": {target: y}} for t, y in rows])
 
 
-def train(client: FactoryClient, base: str, data: bytes, steps: int) -> tuple[str, float]:
+def train(client: FactoryClient, base: str, data: bytes, steps: int) -> tuple[str, float | None]:
     started = time.monotonic()
     file = client.upload(data)
     hyper = {**MISTRAL_EXAMPLE, "training_steps": steps}
@@ -163,8 +163,11 @@ def corpus_figures(name: str, args: argparse.Namespace, factory: FactoryClient,
     rows = load(args.train + args.validation + args.test)
     train_rows, valid_rows, test_rows = three_way(rows, args.train, args.validation, args.test)
     data = as_jsonl(train_rows, target)
-    ngram, ngram_s = train(factory, "local-ngram", data, args.steps)
-    minilm, minilm_s = train(factory, "local-minilm", data, args.steps)
+    if args.models:  # trained before, on this same split (the split is seeded)
+        (ngram, minilm), ngram_s, minilm_s = args.models, None, None
+    else:
+        ngram, ngram_s = train(factory, "local-ngram", data, args.steps)
+        minilm, minilm_s = train(factory, "local-minilm", data, args.steps)
     tasks_file = tmp / f"{name}.yaml"
     tasks_file.write_text(yaml.safe_dump({
         "upstreams": {"local": {"base_url": factory_url}},
@@ -223,24 +226,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="items per /classify request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--factory-url", metavar="URL",
+                        help="use this running factory instead of starting one")
+    parser.add_argument("--models", nargs=2, metavar=("NGRAM", "MINILM"),
+                        help="with --factory-url and one corpus: models it already trained on "
+                             "this corpus's training split, instead of training them")
     args = parser.parse_args()
+    if args.models and (not args.factory_url or len(args.corpora) != 1):
+        parser.error("--models needs --factory-url and exactly one corpus")
     started = time.monotonic()
     out: dict[str, Any] = {"bench": "cascade",
-                           "job": {**MISTRAL_EXAMPLE, "training_steps": args.steps}, "targets": TARGETS,
+                           "job": {**MISTRAL_EXAMPLE, "training_steps": args.steps},
+                           "targets": TARGETS,
                            "batch": args.batch, "concurrency": args.concurrency,
                            "cores": len(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        factory_process = FactoryProcess(tmp / "factory").start()
+        factory_process = None if args.factory_url else FactoryProcess(tmp / "factory").start()
+        factory_url = args.factory_url or (factory_process.url if factory_process else "")
         try:
-            client = FactoryClient(factory_process.url)
+            client = FactoryClient(factory_url)
             try:
                 for name in args.corpora:
-                    out[name] = corpus_figures(name, args, client, factory_process.url, tmp)
+                    out[name] = corpus_figures(name, args, client, factory_url, tmp)
+                    # Each corpus as soon as it is done (stderr), so a long run shows its figures.
+                    print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
             finally:
                 client.close()
         finally:
-            factory_process.stop()
+            if factory_process is not None:
+                factory_process.stop()
     out["seconds"] = round(time.monotonic() - started, 1)
     emit(out)
 

@@ -58,6 +58,9 @@ CORPORA: dict[str, tuple[Callable[[int], Rows], str]] = {
 }
 #: The bench gateway's admin key (calibration asks the stages through its admin route).
 ADMIN_KEY = "cascade-bench-admin"
+#: With an admin key set, the gateway's client routes take client keys: this one.
+CLIENT_KEY = "cascade-bench-client"
+CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 TARGETS = {"keep": 0.99, "max_escalation": 0.5, "min_speedup": 1.8}
 
 
@@ -97,7 +100,8 @@ def calibrate(tasks_file: Path, task: str, validation: Path, keep: float,
     found: dict[str, Any] = json.loads(done.stdout)
     chosen = found["chosen"]["threshold"]
     deadline = time.monotonic() + 60
-    while httpx.get(f"{gateway_url}/tasks/{task}").json()["cascade"][0]["min_margin"] != chosen:
+    while httpx.get(f"{gateway_url}/tasks/{task}", headers=CLIENT).json()["cascade"][0][
+            "min_margin"] != chosen:
         if time.monotonic() > deadline:
             raise TimeoutError("the gateway did not reload the calibrated tasks file")
         time.sleep(0.1)
@@ -112,7 +116,8 @@ async def run_split(url: str, task: str, texts: Sequence[str], batch: int,
     labels = [""] * len(texts)
     models = [""] * len(texts)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
+                                 headers=CLIENT) as client:
         queue = iter(chunks)
 
         async def worker() -> None:
@@ -180,7 +185,8 @@ def corpus_figures(name: str, args: argparse.Namespace, factory: FactoryClient,
     port = _free_port()
     env = {"GATEWAY_TASKS_FILE": str(tasks_file), "GATEWAY_PORT": str(port),
            "GATEWAY_REDIS_URL": "", "GATEWAY_LOG_LEVEL": "warning",
-           "GATEWAY_SHUTDOWN_DELAY_S": "0", "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+           "GATEWAY_SHUTDOWN_DELAY_S": "0", "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+           "GATEWAY_API_KEYS": CLIENT_KEY}
     url = f"http://127.0.0.1:{port}"
     with process(["-m", "service.cli", "serve"], port, env, ready_path="/readyz"):
         started = time.monotonic()

@@ -19,7 +19,8 @@ and the share of items the cascade escalated (from the `models` of its answers),
 three, and the targets (cascade macro-F1 >= 0.99 x MiniLM's, escalation <= 0.5, items/s >= 1.8x
 MiniLM's) met or not.
 
-    nice -n 10 python -m bench.cascade_bench            # ~15 minutes on 2 cores
+    nice -n 10 python -m bench.cascade_bench    # intents alone took 14 minutes on 2 cores at load ~6;
+                                                # tweets' MiniLM alone ~50 at load 11-15
     python -m bench.cascade_bench --corpora intents --train 600 --test 300   # a quick look
 """
 

@@ -1,7 +1,9 @@
 """`tasks calibrate`'s work: a cascade's first `min_margin` chosen from labelled data.
 
-Every stage answers every example once (asked directly on its upstream, so no cache answers for
-it, and the figures are the models' own); then each candidate threshold is replayed offline with
+Every stage answers every example once, uncached, so the figures are the models' own: through the
+gateway with `--through-gateway` (`POST /admin/tasks/{name}/cascade/{stage}` with GATEWAY_ADMIN_KEY:
+the gateway's own upstream clients, so stages on any protocol, with their target and labels
+mapping), else asked directly on each stage's upstream (Mistral's API only); then each candidate threshold is replayed offline with
 the gateway's own routing rule (`service.gateway.classifier.certainty`, the later stages keeping
 their configured `min_margin`). So one pass over the data prices every threshold, and the
 threshold written reproduces the escalation and quality printed, as long as the models do not
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -110,6 +113,25 @@ def stage_results(registry: Registry, task: TaskSpec, items: Sequence[Any]
                     raise UserError(f"upstream {upstream_name!r} answered {path} for "
                                     f"{route.model!r} with no list of {len(batch)} results")
                 results += got
+        out.append(results)
+    return out
+
+
+def gateway_results(api: Api, task: TaskSpec, items: Sequence[Any]) -> list[list[Result]]:
+    """Each stage's results for every item, asked through the gateway's admin route (one stage
+    pinned, no cache), in batches of BATCH."""
+    out = []
+    for stage in range(len(task.cascade)):
+        path = f"/admin/tasks/{quote(task.name, safe='')}/cascade/{stage}"
+        results: list[Result] = []
+        for start in range(0, len(items), BATCH):
+            batch = list(items[start:start + BATCH])
+            body = api.post(path, json={"input": batch})
+            got = body.get("results") if isinstance(body, dict) else None
+            if not isinstance(got, list) or len(got) != len(batch):
+                raise UserError(f"the gateway answered {path} with no list of {len(batch)} "
+                                "results; is it a gateway of this version?")
+            results += got
         out.append(results)
     return out
 

@@ -10,7 +10,13 @@ import argparse
 from typing import Any, TypeAlias
 
 from service.commands import calibration, tasksfile
-from service.commands.api import Api, add_gateway_arguments, gateway_api, model_ids
+from service.commands.api import (
+    Api,
+    add_gateway_arguments,
+    admin_api,
+    gateway_api,
+    model_ids,
+)
 from service.commands.errors import UserError
 from service.commands.output import print_json, table
 from service.commands.tasksfile import add_tasks_file_argument, register_task, task_rows
@@ -123,8 +129,9 @@ def register(sub: Sub) -> None:
 
     p = actions.add_parser(
         "calibrate", help="choose a cascade's min_margin from labelled data",
-        description="Send labelled examples through each stage of the task's cascade (on its "
-                    "upstream, no cache), print threshold, escalation share and macro-F1 for "
+        description="Send labelled examples through each stage of the task's cascade (through "
+                    "the gateway with --gateway, else on each stage's upstream; never from the "
+                    "cache), print threshold, escalation share and macro-F1 for "
                     "the first stage's min_margin, and pick the lowest escalation whose "
                     "macro-F1 is at least KEEP times the last stage's alone.")
     p.add_argument("name", metavar="NAME", help="a task with a cascade")
@@ -134,6 +141,12 @@ def register(sub: Sub) -> None:
                    help="share of the last stage's macro-F1 to keep (default 0.99)")
     p.add_argument("--write", action="store_true",
                    help="write the chosen min_margin into the tasks file")
+    p.add_argument("--through-gateway", action="store_true",
+                   help="ask the stages through the running gateway (--gateway-url, its admin "
+                        "route, with the key in GATEWAY_ADMIN_KEY): stages on any upstream "
+                        "protocol; without it, each stage's upstream is asked directly "
+                        "(Mistral-compatible upstreams only)")
+    add_gateway_arguments(p, "the gateway that --through-gateway asks")
     add_tasks_file_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(handler=cmd_calibrate)
@@ -333,7 +346,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         f"{', '.join(with_cascade) or 'none'}")
     target = task.stage_route(task.cascade[0])[1].target
     examples = calibration.read_examples(args.data, task, target)
-    results = calibration.stage_results(registry, task, [e.item for e in examples])
+    items = [e.item for e in examples]
+    if args.through_gateway:
+        with admin_api(args, timeout_s=120.0) as api:
+            results = calibration.gateway_results(api, task, items)
+    else:
+        results = calibration.stage_results(registry, task, items)
     found = calibration.calibrate(task, examples, results, args.keep)
     chosen = found.chosen
     if chosen is None:  # unreachable with keep <= 1 and two stages; said plainly if it happens

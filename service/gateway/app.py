@@ -26,7 +26,7 @@ from service.gateway.quotas import QuotaChecker
 from service.gateway.redis_clients import link, open_redis
 from service.gateway.redis_url import parse_redis_url
 from service.gateway.registry import RegistryWatcher
-from service.gateway.routes import admin, health, hot, tasks
+from service.gateway.routes import admin, health, hot, stages, tasks
 from service.gateway.routes import feedback as feedback_routes
 from service.gateway.runtime import Lifecycle, Runtime
 from service.gateway.settings import Settings
@@ -223,7 +223,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     hot.install(app)
-    for module in (tasks, feedback_routes, health, admin):
+    for module in (tasks, feedback_routes, health, admin, stages):
         app.include_router(module.router)
     front_door = partial(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes,
                          metrics=metrics, handlers=hot.handlers(),

@@ -343,6 +343,22 @@ class Classifier:
                                         time.monotonic() + timeout_s, timeout_s, True, None)
         return results
 
+    async def stage_answers(self, task: TaskSpec, stage: int,
+                            items: Sequence[Any]) -> tuple[str, list[Result]]:
+        """The model of cascade stage `stage` (0-based) and its own answers for `items`, for
+        `tasks calibrate` (POST /admin/tasks/{name}/cascade/{stage}): through the stage's batcher
+        lane and upstream client (so any protocol), but with TTL 0, so never read from the cache
+        nor written to it, no fallback, no routing by margin, and not counted as the task's
+        answers (no shadow, drift or cascade counts): what calibration measures is the model."""
+        (upstream, route), = task.cascade_chains()[stage][0][:1]
+        spec = self._upstream_specs().get(upstream)
+        if spec is None:
+            raise UpstreamUnavailable(f"Upstream {upstream!r} is not in the tasks file.")
+        timeout_s = task.timeout_s or self._default_timeout_s
+        results, _ = await self._answer(task, spec, route, items, 0,
+                                        time.monotonic() + timeout_s, timeout_s, False, None)
+        return route.model, results
+
     async def _serve_group(self, task: TaskSpec, chain: list[tuple[str, Route]],
                            items: Sequence[Any], ttl_s: int, deadline: float, timeout_s: float,
                            read_cache: bool, disconnected: Disconnected | None,

@@ -63,7 +63,10 @@ async def test_openapi_documents_every_status_with_its_schema(tmp_path: Path) ->
     assert sorted(doc["paths"]["/readyz"]["get"]["responses"]) == ["200", "503"]
     admin = {path for path in doc["paths"] if path.startswith("/admin/")}
     assert admin == {"/admin/keys", "/admin/keys/{key_id}", "/admin/keys/{key_id}/rotate",
-                     "/admin/keys/{key_id}/usage", "/admin/usage", "/admin/tenants/{tenant}"}
+                     "/admin/keys/{key_id}/usage", "/admin/usage", "/admin/tenants/{tenant}",
+                     "/admin/tasks/{name}/cascade/{stage}"}
+    assert sorted(doc["paths"]["/admin/tasks/{name}/cascade/{stage}"]["post"]["responses"]) == [
+        "200", "400", "401", "404", "413", "422", "502", "503", "504"]
     assert sorted(doc["paths"]["/admin/keys"]["post"]["responses"]) == [
         "201", "400", "401", "404", "422", "503"]
 

@@ -10,6 +10,23 @@ CrowdFlower tweets 0.7201 / 0.7194; election tweets 0.9666 / 0.9657; SMS spam 0.
 Home Assistant intent 0.9277 / 0.9277 and domain 0.8494 / 0.8494. The features are the
 baseline's and the solver converges to the same optimum, so the margin is for float noise, not
 for a weaker model (the docstring of each corpus loader says what the corpus is).
+
+Two targets (issue 23, section 4: a hidden two-target intent corpus was reported 0.016 and 0.018
+below the baseline). Not reproduced on any two-target corpus we have, measured on 7 Dec 2026
+(2 cores), model - baseline per target: Home Assistant's templates at 72 sentences per intent
+(~2,700 each) in en, de, fr, es, it, nl (-0.0018 to +0.0000), at 60 in en, de, ru, zh-CN
+(-0.0040 to +0.0261) and at 30 in fr, de, ru (-0.0003 to +0.0005); through a real factory job the same
+(English: intent 0.9277 / 0.9277, domain 0.8494 / 0.8494, both jobs). The two targets share
+only the featurizer (fitted on all texts, as each per-target baseline fits it on the same
+texts); each has its own regression, C and stopping rule, so one target cannot hold the other
+back. The vocabularies and each row's n-grams equal scikit-learn's in en, de, fr, ru, hi, th,
+ar, ko, el and tr. Where the two differ, the baseline is the one off its optimum: its lbfgs
+stops at tol 1e-4 of a scaled objective, short of the optimum (Russian domain: objective
+259.7634 against 259.7003 at the optimum, macro-F1 0.8117 against 0.8378 for the optimum that
+Newton-CG, and this model, reach), and such an early stop can land above the optimum as easily
+as below it. `home_assistant_fr` adds French (accents, elisions; 41 intents and 18 domains at
+20 per intent, 792 sentences, so it stays lean) to the English case: intent 0.7483 / 0.7483,
+domain 0.6794 / 0.6723.
 """
 
 from __future__ import annotations
@@ -43,9 +60,9 @@ def _single(loader: Callable[[], list[tuple[str, str]]], target: str) -> Callabl
     return lambda: [(text, {target: label}) for text, label in loader()]
 
 
-def _two_targets() -> Rows:
-    return [(text, {"intent": intent, "domain": domain})
-            for text, intent, domain in home_assistant_two_targets()]
+def _two_targets(per_intent: int = 60, language: str = "en") -> Callable[[], Rows]:
+    return lambda: [(text, {"intent": intent, "domain": domain}) for text, intent, domain
+                    in home_assistant_two_targets(per_intent, language=language)]
 
 
 CORPORA: dict[str, Callable[[], Rows]] = {
@@ -54,7 +71,8 @@ CORPORA: dict[str, Callable[[], Rows]] = {
     "sentiment_tweets": _single(sentiment_tweets, "sentiment"),
     "election_tweets": _single(election_tweets, "author"),
     "sms_spam": _single(sms_spam, "spam"),
-    "home_assistant": _two_targets,
+    "home_assistant": _two_targets(),
+    "home_assistant_fr": _two_targets(20, "fr"),
 }
 
 

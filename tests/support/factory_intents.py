@@ -104,11 +104,14 @@ def _block_domain(block: dict[str, Any], intent_domain: str) -> str:
     return intent_domain
 
 
-def intent_domain_examples(per_intent: int = 60, seed: int = 0) -> list[tuple[str, str, str]]:
+def intent_domain_examples(per_intent: int = 60, seed: int = 0,
+                           language: str = "en") -> list[tuple[str, str, str]]:
     """(sentence, intent, domain) triples: the sentences of `intent_examples` (same seed, same
-    order), each with the domain of the template block it was sampled from (`_block_domain`)."""
+    order), each with the domain of the template block it was sampled from (`_block_domain`).
+    `language`: one of the wheel's `data/*.json` (en, fr, de, ru, ...); the runtime lists above
+    stay English."""
     with zipfile.ZipFile(wheel("home-assistant-intents", "2026.10.27")) as z:
-        spec = orjson.loads(z.read("home_assistant_intents/data/en.json"))
+        spec = orjson.loads(z.read(f"home_assistant_intents/data/{language}.json"))
         declared = orjson.loads(z.read("home_assistant_intents/intents.json"))
     rng = random.Random(seed)
     expander = _Expander(spec, rng)

@@ -111,11 +111,12 @@ def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any
 
 def test_the_planned_steps_count_only_the_examples_the_encoder_trains_on() -> None:
     """The job's metadata (and a dry run) planned 43 steps for 450 examples; training held 45
-    out for the blend weights and made 38."""
-    assert holdout_size(450, ngram=True) == 45 and holdout_size(450, ngram=False) == 0
-    assert holdout_size(199, ngram=True) == 0 and holdout_size(10_000, ngram=True) == 600
+    out for the blend weights and the temperatures and made 38."""
+    assert holdout_size(450) == 45
+    assert holdout_size(199) == 0 and holdout_size(10_000) == 600
     assert MiniLM().steps_for(450, Hyperparameters()) == 38  # ceil(3 epochs * 405 / 32)
-    assert MiniLM().steps_for(450, Hyperparameters(ngram_blend=False)) == 43  # no holdout
+    # Without the blend the slice is still held out, for the temperatures.
+    assert MiniLM().steps_for(450, Hyperparameters(ngram_blend=False)) == 38
     assert MiniLM().steps_for(450, Hyperparameters(training_steps=7)) == 7
 
 
@@ -295,9 +296,9 @@ def test_steps_and_estimate() -> None:
     model = MiniLM()
     assert model.steps_for(10_000, Hyperparameters(training_steps=100)) == 100
     # 3 epochs of 32 over the examples the encoder trains on: 320 less the blend's holdout (32)
-    assert holdout_size(320, ngram=True) == 32
+    assert holdout_size(320) == 32
     assert model.steps_for(320, Hyperparameters()) == 27
-    assert model.steps_for(320, Hyperparameters(ngram_blend=False)) == 30  # no holdout
+    assert model.steps_for(320, Hyperparameters(ngram_blend=False)) == 27  # same holdout
     assert model.estimate_seconds(10_000, 1_000_000, Hyperparameters(training_steps=100)) > 0
 
 

@@ -27,6 +27,8 @@ it); the temperatures and where they were fitted; training seconds.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,7 +117,13 @@ def main() -> None:
     for name in args.corpora:
         train, test = split(CORPORA[name](), 0.2, seed=0)
         train = train[:TRAIN_EXAMPLES]
-        result["corpora"][name] = {model: measure(model, train, test) for model in args.models}
+        result["corpora"][name] = {}
+        for model in args.models:
+            figures = measure(model, train, test)
+            result["corpora"][name][model] = figures
+            # Progress on stderr: a model trains for minutes, and a run cut short keeps these.
+            print(json.dumps({"corpus": name, "model": model, **figures}), file=sys.stderr,
+                  flush=True)
     emit(result)
 
 

@@ -41,6 +41,13 @@ Why this recipe (measured figures in "Figures" below):
   batch-mates (`minilm_onnx` has the figures). `quantization` in bench/minilm_bench.py
   re-measures all of it.
 
+Calibration: a temperature per target on the blend's logits, fitted on the validation files, else
+on the held-out slice (`minilm_train`, step 6; bench/calibration.py has the ECE before and after).
+The slice is held out with or without the blend, so the encoder trains on 90% of the examples
+either way (with a step budget, as Mistral's example job sets, it makes the same steps over a
+pool 10% smaller: 100 steps of 32 are about one pass over 3,000 examples; without the blend this
+is new, and its cost on quality is not measured).
+
 Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
 - Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7547 vs 0.7206 (+0.034;

@@ -87,7 +87,7 @@ def test_a_job_reports_its_phases_and_the_steps_its_model_planned(
     job = factory.wait(created["id"])
     assert job["status"] == "SUCCESS", job
     phases = [e["data"]["phase"] for e in job["events"] if e["name"] == "progress"]
-    assert phases == ["reading", "featurising", "training"]
+    assert phases == ["reading", "featurising", "training", "calibrating"]
     step = max(c["step_number"] for c in job["checkpoints"])
     assert step < 100  # local-ngram's 100 iterations are a budget: it converges first
     assert job["progress"] == {"phase": "done", "done": None, "total": None, "step": step,

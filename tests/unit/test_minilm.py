@@ -101,7 +101,8 @@ def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any
     examples). Every phase is reported, every step, and the last step is the total."""
     progressed = trained.control.progressed
     phases = list(dict.fromkeys(phase for phase, _, _ in progressed))
-    assert phases == ["loading", "tokenising", "probing", "training", "exporting", "evaluating"]
+    assert phases == ["loading", "tokenising", "probing", "training", "exporting", "calibrating",
+                      "evaluating"]
     assert ("tokenising", 0, 48) in progressed  # 48 examples: below the holdout's minimum
     probing = [(done, total) for phase, done, total in progressed if phase == "probing"]
     assert probing[0] == (0, 48) and probing[-1] == (48, 48)

@@ -317,3 +317,33 @@ def test_serving_threads_follow_the_cpu_limit(tmp_path: Path, cpu_max: str | Non
         path.write_text(cpu_max)
     visible = len(os.sched_getaffinity(0))
     assert cores(path) == (visible if expected is None else min(visible, expected))
+
+
+def test_the_temperatures_come_from_the_validation_files_else_the_held_out_slice() -> None:
+    """`minilm_train._calibrate` on logits whose best temperature is known (the model is 3x too
+    sure): the validation files win over the held-out slice, and with neither T stays 1 with
+    the reason."""
+    from service.factory.models import minilm_train
+    from service.factory.models.base import Head
+    from service.factory.models.calibration import scaled
+
+    head = Head("sentiment", ("negative", "positive"), "single_class")
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(400, 2)) * 6).astype(np.float32)
+    p = scaled(head, z, 3.0)
+    rows = [Example(i, "", {"sentiment": head.labels[int(rng.random() < q[1])]})
+            for i, q in enumerate(p)]
+    split = minilm_train._Split(rows, [1.0] * 400, list(range(300, 400)), rows[:300],
+                                [1.0] * 300)
+    control = SilentControl()
+    valid = minilm_train._calibrate([head], split, rows[:300], [z[:300]], [z[300:]], control)
+    assert valid.source == "validation" and valid.examples == 300
+    assert 2.3 < valid.temperatures[0] < 3.8
+    assert ("calibrating", 0, 300) in control.progressed
+    held = minilm_train._calibrate([head], split, [], None, [z[300:]], control)
+    assert held.source == "held-out" and held.examples == 100 and held.temperatures[0] > 1.5
+    none = minilm_train._calibrate([head], minilm_train._Split(rows[:50], [1.0] * 50, [],
+                                                               rows[:50], [1.0] * 50),
+                                   [], None, None, control)
+    assert none.source == "none" and none.temperatures == [1.0]
+    assert "50 training examples" in none.targets["sentiment"]["reason"]

@@ -9,9 +9,10 @@ has one (service/factory/models/minilm_export.py):
 
 - `--format onnx`: `model.onnx` is the very graph the factory serves (MiniLM + mean pooling + the
   heads, fused, int8), cut to the target's logit columns (a `Slice`, then a `Mul` by the blend's
-  encoder weight when the n-gram weight is 0), with the factory's `tokenizer.json`, a `config.json`
-  (`id2label`, `label2id`, `problem_type`, and a `classifier_gateway` section: `seq_len`,
-  `max_chunks`, loss) and `kserve_model.py`, the KServe model server that scores it exactly as the
+  encoder weight over the target's temperature when the n-gram weight is 0: the factory's
+  calibrated scores), with the factory's `tokenizer.json`, a `config.json` (`id2label`,
+  `label2id`, `problem_type`, and a `classifier_gateway` section: `seq_len`, `max_chunks`, loss,
+  `logit_scale`, `temperature`) and `kserve_model.py`, the KServe model server that scores it exactly as the
   factory does (same chunking, same softmax). Any `local-minilm` model exports this way.
 - `--format hf`: a Hugging Face `AutoModelForSequenceClassification` directory per target:
   `config.json` with `id2label`/`label2id`, `model.safetensors` (the float32 fine-tuned weights

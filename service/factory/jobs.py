@@ -657,6 +657,7 @@ class JobManager:
                                          fine_tuned_model=model_id,
                                          trained_tokens=result["trained_tokens"],
                                          evaluation=result.get("evaluation"),
+                                         calibration=result.get("calibration"),
                                          train_seconds=result.get("train_seconds"),
                                          progress=progress)
         except StaleStatus as exc:

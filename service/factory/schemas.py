@@ -152,10 +152,11 @@ def job_out(job: JobRecord) -> dict[str, Any]:
                                if i.get("type") != "wandb"],
         "trained_tokens": doc.get("trained_tokens"), "metadata": doc.get("metadata"),
         # Beyond Mistral's shape (clients ignore extra keys): why a job failed, and how good
-        # the model is on the validation file.
+        # the model is on the validation file, and its temperatures with ECE before and after.
         "error": doc.get("error"),
         "validation": doc.get("validation"),
         "evaluation": doc.get("evaluation"),
+        "calibration": doc.get("calibration"),
     }
 
 

@@ -145,6 +145,8 @@ def run(spec: TrainingSpec, control: Control | None = None) -> dict[str, Any]:
         "steps": int(model.info.get("steps", model.info.get("iterations", 0))),
         "stopped": model.info.get("stopped"),
         "train_seconds": model.info.get("train_seconds"),
+        # The temperatures fitted after training, where, and ECE before and after, per target.
+        "calibration": model.info.get("calibration"),
         "evaluation": None if evaluation is None else {
             "valid_loss": round(evaluation.loss, 6),
             "valid_accuracy": round(evaluation.accuracy, 6),

@@ -87,7 +87,7 @@ def test_a_job_reports_its_phases_and_the_steps_its_model_planned(
     job = factory.wait(created["id"])
     assert job["status"] == "SUCCESS", job
     phases = [e["data"]["phase"] for e in job["events"] if e["name"] == "progress"]
-    assert phases == ["reading", "featurising", "training"]
+    assert phases == ["reading", "featurising", "training", "calibrating"]
     step = max(c["step_number"] for c in job["checkpoints"])
     assert step < 100  # local-ngram's 100 iterations are a budget: it converges first
     assert job["progress"] == {"phase": "done", "done": None, "total": None, "step": step,
@@ -126,6 +126,14 @@ def test_mistral_example_job_runs_the_recorded_sequence(factory: FactoryClient) 
     assert checkpoints[0]["metrics"]["valid_loss"] < checkpoints[-1]["metrics"]["valid_loss"]
     assert job["evaluation"]["targets"]["sentiment"]["macro_f1"] >= 0.95
     assert job["trained_tokens"] > 0
+    # A temperature fitted on the validation file after training: the job says where, and ECE
+    # (15 bins, top label) before and after; the event says the same as it happens.
+    calibration = job["calibration"]
+    assert calibration["source"] == "validation" and calibration["examples"] == 100
+    report = calibration["targets"]["sentiment"]
+    assert report["temperature"] > 0 and report["ece_after"] <= report["ece_before"]
+    (event,) = [e for e in job["events"] if e["name"] == "calibration"]
+    assert event["data"] == calibration
 
     model = job["fine_tuned_model"]
     parts = model.split(":")

@@ -99,6 +99,44 @@ def test_an_encoder_weight_without_ngram_weight_is_folded_into_the_graph(
     assert np.abs(served - expected).max() < 1e-6
 
 
+def test_the_temperature_travels_with_the_export(minilm_dir: Path, tmp_path: Path) -> None:
+    """A calibrated model (T = 2.5 on an encoder weight of 1.5): the ONNX graph's factor is
+    1.5 / 2.5 and answers the factory's calibrated scores, the HF head is scaled the same way,
+    and a model saved before calibration (no `temperatures`) keeps its scores."""
+    plain = _with_weights(minilm_dir, tmp_path / "plain", [[1.5, 0.0]])
+    hot = _with_weights(minilm_dir, tmp_path / "hot", [[1.5, 0.0]])
+    meta = orjson.loads((hot / "model.json").read_bytes())
+    meta["temperatures"] = [2.5]
+    (hot / "model.json").write_bytes(orjson.dumps(meta))
+    factory = MiniLMModel.load(hot).predict_proba(TEXTS)[0]
+    uncalibrated = MiniLMModel.load(plain).predict_proba(TEXTS)[0]
+    assert np.abs(factory - uncalibrated).max() > 0.01  # the temperature changes the scores
+    assert (factory.argmax(axis=1) == uncalibrated.argmax(axis=1)).all()  # not the answers
+
+    (target,) = export(hot, "m", "onnx", tmp_path / "onnx")["targets"]
+    assert target["matches_factory"]
+    config = orjson.loads((tmp_path / "onnx" / "sentiment" / "config.json").read_bytes())
+    assert config["classifier_gateway"]["temperature"] == 2.5
+    assert config["classifier_gateway"]["logit_scale"] == pytest.approx(0.6)
+    served = ExportedModel(tmp_path / "onnx" / "sentiment").probabilities(TEXTS)
+    assert np.abs(served - factory).max() < 1e-6
+
+    from safetensors.numpy import load_file
+
+    export(hot, "m", "hf", tmp_path / "hf")
+    head = load_file(str(tmp_path / "hf" / "sentiment" / "model.safetensors"))
+    state = load_file(str(hot / FP32_FILE))
+    assert np.allclose(head["classifier.weight"], state["head.weight"] * 0.6, atol=1e-6)
+    assert np.allclose(head["classifier.bias"], state["head.bias"] * 0.6, atol=1e-6)
+
+    # Saved before calibration: no key, T = 1, the same scores as ever.
+    del meta["temperatures"]
+    (hot / "model.json").write_bytes(orjson.dumps(meta))
+    old = MiniLMModel.load(hot)
+    assert old.temperatures == [1.0]
+    assert np.array_equal(old.predict_proba(TEXTS)[0], uncalibrated)
+
+
 def test_each_target_gets_its_own_columns_and_a_multi_label_target_its_sigmoids(
         minilm_dir: Path, tmp_path: Path) -> None:
     """The network's two logits declared as two one-label multi-label targets: each export
@@ -112,6 +150,7 @@ def test_each_target_gets_its_own_columns_and_a_multi_label_target_its_sigmoids(
                      {"name": "is positive", "labels": ["positive"],
                       "loss_function": "multi_class", "weight": 1.0}]
     meta["weights"] = [[1.0, 0.0], [2.0, 0.0]]
+    meta["temperatures"] = [1.0, 0.5]
     (two / "model.json").write_bytes(orjson.dumps(meta))
     for fmt in ("onnx", "hf"):
         report = export(two, "m", fmt, tmp_path / fmt)

@@ -101,7 +101,8 @@ def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any
     examples). Every phase is reported, every step, and the last step is the total."""
     progressed = trained.control.progressed
     phases = list(dict.fromkeys(phase for phase, _, _ in progressed))
-    assert phases == ["loading", "tokenising", "probing", "training", "exporting", "evaluating"]
+    assert phases == ["loading", "tokenising", "probing", "training", "exporting", "calibrating",
+                      "evaluating"]
     assert ("tokenising", 0, 48) in progressed  # 48 examples: below the holdout's minimum
     probing = [(done, total) for phase, done, total in progressed if phase == "probing"]
     assert probing[0] == (0, 48) and probing[-1] == (48, 48)
@@ -111,11 +112,12 @@ def test_progress_reports_each_phase_and_every_step_up_to_the_total(trained: Any
 
 def test_the_planned_steps_count_only_the_examples_the_encoder_trains_on() -> None:
     """The job's metadata (and a dry run) planned 43 steps for 450 examples; training held 45
-    out for the blend weights and made 38."""
-    assert holdout_size(450, ngram=True) == 45 and holdout_size(450, ngram=False) == 0
-    assert holdout_size(199, ngram=True) == 0 and holdout_size(10_000, ngram=True) == 600
+    out for the blend weights and the temperatures and made 38."""
+    assert holdout_size(450) == 45
+    assert holdout_size(199) == 0 and holdout_size(10_000) == 600
     assert MiniLM().steps_for(450, Hyperparameters()) == 38  # ceil(3 epochs * 405 / 32)
-    assert MiniLM().steps_for(450, Hyperparameters(ngram_blend=False)) == 43  # no holdout
+    # Without the blend the slice is still held out, for the temperatures.
+    assert MiniLM().steps_for(450, Hyperparameters(ngram_blend=False)) == 38
     assert MiniLM().steps_for(450, Hyperparameters(training_steps=7)) == 7
 
 
@@ -295,9 +297,9 @@ def test_steps_and_estimate() -> None:
     model = MiniLM()
     assert model.steps_for(10_000, Hyperparameters(training_steps=100)) == 100
     # 3 epochs of 32 over the examples the encoder trains on: 320 less the blend's holdout (32)
-    assert holdout_size(320, ngram=True) == 32
+    assert holdout_size(320) == 32
     assert model.steps_for(320, Hyperparameters()) == 27
-    assert model.steps_for(320, Hyperparameters(ngram_blend=False)) == 30  # no holdout
+    assert model.steps_for(320, Hyperparameters(ngram_blend=False)) == 27  # same holdout
     assert model.estimate_seconds(10_000, 1_000_000, Hyperparameters(training_steps=100)) > 0
 
 
@@ -315,3 +317,33 @@ def test_serving_threads_follow_the_cpu_limit(tmp_path: Path, cpu_max: str | Non
         path.write_text(cpu_max)
     visible = len(os.sched_getaffinity(0))
     assert cores(path) == (visible if expected is None else min(visible, expected))
+
+
+def test_the_temperatures_come_from_the_validation_files_else_the_held_out_slice() -> None:
+    """`minilm_train._calibrate` on logits whose best temperature is known (the model is 3x too
+    sure): the validation files win over the held-out slice, and with neither T stays 1 with
+    the reason."""
+    from service.factory.models import minilm_train
+    from service.factory.models.base import Head
+    from service.factory.models.calibration import scaled
+
+    head = Head("sentiment", ("negative", "positive"), "single_class")
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(400, 2)) * 6).astype(np.float32)
+    p = scaled(head, z, 3.0)
+    rows = [Example(i, "", {"sentiment": head.labels[int(rng.random() < q[1])]})
+            for i, q in enumerate(p)]
+    split = minilm_train._Split(rows, [1.0] * 400, list(range(300, 400)), rows[:300],
+                                [1.0] * 300)
+    control = SilentControl()
+    valid = minilm_train._calibrate([head], split, rows[:300], [z[:300]], [z[300:]], control)
+    assert valid.source == "validation" and valid.examples == 300
+    assert 2.3 < valid.temperatures[0] < 3.8
+    assert ("calibrating", 0, 300) in control.progressed
+    held = minilm_train._calibrate([head], split, [], None, [z[300:]], control)
+    assert held.source == "held-out" and held.examples == 100 and held.temperatures[0] > 1.5
+    none = minilm_train._calibrate([head], minilm_train._Split(rows[:50], [1.0] * 50, [],
+                                                               rows[:50], [1.0] * 50),
+                                   [], None, None, control)
+    assert none.source == "none" and none.temperatures == [1.0]
+    assert "50 training examples" in none.targets["sentiment"]["reason"]

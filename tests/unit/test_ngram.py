@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -29,6 +30,7 @@ from service.factory.models.ngram_features import Featurizer
 from service.factory.models.ngram_v1 import Featurizer as LegacyFeaturizer
 from service.factory.models.ngram_v1 import LegacyNGramModel
 from service.factory.models.registry import default_registry
+from service.factory.models.scoring import probabilities
 from tests.support.factory import REPO, sentiment_rows
 
 SENTIMENT = Head("sentiment", ("negative", "positive"), "single_class")
@@ -211,3 +213,71 @@ def test_base_model_protocol_trains_from_a_spec(tmp_path: Path) -> None:
                                           [1.0] * 200 + [10.0] * 100 + [1.0] * 100),
                              spec, SilentControl())
     assert model.classify(["ambiguous words"])[0]["sentiment"]["positive"] > 0.8
+
+
+def _spec(tmp_path: Path) -> TrainingSpec:
+    return TrainingSpec(base_model="local-ngram", kind="text",
+                        targets=(TargetSpec("sentiment", SENTIMENT.labels, "single_class"),),
+                        training_files=(), validation_files=(), hyperparameters=Hyperparameters(),
+                        output_dir=str(tmp_path / "out"))
+
+
+def test_training_fits_a_temperature_on_a_held_out_slice_and_says_so(tmp_path: Path) -> None:
+    """No validation file: 10% of 400 examples held out, a copy of the model fitted on the rest,
+    T fitted on the slice; the served model is fitted on all 400, its argmax untouched."""
+    control = SilentControl()
+    examples = _examples(400, seed=3)
+    model, evaluation = NGram().train(TrainingData(examples, [1.0] * 400), _spec(tmp_path),
+                                      control)
+    assert evaluation is None
+    ((_, event),) = [e for e in control.events if e[0] == "calibration"]
+    assert event["source"] == "held-out" and event["examples"] == 40
+    report = event["targets"]["sentiment"]
+    assert report["examples"] == 40 and report["temperature"] == round(model.temperatures[0], 6)
+    assert report["ece_after"] <= report["ece_before"]
+    assert model.info["calibration"] == event and model.info["examples"] == 400
+    assert ("calibrating", 0, 40) in control.progressed
+    texts = [e.text for e in _examples(50, seed=9)]
+    raw = probabilities(model.heads, model.logits(texts))
+    assert (model.predict_proba(texts)[0].argmax(axis=1) == raw[0].argmax(axis=1)).all()
+
+
+def test_a_validation_file_is_what_the_temperature_is_fitted_on(tmp_path: Path) -> None:
+    control = SilentControl()
+    validation = _examples(60, seed=4)
+    _, evaluation = NGram().train(TrainingData(_examples(100), [1.0] * 100, validation),
+                                  _spec(tmp_path), control)
+    event = dict(control.events)["calibration"]
+    assert event["source"] == "validation" and event["examples"] == 60
+    # The job's evaluation is of the calibrated model: its loss is the calibrated one.
+    assert evaluation is not None and evaluation.loss == pytest.approx(
+        event["targets"]["sentiment"]["nll_after"], abs=1e-5)
+
+
+def test_few_examples_and_no_validation_file_keep_the_scores_as_trained(tmp_path: Path) -> None:
+    control = SilentControl()
+    model, _ = NGram().train(TrainingData(_examples(100), [1.0] * 100), _spec(tmp_path), control)
+    event = dict(control.events)["calibration"]
+    assert event["source"] == "none" and model.temperatures == [1.0]
+    assert "validation file" in event["targets"]["sentiment"]["reason"]
+
+
+def test_a_model_saved_without_temperatures_keeps_its_scores(tmp_path: Path) -> None:
+    """A model written before calibration has no `temperatures` in model.json: it loads with
+    T = 1 and answers exactly what it answered before; one written now keeps its T."""
+    model, _ = fit(_examples(), [SENTIMENT], Hyperparameters())
+    before = model.classify(TEXTS)  # T = 1: the scores of a model trained before this change
+    model.save(tmp_path / "old")
+    meta_path = tmp_path / "old" / "model.json"
+    meta = orjson.loads(meta_path.read_bytes())
+    del meta["temperatures"]
+    meta_path.write_bytes(orjson.dumps(meta))
+    old = default_registry().load(tmp_path / "old")
+    assert isinstance(old, NGramModel) and old.temperatures == [1.0]
+    assert old.classify(TEXTS) == before
+
+    model.temperatures = [2.5]
+    model.save(tmp_path / "new")
+    new = default_registry().load(tmp_path / "new")
+    assert isinstance(new, NGramModel) and new.temperatures == [2.5]
+    assert new.classify(TEXTS) == model.classify(TEXTS) != before

@@ -174,7 +174,7 @@ class Evaluation:
 
 #: What a model is doing, as `TrainingControl.progress` reports it (a model may name others).
 PHASES = ("reading", "loading", "tokenising", "probing", "featurising", "training", "exporting",
-          "evaluating")
+          "calibrating", "evaluating")
 
 
 class TrainingControl(Protocol):
@@ -214,6 +214,27 @@ class SilentControl:
 
     def cancelled(self) -> bool:
         return self.cancel
+
+
+class Muted:
+    """A `TrainingControl` for a model's side fits (a held-out copy, a side model): forwards
+    cancellation to `outer`, keeps its checkpoints, events and progress to itself (the job's
+    progress is the main fit's)."""
+
+    def __init__(self, outer: TrainingControl) -> None:
+        self.outer = outer
+
+    def checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def event(self, name: str, data: Mapping[str, Any]) -> None:
+        pass
+
+    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return self.outer.cancelled()
 
 
 class TrainingCancelled(Exception):

@@ -41,6 +41,13 @@ Why this recipe (measured figures in "Figures" below):
   batch-mates (`minilm_onnx` has the figures). `quantization` in bench/minilm_bench.py
   re-measures all of it.
 
+Calibration: a temperature per target on the blend's logits, fitted on the validation files, else
+on the held-out slice (`minilm_train`, step 6; bench/calibration.py has the ECE before and after).
+The slice is held out with or without the blend, so the encoder trains on 90% of the examples
+either way (with a step budget, as Mistral's example job sets, it makes the same steps over a
+pool 10% smaller: 100 steps of 32 are about one pass over 3,000 examples; without the blend this
+is new, and its cost on quality is not measured).
+
 Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:
 - Mistral's example job (100 steps, 4e-5) on 10,000 tweets (3 classes): 0.7547 vs 0.7206 (+0.034;
@@ -80,10 +87,12 @@ DEFAULT_SEQ_LEN = 128
 MAX_CHUNKS = 8
 BATCH_SIZE = 32
 DEFAULT_EPOCHS = 3.0
-#: The slice of the training data held out to choose the blend weights (`minilm_train`, step 1):
-#: a share of it, at most `HOLDOUT_MAX` examples, none below `HOLDOUT_MIN_EXAMPLES` examples or
-#: without the blend. Here, not in `minilm_train`, because the steps planned before training
-#: (`steps_for`: the job's metadata, a dry run) must count the examples the encoder trains on.
+#: The slice of the training data held out to choose the blend weights and fit the temperatures
+#: on (`minilm_train`, step 1): a share of it, at most `HOLDOUT_MAX` examples, none below
+#: `HOLDOUT_MIN_EXAMPLES` examples. The same numbers as `calibration.holdout_size` (not imported:
+#: this module imports numpy only). Here, not in `minilm_train`, because the steps planned before
+#: training (`steps_for`: the job's metadata, a dry run) must count the examples the encoder
+#: trains on.
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_MIN_EXAMPLES = 200
 HOLDOUT_MAX = 600
@@ -95,9 +104,11 @@ INSTALL = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/w
            "&& pip install -e '.[encoder]'")
 
 
-def holdout_size(examples: int, *, ngram: bool) -> int:
-    """How many of `examples` training examples are held out for the blend weights."""
-    if not ngram or examples < HOLDOUT_MIN_EXAMPLES:
+def holdout_size(examples: int) -> int:
+    """How many of `examples` training examples are held out for the blend weights and the
+    temperatures (also without the blend: the temperatures need examples the encoder did not
+    train on)."""
+    if examples < HOLDOUT_MIN_EXAMPLES:
         return 0
     return min(HOLDOUT_MAX, max(1, round(HOLDOUT_FRACTION * examples)))
 
@@ -131,7 +142,7 @@ class MiniLM:
     def steps_for(self, examples: int, hyper: Hyperparameters) -> int:
         """The steps training will make: on the examples left once the holdout is set aside (it
         used to count them all, so a job planned 43 steps and made 38)."""
-        trained = examples - holdout_size(examples, ngram=hyper.ngram_blend is not False)
+        trained = examples - holdout_size(examples)
         return hyper.steps(trained, BATCH_SIZE, default_epochs=DEFAULT_EPOCHS)
 
     def estimate_seconds(self, examples: int, total_chars: int, hyper: Hyperparameters) -> float:

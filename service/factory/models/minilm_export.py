@@ -6,7 +6,9 @@ along, with the figures).
 Per target, one directory:
 - `onnx`: `model.onnx` is the very graph the factory serves (MiniLM + mean pooling + the heads,
   fused, int8), cut to the target's logit columns (a `Slice`, then a `Mul` by the blend's encoder
-  weight when the n-gram weight is 0, `minilm_onnx.export_scale`), with the factory's
+  weight over the target's temperature when the n-gram weight is 0, `minilm_onnx.export_scale`:
+  the export answers the factory's calibrated scores; a model saved before calibration has
+  temperature 1), with the factory's
   `tokenizer.json`, a `config.json` and `kserve_model.py`, the KServe model server that scores it
   exactly as the factory does.
 - `hf`: `model.safetensors` (the float32 fine-tuned weights kept at training time, renamed to the
@@ -43,6 +45,7 @@ from service.factory.models.minilm_onnx import (
     ONNX_FILE,
     TOKENIZER_FILE,
     export_scale,
+    temperatures_of,
 )
 from service.factory.models.scoring import slices
 
@@ -71,6 +74,7 @@ class MiniLMExporter:
                                 "train it again")
         heads = _heads(meta)
         weights = [(float(a), float(b)) for a, b in meta["weights"]]
+        temperatures = temperatures_of(meta, len(heads))
         state: dict[str, Any] | None = None
         if fmt == "hf":
             if not meta.get("fp32_weights") or not (model_dir / FP32_FILE).exists():
@@ -87,14 +91,14 @@ class MiniLMExporter:
         out.mkdir(parents=True, exist_ok=True)
         targets: list[ExportedTarget] = []
         directories = target_directories([head.name for head in heads])
-        for head, columns, w, directory in zip(heads, slices(heads), weights, directories,
-                                               strict=True):
+        for head, columns, w, t, directory in zip(heads, slices(heads), weights, temperatures,
+                                                  directories, strict=True):
             target = out / directory
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
-            scale = export_scale(w)
-            config = _config(meta, head, scale, model_id, fmt)
+            scale = export_scale(w, t)
+            config = _config(meta, head, scale, t, model_id, fmt)
             notes = [n for n in [_blend_note(meta, head, w)] if n]
             if fmt == "onnx":
                 (target / "model.onnx").write_bytes(_onnx_target(onnx_bytes, columns, scale))
@@ -146,7 +150,7 @@ def _blend_note(meta: Mapping[str, Any], head: Head, weights: tuple[float, float
                 f"up to {figure[0]:.3f}" if figure else "")
     return (f"target {head.name!r}: the factory blends the n-gram model's evidence into this "
             f"model's scores (weights encoder {weights[0]}, n-gram {weights[1]}); the export "
-            f"carries the encoder alone{measured}. For an export that answers as the factory "
+            f"carries the encoder alone, without the temperature fitted to the blend{measured}. For an export that answers as the factory "
             "does, train with the hyperparameter ngram_blend: false (`classifier-gateway "
             "finetune --no-ngram-blend`)")
 
@@ -184,8 +188,8 @@ def _write_json(path: Path, doc: Any) -> None:
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
-def _config(meta: Mapping[str, Any], head: Head, scale: float, model_id: str,
-            fmt: str) -> dict[str, Any]:
+def _config(meta: Mapping[str, Any], head: Head, scale: float, temperature: float,
+            model_id: str, fmt: str) -> dict[str, Any]:
     base = dict(meta.get("encoder_config") or {"model_type": "bert", "hidden_size": 384,
                                                  "max_position_embeddings": 512})
     for key in ("_name_or_path", "architectures", "auto_map", "transformers_version",
@@ -201,7 +205,8 @@ def _config(meta: Mapping[str, Any], head: Head, scale: float, model_id: str,
             "format": 1, "export_format": fmt, "source_model": model_id,
             "target": head.name, "loss_function": head.loss_function,
             "seq_len": int(meta["seq_len"]), "max_chunks": int(meta["max_chunks"]),
-            "logit_scale": scale, "kind": meta.get("kind", "text")})
+            "logit_scale": scale, "temperature": temperature,
+            "kind": meta.get("kind", "text")})
     return base
 
 

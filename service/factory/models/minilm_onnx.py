@@ -62,7 +62,7 @@ import concurrent.futures
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -100,21 +100,36 @@ def evidence(head: Head, p: F32) -> F32:
     return out
 
 
-def blend(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
-          weights: tuple[float, float]) -> F32:
-    """Probabilities of one head from the encoder's logits and the n-gram model's evidence."""
+def blend_logits(encoder_logits: F32, ngram_evidence: F32 | None,
+                 weights: tuple[float, float]) -> F32:
+    """One head's logits: the encoder's and the n-gram model's evidence, weighted."""
     z = weights[0] * encoder_logits
     if ngram_evidence is not None and weights[1]:
         z = z + weights[1] * ngram_evidence
+    out: F32 = z.astype(np.float32)
+    return out
+
+
+def blend(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
+          weights: tuple[float, float]) -> F32:
+    """Probabilities of one head from the encoder's logits and the n-gram model's evidence."""
+    z = blend_logits(encoder_logits, ngram_evidence, weights)
     return softmax(z) if head.loss_function == "single_class" else sigmoid(z)
 
 
-def export_scale(weights: tuple[float, float]) -> float:
+def calibrated(weights: tuple[float, float], temperature: float) -> tuple[float, float]:
+    """Blend weights with the head's temperature folded in: `(a * enc + b * ev) / T` is
+    `(a / T) * enc + (b / T) * ev`."""
+    return (weights[0] / temperature, weights[1] / temperature)
+
+
+def export_scale(weights: tuple[float, float], temperature: float = 1.0) -> float:
     """The factor on a head's logits in an export of the encoder alone: the encoder's blend weight
-    when the n-gram weight is 0 (the served scores are then exactly `softmax(a * logits)`, which
-    the export reproduces), else 1 (the encoder as trained; its scores then differ from the
+    over the head's temperature when the n-gram weight is 0 (the served scores are then exactly
+    `softmax(a / T * logits)`, which the export reproduces), else 1 (the encoder as trained,
+    uncalibrated: the temperature was fitted to the blend; its scores then differ from the
     blend's, see `minilm_train.export_figures`)."""
-    return weights[0] if not weights[1] else 1.0
+    return weights[0] / temperature if not weights[1] else 1.0
 
 
 class Chunker:
@@ -258,6 +273,9 @@ class MiniLMModel:
     #: encoder's transformers config, saved for export (see the module docstring).
     fp32_state: dict[str, npt.NDArray[np.float32]] | None = None
     encoder_config: dict[str, Any] | None = None
+    #: Per head, the temperature the blend's logits are divided by (`models.calibration`); a
+    #: model saved without one (before calibration) has 1.0: its scores are as trained.
+    temperatures: list[float] = field(default_factory=list)
     _session: Any = None
     _chunker: Chunker | None = None
 
@@ -267,6 +285,8 @@ class MiniLMModel:
         return False
 
     def __post_init__(self) -> None:
+        if not self.temperatures:
+            self.temperatures = [1.0] * len(self.heads)
         self._session = session(self.onnx_bytes)
         self._chunker = Chunker(self.tokenizer_json, self.seq_len, self.max_chunks)
 
@@ -297,12 +317,21 @@ class MiniLMModel:
         probs = self.ngram.predict_proba(texts)
         return [evidence(h, p) for h, p in zip(self.heads, probs, strict=True)]
 
+    def head_logits(self, texts: Sequence[str]) -> list[F32]:
+        """One (n, labels) matrix of blended logits per head, before the temperature."""
+        texts = list(texts)
+        z = self.encoder_logits(texts)
+        ev = self.ngram_evidence(texts)
+        return [blend_logits(z[:, s], None if ev is None else ev[k], self.weights[k])
+                for k, s in enumerate(slices(self.heads))]
+
     def predict_proba(self, texts: Sequence[str]) -> list[F32]:
         """One (n, labels) probability matrix per head, in head order."""
         texts = list(texts)
         z = self.encoder_logits(texts)
         ev = self.ngram_evidence(texts)
-        return [blend(h, z[:, s], None if ev is None else ev[k], self.weights[k])
+        return [blend(h, z[:, s], None if ev is None else ev[k],
+                      calibrated(self.weights[k], self.temperatures[k]))
                 for k, (h, s) in enumerate(zip(self.heads, slices(self.heads), strict=True))]
 
     def classify(self, texts: Sequence[str]) -> list[Scores]:
@@ -322,6 +351,7 @@ class MiniLMModel:
         meta = {"format": FORMAT, "base_model": NAME, "kind": self.kind,
                 "seq_len": self.seq_len, "max_chunks": self.max_chunks,
                 "weights": [list(w) for w in self.weights], "ngram": self.ngram is not None,
+                "temperatures": list(self.temperatures),
                 "heads": [{"name": h.name, "labels": list(h.labels),
                            "loss_function": h.loss_function, "weight": h.weight}
                           for h in self.heads],
@@ -350,9 +380,10 @@ class MiniLMModel:
                 ngram = NGramModel.load(directory / NGRAM_DIR)
             if len(weights) != len(heads):
                 raise ValueError(f"{len(weights)} blend weights for {len(heads)} heads")
+            temperatures = temperatures_of(meta, len(heads))
             model = cls(heads, onnx_bytes, tokenizer_json, int(meta["seq_len"]),
                         int(meta["max_chunks"]), weights, ngram, str(meta.get("kind", "text")),
-                        dict(meta.get("info", {})))
+                        dict(meta.get("info", {})), temperatures=temperatures)
         except ModelFormatError:
             raise
         except Exception as exc:  # onnxruntime and tokenizers raise their own types
@@ -365,6 +396,15 @@ class MiniLMModel:
             raise ModelFormatError(f"{directory}: {ONNX_FILE} has {outputs[0].shape[-1]} "
                                    f"outputs for {labels} labels; train the model again")
         return model
+
+
+def temperatures_of(meta: Mapping[str, Any], heads: int) -> list[float]:
+    """A `model.json`'s temperatures; none (saved before calibration): 1.0 per head, the
+    scores the model was trained with."""
+    temperatures = [float(t) for t in meta.get("temperatures") or [1.0] * heads]
+    if len(temperatures) != heads or min(temperatures, default=1.0) <= 0:
+        raise ValueError(f"temperatures {temperatures} for {heads} heads")
+    return temperatures
 
 
 def serving_available() -> str | None:

@@ -21,6 +21,11 @@ The recipe (why each step, see `minilm` for the measured figures):
 5. Side model: `local-ngram` fitted on the training part; per head the blend weights
    `(a, b)` on `GRID` minimising the held-out log-loss of `softmax(a * encoder + b * ngram)`.
    Then the n-gram model is refitted on all the data (seconds) and saved beside the encoder.
+6. Calibration: a temperature per head (`models.calibration`) on the job's validation files
+   (the model as it serves), else on the held-out slice of step 1 (the encoder and the n-gram
+   model fitted on the training part, blended with the weights of step 5: what the served model
+   is on texts it did not train on). Below `HOLDOUT_MIN_EXAMPLES` without a validation file:
+   T = 1. The job's `calibration` event says which, and ECE before and after.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +46,12 @@ import torch
 from torch import nn
 
 from service.factory.data import Example
+from service.factory.models import calibration
 from service.factory.models.base import (
     Checkpoint,
     Evaluation,
     Head,
+    Muted,
     TrainingCancelled,
     TrainingControl,
     TrainingData,
@@ -56,6 +63,7 @@ from service.factory.models.minilm_onnx import (
     Chunker,
     MiniLMModel,
     blend,
+    blend_logits,
     evidence,
     export_scale,
     mean_by_owner,
@@ -319,34 +327,16 @@ class Trained:
     network: Network
 
 
-class _Quiet:
-    """A control for the side model: forwards cancellation, keeps its checkpoints to itself."""
-
-    def __init__(self, outer: TrainingControl) -> None:
-        self.outer = outer
-
-    def checkpoint(self, checkpoint: Checkpoint) -> None:
-        pass
-
-    def event(self, name: str, data: Mapping[str, Any]) -> None:
-        pass
-
-    def progress(self, phase: str, done: int | None = None, total: int | None = None) -> None:
-        pass  # the job's progress is the encoder's: its steps, not the side model's
-
-    def cancelled(self) -> bool:
-        return self.outer.cancelled()
-
-
 def fit_ngram(examples: Sequence[Example], weights: Sequence[float], spec: TrainingSpec,
               control: TrainingControl) -> NGramModel:
-    from service.factory.models.ngram import NGram
+    """The n-gram side model (its own defaults, uncalibrated: the blend's weights and the
+    temperature are fitted on the blend)."""
+    from service.factory.models.ngram import fit
 
-    data = TrainingData(list(examples), list(weights))
-    side_spec = replace(spec, base_model="local-ngram",
-                        hyperparameters=replace(spec.hyperparameters, training_steps=None,
-                                                epochs=None))
-    model, _ = NGram().train(data, side_spec, _Quiet(control))
+    model, _ = fit(list(examples), [Head.from_target(t) for t in spec.targets],
+                   replace(spec.hyperparameters, training_steps=None, epochs=None),
+                   kind=spec.kind, sample_weights=list(weights), control=Muted(control),
+                   checkpoints=spec.checkpoints)
     return model
 
 
@@ -376,7 +366,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
     rng = np.random.default_rng(hyper.seed)
     dev, amp, scaler = _device(device, control)
 
-    split = _data(data, ngram, rng)
+    split = _data(data, rng)
     network, tokenizer_json, sequences, targets = _network(
         heads, split, frozen_layers, dev, seq_len, control)
     _init_heads(network, heads, sequences, targets, rng, dev, control, amp)
@@ -398,9 +388,16 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
         side_future = (pool.submit(fit_ngram, split.examples, split.weights, spec, control)
                        if ngram else None)
         model = _export(network, heads, tokenizer_json, seq_len, max_chunks, spec, quantize)
-        blend_weights, side = _blend(model, heads, split, ngram, partial_future, side_future)
+        blend_weights, side, held_logits = _blend(model, heads, split, ngram, partial_future,
+                                                  side_future)
     model.weights = blend_weights
     model.ngram = side
+    # The validation files' logits, once: the temperatures and the evaluation both read them.
+    valid_logits = (model.head_logits([e.text for e in data.validation]) if data.validation
+                    else None)
+    found = _calibrate(heads, split, data.validation, valid_logits, held_logits, control)
+    model.temperatures = found.temperatures
+    control.event("calibration", found.to_json())
     model.fp32_state = {name: t.detach().cpu().float().numpy().copy()
                         for name, t in network.state_dict().items()}
     model.encoder_config = orjson.loads(  # JSON: to_dict() keeps id2label's int keys
@@ -414,16 +411,18 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
         "steps": steps, "batch_size": batch, "frozen_layers": frozen_layers,
         "trained_examples": steps * batch, "seq_len": seq_len, "device": dev.type,
         "quantized": quantize, "blend": [list(w) for w in blend_weights],
+        "calibration": found.to_json(),
         "probe_seconds": round(probe_seconds, 3), "finetune_seconds": round(train_seconds, 3),
         "export_figures": export_figures(model, network, figure_texts,
                                          "held-out" if holdout_idx else
                                          "validation" if data.validation else "training"),
         "train_seconds": round(clock() - started, 3)}
     evaluation = None
-    if data.validation:
+    if valid_logits is not None:  # the served scores: the blend at each head's temperature
         control.progress("evaluating", 0, len(data.validation))
         evaluation = evaluate_probabilities(
-            heads, model.predict_proba([e.text for e in data.validation]), data.validation)
+            heads, [calibration.scaled(h, z, t) for h, z, t in
+                    zip(heads, valid_logits, model.temperatures, strict=True)], data.validation)
     return Trained(model, evaluation, network)
 
 
@@ -447,15 +446,16 @@ def _device(device: str | None, control: TrainingControl
     return dev, amp, scaler
 
 
-def _data(data: TrainingData, ngram: bool, rng: np.random.Generator) -> _Split:
+def _data(data: TrainingData, rng: np.random.Generator) -> _Split:
     """Data: hold out `HOLDOUT_FRACTION` (10%) of the examples, at most `HOLDOUT_MAX` (600), to
-    choose the blend weights on texts neither model trained on; with fewer than
-    `HOLDOUT_MIN_EXAMPLES` (200) a 10% slice is too small to choose on, so there is none and the
-    blend takes `DEFAULT_WEIGHTS`. No holdout either without the n-gram blend."""
+    choose the blend weights and fit the temperatures on texts neither model trained on; with
+    fewer than `HOLDOUT_MIN_EXAMPLES` (200) a 10% slice is too small to choose on, so there is
+    none and the blend takes `DEFAULT_WEIGHTS` (and T = 1 without a validation file). Without the
+    n-gram blend the slice is held out for the temperatures alone."""
     examples, weights = list(data.examples), list(data.weights)
     n = len(examples)
     holdout_idx: list[int] = []
-    size = holdout_size(n, ngram=ngram)
+    size = holdout_size(n)
     if size:
         holdout_idx = sorted(rng.permutation(n)[:size].tolist())
     held = set(holdout_idx)
@@ -614,27 +614,52 @@ def _export(network: Network, heads: Sequence[Head], tokenizer_json: str, seq_le
 def _blend(model: MiniLMModel, heads: Sequence[Head], split: _Split, ngram: bool,
            partial_future: concurrent.futures.Future[NGramModel] | None,
            side_future: concurrent.futures.Future[NGramModel] | None,
-           ) -> tuple[list[tuple[float, float]], NGramModel | None]:
+           ) -> tuple[list[tuple[float, float]], NGramModel | None, list[F32] | None]:
     """Blend: per head, the `GRID` weights `(a, b)` with the lowest held-out log-loss of
     `softmax(a * encoder + b * ngram)`, the n-gram model fitted on the training part (without a
     holdout: `DEFAULT_WEIGHTS`); and the n-gram model refitted on all the data, which serves. On
     10k tweets the blend gained +0.007 macro-F1 over the encoder alone (0.7547 vs 0.7489,
-    weights (0.75, 0.25)), more on long documents. Without `ngram`: the encoder alone."""
+    weights (0.75, 0.25)), more on long documents. Without `ngram`: the encoder alone.
+    Also returns the held-out slice's blended logits per head (None without a slice), which
+    the temperatures are fitted on."""
     blend_weights = [(1.0, 0.0)] * len(heads)
     side: NGramModel | None = None
+    held_ex = [split.examples[i] for i in split.holdout_idx]
+    encoder = model.encoder_logits([e.text for e in held_ex]) if held_ex else None
+    evidences: list[F32 | None] = [None] * len(heads)
     if ngram:
-        if partial_future is not None:
-            held_ex = [split.examples[i] for i in split.holdout_idx]
+        if partial_future is not None and encoder is not None:
             partial = partial_future.result()
-            blend_weights = choose_weights(
-                heads, model.encoder_logits([e.text for e in held_ex]),
-                partial.predict_proba([e.text for e in held_ex]),
-                held_ex)
+            partial_probs = partial.predict_proba([e.text for e in held_ex])
+            blend_weights = choose_weights(heads, encoder, partial_probs, held_ex)
+            evidences = [evidence(h, p) for h, p in zip(heads, partial_probs, strict=True)]
         else:
             blend_weights = [DEFAULT_WEIGHTS] * len(heads)
         assert side_future is not None
         side = side_future.result()
-    return blend_weights, side
+    held_logits = None if encoder is None else [
+        blend_logits(encoder[:, s], ev, w)
+        for s, ev, w in zip(slices(heads), evidences, blend_weights, strict=True)]
+    return blend_weights, side, held_logits
+
+
+def _calibrate(heads: Sequence[Head], split: _Split, validation: Sequence[Example],
+               valid_logits: list[F32] | None, held_logits: list[F32] | None,
+               control: TrainingControl) -> calibration.Calibration:
+    """Step 6 of the module docstring: a temperature per head, on the validation files (the
+    served model's logits), else on the held-out slice, else none (T = 1, and the reason)."""
+    if valid_logits is not None:
+        control.progress("calibrating", 0, len(validation))
+        return calibration.calibrate(heads, valid_logits, validation, "validation")
+    if held_logits is not None:
+        control.progress("calibrating", 0, len(split.holdout_idx))
+        return calibration.calibrate(heads, held_logits,
+                                     [split.examples[i] for i in split.holdout_idx], "held-out",
+                                     [split.weights[i] for i in split.holdout_idx])
+    return calibration.uncalibrated(
+        heads, f"no validation file, and {len(split.examples)} training examples are too few to "
+               f"hold out a slice (at least {calibration.HOLDOUT_MIN_EXAMPLES}): scores as "
+               "trained; add a validation file to calibrate")
 
 
 def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
@@ -653,9 +678,9 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
     served_logits = model.encoder_logits(texts)
     z32 = torch_logits(network, model.tokenizer_json, texts, model.seq_len, model.max_chunks)
     out: dict[str, Any] = {"texts": len(texts), "source": source, "targets": {}}
-    for head, s, p, w in zip(model.heads, slices(model.heads), served, model.weights,
-                             strict=True):
-        scale = (export_scale(w), 0.0)
+    for head, s, p, w, t in zip(model.heads, slices(model.heads), served, model.weights,
+                                model.temperatures, strict=True):
+        scale = (export_scale(w, t), 0.0)
         alone = blend(head, served_logits[:, s], None, scale)
         fp32 = blend(head, z32[:, s], None, scale)
         out["targets"][head.name] = {

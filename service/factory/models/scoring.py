@@ -36,10 +36,17 @@ def slices(heads: Sequence[Head]) -> list[slice]:
     return out
 
 
-def probabilities(heads: Sequence[Head], z: F32) -> list[F32]:
-    """One (n, labels) score matrix per head from the (n, all labels) logits `z`."""
-    return [softmax(z[:, s]) if head.loss_function == "single_class" else sigmoid(z[:, s])
-            for head, s in zip(heads, slices(heads), strict=True)]
+def probabilities(heads: Sequence[Head], z: F32,
+                  temperatures: Sequence[float] | None = None) -> list[F32]:
+    """One (n, labels) score matrix per head from the (n, all labels) logits `z`, each head's
+    logits divided by its temperature (`models.calibration`; none: 1, the scores as trained)."""
+    out = []
+    for k, (head, s) in enumerate(zip(heads, slices(heads), strict=True)):
+        zs = z[:, s]
+        if temperatures is not None and temperatures[k] != 1.0:
+            zs = (zs / np.float32(temperatures[k])).astype(np.float32)
+        out.append(softmax(zs) if head.loss_function == "single_class" else sigmoid(zs))
+    return out
 
 
 def labelled(heads: Sequence[Head], probs: Sequence[F32], n: int) -> list[Scores]:

@@ -124,3 +124,4 @@ bench: install-dev
 	$(PY) -m bench.factory_bench
 	$(PY) -m bench.minilm_bench
 	$(PY) -m bench.export_fidelity
+	$(PY) -m bench.factory_replicas

@@ -568,7 +568,7 @@ def test_the_documented_tracing_configmap_turns_tracing_on_with_values_the_sdk_t
         configmap["metadata"]["namespace"] = namespace
     assert validate_all([*docs, configmap], tmp_path) == [], f"overlay {name}"
     for kind, workload in (("Deployment", "classifier-gateway"),
-                           ("StatefulSet", "classifier-factory")):
+                           (factory_kind(docs), "classifier-factory")):
         env: dict[str, str] = {}
         for var, item in env_of(containers(find(docs, kind, workload))[0]).items():
             if not var.startswith("OTEL_"):

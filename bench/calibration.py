@@ -49,10 +49,11 @@ from service.factory.models.calibration import ece, scaled
 from service.factory.models.evaluation import label_matrix
 from service.factory.models.registry import default_registry
 from tests.support import corpora
+from tests.support.factory import MISTRAL_EXAMPLE as MISTRAL_JOB
 from tests.support.factory import split
 from tests.support.factory_intents import intent_examples
 
-MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+MISTRAL_EXAMPLE = Hyperparameters.from_job(MISTRAL_JOB)  # tests/support/factory.py
 Rows = list[tuple[str, str]]
 CORPORA: dict[str, Callable[[], Rows]] = {
     "sentiment": corpora.sentiment_tweets,

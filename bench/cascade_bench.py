@@ -45,10 +45,9 @@ import yaml
 from bench.harness import REPO, emit, process
 from service.commands.calibration import macro_f1
 from tests.support import corpora
-from tests.support.factory import FactoryClient, FactoryProcess, jsonl, split
+from tests.support.factory import MISTRAL_EXAMPLE, FactoryClient, FactoryProcess, jsonl, split
 from tests.support.factory_intents import intent_examples
 
-MISTRAL_EXAMPLE = {"training_steps": 100, "learning_rate": 4e-5}
 Rows = list[tuple[str, str]]
 #: name -> (loader, target name).
 CORPORA: dict[str, tuple[Callable[[int], Rows], str]] = {

@@ -37,9 +37,10 @@ from tests.support.corpora import (
     sentiment_tweets,
     sms_spam,
 )
+from tests.support.factory import MISTRAL_EXAMPLE as MISTRAL_JOB
 from tests.support.factory import FactoryClient, FactoryProcess, bbc_news, jsonl, split
 
-MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+MISTRAL_EXAMPLE = Hyperparameters.from_job(MISTRAL_JOB)  # tests/support/factory.py
 Classifier = NGramModel
 
 

@@ -51,10 +51,11 @@ from service.factory.models.base import (
 from service.factory.models.minilm import BATCH_SIZE, DEFAULT_SEQ_LEN, MAX_CHUNKS
 from tests.support import corpora
 from tests.support.baseline import baseline_f1 as baseline
+from tests.support.factory import MISTRAL_EXAMPLE as MISTRAL_JOB
 from tests.support.factory import bbc_news, split
 from tests.support.factory_intents import intent_examples
 
-MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+MISTRAL_EXAMPLE = Hyperparameters.from_job(MISTRAL_JOB)  # tests/support/factory.py
 Rows = list[tuple[str, str]]
 
 CORPORA: dict[str, Callable[[], Rows]] = {

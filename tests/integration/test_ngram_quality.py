@@ -47,10 +47,11 @@ from tests.support.corpora import (
     sentiment_tweets,
     sms_spam,
 )
+from tests.support.factory import MISTRAL_EXAMPLE as MISTRAL_JOB
 from tests.support.factory import bbc_news, split
 
 MARGIN = 0.005
-MISTRAL_EXAMPLE = Hyperparameters(training_steps=100, learning_rate=4e-5)
+MISTRAL_EXAMPLE = Hyperparameters.from_job(MISTRAL_JOB)  # tests/support/factory.py
 DEFAULTS = Hyperparameters()
 
 Rows = list[tuple[str, dict[str, str]]]

@@ -60,6 +60,29 @@ def test_an_unsure_model_is_sharpened() -> None:
     assert 0.42 < fit_temperature(INTENT, z, y) < 0.58
 
 
+def test_a_held_out_slice_with_no_wrong_answer_keeps_the_scores() -> None:
+    """Every answer right (the demo's templated sentiment): the NLL only falls as T shrinks, so
+    the fit would stop at the search's bound (1/20) and serve exactly 1.0 and 0.0. T stays 1."""
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 4, size=40)
+    z = rng.normal(size=(40, 4)).astype(np.float32)
+    z[np.arange(40), gold] = z.max(axis=1) + rng.uniform(0.2, 3.0, size=40)  # gold on top
+    examples = [Example(i, "", {"intent": INTENT.labels[g]}) for i, g in enumerate(gold)]
+    y, _ = label_matrix(INTENT, examples)
+    assert fit_temperature(INTENT, z, y) == 1.0
+    # Wrong answers are evidence: the fit then finds a T off the bound.
+    z[:4] = -z[:4]
+    assert 1 / 20 * 1.01 < fit_temperature(INTENT, z, y) < 1.0
+
+
+def test_a_multi_label_slice_with_no_wrong_decision_keeps_the_scores() -> None:
+    z = np.array([[3.0, -2.0, -1.0], [-2.0, 2.5, 1.5]] * 15, dtype=np.float32)
+    examples = [Example(i, "", {"tags": ("x",) if i % 2 == 0 else ("y", "z")})
+                for i in range(30)]
+    y, _ = label_matrix(TAGS, examples)
+    assert fit_temperature(TAGS, z, y) == 1.0
+
+
 def test_a_multi_label_target_gets_its_own_sigmoid_temperature() -> None:
     z, examples = _multi(3_000, 2.0)
     found = calibrate([TAGS], [z], examples, "held-out")

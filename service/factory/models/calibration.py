@@ -106,15 +106,30 @@ def weighted_loss(head: Head, p: F32, y: F32, weights: F32 | None = None) -> flo
     return float((rows * w).sum() / max(float(w.sum()), 1e-12))
 
 
+def wrong_decisions(head: Head, z: F32, y: F32) -> int:
+    """How many rows the logits `z` get wrong: the top label is not a gold one
+    (`single_class`), or a label's yes/no decision at 0.5 disagrees with `y` (`multi_class`).
+    Temperature leaves these decisions as they are."""
+    if head.loss_function == "single_class":
+        return int((y[np.arange(len(y)), z.argmax(axis=1)] <= 0).sum())
+    return int(((z >= 0) != (y > 0)).any(axis=1).sum())
+
+
 def fit_temperature(head: Head, z: F32, y: F32, weights: F32 | None = None) -> float:
     """The `T` minimising the mean NLL of `scaled(head, z, T)` against `y`, each row counted
-    `weights` times (module docstring)."""
+    `weights` times (module docstring). `T` is never below 1 when no row is wrong: sharpening
+    then only meets the search's bound."""
     def nll(log_t: float) -> float:
         return weighted_loss(head, scaled(head, z, math.exp(log_t)), y, weights)
 
     result = minimize_scalar(nll, bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded",
                              options={"xatol": 1e-4})
     best = float(result.x)
+    if best < 0.0 and not wrong_decisions(head, z, y):
+        # Every held-out answer right: the NLL falls all the way to the search's bound (1/20),
+        # and the demo's 36 templated examples then served exactly 1.0 and 0.0. Nothing in the
+        # data says how far to sharpen, so the scores stay as trained.
+        return 1.0
     # Never worse than leaving the scores alone (a flat objective can stop a hair off).
     return math.exp(best) if nll(best) <= nll(0.0) else 1.0
 
@@ -171,4 +186,4 @@ def calibrate(heads: Sequence[Head], logits: Sequence[F32], examples: Sequence[E
 
 
 __all__ = ["ECE_BINS", "Calibration", "calibrate", "ece", "fit_temperature", "holdout_size",
-           "scaled", "uncalibrated"]
+           "scaled", "uncalibrated", "wrong_decisions"]

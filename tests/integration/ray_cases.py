@@ -189,3 +189,33 @@ def wait_for_actor(name: str, seconds: float = 60) -> Any:
         except ValueError:
             assert not deadline.expired(), f"no Ray actor {name}"
             time.sleep(0.2)
+
+
+def test_a_job_chooses_cpu_or_gpu_on_ray_and_never_waits_for_a_missing_gpu(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """The cluster has no GPU (`--num-gpus 0`) and the factory says FACTORY_DEVICE=cuda: a
+    "cuda" job is a 422 naming `device`; a job that leaves it to the factory fails at once
+    (before any actor waits for a GPU) with that reason; a "cpu" job's actor asks for CPUs
+    only, so Ray places it and it answers (before the change, it asked for a GPU and stayed
+    pending forever)."""
+    assert "GPU" not in ray.cluster_resources()  # type: ignore[no-untyped-call]
+    with ray_factory(tmp_path, s3, ray_address, device="cuda") as server:
+        client = FactoryClient(server.url)
+        file = client.upload(jsonl(sentiment_rows(40)))
+        tiny = {"model": "local-minilm", "training_files": [file["id"]],
+                "hyperparameters": {"training_steps": 2, "seq_len": 32}}
+        r = client.http.post("/v1/fine_tuning/jobs", json={**tiny, "device": "cuda"})
+        assert r.status_code == 422, r.text
+        assert r.json()["param"] == "device" and "no GPU" in r.json()["message"], r.text
+        job = client.wait(client.create_job(file["id"], **tiny, suffix="default")["id"])
+        assert job["status"] == "FAILED" and "no GPU" in job["error"], job
+        with pytest.raises(ValueError):  # no actor was made for it
+            ray.get_actor(actor_name(job["id"]), namespace=NAMESPACE)
+        created = client.create_job(file["id"], **tiny, device="cpu")
+        actor = wait_for_actor(actor_name(created["id"]))
+        assert ray.get(actor.poll.remote(10_000), timeout=60) is not None  # placed: it answers
+        r = client.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
+        assert r.status_code == 200, r.text
+        assert client.wait(created["id"], timeout_s=15)["status"] == "CANCELLED"
+        wait_until_gone(actor_name(created["id"]))
+        client.close()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -139,28 +140,29 @@ def test_a_cancel_from_another_replica_stops_the_ray_run(ray_address: str, s3: S
         b.close()
 
 
-def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
-        ray_address: str, s3: S3, tmp_path: Path) -> None:
-    """A (a real process, SIGKILLed) supervises a Ray training; B takes the lapsed lease and
-    follows the same actor (the training never stopped), then a cancel on B ends it: the job is
-    never left RUNNING without a supervisor."""
+@contextlib.contextmanager
+def taken_over(tmp_path: Path, s3: S3, ray_address: str, rows: int,
+               **body: Any) -> Iterator[tuple[FactoryClient, str, Any]]:
+    """Replicas A (a real process) and B (in this process) sharing a database and the store, both
+    on Ray, with 2 s leases: A takes a job (`body`) and makes its actor, then gets SIGKILL (a
+    crash: nothing recorded) as soon as the actor exists; B takes the lapsed lease. Yields B's
+    client, the job's id and the actor A made, once B says it supervises the job."""
     shared = {**s3.env(), "FACTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
-              "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/follow", "FACTORY_EXECUTOR": "ray",
-              "FACTORY_RAY_ADDRESS": ray_address, "FACTORY_LEASE_S": "2"}
+              "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/{tmp_path.name}",
+              "FACTORY_EXECUTOR": "ray", "FACTORY_RAY_ADDRESS": ray_address,
+              "FACTORY_LEASE_S": "2"}
     a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a"}).start()
     try:
         with running_factory(tmp_path / "b", database_url=shared["FACTORY_DATABASE_URL"],
                              storage_url=shared["FACTORY_STORAGE_URL"], executor="ray",
                              ray_address=ray_address, replica_id="b", lease_s=2) as server:
             on_a, on_b = FactoryClient(a.url), FactoryClient(server.url)
-            file = on_a.upload(jsonl(sentiment_rows(200)))
-            created = on_a.create_job(file["id"], **LONG_JOB)
-            on_b.wait(created["id"], statuses=("RUNNING",), timeout_s=60)
-            name = actor_name(created["id"])
-            actor = wait_for_actor(name)
+            file = on_a.upload(jsonl(sentiment_rows(rows)))
+            created = on_a.create_job(file["id"], **body)
+            actor = wait_for_actor(actor_name(created["id"]))
             a.kill()
             deadline = Deadline(30)
-            while True:  # B takes the job over, and follows the same actor
+            while True:  # B takes the job over
                 job = on_b.job(created["id"])
                 changed = [e["data"] for e in job["events"] if e["name"] == "supervisor-changed"]
                 if changed:
@@ -169,16 +171,48 @@ def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
                 assert not deadline.expired(), "no replica took the job over"
                 time.sleep(0.2)
             assert changed == [{"from": "a", "to": "b"}]
-            assert ray.get_actor(name, namespace=NAMESPACE)._actor_id == actor._actor_id
-            r = on_b.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
-            assert r.status_code == 200, r.text
-            job = on_b.wait(created["id"], timeout_s=15)
-            assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None, job
-            wait_until_gone(name)
+            yield on_b, created["id"], actor
             on_a.close()
             on_b.close()
     finally:
         a.stop()
+
+
+def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """A (a real process, SIGKILLed) supervises a Ray training; B takes the lapsed lease and
+    follows the same actor (the training never stopped), then a cancel on B ends it: the job is
+    never left RUNNING without a supervisor."""
+    with taken_over(tmp_path, s3, ray_address, 200, **LONG_JOB) as (on_b, job_id, actor):
+        name = actor_name(job_id)
+        assert ray.get_actor(name, namespace=NAMESPACE)._actor_id == actor._actor_id
+        r = on_b.http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        assert r.status_code == 200, r.text
+        job = on_b.wait(job_id, timeout_s=15)
+        assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None, job
+        wait_until_gone(name)
+
+
+def test_a_ray_run_taken_over_ends_in_success_served_by_the_new_supervisor(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """A dies while its Ray actor trains (local-ngram: seconds on the actor, but A dies as soon
+    as the actor exists, before its worker has even imported the trainer); B follows the same
+    actor from A's cursor to its result, records the model once, and serves it."""
+    with taken_over(tmp_path, s3, ray_address, 400) as (on_b, job_id, _actor):
+        job = on_b.wait(job_id, timeout_s=60)
+        assert job["status"] == "SUCCESS", job
+        model = job["fine_tuned_model"]
+        steps = [c["step_number"] for c in job["checkpoints"]]
+        assert steps and len(steps) == len(set(steps)), steps  # no checkpoint twice
+        answer = on_b.http.post("/v1/classifications", json={"model": model, "input": TEXTS})
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert len(results) == len(TEXTS) and all(r["sentiment"]["scores"] for r in results)
+        models = [m["id"] for m in on_b.http.get("/v1/models").json()["data"]]
+        assert models.count(model) == 1, models
+        jobs = on_b.http.get("/v1/fine_tuning/jobs").json()["data"]
+        assert [j["status"] for j in jobs] == ["SUCCESS"], jobs
+        wait_until_gone(actor_name(job_id))  # B let the actor go too
 
 
 def wait_for_actor(name: str, seconds: float = 60) -> Any:

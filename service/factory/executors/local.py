@@ -84,7 +84,7 @@ class LocalExecutor(Executor):
 
     def device_problem(self, device: str) -> str | None:
         """A CUDA device needs PyTorch with CUDA on this replica's machine (the child trains
-        here). Importing torch costs ~1 s once, only when a job asks for CUDA."""
+        here). Importing torch costs a second or two, once, and only when a job asks for CUDA."""
         if not device.startswith("cuda"):
             return None
         if importlib.util.find_spec("torch") is None:

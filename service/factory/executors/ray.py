@@ -168,7 +168,8 @@ class RayExecutor(Executor):
                 f"{' '.join(str(exc).split())[:300]}") from None
 
     def _resources(self, spec: TrainingSpec) -> dict[str, float]:
-        return resources(spec, self.settings.ray_num_cpus)
+        gpu = (spec.device or "").startswith("cuda")
+        return {"num_cpus": self.settings.ray_num_cpus, "num_gpus": 1 if gpu else 0}
 
     def device_problem(self, device: str) -> str | None:
         if not device.startswith("cuda") or self.settings.ray_gpu_autoscaling:
@@ -206,12 +207,6 @@ class RayExecutor(Executor):
         actor = await asyncio.to_thread(_find, ref.get("actor", ""))
         if actor is not None:
             await asyncio.to_thread(_kill, actor)
-
-
-def resources(spec: TrainingSpec, num_cpus: float) -> dict[str, float]:
-    """What the actor asks Ray for: `num_cpus`, and one GPU when the job trains on CUDA."""
-    gpu = (spec.device or "").startswith("cuda")
-    return {"num_cpus": num_cpus, "num_gpus": 1 if gpu else 0}
 
 
 def _find(name: str) -> Any:

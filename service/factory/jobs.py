@@ -223,6 +223,12 @@ class JobManager:
             raise FactoryError(f"hyperparameters.{field_name}: {message}",
                                param=f"hyperparameters.{field_name}", status=422,
                                code="invalid_hyperparameter")
+        if request.device is not None and base.capabilities.gpu:
+            # local-ngram ignores the device (it trains on the CPU): nothing to check.
+            unusable = await asyncio.to_thread(self.executor.device_problem, request.device)
+            if unusable is not None:
+                raise FactoryError(unusable, param="device", status=422,
+                                   code="device_unavailable")
         files = request.files()
         if not files:
             raise FactoryError("training_files is empty: upload a JSONL file with "
@@ -247,12 +253,16 @@ class JobManager:
             "invalid_sample_skip_percentage": request.invalid_sample_skip_percentage,
             "classifier_targets": targets,
             "fine_tuned_model": None, "trained_tokens": None, "metadata": None,
+            "device": request.device,
         }
         if dry_run:
             return await asyncio.to_thread(self._dry_run, doc)
         fingerprint = hashlib.sha256(orjson.dumps(
             [request.model, request.suffix, doc["training_files"], doc["validation_files"],
-             hyper_doc, targets], option=orjson.OPT_SORT_KEYS)).hexdigest()
+             hyper_doc, targets]
+            # the device only when chosen: fingerprints of jobs without one stay as they were
+            + ([request.device] if request.device else []),
+            option=orjson.OPT_SORT_KEYS)).hexdigest()
         existing = self.store.find_active_job(fingerprint, ACTIVE_STATUSES)
         if existing is not None:
             raise Conflict(f"a job with the same model, files, hyperparameters and suffix is "
@@ -564,6 +574,13 @@ class JobManager:
                         "type": integration.get("type"), "status": "unavailable",
                         "reason": f"experiment tracking runs with FACTORY_EXECUTOR=local only, "
                                   f"not {self.executor.name}"})
+            if spec.device is not None:
+                # Checked again here: the cluster may have lost its GPUs since the job was
+                # created, or FACTORY_DEVICE=cuda chose it; Ray would keep it pending forever.
+                problem = await asyncio.to_thread(self.executor.device_problem, spec.device)
+                if problem is not None:
+                    self._finish(job.id, "FAILED", error=problem)
+                    return
             run = running.run = await self.executor.submit(job.id, spec, job_dir, env)
             self.store.update_job(job.id, run=run.ref)
             if running.cancel.is_set():
@@ -588,8 +605,16 @@ class JobManager:
             hyperparameters=Hyperparameters.from_job(job.doc["hyperparameters"], seed=0),
             output_dir=self.store.model_key(job.id),
             checkpoints=self.settings.checkpoints,
-            device=self.settings.device,
+            device=self._device(job),
         )
+
+    def _device(self, job: JobRecord) -> str | None:
+        """Where the job trains: its own `device`, else FACTORY_DEVICE; None for a base model
+        that uses no accelerator (local-ngram), so that Ray holds no GPU for it."""
+        if not self._job_base(job).capabilities.gpu:
+            return None
+        device = job.doc.get("device") or self.settings.device
+        return None if device is None else str(device)
 
     async def _supervise(self, job: JobRecord, running: _Running, run: TrainingRun) -> None:
         """Record what the run says (checkpoints, events, progress) until it ends, then its

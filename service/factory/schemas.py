@@ -109,6 +109,15 @@ class JobIn(BaseModel):
     job_type: Literal["classifier", "completion"] | None = None
     repositories: list[dict[str, Any]] | None = None
     classifier_targets: list[ClassifierTargetIn] | None = None
+    #: Beyond Mistral's fields (its API picks the hardware itself): where this job trains, "cpu"
+    #: or "cuda"; unset, the factory's FACTORY_DEVICE decides. Top-level, not in
+    #: `hyperparameters`: it says where the recipe runs, not what it is (Mistral's
+    #: hyperparameters are all recipe, and `jobs list` filters and the duplicate check treat
+    #: them so), and `job_type`, `auto_start` and `integrations` sit beside it as the other
+    #: "how to run it" fields. Only models that use an accelerator read it (local-minilm);
+    #: local-ngram trains on the CPU whatever it says. A "cuda" job that cannot get a GPU is a
+    #: 422 naming this field (`Executor.device_problem`), never a job that waits forever.
+    device: Literal["cpu", "cuda"] | None = None
 
     def files(self) -> list[TrainingFile]:
         return [TrainingFile(file_id=f) if isinstance(f, str) else f for f in self.training_files]
@@ -157,6 +166,9 @@ def job_out(job: JobRecord) -> dict[str, Any]:
         "validation": doc.get("validation"),
         "evaluation": doc.get("evaluation"),
         "calibration": doc.get("calibration"),
+        # The device the job asked for (None: the factory's FACTORY_DEVICE); the one it trained
+        # on is its `device` event.
+        "device": doc.get("device"),
     }
 
 

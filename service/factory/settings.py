@@ -87,6 +87,11 @@ class FactorySettings(BaseSettings):
     ray_num_cpus: float = Field(
         default=1.0, gt=0,
         description="CPUs a Ray training asks for (and 1 GPU more when the device is cuda).")
+    ray_gpu_autoscaling: bool = Field(
+        default=False,
+        description="Set when the Ray cluster's autoscaler starts GPU workers on demand (KubeRay "
+                    "with a gpu group of minReplicas 0): a cuda job then waits for one instead "
+                    "of being refused while no GPU worker is up.")
     lease_s: float = Field(
         default=15.0, ge=1.0, le=300.0,
         description="A supervising replica's lease on a job it works on, renewed every third "

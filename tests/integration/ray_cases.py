@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -25,7 +26,7 @@ from tests.support.factory import (
     running_factory,
     sentiment_rows,
 )
-from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, running_ray
+from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, RAY_CLIENT_PORT, running_ray
 from tests.support.waits import Deadline
 
 TEXTS = ["the film was wonderful", "the meal was awful", "the app was broken, really useless"]
@@ -65,28 +66,39 @@ def ray_factory(tmp: Path, s3: S3, ray_address: str, **settings: Any) -> Any:
                            executor="ray", ray_address=ray_address, **settings)
 
 
-#: local-minilm (8 steps) gave the same answers too, but took 316 s of CI time (its model loaded
-#: and featurised on one Ray CPU, then again locally): run it by adding it here when changing
-#: ray.py.
-BODIES: dict[str, dict[str, Any]] = {
-    "local-ngram": {"model": "local-ngram"},
+#: Each base model's job, and how many examples it trains on. local-minilm is as small as still
+#: exercises every phase (2 steps of seq_len 32, 100 examples: under its 200-example holdout
+#: bound, so no holdout search). Its cost is fixed, not per step: profiled on the loaded 2 cores
+#: (2026-12-07, load 6), one such training took 56 s, of which importing torch, transformers and
+#: onnxruntime 23 s, loading the encoder 10 s, the 2 steps 12 s, the ONNX export and int8
+#: quantisation 13 s; FACTORY_RAY_NUM_CPUS=1 (one torch thread on Ray) matters little. 8 steps
+#: of 200 examples, local then Ray, had taken 316 s; this case takes 63-90 s (load 6-9).
+BODIES: dict[str, tuple[dict[str, Any], int]] = {
+    "local-ngram": ({"model": "local-ngram"}, 200),
+    "local-minilm": ({"model": "local-minilm",
+                      "hyperparameters": {"training_steps": 2, "seq_len": 32,
+                                          "learning_rate": 1e-4}}, 100),
 }
 
 
 @pytest.mark.parametrize("base", sorted(BODIES))
 def test_a_ray_training_answers_as_the_local_one(base: str, ray_address: str, s3: S3,
                                                  tmp_path: Path) -> None:
-    data = jsonl(sentiment_rows(200, seed=5))
-    body = BODIES[base]
-    with running_factory(tmp_path / "local", storage_url=f"s3://{s3.bucket}/local") as server:
-        client = FactoryClient(server.url)
-        local = client.train(data, **body)
-        expected = client.http.post("/v1/classifications", json={
+    """The same job on both executors, trained at the same time (a local-minilm training is
+    ~25 s of fixed cost whatever its size: importing torch, transformers and onnxruntime in a
+    fresh process, loading the encoder, the ONNX export and its int8 quantisation; one after the
+    other, the two took ~2x as long on 2 cores), gives the same answers and reports alike."""
+    body, rows = BODIES[base]
+    data = jsonl(sentiment_rows(rows, seed=5))
+    with running_factory(tmp_path / "local", storage_url=f"s3://{s3.bucket}/local") as on_local, \
+            ray_factory(tmp_path / "ray", s3, ray_address) as on_ray:
+        local_client, client = FactoryClient(on_local.url), FactoryClient(on_ray.url)
+        started = [(c, c.create_job(c.upload(data)["id"], **body)["id"])
+                   for c in (local_client, client)]
+        local, job = (c.wait(job_id, timeout_s=120) for c, job_id in started)
+        assert local["status"] == job["status"] == "SUCCESS", (local, job)
+        expected = local_client.http.post("/v1/classifications", json={
             "model": local["fine_tuned_model"], "input": TEXTS}).json()["results"]
-        client.close()
-    with ray_factory(tmp_path / "ray", s3, ray_address) as server:
-        client = FactoryClient(server.url)
-        job = client.train(data, **body)
         answer = client.http.post("/v1/classifications", json={
             "model": job["fine_tuned_model"], "input": TEXTS})
         assert answer.status_code == 200, answer.text
@@ -100,6 +112,7 @@ def test_a_ray_training_answers_as_the_local_one(base: str, ray_address: str, s3
         assert job["trained_tokens"] == local["trained_tokens"]
         # Its actor is gone once the model is recorded: nothing holds the cluster's CPUs.
         wait_until_gone(actor_name(job["id"]))
+        local_client.close()
         client.close()
 
 
@@ -139,28 +152,32 @@ def test_a_cancel_from_another_replica_stops_the_ray_run(ray_address: str, s3: S
         b.close()
 
 
-def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
-        ray_address: str, s3: S3, tmp_path: Path) -> None:
-    """A (a real process, SIGKILLed) supervises a Ray training; B takes the lapsed lease and
-    follows the same actor (the training never stopped), then a cancel on B ends it: the job is
-    never left RUNNING without a supervisor."""
+@contextlib.contextmanager
+def taken_over(tmp_path: Path, s3: S3, ray_address: str, rows: int, a_address: str | None = None,
+               **body: Any) -> Iterator[tuple[FactoryClient, str, Any]]:
+    """Replicas A (a real process) and B (in this process) sharing a database and the store, both
+    on Ray (A at `a_address` if given, else as B), with 2 s leases: A takes a job (`body`) and
+    makes its actor, then gets SIGKILL (a crash: nothing recorded) as soon as the actor exists;
+    B takes the lapsed lease. Yields B's client, the job's id and the actor A made, once B says
+    it supervises the job."""
     shared = {**s3.env(), "FACTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
-              "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/follow", "FACTORY_EXECUTOR": "ray",
-              "FACTORY_RAY_ADDRESS": ray_address, "FACTORY_LEASE_S": "2"}
-    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a"}).start()
+              "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/{tmp_path.name}",
+              "FACTORY_EXECUTOR": "ray", "FACTORY_RAY_ADDRESS": ray_address,
+              "FACTORY_LEASE_S": "2"}
+    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a",
+                                            "FACTORY_RAY_ADDRESS": a_address or ray_address}
+                       ).start()
     try:
         with running_factory(tmp_path / "b", database_url=shared["FACTORY_DATABASE_URL"],
                              storage_url=shared["FACTORY_STORAGE_URL"], executor="ray",
                              ray_address=ray_address, replica_id="b", lease_s=2) as server:
             on_a, on_b = FactoryClient(a.url), FactoryClient(server.url)
-            file = on_a.upload(jsonl(sentiment_rows(200)))
-            created = on_a.create_job(file["id"], **LONG_JOB)
-            on_b.wait(created["id"], statuses=("RUNNING",), timeout_s=60)
-            name = actor_name(created["id"])
-            actor = wait_for_actor(name)
+            file = on_a.upload(jsonl(sentiment_rows(rows)))
+            created = on_a.create_job(file["id"], **body)
+            actor = wait_for_actor(actor_name(created["id"]))
             a.kill()
             deadline = Deadline(30)
-            while True:  # B takes the job over, and follows the same actor
+            while True:  # B takes the job over
                 job = on_b.job(created["id"])
                 changed = [e["data"] for e in job["events"] if e["name"] == "supervisor-changed"]
                 if changed:
@@ -169,16 +186,52 @@ def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
                 assert not deadline.expired(), "no replica took the job over"
                 time.sleep(0.2)
             assert changed == [{"from": "a", "to": "b"}]
-            assert ray.get_actor(name, namespace=NAMESPACE)._actor_id == actor._actor_id
-            r = on_b.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
-            assert r.status_code == 200, r.text
-            job = on_b.wait(created["id"], timeout_s=15)
-            assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None, job
-            wait_until_gone(name)
+            yield on_b, created["id"], actor
             on_a.close()
             on_b.close()
     finally:
         a.stop()
+
+
+def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """A (a real process, SIGKILLed) supervises a Ray training; B takes the lapsed lease and
+    follows the same actor (the training never stopped), then a cancel on B ends it: the job is
+    never left RUNNING without a supervisor."""
+    with taken_over(tmp_path, s3, ray_address, 200, **LONG_JOB) as (on_b, job_id, actor):
+        name = actor_name(job_id)
+        assert ray.get_actor(name, namespace=NAMESPACE)._actor_id == actor._actor_id
+        r = on_b.http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        assert r.status_code == 200, r.text
+        job = on_b.wait(job_id, timeout_s=15)
+        assert job["status"] == "CANCELLED" and job["fine_tuned_model"] is None, job
+        wait_until_gone(name)
+
+
+def test_a_ray_run_taken_over_ends_in_success_served_by_the_new_supervisor(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """A dies while its Ray actor trains (local-ngram: seconds on the actor, but A dies as soon
+    as the actor exists, before its worker has even imported the trainer); B follows the same
+    actor from A's cursor to its result, records the model once, and serves it. A reaches the
+    cluster through Ray Client (`ray://`, as the k8s overlay does; `ray start --head` serves it
+    on 10001), B as a driver on the GCS: the named detached actor is the same to both."""
+    client_address = f"ray://127.0.0.1:{RAY_CLIENT_PORT}"
+    with taken_over(tmp_path, s3, ray_address, 400, a_address=client_address) as \
+            (on_b, job_id, _actor):
+        job = on_b.wait(job_id, timeout_s=60)
+        assert job["status"] == "SUCCESS", job
+        model = job["fine_tuned_model"]
+        steps = [c["step_number"] for c in job["checkpoints"]]
+        assert steps and len(steps) == len(set(steps)), steps  # no checkpoint twice
+        answer = on_b.http.post("/v1/classifications", json={"model": model, "input": TEXTS})
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert len(results) == len(TEXTS) and all(r["sentiment"]["scores"] for r in results)
+        models = [m["id"] for m in on_b.http.get("/v1/models").json()["data"]]
+        assert models.count(model) == 1, models
+        jobs = on_b.http.get("/v1/fine_tuning/jobs").json()["data"]
+        assert [j["status"] for j in jobs] == ["SUCCESS"], jobs
+        wait_until_gone(actor_name(job_id))  # B let the actor go too
 
 
 def wait_for_actor(name: str, seconds: float = 60) -> Any:
@@ -189,3 +242,33 @@ def wait_for_actor(name: str, seconds: float = 60) -> Any:
         except ValueError:
             assert not deadline.expired(), f"no Ray actor {name}"
             time.sleep(0.2)
+
+
+def test_a_job_chooses_cpu_or_gpu_on_ray_and_never_waits_for_a_missing_gpu(
+        ray_address: str, s3: S3, tmp_path: Path) -> None:
+    """The cluster has no GPU (`--num-gpus 0`) and the factory says FACTORY_DEVICE=cuda: a
+    "cuda" job is a 422 naming `device`; a job that leaves it to the factory fails at once
+    (before any actor waits for a GPU) with that reason; a "cpu" job's actor asks for CPUs
+    only, so Ray places it and it answers (before the change, it asked for a GPU and stayed
+    pending forever)."""
+    assert "GPU" not in ray.cluster_resources()  # type: ignore[no-untyped-call]
+    with ray_factory(tmp_path, s3, ray_address, device="cuda") as server:
+        client = FactoryClient(server.url)
+        file = client.upload(jsonl(sentiment_rows(40)))
+        tiny = {"model": "local-minilm", "training_files": [file["id"]],
+                "hyperparameters": {"training_steps": 2, "seq_len": 32}}
+        r = client.http.post("/v1/fine_tuning/jobs", json={**tiny, "device": "cuda"})
+        assert r.status_code == 422, r.text
+        assert r.json()["param"] == "device" and "no GPU" in r.json()["message"], r.text
+        job = client.wait(client.create_job(file["id"], **tiny, suffix="default")["id"])
+        assert job["status"] == "FAILED" and "no GPU" in job["error"], job
+        with pytest.raises(ValueError):  # no actor was made for it
+            ray.get_actor(actor_name(job["id"]), namespace=NAMESPACE)
+        created = client.create_job(file["id"], **tiny, device="cpu")
+        actor = wait_for_actor(actor_name(created["id"]))
+        assert ray.get(actor.poll.remote(10_000), timeout=60) is not None  # placed: it answers
+        r = client.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
+        assert r.status_code == 200, r.text
+        assert client.wait(created["id"], timeout_s=15)["status"] == "CANCELLED"
+        wait_until_gone(actor_name(created["id"]))
+        client.close()

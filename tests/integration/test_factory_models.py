@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.factory import LONG_JOB, FactoryClient, jsonl, running_factory, sentiment_rows
+from tests.support.waits import Deadline
 
 
 @pytest.fixture()
@@ -123,3 +124,54 @@ def test_a_killed_training_process_fails_the_job_with_a_reason_and_leaves_nothin
     assert "SIGKILL" in failed["error"] and "memory" in failed["error"]
     assert not list((data_dir / "models").glob(f"{job['id']}*"))
     assert client.train(jsonl(sentiment_rows(40)))["status"] == "SUCCESS"
+
+
+#: A local-minilm job small enough to train in seconds on a CPU: where it runs is what is tested.
+TINY_MINILM = {"model": "local-minilm",
+               "hyperparameters": {"training_steps": 2, "seq_len": 32, "learning_rate": 1e-4}}
+
+
+def test_a_job_chooses_cpu_or_gpu_and_never_waits_for_a_missing_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FACTORY_DEVICE=cuda on a factory whose PyTorch sees no GPU: a job's own `device` wins
+    ("cpu" trains on the CPU, says so, and shows what it asked for); a "cuda" job is a 422
+    naming the field with what to do; a job that leaves it to the factory fails at once with
+    that reason; local-ngram ignores the device."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    with running_factory(tmp_path / "data", device="cuda") as server:
+        client = FactoryClient(server.url)
+        file = client.upload(jsonl(sentiment_rows(40)))
+        r = client.http.post("/v1/fine_tuning/jobs", json={
+            **TINY_MINILM, "training_files": [file["id"]], "device": "cuda"})
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["param"] == "device" and body["code"] == "device_unavailable", body
+        assert "no CUDA GPU" in body["message"] and '"cpu"' in body["message"], body
+        r = client.http.post("/v1/fine_tuning/jobs", json={
+            **TINY_MINILM, "training_files": [file["id"]], "device": "tpu"})
+        assert r.status_code == 422, r.text
+        assert [d["loc"][-1] for d in r.json()["detail"]] == ["device"], r.text
+
+        created = client.create_job(file["id"], **TINY_MINILM, device="cpu")
+        assert created["device"] == "cpu", created
+        deadline = Deadline(90)
+        while True:  # the device is said as the model loads: no need to train it to the end
+            job = client.job(created["id"])
+            devices = [e["data"] for e in job["events"] if e["name"] == "device"]
+            if devices or job["status"] in ("SUCCESS", "FAILED", "CANCELLED"):
+                break
+            assert not deadline.expired(), job
+            time.sleep(0.2)
+        assert [d["device"] for d in devices] == ["cpu"], job
+        client.http.post(f"/v1/fine_tuning/jobs/{created['id']}/cancel")
+        assert client.wait(created["id"])["status"] == "CANCELLED"
+
+        job = client.wait(client.create_job(file["id"], **TINY_MINILM, suffix="default")["id"])
+        assert job["status"] == "FAILED" and job["device"] is None, job
+        assert "no CUDA GPU" in job["error"], job
+
+        job = client.train(jsonl(sentiment_rows(40)), model="local-ngram", device="cuda")
+        assert not [e for e in job["events"] if e["name"] == "device"], job["events"]
+        client.close()

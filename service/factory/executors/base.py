@@ -65,6 +65,13 @@ class Executor(ABC):
         handoff (`tracking/keys.py`, keys included): an executor passes it to a trainer it runs
         itself and never through a cluster's API, where it would be shown (Ray's dashboard)."""
 
+    def device_problem(self, device: str) -> str | None:
+        """None when a training on `device` ("cpu", "cuda", "cuda:N") can get one here, else a
+        sentence saying what to do instead. Blocking (it may ask a cluster): call it from a
+        thread. A job is refused (422) or failed on it rather than left waiting for a GPU that
+        never comes."""
+        return None
+
     async def follow(self, job_id: str, ref: Mapping[str, str],
                      cursor: int = 0) -> TrainingRun | None:
         """The run `ref` names, still going or finished but not yet recorded, from message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -80,6 +81,22 @@ class LocalExecutor(Executor):
     def __init__(self, blobs: Blobs, replica: str) -> None:
         self.blobs = blobs
         self.replica = replica
+
+    def device_problem(self, device: str) -> str | None:
+        """A CUDA device needs PyTorch with CUDA on this replica's machine (the child trains
+        here). Importing torch costs a second or two, once, and only when a job asks for CUDA."""
+        if not device.startswith("cuda"):
+            return None
+        if importlib.util.find_spec("torch") is None:
+            return (f"device {device!r}: PyTorch is not installed on this factory, so it cannot "
+                    "train on a GPU; leave device out or set it to \"cpu\"")
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"device {device!r}: this factory has no CUDA GPU (torch.cuda.is_available() "
+                    "is false); set device to \"cpu\", leave it out, or send the job to a "
+                    "factory with a GPU (or FACTORY_EXECUTOR=ray on a cluster with GPU workers)")
+        return None
 
     async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path,
                      env: Mapping[str, str] | None = None) -> TrainingRun:

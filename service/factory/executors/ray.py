@@ -12,9 +12,14 @@ to it (the manifest last) before it says `result`; the supervisor records the mo
 kills the actor, which frees its CPUs or GPU. A cancel from any replica kills the actor
 (`ray.kill`, at once); its supervisor sees it gone and records CANCELLED.
 
-Resources: `FACTORY_RAY_NUM_CPUS` CPUs (1), and one GPU when the job trains on `cuda` (the
-factory's FACTORY_DEVICE), so Ray places it on a GPU worker; otherwise no GPU, and Ray's
-CUDA_VISIBLE_DEVICES hides any from the model, which then trains on CPU.
+Resources: `FACTORY_RAY_NUM_CPUS` CPUs (1), and one GPU when the job trains on `cuda` (its own
+`device`, else the factory's FACTORY_DEVICE), so Ray places it on a GPU worker; otherwise no GPU,
+and Ray's CUDA_VISIBLE_DEVICES hides any from the model, which then trains on CPU. A cuda job on
+a cluster with no GPU at all would wait for one forever (Ray keeps an actor it cannot place
+pending): `device_problem` refuses it instead, at creation (422) and again before the actor is
+made (a FAILED job), from `ray.cluster_resources()`. An autoscaling cluster whose GPU workers
+are all scaled down reads as having none, yet one comes when an actor asks: there
+FACTORY_RAY_GPU_AUTOSCALING=true skips the check (the cluster overlay sets it).
 
 Ray workers import `service` from their own environment: the training image (see
 docs/deployment.md), with the store's credentials in their own environment (the AWS_* variables),
@@ -165,6 +170,16 @@ class RayExecutor(Executor):
     def _resources(self, spec: TrainingSpec) -> dict[str, float]:
         gpu = (spec.device or "").startswith("cuda")
         return {"num_cpus": self.settings.ray_num_cpus, "num_gpus": 1 if gpu else 0}
+
+    def device_problem(self, device: str) -> str | None:
+        if not device.startswith("cuda") or self.settings.ray_gpu_autoscaling:
+            return None
+        gpus = float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+        if gpus <= 0:
+            return (f"device {device!r}: the Ray cluster has no GPU (ray.cluster_resources() "
+                    "lists none), so the training would wait for one forever; set device to "
+                    "\"cpu\", leave it out, or add a GPU worker to the cluster")
+        return None
 
     async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path,
                      env: Mapping[str, str] | None = None) -> TrainingRun:

@@ -123,7 +123,8 @@ class TrainingSpec:
     output_dir: str
     checkpoints: int = 10
     #: Where a model that can use an accelerator trains ("cpu", "cuda", "cuda:1"); None: the
-    #: model decides (CUDA when there is one). From `FACTORY_DEVICE`.
+    #: model decides (CUDA when there is one). The job's `device`, else `FACTORY_DEVICE`; None
+    #: for a model that uses no accelerator.
     device: str | None = None
 
     def to_json(self) -> dict[str, Any]:

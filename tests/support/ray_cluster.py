@@ -26,7 +26,6 @@ from tests.support.waits import Deadline
 NETNS_ENV = "CGW_RAY_NETNS"
 NAMESPACE = "classifier-factory"
 GCS_PORT = 6379  # the network namespace is ours alone: Ray's default ports are free in it
-RAY_CLIENT_PORT = 10001  # Ray Client's server (ray://), started by the head
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -87,8 +86,7 @@ def running_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[str]:
     log = (temp / "ray-start.log").open("wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-         "--node-ip-address", "127.0.0.1", "--port", str(GCS_PORT),
-         "--ray-client-server-port", str(RAY_CLIENT_PORT), "--num-cpus",
+         "--node-ip-address", "127.0.0.1", "--port", str(GCS_PORT), "--num-cpus",
          str(num_cpus), "--num-gpus", "0", "--include-dashboard=false",
          "--disable-usage-stats", "--temp-dir", str(temp)],
         env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=log,

@@ -40,6 +40,10 @@ from service.gateway.tenants import DEFAULT_TENANT
 from service.tracing import ITEMS, TASK, Tracing, span
 
 log = logging.getLogger("service.gateway.feedback")
+#: How long `recall` waits for this replica's response records still being written before it
+#: calls an id unknown: a write is one pipelined round trip (well under 10 ms), so 2 s only
+#: matters when Redis is stalled, and then the caller gets its 404 rather than a hang.
+RECALL_SETTLE_S = 2.0
 _StreamRows = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]  # XRANGE's reply
 
 
@@ -173,15 +177,28 @@ class FeedbackBook:
         if self._client is None:
             raise FeedbackUnavailable("feedback needs Redis: set GATEWAY_FEEDBACK_REDIS_URL or "
                                       "GATEWAY_REDIS_URL")
-        try:
-            raw = await self._client.get(f"{self._prefix}:response:{response_id}")
-        except Exception as exc:
-            raise FeedbackUnavailable(f"Redis did not answer ({type(exc).__name__})") from None
+        raw = await self._get_response(response_id)
+        if raw is None and self._jobs:
+            # The record is written off the response path (`after`), so a client that sends
+            # feedback as soon as it has its answer can come before it: on a busy replica, CI
+            # saw the id unknown right after /classify. Let this replica's writes in flight
+            # land (each is bounded by the client's timeouts), then look again.
+            await asyncio.wait(set(self._jobs), timeout=RECALL_SETTLE_S)
+            raw = await self._get_response(response_id)
         if raw is None:
             return None
         data = orjson.loads(raw)
         return Remembered(data["task"], data["kind"], data["items"], data["models"],
                           data["labels"])
+
+    async def _get_response(self, response_id: str) -> bytes | str | None:
+        assert self._client is not None
+        try:
+            raw: bytes | str | None = await self._client.get(
+                f"{self._prefix}:response:{response_id}")
+        except Exception as exc:
+            raise FeedbackUnavailable(f"Redis did not answer ({type(exc).__name__})") from None
+        return raw
 
     # -- POST /feedback --
     async def add(self, task: str, item: Any, labels: dict[str, Any], model: str | None,

@@ -187,3 +187,31 @@ async def test_a_bad_feedback_redis_url_is_named_by_the_setting_that_holds_it(
     assert setting in message and "port" in message
     if setting == "GATEWAY_FEEDBACK_REDIS_URL":
         assert "GATEWAY_REDIS_URL" not in message.replace("GATEWAY_FEEDBACK_REDIS_URL", "")
+
+
+async def test_feedback_sent_before_the_response_record_lands_still_finds_it(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """The response record is written off the response path. A client that sends feedback as
+    soon as it has its answer must not get "Unknown response id" while that write is still on
+    its way: here the feedback Redis holds writes for 0.5 s (CLIENT PAUSE WRITE; reads go on),
+    so the record lands only after the feedback's first look."""
+    import redis
+
+    tasks_file = tmp_path / "tasks.yaml"
+    with running_fake_upstream(TARGETS) as fake:
+        write_tasks(tasks_file, str(fake.url))
+        settings = Settings(tasks_file=tasks_file, redis_url="", feedback_redis_url=own_redis.url,
+                            cache_prefix=f"test:{uuid.uuid4().hex[:8]}")
+        with serve(create_app(settings)) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                assert (await client.post("/classify", json={"task": "sentiment",
+                                                             "input": "warm up"})).status_code == 200
+                admin = redis.Redis.from_url(own_redis.url)
+                admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+                answer = await client.post("/classify", json={"task": "sentiment",
+                                                              "input": "arrived late"})
+                assert answer.status_code == 200, answer.text
+                r = await client.post("/feedback", json={"id": answer.json()["id"], "index": 0,
+                                                         "labels": {"sentiment": "negative"}})
+                assert r.status_code == 200, r.text
+                admin.close()

@@ -207,7 +207,7 @@ async def test_feedback_sent_before_the_response_record_lands_still_finds_it(
                 assert (await client.post("/classify", json={"task": "sentiment",
                                                              "input": "warm up"})).status_code == 200
                 admin = redis.Redis.from_url(own_redis.url)
-                admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+                admin.client_pause(500, all=False)  # CLIENT PAUSE 500 WRITE
                 answer = await client.post("/classify", json={"task": "sentiment",
                                                               "input": "arrived late"})
                 assert answer.status_code == 200, answer.text

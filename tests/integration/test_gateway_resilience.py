@@ -16,6 +16,7 @@ import httpx
 
 from tests.support.fake_upstream import Status
 from tests.support.gateway import GatewayStack, gateway_stack
+from tests.support.waits import stretched
 
 CONCURRENCY = 8
 
@@ -66,14 +67,16 @@ async def test_a_dead_upstream_opens_within_1_s_fails_fast_and_recovers(tmp_path
                 await load(s, CONCURRENCY, "dead")
                 if (await client.get("/readyz")).json()["circuits_open"] == ["fake"]:
                     opened_at = time.monotonic()
-            assert opened_at is not None and opened_at - started < 1.0
+            # Within 1 s on an idle machine; a loaded one (a CI run at load 8 took 1.3 s)
+            # stretches it as every wait in the suite is (tests/support/waits.py).
+            assert opened_at is not None and opened_at - started < stretched(1.0)
             latencies = []
             for i in range(20):  # misses while open: 503 + Retry-After, without the upstream
                 sent = time.monotonic()
                 r = await client.post("/classify", json={"task": "sentiment", "input": f"ff {i}"})
                 latencies.append(time.monotonic() - sent)
                 assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
-            assert statistics.median(latencies) < 0.05
+            assert statistics.median(latencies) < stretched(0.05)
             s.upstream.fault_rate = 0.0  # the upstream is back
             back = time.monotonic()
             while True:

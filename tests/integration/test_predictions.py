@@ -25,7 +25,7 @@ from service.gateway.redis_clients import open_redis
 from service.gateway.registry import parse_registry
 from tests.support.gateway import gateway_stack
 from tests.support.redis_server import RedisServer
-from tests.support.waits import Deadline
+from tests.support.waits import Deadline, stretched
 
 MODEL = "ft:classifier:test:sentiment"
 
@@ -116,7 +116,8 @@ async def test_retention_trims_by_age_and_inputs_are_kept_only_when_asked(
 
 
 async def test_a_full_queue_drops_and_counts_without_waiting(redis_server: RedisServer) -> None:
-    redis = open_redis(redis_server.url, 1.0)
+    # 5 s for Redis: at load 8 a CI run's three writes missed a 1 s timeout and were dropped.
+    redis = open_redis(redis_server.url, 5.0)
     assert redis is not None
     metrics = GatewayMetrics(CollectorRegistry())
     log = PredictionLog(redis, f"test:{uuid.uuid4().hex[:8]}", metrics, max_per_task=1000,
@@ -125,7 +126,8 @@ async def test_a_full_queue_drops_and_counts_without_waiting(redis_server: Redis
     try:
         started = time.perf_counter()
         log.offer(task, [f"item {i}" for i in range(10)], _outcome(10), 0.001)
-        assert time.perf_counter() - started < 0.05  # the caller never waits for Redis
+        # the caller never waits for Redis
+        assert time.perf_counter() - started < stretched(0.05)
         assert log.queued == 3
         value = metrics.registry.get_sample_value
         assert value("gateway_predictions_dropped_total",

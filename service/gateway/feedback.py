@@ -106,6 +106,8 @@ class FeedbackBook:
         self._cap = max_per_task
         self._rng = rng or random.Random()
         self._jobs: set[asyncio.Task[None]] = set()
+        #: The write in flight for each response id that has one (`recall` waits on it alone).
+        self._writing: dict[str, asyncio.Task[None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -147,6 +149,9 @@ class FeedbackBook:
                 self._write_after(task.name, response_id, remember, picks))
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
+            if remember is not None:
+                self._writing[response_id] = job
+                job.add_done_callback(lambda _: self._writing.pop(response_id, None))
 
     async def _write_after(self, task: str, response_id: str, remember: bytes | None,
                            picks: list[dict[str, Any]]) -> None:
@@ -178,12 +183,14 @@ class FeedbackBook:
             raise FeedbackUnavailable("feedback needs Redis: set GATEWAY_FEEDBACK_REDIS_URL or "
                                       "GATEWAY_REDIS_URL")
         raw = await self._get_response(response_id)
-        if raw is None and self._jobs:
+        writing = self._writing.get(response_id)
+        if raw is None and writing is not None:
             # The record is written off the response path (`after`), so a client that sends
             # feedback as soon as it has its answer can come before it: on a busy replica, CI
-            # saw the id unknown right after /classify. Let this replica's writes in flight
-            # land (each is bounded by the client's timeouts), then look again.
-            await asyncio.wait(set(self._jobs), timeout=RECALL_SETTLE_S)
+            # saw the id unknown right after /classify. Let this id's write, in flight on this
+            # replica, land (bounded by the client's timeouts), then look again. An id with no
+            # write here (unknown, expired, another replica's) does not wait.
+            await asyncio.wait({writing}, timeout=RECALL_SETTLE_S)
             raw = await self._get_response(response_id)
         if raw is None:
             return None

@@ -12,7 +12,7 @@ from tests.support.redis_server import RedisServer, start_redis
 #: (pytest-xdist, --dist loadfile): these go first, so that the run does not end on one worker
 #: still training a model while the other sits idle. A file missing here just runs in its place.
 LONGEST_FIRST = (
-    "tests/e2e/test_factory_sdk.py",  # ~180: the SDK flows, two of them fine-tune MiniLM
+    "tests/e2e/test_factory_sdk.py",  # ~180: the SDK flows, one of them fine-tunes MiniLM
     "tests/e2e/test_factory_demo.py",  # ~130
     "tests/e2e/test_cli_workflow.py",  # ~130
     "tests/integration/test_ngram_quality.py",  # ~110: seven corpora against the baseline

@@ -109,6 +109,7 @@ def describe_job(job: dict[str, Any]) -> str:
     if job.get("status") in ("FAILED", "FAILED_VALIDATION"):
         lines.append(f"  reason: {failure_reason(job)}")
     lines.extend(f"  {line}" for line in evaluation_lines(job))
+    lines.extend(f"  {line}" for line in calibration_lines(job))
     for target in job.get("classifier_targets") or []:
         labels = target.get("labels") or []
         lines.append(f"  target {target.get('name')} ({target.get('loss_function')}): "
@@ -129,6 +130,30 @@ def describe_job(job: dict[str, Any]) -> str:
             lines.append(f"    {when(event.get('created_at'))}  {event.get('name')}  "
                          + " ".join(f"{k}={v}" for k, v in data.items()))
     return "\n".join(lines)
+
+
+def calibration_lines(job: dict[str, Any]) -> list[str]:
+    """The temperature fitted per target after training and what it did to the scores (the
+    local factory's `calibration` field; Mistral's API has none): whether the scores can be
+    read as probabilities, which a cascade's `min_margin` and a review's `max_margin` rely on."""
+    found = job.get("calibration")
+    if not isinstance(found, dict):
+        return []
+    source = {"validation": "the validation files", "held-out": "a held-out training slice",
+              "none": "no data"}.get(str(found.get("source")), str(found.get("source")))
+    lines = []
+    for target, data in (found.get("targets") or {}).items():
+        if not isinstance(data, dict) or not isinstance(data.get("temperature"), int | float):
+            continue
+        line = f"calibration, target {target}: temperature {data['temperature']:.4f}"
+        if isinstance(data.get("ece_before"), int | float) and isinstance(
+                data.get("ece_after"), int | float):
+            line += (f", ECE {data['ece_before']:.4f} -> {data['ece_after']:.4f} on "
+                     f"{data.get('examples')} examples of {source}")
+        elif data.get("reason"):
+            line += f" (not fitted: {data['reason']})"
+        lines.append(line)
+    return lines
 
 
 def cmd_get(args: argparse.Namespace) -> int:

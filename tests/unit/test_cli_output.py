@@ -210,6 +210,24 @@ def test_jobs_get_shows_the_hyperparameters_duration_and_final_evaluation() -> N
                                                                        "hyperparameters": {}})
 
 
+def test_jobs_get_shows_the_calibration_per_target() -> None:
+    from service.commands.jobs import describe_job
+
+    job = {"id": "j1", "status": "SUCCESS", "model": "local-minilm", "hyperparameters": {},
+           "calibration": {"method": "temperature", "source": "held-out", "examples": 300,
+                           "ece_bins": 15, "targets": {
+                               "intent": {"temperature": 0.61234, "examples": 300,
+                                          "ece_before": 0.0581, "ece_after": 0.0172},
+                               "tags": {"temperature": 1.0, "examples": 12,
+                                        "reason": "fewer than 20 labelled examples"}}}}
+    text = describe_job(job)
+    assert ("  calibration, target intent: temperature 0.6123, ECE 0.0581 -> 0.0172 on 300 "
+            "examples of a held-out training slice\n" in text)
+    assert ("  calibration, target tags: temperature 1.0000 (not fitted: fewer than 20 "
+            "labelled examples)" in text)
+    assert "calibration" not in describe_job({**job, "calibration": None})
+
+
 def test_one_accuracy_is_printed_for_a_run_labelled_for_what_it_measured(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 19: `valid accuracy 0.9600` (the last checkpoint, measured during training) was

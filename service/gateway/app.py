@@ -148,7 +148,9 @@ def create_app(settings: Settings | None = None, *,
                                   settings.tenants_timeout_s, setting=shared_setting)
             tenants = TenantStore(tenants_backend, settings.cache_prefix,
                                   timeout_s=settings.tenants_timeout_s,
-                                  cache_ttl_s=settings.key_cache_ttl_s)
+                                  cache_ttl_s=settings.key_cache_ttl_s, setting=shared_setting,
+                                  on_error=lambda kind: metrics.child(
+                                      metrics.key_store_errors, kind).inc())
             tenants.listen()  # admin writes on any replica drop this one's cached lookups
             quotas = QuotaChecker(tenants_backend, settings.cache_prefix, metrics,
                                   on_redis_error=settings.quota_on_redis_error,

@@ -142,6 +142,12 @@ class GatewayMetrics:
             "GATEWAY_QUOTA_ON_REDIS_ERROR decided (allow or deny).", ["decision"],
             registry=registry,
         )
+        self.key_store_errors = Counter(
+            "gateway_key_store_errors", "Client-key lookups Redis did not answer: `outage` "
+            "(unreachable or timed out: the last identity known for the key is served) or "
+            "`refused` (Redis answered with an auth, ACL or type error: the request gets 503, "
+            "never a stale identity).", ["kind"], registry=registry,
+        )
         self.registry_reloads = Counter(
             "gateway_registry_reloads", "Tasks file reloads, by result.", ["result"],
             registry=registry,

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gateway.errors import ClientGone, error_response, render_error
 from service.gateway.metrics import UNKNOWN, GatewayMetrics
-from service.gateway.tenants import STATIC_IDENTITY, Authenticator
+from service.gateway.tenants import STATIC_IDENTITY, Authenticator, Identity, KeyStoreRefused
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ADMIN_PREFIX = "/admin/"
@@ -44,6 +44,18 @@ class GatewayMiddleware:
         # The hot classification routes (routes/hot.py): counted per task, called directly.
         self.handlers = dict(handlers or {})
 
+    async def _identify(self, scope: Scope, receive: Receive, send: Send) -> Identity | None:
+        """The caller's identity; None once the refusal (401, or 503 when the key store refused
+        the gateway) has been sent."""
+        try:
+            identity = await self.keys.identify(_header(scope, b"authorization"))
+        except KeyStoreRefused as exc:
+            await _key_store_refused(str(exc), scope, receive, send)
+            return None
+        if identity is None:
+            await _unauthorized(scope, receive, send)
+        return identity
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -55,9 +67,8 @@ class GatewayMiddleware:
                     await _unauthorized(scope, receive, send, admin=True)
                     return
             elif path not in OPEN_PATHS:
-                identity = await self.keys.identify(_header(scope, b"authorization"))
+                identity = await self._identify(scope, receive, send)
                 if identity is None:
-                    await _unauthorized(scope, receive, send)
                     return
                 scope.setdefault("state", {})[IDENTITY] = identity
             await self.app(scope, receive, send)
@@ -82,9 +93,8 @@ class GatewayMiddleware:
 
         try:
             if self.keys.enabled:  # else everyone is the default tenant: no coroutine to await
-                identity = await self.keys.identify(_header(scope, b"authorization"))
+                identity = await self._identify(scope, receive, send_wrapper)
                 if identity is None:
-                    await _unauthorized(scope, receive, send_wrapper)
                     return
                 state[IDENTITY] = identity
             try:
@@ -211,6 +221,13 @@ def _has_body(scope: Scope) -> bool:
     if length is not None:
         return length != b"0"
     return _header(scope, b"transfer-encoding") is not None
+
+
+async def _key_store_refused(message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """503: the key store answered and refused the gateway (a configuration error that only an
+    operator can fix; `TenantStore.authenticate`). Not 401: the caller's key may be fine."""
+    await _answer_unread(error_response(503, "key_store_unavailable", message), scope, receive,
+                         send)
 
 
 async def _unauthorized(scope: Scope, receive: Receive, send: Send, *,

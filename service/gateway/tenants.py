@@ -19,7 +19,11 @@ subscription for the rest.
 
 While Redis cannot be reached, the last answer each replica had for a key keeps serving (a key
 that worked keeps working through an outage), and a key it never saw is refused: keys are Redis's
-data, there is nothing else to ask.
+data, there is nothing else to ask. When Redis answers but refuses the gateway (a wrong password,
+an ACL without the keys' commands, a key of the wrong type), that is a configuration error, not
+an outage: serving the last answer would keep a revoked key working for as long as nobody
+noticed, so the request gets a 503 that says to fix the setting, and the log says why (once per
+`REPORT_EVERY_S`). Both are counted in `gateway_key_store_errors_total{kind}`.
 
 Keys from GATEWAY_API_KEYS keep working as before: tenant `default`, no quota, all tasks.
 """
@@ -35,17 +39,36 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from service.gateway.redis_clients import RedisPy
 
 log = logging.getLogger("service.gateway.tenants")
+
+
+class KeyStoreRefused(Exception):
+    """Redis answered a key lookup with an auth, ACL or type error: the request gets 503."""
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether Redis answered and refused (a configuration error) rather than being away:
+    a wrong password or missing AUTH (AuthenticationError, AuthorizationError: ConnectionError's
+    subclasses in redis-py), an ACL without the command or key (NOPERM), a key of the wrong
+    type. A cluster that is down or resharding (CLUSTERDOWN, TRYAGAIN) is an outage."""
+    return isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"))
 
 DEFAULT_TENANT = "default"
 #: A secret is `cgw_` + 43 url-safe characters; anything much longer is not one of ours.
@@ -57,6 +80,9 @@ CACHE_TTL_S = 0.5
 PING_S = 1.0
 RESUBSCRIBE_S = 0.5
 SECRET_PREFIX = "cgw_"
+#: A key store that keeps failing is logged at most this often per kind (every request fails
+#: the same way, thousands a second).
+REPORT_EVERY_S = 10.0
 #: Visible ASCII: what GATEWAY_API_KEYS may hold, and more than a `cgw_` secret uses. A compiled
 #: pattern rather than a loop over the bytes: 0.3 against 2-3 us per request.
 _TOKEN = re.compile(rb"[\x21-\x7e]+")
@@ -140,8 +166,14 @@ class TenantStore:
     """Keys and tenant quotas in Redis under `<prefix>:tenants:`; lookups cached briefly."""
 
     def __init__(self, backend: RedisPy, prefix: str, *, timeout_s: float,
-                 cache_ttl_s: float = CACHE_TTL_S) -> None:
+                 cache_ttl_s: float = CACHE_TTL_S, setting: str = "GATEWAY_REDIS_URL",
+                 on_error: Callable[[str], None] | None = None) -> None:
+        """`setting`: where this Redis is configured (named in errors); `on_error(kind)`: a
+        lookup Redis did not answer, `outage` or `refused` (the metrics' counter)."""
         self.backend = backend
+        self.setting = setting
+        self._on_error = on_error
+        self._reported: dict[str, float] = {}
         self.prefix = f"{prefix}:tenants"
         self.timeout_s = timeout_s
         self.cache_ttl_s = cache_ttl_s
@@ -181,8 +213,16 @@ class TenantStore:
             return _valid(cached[1])
         try:
             identity = await self._load_identity(sha)
-        except (RedisError, OSError, TimeoutError):
+        except (RedisError, OSError, TimeoutError) as exc:
+            if refused(exc):
+                self._report("refused", exc)
+                raise KeyStoreRefused(
+                    f"The gateway cannot check client keys: their Redis ({self.setting}) "
+                    f"refused it ({type(exc).__name__}). An operator must fix that setting's "
+                    "password or the Redis user's ACL; retrying will not help until then."
+                ) from None
             # Redis is away: the last known answer (however old) rather than locking everyone out.
+            self._report("outage", exc)
             return _valid(cached[1]) if cached is not None else None
         if len(self._cache) > 100_000:
             self._cache.clear()
@@ -193,6 +233,25 @@ class TenantStore:
         if identity is not None and _valid(identity) is not None:
             self._touch(identity.key_id, clock)
         return _valid(identity)
+
+    def _report(self, kind: str, exc: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(kind)
+        clock = time.monotonic()
+        if clock - self._reported.get(kind, -1e9) < REPORT_EVERY_S:
+            return
+        self._reported[kind] = clock
+        # The exception's text, never the lookup's arguments (a key's hash is no secret, but
+        # nothing of a key goes in a log); redis-py's messages name the error, not the key.
+        reason = " ".join(str(exc).split())[:200]
+        if kind == "refused":
+            log.error("client keys: Redis (%s) refused the lookup (%s: %s); requests with a "
+                      "stored key get 503 until the password or ACL is fixed", self.setting,
+                      type(exc).__name__, reason)
+        else:
+            log.warning("client keys: Redis (%s) did not answer (%s: %s); serving each key's "
+                        "last known identity, refusing keys this replica never saw",
+                        self.setting, type(exc).__name__, reason)
 
     async def _load_identity(self, sha: str) -> Identity | None:
         key_id = await self._call("get", self.rkey("keyhash", sha))

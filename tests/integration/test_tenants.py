@@ -387,6 +387,44 @@ def test_without_a_subscription_lookups_fall_back_to_half_a_second(
         admin.close()
 
 
+def _counted(url: str, sample: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text
+               .splitlines() if line.startswith(sample))
+
+
+def test_a_key_store_that_refuses_the_gateway_is_a_503_not_a_stale_identity(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """Redis answering NOPERM (an ACL that takes GET away from the gateway's user) is a
+    configuration error, not an outage: the last known identity must not keep serving, or a
+    revoked key would keep working for as long as nobody noticed. The request gets a 503 that
+    names the setting; an outage afterwards still serves the last known identity."""
+    with replicas(tmp_path, own_redis.url, count=1) as cluster:
+        (url,) = cluster.urls
+        created = create_key(cluster, tenant="acl")
+        assert classify(url, created["key"], ["cached"]).status_code == 200
+        admin = redis.Redis(port=own_redis.port)
+        admin.acl_setuser("default", enabled=True, commands=["-get"])
+        deadline = Deadline(10)
+        while (answer := classify(url, created["key"], ["refused"])).status_code == 200:
+            assert not deadline.expired(), "the cached lookup outlived its TTL"
+            time.sleep(0.05)
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "key_store_unavailable"
+        assert "GATEWAY_REDIS_URL" in error["message"] and "ACL" in error["message"]
+        assert created["key"] not in answer.text
+        assert _counted(url, 'gateway_key_store_errors_total{kind="refused"}') >= 1
+        admin.acl_setuser("default", enabled=True, commands=["+get"])
+        assert classify(url, created["key"], ["allowed again"]).status_code == 200
+        admin.close()
+        own_redis.kill()
+        deadline = Deadline(10)
+        while _counted(url, 'gateway_key_store_errors_total{kind="outage"}') < 1:
+            assert classify(url, created["key"], ["outage"]).status_code == 200
+            assert not deadline.expired(), "no lookup reached the dead Redis"
+            time.sleep(0.1)
+
+
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 def test_redis_killed_during_load(tmp_path: Path, own_redis: RedisServer, on_error: str) -> None:
     with replicas(tmp_path, own_redis.url, quota_on_redis_error=on_error) as cluster:

@@ -26,7 +26,7 @@ from tests.support.factory import (
     running_factory,
     sentiment_rows,
 )
-from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, running_ray
+from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, ray_client_address, running_ray
 from tests.support.waits import Deadline
 
 TEXTS = ["the film was wonderful", "the meal was awful", "the app was broken, really useless"]
@@ -153,17 +153,20 @@ def test_a_cancel_from_another_replica_stops_the_ray_run(ray_address: str, s3: S
 
 
 @contextlib.contextmanager
-def taken_over(tmp_path: Path, s3: S3, ray_address: str, rows: int,
+def taken_over(tmp_path: Path, s3: S3, ray_address: str, rows: int, a_address: str | None = None,
                **body: Any) -> Iterator[tuple[FactoryClient, str, Any]]:
     """Replicas A (a real process) and B (in this process) sharing a database and the store, both
-    on Ray, with 2 s leases: A takes a job (`body`) and makes its actor, then gets SIGKILL (a
-    crash: nothing recorded) as soon as the actor exists; B takes the lapsed lease. Yields B's
-    client, the job's id and the actor A made, once B says it supervises the job."""
+    on Ray (A at `a_address` if given, else as B), with 2 s leases: A takes a job (`body`) and
+    makes its actor, then gets SIGKILL (a crash: nothing recorded) as soon as the actor exists;
+    B takes the lapsed lease. Yields B's client, the job's id and the actor A made, once B says
+    it supervises the job."""
     shared = {**s3.env(), "FACTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
               "FACTORY_STORAGE_URL": f"s3://{s3.bucket}/{tmp_path.name}",
               "FACTORY_EXECUTOR": "ray", "FACTORY_RAY_ADDRESS": ray_address,
               "FACTORY_LEASE_S": "2"}
-    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a"}).start()
+    a = FactoryProcess(tmp_path / "a", env={**shared, "FACTORY_REPLICA_ID": "a",
+                                            "FACTORY_RAY_ADDRESS": a_address or ray_address}
+                       ).start()
     try:
         with running_factory(tmp_path / "b", database_url=shared["FACTORY_DATABASE_URL"],
                              storage_url=shared["FACTORY_STORAGE_URL"], executor="ray",
@@ -209,8 +212,11 @@ def test_a_ray_run_taken_over_ends_in_success_served_by_the_new_supervisor(
         ray_address: str, s3: S3, tmp_path: Path) -> None:
     """A dies while its Ray actor trains (local-ngram: seconds on the actor, but A dies as soon
     as the actor exists, before its worker has even imported the trainer); B follows the same
-    actor from A's cursor to its result, records the model once, and serves it."""
-    with taken_over(tmp_path, s3, ray_address, 400) as (on_b, job_id, _actor):
+    actor from A's cursor to its result, records the model once, and serves it. A reaches the
+    cluster through Ray Client (`ray://`, as the k8s overlay does: the head's Ray Client server,
+    waited for), B as a driver on the GCS: the named detached actor is the same to both."""
+    with taken_over(tmp_path, s3, ray_address, 400, a_address=ray_client_address()) as \
+            (on_b, job_id, _actor):
         job = on_b.wait(job_id, timeout_s=60)
         assert job["status"] == "SUCCESS", job
         model = job["fine_tuned_model"]

@@ -37,6 +37,7 @@ from tests.support.factory import (
     running_factory,
     sentiment_rows,
 )
+from tests.support.waits import stretched
 
 V1_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "factory-data-v1"
 TEXTS = ["the film was wonderful", "the meal was awful"]
@@ -255,6 +256,34 @@ def test_the_ray_executor_without_its_address_stops_the_factory_with_one_line(
     err = done.stderr.decode()
     assert done.returncode == 1, err
     assert "FACTORY_RAY_ADDRESS" in err and "Traceback" not in err, err
+
+
+def test_an_unusable_ray_client_address_stops_the_factory_with_one_line(tmp_path: Path) -> None:
+    """ray:// (Ray Client, as the k8s overlay has it) that nothing serves, and the same address
+    where grpcio (Ray Client's transport, `ray[client]`) is missing: each is one line on stderr
+    naming FACTORY_RAY_ADDRESS and what to do, exit 1. Before, the first also printed Ray's
+    two-line UserWarning, and the second said the cluster could not be reached. Ray Client's
+    retries (5 + 10 + 15 s by default) are cut to 1 s each here; both run at once."""
+    hidden = tmp_path / "no-grpc" / "grpc"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(
+        "raise ImportError('grpcio hidden by the test', name='grpc')\n")
+    base = {"PATH": "/usr/bin:/bin", "FACTORY_EXECUTOR": "ray",
+            "FACTORY_RAY_ADDRESS": "ray://127.0.0.1:1",  # nothing listens on port 1
+            "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1",
+            "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"}
+    runs = [subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "factory", "--data-dir", str(tmp_path / name),
+         "--port", "1"], env={**base, "PYTHONPATH": path}, stderr=subprocess.PIPE)
+        for name, path in (("unreachable", str(REPO)),
+                           ("no-grpc", f"{hidden.parent}:{REPO}"))]
+    (unreachable, no_grpc) = (run.communicate(timeout=stretched(60))[1].decode() for run in runs)
+    for run, err in zip(runs, (unreachable, no_grpc), strict=True):
+        assert run.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "FACTORY_RAY_ADDRESS='ray://127.0.0.1:1'" in err, err
+    assert "cannot reach the Ray cluster" in unreachable and "reachable" in unreachable
+    assert "ray[client]" in no_grpc and "cannot reach" not in no_grpc, no_grpc
 
 
 # 2. Blobs in an object store.

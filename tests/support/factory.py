@@ -176,8 +176,19 @@ class FactoryProcess:
              "--data-dir", str(self.data_dir), "--log-level", "warning"],
             cwd=REPO, env=self.env, start_new_session=True,
         )
-        wait_for_port(self.port, timeout_s=30)
-        return self
+        deadline = Deadline(30)
+        while True:  # a factory that exits (a wrong setting: one line on stderr) fails at once
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"the factory exited with {code} before listening on "
+                                   f"{self.port}: its stderr (above) says why")
+            try:
+                wait_for_port(self.port, timeout_s=0.5)
+                return self
+            except TimeoutError:
+                if deadline.expired():
+                    raise TimeoutError(f"the factory did not listen on {self.port} within "
+                                       f"{deadline.describe()}") from None
 
     def kill(self) -> None:
         """SIGKILL, like a crash: no lifespan shutdown runs."""

@@ -29,9 +29,11 @@ never passed through Ray.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import tempfile
 import threading
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,16 @@ class RayRun(TrainingRun):
         await asyncio.to_thread(_kill, self.actor)
 
 
+def _has_grpc() -> bool:
+    """Ray Client (ray://) needs grpcio: `ray[client]`, not plain `ray`. Without it, Ray's own
+    error said the cluster could not be reached, which sent people to the network."""
+    try:
+        importlib.import_module("grpc")
+    except ImportError:
+        return False
+    return True
+
+
 def _kill(actor: Any) -> None:
     try:
         ray.kill(actor, no_restart=True)
@@ -158,14 +170,26 @@ class RayExecutor(Executor):
 
         self.settings = settings
         self.storage_url = blobs.url  # s3://..., or a directory the Ray workers share
-        try:
-            ray.init(address=settings.ray_address, namespace=NAMESPACE,
-                     ignore_reinit_error=True, log_to_driver=False,
-                     logging_level=logging.WARNING)
-        except Exception as exc:
+        address = settings.ray_address or ""
+        client = address.startswith("ray://")
+        if client and not _has_grpc():
             raise ExecutorUnavailable(
-                f"cannot reach the Ray cluster FACTORY_RAY_ADDRESS={settings.ray_address!r}: "
-                f"{' '.join(str(exc).split())[:300]}") from None
+                f"FACTORY_RAY_ADDRESS={address!r} is a Ray Client address, and Ray Client needs "
+                f"grpcio, which is not installed: pip install 'ray[client]=={ray.__version__}' "
+                "(or give the GCS address, host:6379, from a Ray node)")
+        try:
+            with warnings.catch_warnings():
+                # Ray Client's timeout also warns on stderr: the one line below says it all.
+                warnings.simplefilter("ignore")
+                ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True,
+                         log_to_driver=False, logging_level=logging.WARNING)
+        except Exception as exc:
+            hint = (" (Ray Client: the head serves it on that port, `ray start --head` on "
+                    "10001 when grpcio is installed; check that the port is reachable from "
+                    "here)") if client else ""
+            raise ExecutorUnavailable(
+                f"cannot reach the Ray cluster FACTORY_RAY_ADDRESS={address!r}: "
+                f"{' '.join(str(exc).split())[:300]}{hint}") from None
 
     def _resources(self, spec: TrainingSpec) -> dict[str, float]:
         gpu = (spec.device or "").startswith("cuda")

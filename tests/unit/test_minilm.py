@@ -31,7 +31,7 @@ from service.factory.models.base import (
     TrainingData,
     TrainingSpec,
 )
-from service.factory.models.minilm import INSTALL, MiniLM, holdout_size
+from service.factory.models.minilm import INSTALL, TRAIN_TOKENS, MiniLM, holdout_size
 
 
 def test_the_encoder_extra_is_installed() -> None:
@@ -347,3 +347,85 @@ def test_the_temperatures_come_from_the_validation_files_else_the_held_out_slice
                                    [], None, None, control)
     assert none.source == "none" and none.temperatures == [1.0]
     assert "50 training examples" in none.targets["sentiment"]["reason"]
+
+
+def test_a_step_reads_whole_short_texts_and_a_bounded_window_of_long_ones() -> None:
+    """Issue 23 §4: a step of long documents cost 4x a step of tweets (a 128-token chunk each).
+    A step now reads at most `TRAIN_TOKENS` tokens an example on average: short texts whole,
+    without a draw (their path is what it was), long ones a random window from anywhere in the
+    text serving reads, fresh at each step, the same for the same seed."""
+    from service.factory.models.minilm_onnx import CLS_ID, SEP_ID
+    from service.factory.models.minilm_train import window_length, windows
+
+    assert window_length([10, 20, 30], 100) == 30  # all fit: no cut
+    assert window_length([10, 60, 60], 90) == 40  # 10 whole, the two others cut to 40
+    assert window_length([128] * 32, 32 * TRAIN_TOKENS) == TRAIN_TOKENS
+
+    short = [list(range(1000 + i, 1000 + i + 30)) for i in range(32)]  # 30 pieces: 32 tokens
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert windows(short, list(range(32)), 128, TRAIN_TOKENS, rng) == [
+        [CLS_ID, *p, SEP_ID] for p in short]
+    assert rng.bit_generator.state == state  # nothing drawn
+
+    long = [list(range(i * 10_000, i * 10_000 + 900)) for i in range(32)]  # 7+ chunks each
+    first = windows(long, list(range(32)), 128, TRAIN_TOKENS, np.random.default_rng(1))
+    assert sum(len(s) for s in first) <= 32 * TRAIN_TOKENS
+    for i, sequence in enumerate(first):
+        body = sequence[1:-1]
+        assert sequence[0] == CLS_ID and sequence[-1] == SEP_ID and len(sequence) == TRAIN_TOKENS
+        assert body == list(range(body[0], body[0] + len(body))) and body[0] // 10_000 == i
+    starts = {s[1] % 10_000 for s in first}
+    assert len(starts) > 16 and max(starts) > 128  # random, and past the first chunk
+    assert windows(long, list(range(32)), 128, TRAIN_TOKENS, np.random.default_rng(1)) == first
+    # a long text among short ones takes what they leave: whole tweets, one wider window
+    mixed = windows([*short[:31], long[0]], list(range(32)), 128, TRAIN_TOKENS,
+                    np.random.default_rng(2))
+    assert mixed[:31] == [[CLS_ID, *p, SEP_ID] for p in short[:31]]
+    assert len(mixed[31]) == 128  # 31 * 32 + 128 <= 32 * 48
+
+
+def test_held_out_texts_are_scored_on_a_sample_of_their_chunks() -> None:
+    """At training time a text is scored on at most `SCORE_CHUNKS` of its chunks (in order);
+    a text with fewer keeps them all, exactly as served."""
+    from service.factory.models.minilm_onnx import Chunker
+    from service.factory.models.minilm_train import SCORE_CHUNKS, base_dir, sampled_chunks
+
+    chunker = Chunker((base_dir() / "tokenizer.json").read_text(encoding="utf-8"), 32, 8)
+    texts = ["a short text", " ".join(f"w{i}" for i in range(400)), "another short one"]
+    every, owner = chunker(texts)
+    assert np.bincount(owner).tolist()[1] == 8
+    sequences, kept = sampled_chunks(chunker, texts, np.random.default_rng(0))
+    assert np.bincount(kept).tolist() == [1, SCORE_CHUNKS, 1]
+    assert sequences[0] == every[0] and sequences[-1] == every[-1]
+    middle = [every.index(s) for s in sequences[1:-1]]
+    assert middle == sorted(middle) and all(owner[j] == 1 for j in middle)
+
+
+def test_training_on_long_texts_reads_bounded_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe and the loop feed the windows to the network: texts of ~3.5 chunks of 128
+    tokens, batch 8: each step reads 8 * `TRAIN_TOKENS` tokens, the probe 48 * `TRAIN_TOKENS`."""
+    from service.factory.models import minilm_onnx, minilm_train
+
+    fed: list[int] = []
+    real = minilm_onnx.padded_batches
+
+    def recording(sequences: Any, max_sequences: int, max_tokens: int) -> Any:
+        fed.append(sum(len(s) for s in sequences))
+        return real(sequences, max_sequences, max_tokens)
+
+    class StopAfterTwoSteps(SilentControl):
+        def progress(self, phase: str, done: int | None = None,
+                     total: int | None = None) -> None:
+            super().progress(phase, done, total)
+            if phase == "training" and done == 2:
+                self.cancel = True
+
+    monkeypatch.setattr(minilm_train, "padded_batches", recording)
+    data = [Example(e.line, " ".join([e.text] * 40), e.labels) for e in examples()]
+    with pytest.raises(TrainingCancelled):
+        minilm_train.run(TrainingData(data, [1.0] * len(data)), spec(steps=5, seq_len=128),
+                         StopAfterTwoSteps(), seq_len=128, max_chunks=8, batch_size=8,
+                         device="cpu")
+    assert fed[0] == 48 * TRAIN_TOKENS  # the probe: all 48 examples
+    assert fed[1:] == [8 * TRAIN_TOKENS] * len(fed[1:]) and len(fed) >= 3

@@ -147,14 +147,19 @@ class Chunker:
         # ~1 token per 3 characters at worst (digits, symbols): what is cut here is never read.
         self.max_chars = (seq_len - 2) * max_chunks * 6
 
-    def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], I64]:
+    def pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's word-piece ids (no [CLS]/[SEP]), as many as its chunks hold: all of the
+        text serving reads (training draws its windows from them)."""
         encodings = self.tokenizer.encode_batch(
             [t[:self.max_chars] for t in texts], add_special_tokens=False)
+        keep = (self.seq_len - 2) * self.max_chunks
+        return [encoding.ids[:keep] for encoding in encodings]
+
+    def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], I64]:
         width = self.seq_len - 2
         sequences: list[list[int]] = []
         owner: list[int] = []
-        for i, encoding in enumerate(encodings):
-            ids = encoding.ids
+        for i, ids in enumerate(self.pieces(texts)):
             count = max(1, min(self.max_chunks, -(-len(ids) // width)))
             for c in range(count):
                 sequences.append([CLS_ID, *ids[c * width:(c + 1) * width], SEP_ID])
@@ -297,8 +302,15 @@ class MiniLMModel:
         if not texts:
             return np.zeros((0, labels), dtype=np.float32)
         sequences, owner = self._chunker(texts)
-        bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
-        calls = [range(int(bounds[i]), int(bounds[i + 1])) for i in range(len(texts))]
+        return self.sequence_logits(sequences, owner, len(texts))
+
+    def sequence_logits(self, sequences: Sequence[Sequence[int]], owner: I64,
+                        count: int) -> F32:
+        """(count, total labels): each text's mean logits over its sequences (`owner[i]`, in
+        order: the text of sequence `i`; every text has one at least), one onnxruntime call a
+        text. `encoder_logits` passes every chunk; training may pass a sample of them."""
+        bounds = np.searchsorted(owner, np.arange(count + 1))
+        calls = [range(int(bounds[i]), int(bounds[i + 1])) for i in range(count)]
         if len(calls) == 1:
             return self._text_logits(sequences, calls[0])[None, :]
         return np.stack(list(pool().map(partial(self._text_logits, sequences), calls)))

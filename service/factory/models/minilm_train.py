@@ -10,7 +10,9 @@ The recipe (why each step, see `minilm` for the measured figures):
    pretrained features on the way (LP-FT, Kumar et al. 2022); class-mean initialisation already
    measured +0.21 macro-F1 on 42 intents.
 3. Fine-tuning: AdamW, linear warm-up (`warmup_fraction`) then linear decay, gradient clipping at
-   1, `batch_size` examples a step (the first `seq_len`-token chunk of each), the word-embedding
+   1, `batch_size` examples a step, at most `TRAIN_TOKENS` (48) tokens each on average (`windows`:
+   short texts whole, each long one a fresh random window of the text serving reads; issue 23
+   §4: a step of 128-token chunks cost ~4x a step of tweets), the word-embedding
    table frozen (12M of the 22M parameters, updated sparsely by small data: freezing costs
    nothing measurable and saves a third of the optimiser's work). Each step runs in length-sorted
    micro-batches of at most `MICRO_TOKENS` padded tokens: padding drops ~1.5x on short texts and
@@ -26,6 +28,14 @@ The recipe (why each step, see `minilm` for the measured figures):
    model fitted on the training part, blended with the weights of step 5: what the served model
    is on texts it did not train on). Below `HOLDOUT_MIN_EXAMPLES` without a validation file:
    T = 1. The job's `calibration` event says which, and ECE before and after.
+
+What a long document costs at training time is bounded, not what it costs to serve: the steps
+and the probe read `TRAIN_TOKENS` an example (`windows`), the held-out slice and the
+checkpoints' validation loss read at most `SCORE_CHUNKS` (2) chunks a text (`sampled_chunks`),
+`export_figures` at most `FIGURE_CHUNKS` (64) chunks in all; the served model, its evaluation
+on the validation files and its temperatures' validation logits read every chunk (up to
+`minilm.MAX_CHUNKS`). Short texts (one chunk, a batch under the budget) take exactly the path
+they took before, and draw nothing from the random streams the windows use.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import torch
 from torch import nn
@@ -58,12 +69,15 @@ from service.factory.models.base import (
     TrainingSpec,
 )
 from service.factory.models.evaluation import evaluate_probabilities, head_loss, label_matrix
-from service.factory.models.minilm import holdout_size
+from service.factory.models.minilm import TRAIN_TOKENS, holdout_size
 from service.factory.models.minilm_onnx import (
+    CLS_ID,
+    SEP_ID,
     Chunker,
     MiniLMModel,
     blend,
     blend_logits,
+    calibrated,
     evidence,
     export_scale,
     mean_by_owner,
@@ -87,9 +101,19 @@ GRID = tuple((a, b) for a in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_WEIGHTS = (1.0, 1.0)
 CHECKPOINT_VALID_MAX = 128
 #: Texts `export_figures` measures on (held-out first): enough for a max difference to mean
-#: something, ~1-2 s on 2 CPU cores.
+#: something, ~1-2 s on 2 CPU cores; and at most `FIGURE_CHUNKS` chunks among them (64 tweets,
+#: ~15 BBC articles: the figures cost what 64 short texts cost).
 FIGURE_TEXTS = 64
-TRAIN_MAX_CHUNKS = 1
+FIGURE_CHUNKS = 64
+#: `minilm.TRAIN_TOKENS` (48): a step of `batch` texts reads at most `batch * TRAIN_TOKENS`
+#: tokens ([CLS] and [SEP] included; `windows`). Texts whose sum fits are read whole (a batch of
+#: tweets, ~33 tokens each, is never cut: the short-text path is unchanged); longer ones are cut
+#: to a random window, fresh at each step, of the longest common length that fits, from anywhere
+#: in the text serving reads (all its chunks). See `minilm`, "Long documents", for the figures.
+#: At training time (the held-out slice the blend and the temperatures are fitted on, the
+#: checkpoints' validation loss) a text is scored on at most this many of its chunks, drawn at
+#: random (their mean has the served mean's expectation); serving reads them all.
+SCORE_CHUNKS = 2
 #: Transformer layers (of 6) below the fine-tuned ones, kept at their pretrained weights.
 FROZEN_LAYERS = 0
 
@@ -242,6 +266,59 @@ def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def window_length(lengths: Sequence[int], budget: int) -> int:
+    """The largest cap `c` with `sum(min(length, c)) <= budget` (water-filling): the lengths
+    below it stay whole, the others are cut to it. The longest length when all fit; at least
+    `budget // len(lengths)`."""
+    if sum(lengths) <= budget:
+        return max(lengths, default=0)
+    ordered = sorted(lengths)
+    spent = 0
+    for k, length in enumerate(ordered):
+        cap = (budget - spent) // (len(ordered) - k)
+        if length > cap:
+            return cap
+        spent += length
+    return ordered[-1]  # not reached: the lengths' sum is over the budget
+
+
+def windows(pieces: Sequence[Sequence[int]], rows: Sequence[int], seq_len: int,
+            per_example: int, rng: np.random.Generator) -> list[list[int]]:
+    """The sequences a step (or the probe) reads for the texts `rows`: at most
+    `per_example * len(rows)` tokens in all (`TRAIN_TOKENS`). Each text is read whole when it
+    fits in `seq_len` and under the common cap (`window_length`), else as a window of the cap's
+    length at a random offset in its `pieces` (all of its served chunks' tokens). Draws from
+    `rng` only for texts that are cut, so a batch of short texts reads exactly what it read
+    before windows existed."""
+    lengths = [min(len(pieces[i]), seq_len - 2) + 2 for i in rows]
+    width = min(window_length(lengths, per_example * len(rows)), seq_len) - 2
+    out: list[list[int]] = []
+    for i in rows:
+        ids = pieces[i]
+        if len(ids) > width:
+            start = int(rng.integers(0, len(ids) - width + 1))
+            ids = ids[start:start + width]
+        out.append([CLS_ID, *ids, SEP_ID])
+    return out
+
+
+def sampled_chunks(chunker: Chunker, texts: Sequence[str], rng: np.random.Generator,
+                   ) -> tuple[list[list[int]], npt.NDArray[np.int64]]:
+    """`chunker(texts)` with at most `SCORE_CHUNKS` chunks a text, drawn at random (in their
+    order); a text with that many or fewer keeps them all, and draws nothing."""
+    sequences, owner = chunker(texts)
+    bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
+    keep: list[int] = []
+    for i in range(len(texts)):
+        first, end = int(bounds[i]), int(bounds[i + 1])
+        if end - first <= SCORE_CHUNKS:
+            keep.extend(range(first, end))
+        else:
+            keep.extend(first + int(c) for c in
+                        sorted(rng.choice(end - first, SCORE_CHUNKS, replace=False)))
+    return [sequences[j] for j in keep], owner[keep]
+
+
 def _export_graph(network: Network, path: Path) -> None:
     """TorchScript export with eager attention (restored afterwards): the SDPA export is a graph
     onnxruntime's transformer optimizer cannot fuse into `Attention`."""
@@ -364,15 +441,18 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
     np.random.seed(hyper.seed)
     torch.manual_seed(hyper.seed)
     rng = np.random.default_rng(hyper.seed)
+    # Their own streams (spawning leaves `rng`'s untouched): the training windows, and the
+    # chunks scored at training time. Short texts draw from neither.
+    window_rng, score_rng = rng.spawn(2)
     dev, amp, scaler = _device(device, control)
 
     split = _data(data, rng)
-    network, tokenizer_json, sequences, targets = _network(
-        heads, split, frozen_layers, dev, seq_len, control)
-    _init_heads(network, heads, sequences, targets, rng, dev, control, amp)
+    network, tokenizer_json, chunker, pieces, targets = _network(
+        heads, split, frozen_layers, dev, seq_len, max_chunks, control)
+    _init_heads(network, heads, pieces, seq_len, targets, rng, window_rng, dev, control, amp)
     probe_seconds = clock() - started
-    steps, batch = _loop(network, heads, sequences, targets, data, spec, control, rng, dev, amp,
-                         scaler, tokenizer_json, seq_len, max_chunks, batch_size)
+    steps, batch = _loop(network, heads, pieces, targets, data, spec, control, rng, window_rng,
+                         score_rng, dev, amp, scaler, chunker, batch_size)
     train_seconds = clock() - started - probe_seconds
 
     # 4. Export, while the n-gram side models fit in threads: they need nothing from the
@@ -389,7 +469,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
                        if ngram else None)
         model = _export(network, heads, tokenizer_json, seq_len, max_chunks, spec, quantize)
         blend_weights, side, held_logits = _blend(model, heads, split, ngram, partial_future,
-                                                  side_future)
+                                                  side_future, chunker, score_rng)
     model.weights = blend_weights
     model.ngram = side
     # The validation files' logits, once: the temperatures and the evaluation both read them.
@@ -410,6 +490,7 @@ def run(data: TrainingData, spec: TrainingSpec, control: TrainingControl, *,
         "kind": spec.kind, "examples": len(examples), "holdout": len(holdout_idx),
         "steps": steps, "batch_size": batch, "frozen_layers": frozen_layers,
         "trained_examples": steps * batch, "seq_len": seq_len, "device": dev.type,
+        "train_tokens": TRAIN_TOKENS, "score_chunks": SCORE_CHUNKS,
         "quantized": quantize, "blend": [list(w) for w in blend_weights],
         "calibration": found.to_json(),
         "probe_seconds": round(probe_seconds, 3), "finetune_seconds": round(train_seconds, 3),
@@ -466,40 +547,43 @@ def _data(data: TrainingData, rng: np.random.Generator) -> _Split:
 
 
 def _network(heads: Sequence[Head], split: _Split, frozen_layers: int, dev: torch.device,
-             seq_len: int, control: TrainingControl,
-             ) -> tuple[Network, str, list[list[int]], Targets]:
+             seq_len: int, max_chunks: int, control: TrainingControl,
+             ) -> tuple[Network, str, Chunker, list[list[int]], Targets]:
     """Network: all-MiniLM-L6-v2 (22M parameters, 12M of them the word-embedding table, frozen)
     with one linear layer over the mean-pooled tokens for every head's labels; `frozen_layers`
     lowest layers frozen too (0 by default: freezing 3 cost 0.012 macro-F1 on tweets for ~25%
-    less time). The training texts as token ids, their first `seq_len`-token chunk only
-    (`TRAIN_MAX_CHUNKS`: one sequence a text), and their label and weight matrices."""
+    less time). The served chunker, the training texts' word pieces (all that serving reads,
+    up to `max_chunks` chunks: the steps draw their windows from them, `windows`), and their
+    label and weight matrices."""
     labels = sum(len(h.labels) for h in heads)
     control.progress("loading")
     network, tokenizer_json = load_network(labels)
     freeze(network, frozen_layers)
     network.to(dev)
-    chunker = Chunker(tokenizer_json, seq_len, TRAIN_MAX_CHUNKS)
+    chunker = Chunker(tokenizer_json, seq_len, max_chunks)
     control.progress("tokenising", 0, len(split.train_ex))
-    sequences, _ = chunker([e.text for e in split.train_ex])
+    pieces = chunker.pieces([e.text for e in split.train_ex])
     targets = Targets.of(heads, split.train_ex, split.train_w)
-    return network, tokenizer_json, sequences, targets
+    return network, tokenizer_json, chunker, pieces, targets
 
 
-def _init_heads(network: Network, heads: Sequence[Head], sequences: Sequence[Sequence[int]],
-                targets: Targets, rng: np.random.Generator, dev: torch.device,
-                control: TrainingControl, amp: torch.dtype | None) -> None:
+def _init_heads(network: Network, heads: Sequence[Head], pieces: Sequence[Sequence[int]],
+                seq_len: int, targets: Targets, rng: np.random.Generator,
+                window_rng: np.random.Generator, dev: torch.device, control: TrainingControl,
+                amp: torch.dtype | None) -> None:
     """Head initialisation by linear probing: the pretrained mean-pooled embeddings of up to
     `PROBE_MAX` (512) training examples, an L2-regularised logistic regression on them, as the
     heads' starting weights. A random head spends Mistral's 100 steps learning the head and
     distorts the pretrained features on the way (LP-FT); class-mean initialisation alone already
     measured +0.21 macro-F1 on 42 intents. About 4 s of the 72-84 s of Mistral's example job on
-    10k tweets (2 cores)."""
-    probe = sorted(rng.permutation(len(sequences))[:PROBE_MAX].tolist())
-    # a forward pass over up to PROBE_MAX examples, a minute or more of long texts on busy CPU
-    # cores, so it reports each batch
+    10k tweets (2 cores). The examples are read as a step reads them (`windows`, at most
+    `TRAIN_TOKENS` tokens each on average): whole tweets, a window of each long document."""
+    probe = sorted(rng.permutation(len(pieces))[:PROBE_MAX].tolist())
+    # a forward pass over up to PROBE_MAX examples, reported each batch (a busy machine makes
+    # it long)
     control.progress("probing", 0, len(probe))
-    features = embed_all(network, [sequences[i] for i in probe], dev, control, amp,
-                         report="probing")
+    features = embed_all(network, windows(pieces, probe, seq_len, TRAIN_TOKENS, window_rng),
+                         dev, control, amp, report="probing")
     probe_targets = Targets([y[probe] for y in targets.y], [w[probe] for w in targets.w])
     head_w, head_b = linear_probe(heads, features, probe_targets)
     with torch.no_grad():
@@ -507,21 +591,23 @@ def _init_heads(network: Network, heads: Sequence[Head], sequences: Sequence[Seq
         network.head.bias.copy_(torch.from_numpy(head_b))
 
 
-def _loop(network: Network, heads: Sequence[Head], sequences: Sequence[Sequence[int]],
+def _loop(network: Network, heads: Sequence[Head], pieces: Sequence[Sequence[int]],
           targets: Targets, data: TrainingData, spec: TrainingSpec, control: TrainingControl,
-          rng: np.random.Generator, dev: torch.device, amp: torch.dtype | None, scaler: Any,
-          tokenizer_json: str, seq_len: int, max_chunks: int,
-          batch_size: int) -> tuple[int, int]:
+          rng: np.random.Generator, window_rng: np.random.Generator,
+          score_rng: np.random.Generator, dev: torch.device, amp: torch.dtype | None,
+          scaler: Any, chunker: Chunker, batch_size: int) -> tuple[int, int]:
     """The loop: AdamW (the heads at `HEAD_LR_FACTOR` (10x) the encoder's rate, no decay on
     biases and norms), linear warm-up then linear decay, gradient clipping at 1; each step's
     `batch_size` examples in length-sorted micro-batches of at most `MICRO_TOKENS` (1,024) padded
     tokens, ~1.5x less padding on short texts, with `control.cancelled()` polled between them
     (well under a second apart on CPU). A step of 32 short texts costs ~1.2 s on 2 idle cores
     (55-64 s for Mistral's 100 steps on 10k tweets). `spec.checkpoints` checkpoints, each with
-    the validation loss and accuracy of up to `CHECKPOINT_VALID_MAX` (128) validation examples.
-    Returns the steps run and the batch size."""
+    the validation loss and accuracy of up to `CHECKPOINT_VALID_MAX` (128) validation examples
+    (at most `SCORE_CHUNKS` chunks each, the same ones at every checkpoint). Each step reads
+    its texts through `windows`: at most `TRAIN_TOKENS` (48) tokens an example on average, a
+    fresh random window of each long text. Returns the steps run and the batch size."""
     hyper = spec.hyperparameters
-    n_train = len(sequences)
+    n_train = len(pieces)
     steps = hyper.steps(n_train, batch_size, default_epochs=3.0)
     batch = min(batch_size, n_train)
     decay: list[nn.Parameter] = []
@@ -540,8 +626,8 @@ def _loop(network: Network, heads: Sequence[Head], sequences: Sequence[Sequence[
     trainable = [p for p in network.parameters() if p.requires_grad]
     every = max(1, steps // max(1, spec.checkpoints))
     valid = list(data.validation)[:CHECKPOINT_VALID_MAX]
-    valid_seq, valid_owner = (Chunker(tokenizer_json, seq_len, max_chunks)(
-        [e.text for e in valid]) if valid else ([], np.zeros(0, dtype=np.int64)))
+    valid_seq, valid_owner = (sampled_chunks(chunker, [e.text for e in valid], score_rng)
+                              if valid else ([], np.zeros(0, dtype=np.int64)))
     control.progress("training", 0, steps)
     order = rng.permutation(n_train)
     cursor = 0
@@ -559,8 +645,9 @@ def _loop(network: Network, heads: Sequence[Head], sequences: Sequence[Sequence[
         optimizer.zero_grad(set_to_none=True)
         norm = max(float(sum(float(w[rows].sum()) for w in targets.w)), 1e-9)
         step_loss = 0.0
-        for sub, ids, mask in padded_batches([sequences[i] for i in rows], batch,
-                                             MICRO_TOKENS):
+        step_sequences = windows(pieces, rows.tolist(), chunker.seq_len, TRAIN_TOKENS,
+                                 window_rng)
+        for sub, ids, mask in padded_batches(step_sequences, batch, MICRO_TOKENS):
             if control.cancelled():
                 raise TrainingCancelled
             picked = rows[sub]
@@ -614,6 +701,7 @@ def _export(network: Network, heads: Sequence[Head], tokenizer_json: str, seq_le
 def _blend(model: MiniLMModel, heads: Sequence[Head], split: _Split, ngram: bool,
            partial_future: concurrent.futures.Future[NGramModel] | None,
            side_future: concurrent.futures.Future[NGramModel] | None,
+           chunker: Chunker, score_rng: np.random.Generator,
            ) -> tuple[list[tuple[float, float]], NGramModel | None, list[F32] | None]:
     """Blend: per head, the `GRID` weights `(a, b)` with the lowest held-out log-loss of
     `softmax(a * encoder + b * ngram)`, the n-gram model fitted on the training part (without a
@@ -621,11 +709,14 @@ def _blend(model: MiniLMModel, heads: Sequence[Head], split: _Split, ngram: bool
     10k tweets the blend gained +0.007 macro-F1 over the encoder alone (0.7547 vs 0.7489,
     weights (0.75, 0.25)), more on long documents. Without `ngram`: the encoder alone.
     Also returns the held-out slice's blended logits per head (None without a slice), which
-    the temperatures are fitted on."""
+    the temperatures are fitted on. The served graph scores each held-out text on at most
+    `SCORE_CHUNKS` of its chunks (`sampled_chunks`; tweets: their one chunk, as served)."""
     blend_weights = [(1.0, 0.0)] * len(heads)
     side: NGramModel | None = None
     held_ex = [split.examples[i] for i in split.holdout_idx]
-    encoder = model.encoder_logits([e.text for e in held_ex]) if held_ex else None
+    encoder = (model.sequence_logits(*sampled_chunks(chunker, [e.text for e in held_ex],
+                                                     score_rng), len(held_ex))
+               if held_ex else None)
     evidences: list[F32 | None] = [None] * len(heads)
     if ngram:
         if partial_future is not None and encoder is not None:
@@ -671,11 +762,19 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
     - `int8`: the served graph vs the float32 torch network a Hugging Face export holds (the
       int8 error, up to ~0.1-0.2 in probability; float rounding for a `quantize=False` graph).
     The export (`minilm_export`) repeats them in its notes; ~1-2 s for 64 short texts on 2 CPU
-    cores."""
+    cores. `texts` are taken in order up to `FIGURE_CHUNKS` (64) chunks (the first one at
+    least): ~15 long articles cost what 64 tweets cost, not 4-8x as much."""
     if not texts:
         return {}
-    served = model.predict_proba(texts)
+    counts = np.bincount(Chunker(model.tokenizer_json, model.seq_len, model.max_chunks)(texts)[1],
+                         minlength=len(texts))
+    texts = list(texts)[:max(1, int(np.searchsorted(np.cumsum(counts), FIGURE_CHUNKS,
+                                                    side="right")))]
     served_logits = model.encoder_logits(texts)
+    ngram_evidence = model.ngram_evidence(texts)
+    served = [blend(h, served_logits[:, s], None if ngram_evidence is None else ngram_evidence[k],
+                    calibrated(model.weights[k], model.temperatures[k]))
+              for k, (h, s) in enumerate(zip(model.heads, slices(model.heads), strict=True))]
     z32 = torch_logits(network, model.tokenizer_json, texts, model.seq_len, model.max_chunks)
     out: dict[str, Any] = {"texts": len(texts), "source": source, "targets": {}}
     for head, s, p, w, t in zip(model.heads, slices(model.heads), served, model.weights,

@@ -1,7 +1,7 @@
 # Thin wrappers over the commands the README shows. `make run` and `make test` work on a fresh clone.
 PY ?= python3
 
-.PHONY: install install-uv install-torch install-infinity install-dev lock lock-files run test lint docs-build docs pytest bench
+.PHONY: install install-uv install-torch install-infinity install-dev lock lock-files run test lint ruff mypy docs-build docs pytest bench
 
 # Every install comes from the lock in requirements/ (hashes checked), and the project itself goes
 # in last with --no-deps, so that pip never resolves a range on its own: what runs is what was
@@ -94,15 +94,19 @@ lock-files:
 run: install
 	classifier-gateway demo
 
-# Lint beside the tests, not before them: mypy --strict over a fresh cache takes 1.5-3 min of one
+# mypy beside the tests, not before them: mypy --strict on a fresh cache takes 1.5-3 min of one
 # core (it reads torch, ray and transformers), and the tests leave about half a core idle while they
-# wait on servers (147% CPU through a 2-worker run, 7 Dec). -Oline keeps each line whole. Either
-# failing fails `make test`.
-test: install-dev
-	$(MAKE) --no-print-directory -j 2 --output-sync=line lint pytest
+# wait on servers (147% CPU through a 2-worker run, 7 Dec). No --output-sync: it would hold pytest's
+# progress until the end; mypy prints once, when it is done. Either failing fails `make test`.
+test: install-dev docs-build ruff
+	$(MAKE) --no-print-directory -j 2 mypy pytest
 
-lint: docs-build
+lint: docs-build ruff mypy
+
+ruff:
 	ruff check service tests bench
+
+mypy:
 	mypy
 
 # The docs site (docs/, mkdocs.yml). --strict turns a broken link, a missing anchor or a page left out

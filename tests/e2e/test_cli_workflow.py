@@ -30,6 +30,7 @@ from service.gateway.registry import load_registry
 from tests.support.factory import bbc_news
 from tests.support.processes import REPO, spawn, stop
 from tests.support.redis_server import free_port
+from tests.support.waits import Deadline, stretched
 
 FACTORY_KEY = "factory-secret-key"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -332,52 +333,61 @@ def finetune_interrupted_while_running(stack: Stack, task: str
     train = small_corpus(stack, f"{task}.jsonl", per_label=100)
     process = spawn_finetune(stack, task, train, "--training-steps", "100000",
                              "--model", "local-minilm")  # long enough to be caught RUNNING
-    watchdog = threading.Timer(60, process.kill)
+    # Loading torch and the encoder takes ~10 s alone and 40 s+ beside other workers' training.
+    watchdog = threading.Timer(stretched(90), process.kill)
     watchdog.start()
+    job_id = None
     try:
         assert process.stderr is not None
         seen = []
         for line in process.stderr:
             seen.append(line)
+            if job_id is None and (found := re.match(r"job (\S+) created", line)):
+                job_id = found.group(1)
             if line.startswith("RUNNING"):
                 break
-        job_id = re.search(r"^job (\S+) created", "".join(seen), re.MULTILINE)
         assert job_id and seen[-1].startswith("RUNNING"), seen
         process.send_signal(signal.SIGINT)
-        yield process, job_id.group(1)
+        yield process, job_id
     finally:
         watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.wait()
+        if job_id is not None:
+            # Whatever the test did, a 100,000-step job must not outlive it: the factory trains
+            # one job at a time, and every later test's job would wait behind it (a failed run
+            # once left it training for the rest of the module). Already final: a 409, ignored.
+            stack.cli("jobs", "cancel", job_id)
 
 
 def test_ctrl_c_asks_and_cancels_the_job(stack: Stack) -> None:
     with finetune_interrupted_while_running(stack, "long") as (process, job_id):
         _, err = process.communicate("y\n", timeout=30)
-    assert process.returncode == 130
-    assert f"Cancel job {job_id}? [y/N] " in err
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)["status"]
-        if status == "CANCELLED":
-            break
-        time.sleep(0.2)
-    assert status == "CANCELLED"
+        assert process.returncode == 130
+        assert f"Cancel job {job_id}? [y/N] " in err
+        # Checked inside the block: on leaving it, the context cancels the job itself.
+        deadline = Deadline(10)
+        while not deadline.expired():
+            status = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)["status"]
+            if status == "CANCELLED":
+                break
+            time.sleep(0.2)
+        assert status == "CANCELLED"
     assert "long" not in stack.tasks.read_text()
 
 
 def test_ctrl_c_answered_no_leaves_the_job_running(stack: Stack) -> None:
     with finetune_interrupted_while_running(stack, "keep") as (process, job_id):
         _, err = process.communicate("", timeout=30)  # no answer at all counts as no
-    assert process.returncode == 130
-    assert (f"job {job_id} keeps running; follow it with `classifier-gateway jobs wait "
-            f"{job_id} --task keep --kind text --tasks {shlex.quote(str(stack.tasks))}`") in err
-    job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
-    assert job["status"] == "RUNNING"
-    cancelled = stack.cli("jobs", "cancel", job_id)
-    assert cancelled.returncode == 0
-    assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
+        assert process.returncode == 130
+        assert (f"job {job_id} keeps running; follow it with `classifier-gateway jobs wait "
+                f"{job_id} --task keep --kind text --tasks {shlex.quote(str(stack.tasks))}`") in err
+        job = orjson.loads(stack.cli("jobs", "get", job_id, "--json").stdout)
+        assert job["status"] == "RUNNING"
+        cancelled = stack.cli("jobs", "cancel", job_id)
+        assert cancelled.returncode == 0
+        assert cancelled.stdout.startswith(f"job {job_id}: CANCEL")
 
 
 @pytest.mark.parametrize("answer", ["y\n", ""], ids=["yes", "no-answer"])
@@ -433,6 +443,10 @@ def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> 
         cwd=REPO, env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=terminal)
     os.close(terminal)
+    # The read below ends only when the process closes the terminal: bound it, so that a job
+    # stuck behind another fails this test instead of hanging the suite.
+    watchdog = threading.Timer(stretched(120), process.kill)
+    watchdog.start()
     shown = b""
     while True:
         try:
@@ -444,6 +458,7 @@ def test_on_a_terminal_progress_is_one_redrawn_line_with_a_bar(stack: Stack) -> 
         shown += chunk
     os.close(controller)
     out = process.communicate(timeout=60)[0].decode()
+    watchdog.cancel()
     assert process.returncode == 0, shown.decode(errors="replace")
     text = shown.decode()
     assert re.search(r"\r\[################\] SUCCESS  step \d+/20  train loss ", text), text

@@ -121,7 +121,7 @@ docs:
 # servers start once. Half the suite's time waits on servers, processes and sockets, with a core
 # idle (vmstat: ~45% idle through a serial run); docs/development.md has the figures.
 # PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 2
 
 pytest:
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=30

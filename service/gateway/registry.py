@@ -600,6 +600,12 @@ class RegistryWatcher:
             return None
         return (st.st_mtime, st.st_size, st.st_ino)
 
+    def _is_blank(self) -> bool:
+        try:
+            return not self.path.read_bytes().strip()
+        except OSError:
+            return False  # load_registry says what is wrong with it
+
     def reload(self) -> bool:
         """Load the file; keep the last good registry on error. Returns whether it was swapped."""
         self._signature = self._file_signature()
@@ -613,6 +619,13 @@ class RegistryWatcher:
                 self._on_reload("error")
             return False
         try:
+            if self.loaded and self._is_blank():
+                # A writer that truncates, then writes (`open(path, "w")`, most editors' plain
+                # save, `echo > file`) shows an empty file for a moment, and the watch fires on
+                # it: taken as "no tasks", it answered 404 for every task until the next write
+                # (a CI run caught it between two writes). Removing every task is `tasks: {}`.
+                raise RegistryError(f"{self.path}: the tasks file is empty (a write in "
+                                    "progress?); to remove every task, write `tasks: {}`")
             registry = load_registry(self.path)
         except RegistryError as exc:
             self.last_error = str(exc)

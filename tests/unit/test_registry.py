@@ -106,6 +106,22 @@ def test_watcher_keeps_last_good_registry_on_a_bad_reload(tmp_path: Path) -> Non
     assert results == ["success", "error"]
 
 
+def test_an_empty_file_on_reload_is_a_write_in_progress_not_no_tasks(tmp_path: Path) -> None:
+    """A truncate-then-write shows an empty file for a moment: a CI run reloaded it as "no
+    tasks" and answered 404 for a task the next write kept. `tasks: {}` still removes them all."""
+    path = tmp_path / "tasks.yaml"
+    good = "upstreams: {u: {base_url: 'http://x'}}\ntasks: {a: {upstream: u, model: m}}\n"
+    path.write_text(good)
+    watcher = RegistryWatcher(path)
+    assert watcher.reload()
+    path.write_text(" \n")
+    assert not watcher.reload()
+    assert "the tasks file is empty" in (watcher.last_error or "")
+    assert list(watcher.current.tasks) == ["a"]
+    path.write_text("upstreams: {u: {base_url: 'http://x'}}\ntasks: {}\n")
+    assert watcher.reload() and not watcher.current.tasks
+
+
 def test_a_file_that_is_not_utf8_is_rejected_clearly(tmp_path: Path) -> None:
     path = tmp_path / "tasks.yaml"
     path.write_bytes("# caf\xe9\ntasks: {}\n".encode("latin-1"))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,15 @@ LONGEST_FIRST = (
     "tests/integration/test_factory_tracking.py",
     "tests/integration/test_infinity_server.py",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give Ctrl-C back to the processes the tests start. A suite started in the background by a
+    shell without job control (`(make test &)`, some CI runners) has SIGINT ignored, and an
+    ignored signal is inherited through exec: the CLI under test then never sees the Ctrl-C that
+    its tests send (a fresh-venv run started that way failed all five of them)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

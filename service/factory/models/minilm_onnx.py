@@ -340,8 +340,11 @@ class MiniLMModel:
     def predict_proba(self, texts: Sequence[str]) -> list[F32]:
         """One (n, labels) probability matrix per head, in head order."""
         texts = list(texts)
-        z = self.encoder_logits(texts)
-        ev = self.ngram_evidence(texts)
+        return self.probabilities(self.encoder_logits(texts), self.ngram_evidence(texts))
+
+    def probabilities(self, z: F32, ev: list[F32] | None) -> list[F32]:
+        """`predict_proba` from the texts' encoder logits `z` and n-gram evidence `ev`, for a
+        caller that already holds them (the export figures)."""
         return [blend(h, z[:, s], None if ev is None else ev[k],
                       calibrated(self.weights[k], self.temperatures[k]))
                 for k, (h, s) in enumerate(zip(self.heads, slices(self.heads), strict=True))]

@@ -77,7 +77,6 @@ from service.factory.models.minilm_onnx import (
     MiniLMModel,
     blend,
     blend_logits,
-    calibrated,
     evidence,
     export_scale,
     mean_by_owner,
@@ -771,10 +770,7 @@ def export_figures(model: MiniLMModel, network: Network, texts: Sequence[str],
     texts = list(texts)[:max(1, int(np.searchsorted(np.cumsum(counts), FIGURE_CHUNKS,
                                                     side="right")))]
     served_logits = model.encoder_logits(texts)
-    ngram_evidence = model.ngram_evidence(texts)
-    served = [blend(h, served_logits[:, s], None if ngram_evidence is None else ngram_evidence[k],
-                    calibrated(model.weights[k], model.temperatures[k]))
-              for k, (h, s) in enumerate(zip(model.heads, slices(model.heads), strict=True))]
+    served = model.probabilities(served_logits, model.ngram_evidence(texts))
     z32 = torch_logits(network, model.tokenizer_json, texts, model.seq_len, model.max_chunks)
     out: dict[str, Any] = {"texts": len(texts), "source": source, "targets": {}}
     for head, s, p, w, t in zip(model.heads, slices(model.heads), served, model.weights,

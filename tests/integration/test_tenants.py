@@ -436,10 +436,8 @@ def test_redis_killed_during_load(tmp_path: Path, own_redis: RedisServer, on_err
                     for i in range(6) for url in cluster.urls]
         assert all(status < 500 for status in statuses), statuses
         assert set(statuses) == ({200} if on_error == "allow" else {429}), statuses
-        counted = sum(
-            float(line.rsplit(" ", 1)[1])
-            for url in cluster.urls for line in httpx.get(f"{url}/metrics").text.splitlines()
-            if line.startswith(f'gateway_quota_redis_errors_total{{decision="{on_error}"}}'))
+        counted = sum(_counted(url, f'gateway_quota_redis_errors_total{{decision="{on_error}"}}')
+                      for url in cluster.urls)
         assert counted == len(statuses)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from tests.support.redis_server import free_port
+from tests.support.waits import Deadline
 
 
 class ThreadedServer:
@@ -35,12 +36,15 @@ class ThreadedServer:
 
     def start(self) -> ThreadedServer:
         self.thread.start()
-        deadline = time.monotonic() + 15
+        # Start-up runs the app's lifespan (the factory lists its store, say): stretched with the
+        # load like every wait of the suite. A fixed 15 s failed a clean CI run at load ~8.
+        deadline = Deadline(15)
         while not self.server.started:
             if not self.thread.is_alive():
                 raise RuntimeError("server thread died during start-up; see the log above")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start within 15 s")
+            if deadline.expired():
+                raise TimeoutError(f"server did not start within {deadline.budget_s:.0f} s "
+                                   "(15 s stretched by the load)")
             time.sleep(0.01)
         return self
 

@@ -1,9 +1,9 @@
 """A job's `integrations` act: its run is logged to W&B (offline here: no internet) and to a real
 `mlflow server`, read back with W&B's record schema and MLflow's client, by the factory replica
 that supervises the job, two jobs at once, each its own runs; a cancelled job's runs end not
-finished, with its losses so far; the keys are nowhere (store, job JSON, events, logs, files); a
-tracker whose package is missing leaves the job training, with an event naming what to
-install."""
+finished, with its losses so far, as do those of a job whose replica stops; the keys are nowhere
+(store, job JSON, events, logs, files); a tracker whose package is missing leaves the job
+training, with an event naming what to install."""
 
 from __future__ import annotations
 
@@ -62,24 +62,33 @@ CANCELLED_JOB: dict[str, Any] = {**LONG_JOB, "hyperparameters": {
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` for the module, and W&B where nothing listens (unreachable at
+    once, as it is without internet)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
+        yield url
+
+
+def _integrations(mlflow_url: str) -> list[dict[str, Any]]:
+    return [{"type": "wandb", "project": "factory-tests", "api_key": WANDB_KEY},
+            {"type": "mlflow", "tracking_uri": mlflow_url, "experiment_name": "factory-tests",
+             "api_key": MLFLOW_KEY}]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory: pytest.TempPathFactory, mlflow_url: str) -> Iterator[dict[str, Any]]:
     """Two jobs with a W&B and an MLflow integration in one factory, tracked at once: a
     local-ngram one trained to the end, and an encoder one cancelled once it has checkpoints."""
     root = tmp_path_factory.mktemp("tracking")
-    patch = pytest.MonkeyPatch()
-    # Nothing listens there: W&B is unreachable at once, as it is without internet.
-    patch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     records = _Records()
     logging.getLogger().addHandler(records)
     try:
-        with mlflow_server(root / "mlflow") as mlflow_url, \
-                running_factory(root / "data", max_concurrent_jobs=2,
-                                checkpoints=LONG_STEPS) as server:
+        with running_factory(root / "data", max_concurrent_jobs=2,
+                             checkpoints=LONG_STEPS) as server:
             client = FactoryClient(server.url)
-            integrations = [
-                {"type": "wandb", "project": "factory-tests", "api_key": WANDB_KEY},
-                {"type": "mlflow", "tracking_uri": mlflow_url, "experiment_name": "factory-tests",
-                 "api_key": MLFLOW_KEY}]
+            integrations = _integrations(mlflow_url)
             long = client.create_job(client.upload(jsonl(sentiment_rows(40, seed=3)))["id"],
                                      **CANCELLED_JOB, integrations=integrations)
             train = client.upload(jsonl(sentiment_rows(80, seed=1)))
@@ -105,7 +114,6 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             client.close()
     finally:
         logging.getLogger().removeHandler(records)
-        patch.undo()
 
 
 def test_job_lists_its_integrations_without_keys(tracked: dict[str, Any]) -> None:
@@ -195,6 +203,38 @@ def test_a_cancelled_jobs_runs_end_not_finished_with_its_losses_so_far(
     assert other["config"]["base_model"] == "local-ngram"
     assert len([row for row in other["history"] if "train_loss" in row]) == \
         len(done["checkpoints"])
+
+
+def test_a_replica_that_stops_ends_its_jobs_tracker_runs(mlflow_url: str,
+                                                         tmp_path: Path) -> None:
+    """A factory stopped (gracefully) while a job trains ends the job's tracker runs as not
+    finished, with a `stopped` event each that says why and where the job's own record is: its
+    MLflow run is KILLED, its W&B run exits non-zero (they used to stay open)."""
+    with running_factory(tmp_path / "data") as server:
+        client = FactoryClient(server.url)
+        file = client.upload(jsonl(sentiment_rows(40)))
+        created = client.create_job(file["id"], **CANCELLED_JOB,
+                                    integrations=_integrations(mlflow_url))
+        deadline = Deadline(60)
+        while set(_integration_events(client.job(created["id"]))) != {"wandb", "mlflow"}:
+            assert not deadline.expired(), client.job(created["id"])  # the trackers opened
+            time.sleep(0.1)
+        client.close()
+    with running_factory(tmp_path / "data") as server:  # the same data, read again
+        client = FactoryClient(server.url)
+        job = client.job(created["id"])
+        client.close()
+    assert job["status"] == "FAILED" and "shut down" in job["error"], job
+    stopped = [e["data"] for e in job["events"] if e["name"] == "integration"
+               and e["data"]["status"] == "stopped"]
+    assert [e["type"] for e in stopped] == ["wandb", "mlflow"], job["events"]
+    for event in stopped:
+        assert "stopped supervising" in event["reason"] and created["id"] in event["reason"]
+    opened = {e["data"]["type"]: e["data"] for e in job["events"] if e["name"] == "integration"
+              and e["data"]["status"] in ("offline", "logging")}
+    run = MlflowClient(tracking_uri=mlflow_url).get_run(opened["mlflow"]["run_id"])
+    assert run.info.status == "KILLED"
+    assert read_run(Path(opened["wandb"]["run_dir"]))["exit_code"] not in (None, 0)
 
 
 def test_keys_are_nowhere(tracked: dict[str, Any]) -> None:

@@ -185,24 +185,25 @@ def test_a_cancelled_jobs_runs_end_not_finished_with_its_losses_so_far(
     events = _integration_events(job)
     mlflow = MlflowClient(tracking_uri=tracked["mlflow"])
     run = mlflow.get_run(events["mlflow"]["run_id"])
-    assert run.info.status == "KILLED" and run.info.run_name == f"job-{job['id']}"
+    assert run.info.status == "KILLED" and run.info.run_name == f"job-{job['id']}", \
+        (run.info, job["events"])
     assert events["mlflow"]["run_id"] != tracked["events"]["mlflow"]["run_id"]
     history = mlflow.get_metric_history(events["mlflow"]["run_id"], "train_loss")
-    assert {m.step: m.value for m in history} == losses
+    assert {m.step: m.value for m in history} == losses, job["events"]
     assert not mlflow.list_artifacts(events["mlflow"]["run_id"])  # no model: none was kept
-    assert events["wandb"]["status"] == "offline"
+    assert events["wandb"]["status"] == "offline", job["events"]
     assert events["wandb"]["run_dir"] != tracked["events"]["wandb"]["run_dir"]
     wandb_run = read_run(Path(events["wandb"]["run_dir"]))
     assert wandb_run["run"]["display_name"] == f"job-{job['id']}"
     assert {row["_step"]: row["train_loss"] for row in wandb_run["history"]
-            if "train_loss" in row} == losses
-    assert wandb_run["exit_code"] not in (None, 0)
+            if "train_loss" in row} == losses, (wandb_run["history"], job["events"])
+    assert wandb_run["exit_code"] not in (None, 0), job["events"]
     assert wandb_run["config"]["base_model"] == "local-minilm"
     # The other job's W&B run has its own numbers only.
     other = read_run(Path(tracked["events"]["wandb"]["run_dir"]))
     assert other["config"]["base_model"] == "local-ngram"
     assert len([row for row in other["history"] if "train_loss" in row]) == \
-        len(done["checkpoints"])
+        len(done["checkpoints"]), (other["history"], done["checkpoints"])
 
 
 def test_a_replica_that_stops_ends_its_jobs_tracker_runs(mlflow_url: str,

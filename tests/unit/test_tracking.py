@@ -35,6 +35,8 @@ CALLS: list[tuple[str, Any]] = []
 
 
 class _Recording:
+    takes_model = True
+
     def __init__(self, fail_on: str | None) -> None:
         self.fail_on = fail_on
 
@@ -238,3 +240,24 @@ def test_mlflow_sends_a_jobs_key_with_that_jobs_calls_only() -> None:
         server.shutdown()
         server.server_close()
     assert _Headers.seen == [None, f"Bearer {KEY}", None]
+
+
+class _NumbersOnly(_Recording):
+    takes_model = False
+
+
+@pytest.mark.usefixtures("recording")
+def test_the_model_is_fetched_only_for_a_tracker_that_takes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W&B-only job ends without the model being read from the store (with S3, a download)."""
+    monkeypatch.setattr(sys.modules[__name__], "open_run",
+                        lambda config, api_key, context: _NumbersOnly(None))
+    fetched: list[bool] = []
+
+    def model() -> contextlib.AbstractContextManager[Path]:
+        fetched.append(True)
+        return contextlib.nullcontext(tmp_path)
+
+    reporter = Reporter("job-5", tmp_path, [{"type": "recording"}], [], lambda n, d: None)
+    reporter.finish("SUCCESS", {"steps": 3}, model)
+    assert fetched == [] and CALLS == [("finish", ({"steps": 3.0}, None, "SUCCESS"))]

@@ -55,6 +55,10 @@ class Tracker(Protocol):
     per checkpoint, `finish` once, whatever the outcome (`model_dir` only on SUCCESS). A call that
     raises disables the tracker for the rest of the run (the job goes on)."""
 
+    #: Whether `finish` uses the model's directory: only then is it fetched from the store (with
+    #: S3, a download to the replica's cache).
+    takes_model: bool
+
     def start(self, params: Mapping[str, Param]) -> None: ...
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...

@@ -83,6 +83,8 @@ def _bearer(key: str | None) -> Iterator[None]:
 
 
 class MlflowRun:
+    takes_model = True  # the model's files become the run's artifacts
+
     def __init__(self, client: Any, run_id: str, key: str | None) -> None:
         self.client = client
         self.run_id = run_id

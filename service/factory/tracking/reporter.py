@@ -133,7 +133,8 @@ class Reporter:
     def finish(self, outcome: Outcome, result: Mapping[str, Any] | None = None,
                model: ModelDir | None = None, note: str | None = None) -> None:
         """The run's end: `result` is the trainer's result message (on SUCCESS), `model` gets
-        the model's directory; `note`, for a STOPPED run, is said in an event per tracker."""
+        the model's directory (called only when a tracker takes it); `note`, for a STOPPED run,
+        is said in an event per tracker."""
         if not self._trackers:
             return
         summary: dict[str, float] = {}
@@ -147,7 +148,8 @@ class Reporter:
                 self._event(EVENT, {"type": kind, "status": "stopped", "reason": note})
         with contextlib.ExitStack() as stack:
             model_dir = None
-            if outcome == "SUCCESS" and model is not None:
+            if outcome == "SUCCESS" and model is not None \
+                    and any(t.takes_model for _, t in self._trackers):
                 try:
                     model_dir = stack.enter_context(model())
                 except Exception as exc:  # the store away: the numbers are still worth having

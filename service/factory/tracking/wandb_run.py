@@ -45,6 +45,8 @@ def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
 
 
 class WandbRun:
+    takes_model = False  # the run's numbers only
+
     def __init__(self, run: Any) -> None:
         self.run = run
 

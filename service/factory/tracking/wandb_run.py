@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 #: A reachable W&B answers a TCP connect in well under a second; 3 s is what a job's tracking
 #: waits at most before it goes offline (there is no retry: the offline run loses nothing).
 PROBE_TIMEOUT_S = 3.0
+#: `wandb.init` and `Run.finish` go through W&B's process-wide state (its one service connection,
+#: the module's run bookkeeping), and W&B does not document them as safe to call from two
+#: threads at once, which is what two jobs' tracking threads do when they start or end together.
+#: They are serialised here (an offline init is well under a second); `log` is not.
+_SETUP = threading.Lock()
 
 
 def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -60,7 +66,8 @@ class WandbRun:
                outcome: Outcome) -> None:
         self.run.summary.update(dict(summary))
         # W&B marks a run with a non-zero exit code "failed": a cancel or a stop is one too.
-        self.run.finish(exit_code=0 if outcome == "SUCCESS" else 1)
+        with _SETUP:
+            self.run.finish(exit_code=0 if outcome == "SUCCESS" else 1)
 
 
 def _init(config: Mapping[str, Any], context: RunContext, *, online: bool,
@@ -76,11 +83,12 @@ def _init(config: Mapping[str, Any], context: RunContext, *, online: bool,
         reinit="create_new", silent=True, console="off", x_disable_stats=True,
         x_disable_machine_info=True, disable_git=True, save_code=False,
         root_dir=str(context.run_dir), init_timeout=60)
-    return wandb.init(
-        project=str(config["project"]), dir=str(context.run_dir),
-        name=config.get("run_name") or config.get("name") or f"job-{context.job_id}",
-        tags=["classifier-factory"], notes=f"fine-tuning job {context.job_id}",
-        settings=settings)
+    with _SETUP:
+        return wandb.init(
+            project=str(config["project"]), dir=str(context.run_dir),
+            name=config.get("run_name") or config.get("name") or f"job-{context.job_id}",
+            tags=["classifier-factory"], notes=f"fine-tuning job {context.job_id}",
+            settings=settings)
 
 
 def open_run(config: Mapping[str, Any], api_key: str | None, context: RunContext) -> WandbRun:

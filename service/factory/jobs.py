@@ -24,19 +24,28 @@ records the job's progress and outcome. Every replica, at each beat, takes the j
 lapsed (one conditional UPDATE: one taker): it follows a run that outlived its replica (Ray) to
 its end, and fails a job whose run died with it (a child process) with the reason. A replica dead
 is so replaced within FACTORY_LEASE_S * 4/3 (20 s).
+
+A job's experiment trackers (its `integrations`) run here, in the replica that supervises it,
+whatever the executor: fed from the run's messages, in a thread of the job's own
+(`tracking/reporter.py`), and ended before the job's outcome is recorded (SUCCESS with the model,
+FAILED, CANCELLED), or when this replica stops supervising it. The API keys never leave this
+replica's memory; a replica that takes a job over has none and does not resume its tracker runs
+(`tracking/base.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -68,7 +77,10 @@ from service.factory.models.registry import (
 from service.factory.schemas import ACTIVE_STATUSES, TERMINAL, JobIn
 from service.factory.settings import FactorySettings
 from service.factory.store import JobRecord, ModelRecord, StaleStatus, Store, now
-from service.factory.tracking.keys import KeyRing, handoff_env
+from service.factory.tracking.base import EVENT as TRACKING_EVENT
+from service.factory.tracking.base import Outcome
+from service.factory.tracking.keys import KeyRing
+from service.factory.tracking.reporter import JobTracking, ModelDir
 from service.tracing import JOB, MODEL, Tracing, span
 
 log = logging.getLogger("service.factory.jobs")
@@ -87,6 +99,19 @@ LOST_RUN_REASON = ("the factory replica {replica} that supervised this job stopp
                    "for {lease} s) while the job was {status}, and its training is gone from "
                    "the {executor} cluster too (its actor died, or this replica cannot reach "
                    "it: check FACTORY_EXECUTOR and FACTORY_RAY_ADDRESS): create the job again")
+#: A tracker run that this replica ends before the job does (`integration` event, `stopped`).
+TRACKING_STOPPED = ("the factory replica {replica} that logged this run stopped supervising the "
+                    "job (it shut down, or another replica took the job over); the API key lived "
+                    "only in its memory, so no other replica continues the run: it ends here at "
+                    "{step}, marked as not finished. The job's own checkpoints, evaluation and "
+                    "outcome are complete in GET /v1/fine_tuning/jobs/{job_id}")
+#: A tracker run left by a replica that died (`integration` event, `interrupted`).
+TRACKING_INTERRUPTED = ("the factory replica {replica} that logged this job's {kind} run stopped "
+                        "while the job was {status}; the API key lived only in its memory{where}, "
+                        "so this replica ({me}) does not resume the run: in {kind} it ends at "
+                        "the last step {replica} logged and is left unfinished. The job's own "
+                        "checkpoints, evaluation and outcome are complete in "
+                        "GET /v1/fine_tuning/jobs/{job_id}")
 
 
 def fine_tuned_model_id(base: str, workspace: str, job_id: str, when: float) -> str:
@@ -109,6 +134,9 @@ class _Running:
     #: The trainer's latest `progress` (see `JobManager.progress`): kept here, written to the
     #: store only when the phase changes, since a step may be a fraction of a second.
     progress: dict[str, Any] = field(default_factory=dict)
+    #: The job's experiment trackers, fed by this replica (None: the job has no integrations,
+    #: or this replica took the job over and cannot track it).
+    tracking: JobTracking | None = None
 
 
 class JobManager:
@@ -126,7 +154,8 @@ class JobManager:
         self.running: dict[str, _Running] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.workspace = store.workspace_id()
-        #: Integrations' API keys, in memory until their job trains (`tracking/keys.py`).
+        #: Integrations' API keys, in memory until their job's trackers open
+        #: (`tracking/keys.py`).
         self.keys = KeyRing()
         self.me = settings.replica
         self.executor = executor or open_executor(settings, store.blobs)
@@ -565,15 +594,6 @@ class JobManager:
         try:
             spec = self._spec(job)
             job_dir = self.store.job_dir(job.id)
-            env = handoff_env(job.id, job.doc.get("integrations"), self.keys.take(job.id),
-                              job_dir / "tracking")
-            if env and self.executor.name != "local":
-                # Keys would be shown by the cluster's API (Ray's dashboard): not sent there.
-                for integration in job.doc.get("integrations") or []:
-                    self.store.add_event(job.id, "integration", {
-                        "type": integration.get("type"), "status": "unavailable",
-                        "reason": f"experiment tracking runs with FACTORY_EXECUTOR=local only, "
-                                  f"not {self.executor.name}"})
             if spec.device is not None:
                 # Checked again here: the cluster may have lost its GPUs since the job was
                 # created, or FACTORY_DEVICE=cuda chose it; Ray would keep it pending forever.
@@ -581,8 +601,11 @@ class JobManager:
                 if problem is not None:
                     self._finish(job.id, "FAILED", error=problem)
                     return
-            run = running.run = await self.executor.submit(job.id, spec, job_dir, env)
+            run = running.run = await self.executor.submit(job.id, spec, job_dir)
             self.store.update_job(job.id, run=run.ref)
+            running.tracking = self._tracking(job, job_dir)
+            if running.tracking is not None:
+                running.tracking.start(spec)
             if running.cancel.is_set():
                 await run.cancel()
             await self._supervise(job, running, run)
@@ -616,9 +639,47 @@ class JobManager:
         device = job.doc.get("device") or self.settings.device
         return None if device is None else str(device)
 
+    def _tracking(self, job: JobRecord, job_dir: Path) -> JobTracking | None:
+        """The job's trackers, opening in their thread (None when it names none). Its keys
+        come out of this replica's memory here, and stay with the trackers."""
+        integrations = job.doc.get("integrations") or []
+        keys = self.keys.take(job.id)
+        if not integrations:
+            return None
+
+        def event(name: str, data: Mapping[str, Any]) -> None:
+            self.store.add_event(job.id, name, dict(data))
+
+        return JobTracking(job.id, job_dir / "tracking", integrations, keys, event)
+
+    async def _end_tracking(self, job_id: str, running: _Running, outcome: Outcome,
+                            result: dict[str, Any] | None = None) -> None:
+        """End the job's tracker runs with its outcome (before the outcome is recorded, so that
+        a job seen ended has its tracker runs ended too); the model, on SUCCESS, as the store
+        has it (fetched to this machine in the tracking thread, only when a tracker takes it)."""
+        tracking = running.tracking
+        if tracking is None or tracking.ended:
+            return
+        model: ModelDir | None = None
+        if outcome == "SUCCESS":
+            model = functools.partial(self.store.blobs.pinned, self.store.model_key(job_id))
+        note = None
+        if outcome == "STOPPED":
+            step = "its start" if tracking.step is None else f"step {tracking.step}"
+            note = TRACKING_STOPPED.format(replica=self.me, step=step, job_id=job_id)
+        await tracking.finish(outcome, result, model, note)
+
     async def _supervise(self, job: JobRecord, running: _Running, run: TrainingRun) -> None:
         """Record what the run says (checkpoints, events, progress) until it ends, then its
-        outcome: the model, a failure with its reason, or CANCELLED."""
+        outcome: the model, a failure with its reason, or CANCELLED. The job's trackers get
+        the same; they are ended as STOPPED when this replica stops supervising before the
+        outcome is recorded (shut down, the lease taken over, an error)."""
+        try:
+            await self._follow(job, running, run)
+        finally:
+            await self._end_tracking(job.id, running, "STOPPED")
+
+    async def _follow(self, job: JobRecord, running: _Running, run: TrainingRun) -> None:
         watcher = asyncio.create_task(self._watch_cancel(job.id, running))
         result: dict[str, Any] | None = None
         failure: str | None = None
@@ -628,6 +689,9 @@ class JobManager:
                 if kind == "checkpoint":
                     self.store.add_checkpoint(job.id, message["step_number"],
                                               message["metrics"], int(time.time()))
+                    if running.tracking is not None:
+                        running.tracking.checkpoint(int(message["step_number"]),
+                                                    message["metrics"])
                 elif kind == "event":
                     self.store.add_event(job.id, str(message["name"]), dict(message["data"]))
                 elif kind == "progress":
@@ -656,11 +720,16 @@ class JobManager:
             if result is not None:  # it finished as the cancel came: the cancel wins
                 await asyncio.to_thread(self.store.blobs.delete_dir,
                                         self.store.model_key(job.id))
+            await self._end_tracking(job.id, running, "CANCELLED")
             self._finish(job.id, "CANCELLED")
             return
         if result is None:
+            await self._end_tracking(job.id, running, "FAILED")
             self._finish(job.id, "FAILED", error=failure or "the training ended without a result")
             return
+        # The trackers end first, with the model (a cancel that lands while they upload it wins
+        # below all the same: the job is CANCELLED, its tracker runs say it finished).
+        await self._end_tracking(job.id, running, "SUCCESS", result)
         # The run published the model's files, whole; the record makes it visible: a crash
         # (or a failing store) between the two leaves files nobody reads, never a half model.
         when = time.time()
@@ -759,6 +828,8 @@ class JobManager:
             return
         running = self.running[job_id] = _Running(leased=True)
         try:
+            if job.status != "VALIDATING":  # its trackers opened with its training
+                self._tracking_interrupted(job, owner)
             ref = job.doc.get("run")
             run = None
             if job.status != "VALIDATING" and isinstance(ref, dict) \
@@ -794,6 +865,18 @@ class JobManager:
                 self._finish(job_id, "FAILED", error=f"internal error: {exc}")
         finally:
             self.running.pop(job_id, None)
+
+    def _tracking_interrupted(self, job: JobRecord, owner: str) -> None:
+        """Say, per integration, that the job's tracker run stays where its dead replica left
+        it: the keys lived in that replica's memory, and a W&B offline run on its disk."""
+        for integration in job.doc.get("integrations") or []:
+            kind = str(integration.get("type"))
+            where = (", and its offline W&B run (if W&B was offline) is on that replica's disk, "
+                     "to sync from there with `wandb sync`") if kind == "wandb" else ""
+            self.store.add_event(job.id, TRACKING_EVENT, {
+                "type": kind, "status": "interrupted", "reason": TRACKING_INTERRUPTED.format(
+                    replica=owner, kind=kind, status=job.status, where=where, me=self.me,
+                    job_id=job.id)})
 
     def _cancel_if_asked(self, job_id: str) -> None:
         """End as CANCELLED a job of this replica that a cancel (from anywhere) has reached."""

@@ -9,8 +9,9 @@ facts the job should record (the device that trained it), `{"type": "progress", 
 `{"type": "result", ...}` at the
 end; a failure is a non-zero exit with the reason as the last line of stderr. The job hands over a
 `TrainingSpec` (JSON) naming the base model; which model trains is the registry's business.
-Stdout is the protocol's alone: what libraries print (experiment trackers do) goes to stderr.
-The job's experiment trackers, if it names any, follow the run (`service.factory.tracking`).
+Stdout is the protocol's alone: what libraries print goes to stderr. The job's experiment
+trackers, if it names any, are not here: the factory replica that supervises the job feeds them
+from these messages (`service.factory.tracking`), so the trainer never holds an API key.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import orjson
 from service.factory.data import Example, validate_file
 from service.factory.models.base import Checkpoint, TrainingData, TrainingSpec
 from service.factory.models.registry import default_registry
-from service.factory.tracking.reporter import Reporter
 
 _PR_SET_PDEATHSIG = 1
 #: The factory's pid, set by the factory when it starts a trainer.
@@ -67,7 +67,6 @@ class Control:
     def __init__(self, emit: Emit = _emit) -> None:
         self.stop = False
         self.emit = emit
-        self.reporter: Reporter | None = None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_term)
 
@@ -83,8 +82,6 @@ class Control:
                    "valid_mean_token_accuracy": r(checkpoint.valid_accuracy)}
         self.emit({"type": "checkpoint", "step_number": checkpoint.step_number,
                    "metrics": metrics})
-        if self.reporter is not None:  # the job's trackers get the numbers the job records
-            self.reporter.checkpoint(checkpoint.step_number, metrics)
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         self.emit({"type": "event", "name": name, "data": dict(data)})
@@ -122,19 +119,13 @@ def run(spec: TrainingSpec, control: Control | None = None) -> dict[str, Any]:
     control = control or Control()
     control.progress("reading")  # the training files, validated again: seconds for large ones
     data = load_data(spec)
-    reporter = control.reporter = Reporter.from_environment(control.event)
-    reporter.start(spec)
-    try:
-        model, evaluation = base.train(data, spec, control)
-        output = Path(spec.output_dir)
-        partial = output.with_name(output.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save(partial)
-        shutil.rmtree(output, ignore_errors=True)
-        partial.rename(output)
-    except BaseException:
-        reporter.finish(None, None)
-        raise
+    model, evaluation = base.train(data, spec, control)
+    output = Path(spec.output_dir)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save(partial)
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
     examples = data.examples
     tokens_per_example = sum(len(e.text.split()) for e in examples) / len(examples)
     trained_examples = int(model.info.get("trained_examples", len(examples)))
@@ -153,7 +144,6 @@ def run(spec: TrainingSpec, control: Control | None = None) -> dict[str, Any]:
             "targets": evaluation.targets,
         },
     }
-    reporter.finish(result, output)
     control.emit(result)
     return result
 

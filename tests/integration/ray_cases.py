@@ -1,6 +1,7 @@
 """The Ray executor's cases, run by test_factory_ray.py inside a loopback-only network namespace
 (never collected on their own: the file name is not test_*). One Ray cluster for the module
-(`ray start --head`, 2 CPUs), moto's S3 as the store, factories in this process.
+(`ray start --head`, 2 CPUs), moto's S3 as the store, factories in this process; for the jobs
+with integrations, a real `mlflow server` and a W&B that cannot be reached (offline runs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 import ray
+from mlflow import MlflowClient
 
+from service.factory.blobs import open_blobs
 from service.factory.executors.ray import NAMESPACE, actor_name
 from tests.support.cluster import S3, aws_env, running_s3
 from tests.support.factory import (
@@ -26,10 +29,15 @@ from tests.support.factory import (
     running_factory,
     sentiment_rows,
 )
+from tests.support.mlflow_server import mlflow_server
 from tests.support.ray_cluster import GCS_PORT, NETNS_ENV, ray_client_address, running_ray
+from tests.support.redis_server import free_port
 from tests.support.waits import Deadline
+from tests.support.wandb_runs import read_run
 
 TEXTS = ["the film was wonderful", "the meal was awful", "the app was broken, really useless"]
+WANDB_KEY = "wandb-key-under-test-" + "w" * 24
+MLFLOW_KEY = "mlflow-token-under-test-" + "m" * 24
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,27 @@ def s3() -> Iterator[S3]:
 def ray_address(s3: S3) -> Iterator[str]:
     with running_ray(s3.env()) as address:
         yield address
+
+
+@pytest.fixture(scope="module")
+def integrations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
+    """A job's integrations, with keys: a real `mlflow server` (in the namespace), and W&B at a
+    port where nothing listens (offline at once, as without internet)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url, pytest.MonkeyPatch.context() \
+            as patch:
+        patch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
+        yield [{"type": "wandb", "project": "factory-ray", "api_key": WANDB_KEY},
+               {"type": "mlflow", "tracking_uri": url, "experiment_name": "factory-ray",
+                "api_key": MLFLOW_KEY}]
+
+
+def keys_nowhere(answers: list[str], root: Path) -> None:
+    """Neither key in the factory's answers (the job's JSON, its events) nor in any file under
+    `root` (the replicas' databases and data directories, W&B's offline runs)."""
+    for key in (WANDB_KEY, MLFLOW_KEY):
+        assert not [a for a in answers if key in a]
+        assert not [str(f) for f in root.rglob("*") if f.is_file() and key.encode() in
+                    f.read_bytes()]
 
 
 def listening() -> list[str]:
@@ -83,18 +112,28 @@ BODIES: dict[str, tuple[dict[str, Any], int]] = {
 
 @pytest.mark.parametrize("base", sorted(BODIES))
 def test_a_ray_training_answers_as_the_local_one(base: str, ray_address: str, s3: S3,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path,
+                                                 integrations: list[dict[str, Any]]) -> None:
     """The same job on both executors, trained at the same time (a local-minilm training is
     ~25 s of fixed cost whatever its size: importing torch, transformers and onnxruntime in a
     fresh process, loading the encoder, the ONNX export and its int8 quantisation; one after the
-    other, the two took ~2x as long on 2 cores), gives the same answers and reports alike."""
+    other, the two took ~2x as long on 2 cores), gives the same answers and reports alike. The
+    local-ngram job on Ray also logs to MLflow and W&B (`ray_job_is_tracked`)."""
     body, rows = BODIES[base]
+    tracked = base == "local-ngram"
     data = jsonl(sentiment_rows(rows, seed=5))
     with running_factory(tmp_path / "local", storage_url=f"s3://{s3.bucket}/local") as on_local, \
             ray_factory(tmp_path / "ray", s3, ray_address) as on_ray:
         local_client, client = FactoryClient(on_local.url), FactoryClient(on_ray.url)
-        started = [(c, c.create_job(c.upload(data)["id"], **body)["id"])
-                   for c in (local_client, client)]
+        started = []
+        for c in (local_client, client):
+            extra: dict[str, Any] = {}
+            if tracked:  # a validation file (for an evaluation to log) on both, trackers on Ray
+                valid = c.upload(jsonl(sentiment_rows(40, seed=6)), name="valid.jsonl")
+                extra["validation_files"] = [valid["id"]]
+                if c is client:
+                    extra["integrations"] = integrations
+            started.append((c, c.create_job(c.upload(data)["id"], **body, **extra)["id"]))
         local, job = (c.wait(job_id, timeout_s=120) for c, job_id in started)
         assert local["status"] == job["status"] == "SUCCESS", (local, job)
         expected = local_client.http.post("/v1/classifications", json={
@@ -112,8 +151,38 @@ def test_a_ray_training_answers_as_the_local_one(base: str, ray_address: str, s3
         assert job["trained_tokens"] == local["trained_tokens"]
         # Its actor is gone once the model is recorded: nothing holds the cluster's CPUs.
         wait_until_gone(actor_name(job["id"]))
+        if tracked:
+            answers = [client.http.get(f"/v1/fine_tuning/jobs/{job['id']}").text,
+                       client.http.get("/v1/fine_tuning/jobs").text]
+            ray_job_is_tracked(job, f"s3://{s3.bucket}/ray", tmp_path)
+            keys_nowhere(answers, tmp_path)
         local_client.close()
         client.close()
+
+
+def ray_job_is_tracked(job: dict[str, Any], storage_url: str, tmp_path: Path) -> None:
+    """The Ray job's trackers, run by its supervising replica: MLflow's run holds its losses,
+    evaluation and model (as published to the store), FINISHED; W&B's offline run the same
+    losses and evaluation."""
+    events = {e["data"]["type"]: e["data"] for e in job["events"] if e["name"] == "integration"}
+    assert events["mlflow"]["status"] == "logging", events
+    losses = {c["step_number"]: c["metrics"]["train_loss"] for c in job["checkpoints"]}
+    mlflow = MlflowClient(tracking_uri=events["mlflow"]["tracking_uri"])
+    run = mlflow.get_run(events["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["base_model"] == "local-ngram"
+    assert {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "train_loss")} \
+        == losses
+    assert run.data.metrics["evaluation.valid_accuracy"] == job["evaluation"]["valid_accuracy"]
+    model = Path(mlflow.download_artifacts(run.info.run_id, "model/model.json",
+                                           str(tmp_path / "artifact")))
+    published = open_blobs(storage_url, tmp_path / "read").local_dir(f"models/{job['id']}")
+    assert model.read_bytes() == (published / "model.json").read_bytes()
+    assert events["wandb"]["status"] == "offline", events
+    wandb_run = read_run(Path(events["wandb"]["run_dir"]))
+    assert {row["_step"]: row["train_loss"] for row in wandb_run["history"]
+            if "train_loss" in row} == losses
+    assert wandb_run["summary"]["evaluation.valid_loss"] == job["evaluation"]["valid_loss"]
+    assert wandb_run["exit_code"] == 0
 
 
 def wait_until_gone(name: str, seconds: float = 15) -> None:
@@ -209,16 +278,24 @@ def test_killing_the_supervising_replica_leaves_the_ray_run_to_the_other(
 
 
 def test_a_ray_run_taken_over_ends_in_success_served_by_the_new_supervisor(
-        ray_address: str, s3: S3, tmp_path: Path) -> None:
+        ray_address: str, s3: S3, tmp_path: Path, integrations: list[dict[str, Any]]) -> None:
     """A dies while its Ray actor trains (local-ngram: seconds on the actor, but A dies as soon
     as the actor exists, before its worker has even imported the trainer); B follows the same
     actor from A's cursor to its result, records the model once, and serves it. A reaches the
     cluster through Ray Client (`ray://`, as the k8s overlay does: the head's Ray Client server,
-    waited for), B as a driver on the GCS: the named detached actor is the same to both."""
-    with taken_over(tmp_path, s3, ray_address, 400, a_address=ray_client_address()) as \
-            (on_b, job_id, _actor):
+    waited for), B as a driver on the GCS: the named detached actor is the same to both. The
+    job's trackers lived in A (its keys in A's memory): B says, per integration, that their runs
+    stopped with A, and holds no key."""
+    with taken_over(tmp_path, s3, ray_address, 400, a_address=ray_client_address(),
+                    integrations=integrations) as (on_b, job_id, _actor):
         job = on_b.wait(job_id, timeout_s=60)
         assert job["status"] == "SUCCESS", job
+        interrupted = [e["data"] for e in job["events"] if e["name"] == "integration"
+                       and e["data"]["status"] == "interrupted"]
+        assert [e["type"] for e in interrupted] == ["wandb", "mlflow"], job["events"]
+        for event in interrupted:
+            assert "replica a " in event["reason"] and job_id in event["reason"], event
+        keys_nowhere([on_b.http.get(f"/v1/fine_tuning/jobs/{job_id}").text], tmp_path)
         model = job["fine_tuned_model"]
         steps = [c["step_number"] for c in job["checkpoints"]]
         assert steps and len(steps) == len(set(steps)), steps  # no checkpoint twice

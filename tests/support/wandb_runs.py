@@ -52,13 +52,14 @@ def _key(item: Any) -> str:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """The run's config, history rows and summary, from its directory
-    (`.../wandb/offline-run-<date>-<id>`)."""
+    """The run's config, history rows, summary and exit code (None while it runs), from its
+    directory (`.../wandb/offline-run-<date>-<id>`)."""
     (log,) = run_dir.glob("run-*.wandb")
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     run: dict[str, Any] = {}
+    exit_code: int | None = None
     for record in records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -70,4 +71,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
-    return {"run": run, "config": config, "history": history, "summary": summary}
+        elif kind == "exit":
+            exit_code = int(record.exit.exit_code)
+    return {"run": run, "config": config, "history": history, "summary": summary,
+            "exit_code": exit_code}

@@ -58,12 +58,10 @@ class Executor(ABC):
     name: str
 
     @abstractmethod
-    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path,
-                     env: Mapping[str, str] | None = None) -> TrainingRun:
+    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path) -> TrainingRun:
         """Start training `spec` (blob keys, see the module's docstring) for `job_id`; `job_dir`
-        is this replica's scratch directory for the job. `env` is the job's experiment-tracking
-        handoff (`tracking/keys.py`, keys included): an executor passes it to a trainer it runs
-        itself and never through a cluster's API, where it would be shown (Ray's dashboard)."""
+        is this replica's scratch directory for the job. Nothing of the job's experiment
+        tracking goes to the run: the supervising replica tracks it (`tracking/base.py`)."""
 
     def device_problem(self, device: str) -> str | None:
         """None when a training on `device` ("cpu", "cuda", "cuda:N") can get one here, else a

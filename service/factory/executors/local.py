@@ -13,7 +13,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -98,12 +98,11 @@ class LocalExecutor(Executor):
                     "factory with a GPU (or FACTORY_EXECUTOR=ray on a cluster with GPU workers)")
         return None
 
-    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path,
-                     env: Mapping[str, str] | None = None) -> TrainingRun:
+    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path) -> TrainingRun:
         local = await asyncio.to_thread(localised, spec, self.blobs)
         spec_path = job_dir / "spec.json"
         spec_path.write_bytes(orjson.dumps(local.to_json()))
-        child_env = {**os.environ, **(env or {})}
+        child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, child_env.get("PYTHONPATH")) if p)
         child_env[PARENT_ENV] = str(os.getpid())

@@ -205,10 +205,9 @@ class RayExecutor(Executor):
                     "\"cpu\", leave it out, or add a GPU worker to the cluster")
         return None
 
-    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path,
-                     env: Mapping[str, str] | None = None) -> TrainingRun:
-        # `env` (a job's tracking handoff, keys included) stays here: an actor's arguments and
-        # runtime_env show in Ray's dashboard. The job manager says so in the job's events.
+    async def submit(self, job_id: str, spec: TrainingSpec, job_dir: Path) -> TrainingRun:
+        # Nothing secret goes to the actor (its arguments and runtime_env show in Ray's
+        # dashboard): the job's experiment trackers run in the supervising replica.
         name = actor_name(job_id)
 
         def create() -> Any:

@@ -1,14 +1,25 @@
 """The experiment-tracker seam: one protocol, a registry of kinds, one module per tracker.
 
 A job's `integrations` (Mistral's `{"type": "wandb", ...}`, and `{"type": "mlflow", ...}`) name
-trackers. They run in the trainer process, beside the model, since that is where the losses
-are, and so whatever runs the trainer (a local child, a Ray task) tracks without more code: the
-trainer opens them (`reporter.Reporter`), hands them the hyperparameters, every checkpoint's
-losses and the final evaluation, and the model directory at the end.
+trackers. They run in the factory replica that supervises the job, beside the record of the run,
+not in the training: that replica already receives every message of the run whatever executes it
+(a local child process, a Ray actor: `jobs.py`, `JobManager._supervise`), so one code path tracks
+for every executor; and the API keys never leave that replica's memory (`keys.py`): nothing is
+handed to a child's environment, nor through a cluster's API (Ray's dashboard shows an actor's
+arguments). The supervisor opens the trackers when the run is submitted
+(`reporter.JobTracking`), hands them the hyperparameters, every checkpoint's losses, and at the
+end the evaluation and the model directory (fetched from the store), or the job's failure,
+cancel, or this replica's stopping.
+
+The price: the trackers see the run, not the machine that trains it. W&B's system metrics
+(CPU, memory, GPU) would describe the factory replica, so they are off (`wandb_run.py`); the
+training's own numbers are all in the checkpoints. And a run's tracker lives with its replica:
+a replica that takes a job over (its supervisor died) has neither the key nor a W&B offline run
+on its disk, so it says so in the job's events instead of resuming the run (`jobs.py`).
 
 A tracker kind is a module in `TRACKERS` with `PACKAGE` (what it imports), `INSTALL` (the command
 that installs it) and `open_run(config, api_key, context) -> Tracker`. The registry imports it only
-when a job asks for it, after importing its package, so the factory itself never
+when a job asks for it, after importing its package, so a factory whose jobs track nothing never
 imports `wandb` or `mlflow`, and a missing one is an event saying what to install, never a failed
 job.
 """
@@ -20,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 #: A hyperparameter's value as trackers take it.
 Param = str | int | float | bool | None
@@ -34,23 +45,32 @@ TRACKERS: dict[str, str] = {
 #: The job event every tracker reports to: `{"type": kind, "status": ..., ...}`.
 EVENT = "integration"
 
+#: How a tracked run ended: the job's own outcome, or STOPPED when the replica that tracked it
+#: stopped supervising the job (it shut down, or another replica took the job's lease over).
+Outcome = Literal["SUCCESS", "FAILED", "CANCELLED", "STOPPED"]
+
 
 class Tracker(Protocol):
-    """One run in one tracker. Calls are made in this order: `start` once, `log` per checkpoint,
-    `finish` once (also when training failed: `ok` false). A call that raises disables the
-    tracker for the rest of the run (the job goes on)."""
+    """One run in one tracker. Calls are made in this order, from one thread: `start` once, `log`
+    per checkpoint, `finish` once, whatever the outcome (`model_dir` only on SUCCESS). A call that
+    raises disables the tracker for the rest of the run (the job goes on)."""
+
+    #: Whether `finish` uses the model's directory: only then is it fetched from the store (with
+    #: S3, a download to the replica's cache).
+    takes_model: bool
 
     def start(self, params: Mapping[str, Param]) -> None: ...
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
-    def finish(self, summary: Mapping[str, float], model_dir: Path | None, ok: bool) -> None: ...
+    def finish(self, summary: Mapping[str, float], model_dir: Path | None,
+               outcome: Outcome) -> None: ...
 
 
 @dataclass(frozen=True)
 class RunContext:
     """What a tracker knows of its job: its id (the run's default name), a local directory it
-    may write into (the job's, on the machine that trains), and how to record a job event (where
+    may write into (the job's, on the supervising replica), and how to record a job event (where
     the run is: a URL, or an offline directory to sync)."""
 
     job_id: str
@@ -77,8 +97,8 @@ def tracker_module(kind: str) -> ModuleType:
     try:
         importlib.import_module(str(module.PACKAGE))
     except ImportError as exc:  # not installed, or installed without what it needs
-        raise TrackerMissing(f"the {module.PACKAGE!r} package cannot be imported where the job "
-                             f"trained ({exc}): {module.INSTALL}") from None
+        raise TrackerMissing(f"the {module.PACKAGE!r} package cannot be imported on the factory "
+                             f"replica that supervises the job ({exc}): {module.INSTALL}") from None
     return module
 
 

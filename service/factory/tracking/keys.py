@@ -1,33 +1,28 @@
-"""How an integration's API key gets from the job request to the trainer, and nowhere else.
+"""Where an integration's API key lives: in the memory of the replica that created the job, and
+nowhere else.
 
 The key is never written down: the job's stored `integrations` leave it out (`jobs.py`), so the
 database, the job's JSON, its events and the logs never hold it. Between the request and the
-training, it lives in this replica's memory (`KeyRing`, by job id); when training starts it is
-handed to the trainer child in one environment variable (`HANDOFF_ENV`, JSON with the job's
-integrations), which the trainer reads and removes from its environment before any tracker
-starts (`take_handoff`), and the ring forgets it. Keys are not written to the spec file either,
-which sits in the job's directory.
+training it waits in this replica's memory (`KeyRing`, by job id); when training starts, the
+replica takes it from the ring to open the job's trackers itself, since the trackers run in the
+replica that supervises the job (`base.py`), for every executor: the key never leaves this
+process, neither to a trainer child's environment nor through a cluster's API (Ray's dashboard
+shows an actor's arguments), nor to the spec file in the job's directory. The trackers hold it
+until the run ends; an offline W&B run is started without it.
 
 What this costs, by design: a job that the factory restarts (QUEUED or VALIDATED when it
 stopped) or that another replica starts trains without its key: W&B then writes the run offline
 (an event says where, and the `wandb sync` command), an MLflow server that needs a token refuses
-the run (an event says so). Encrypting keys into the database with a factory-wide secret would
-keep them across restarts; that secret would then be one more thing to rotate and leak, for
-a case (a restart between create and train, seconds to minutes) that the offline run covers.
+the run (an event says so). A replica that takes over a running job (its supervisor died) has no
+key either and does not resume the tracker runs (an `interrupted` event per integration).
+Encrypting keys into the database with a factory-wide secret would keep them across restarts;
+that secret would then be one more thing to rotate and leak, for a case (a restart between create
+and train, seconds to minutes) that the offline run covers.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import orjson
-
-#: The trainer's environment variable carrying the job's integrations and their keys.
-HANDOFF_ENV = "FACTORY_TRACKING"
+from collections.abc import Sequence
 
 
 class KeyRing:
@@ -41,7 +36,7 @@ class KeyRing:
             self._keys[job_id] = list(keys)
 
     def take(self, job_id: str) -> list[str | None]:
-        """The job's keys, forgotten here (they go to its trainer)."""
+        """The job's keys, forgotten here (they go to the job's trackers, in this process)."""
         return self._keys.pop(job_id, [])
 
     def forget(self, job_id: str) -> None:
@@ -49,37 +44,3 @@ class KeyRing:
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """What the trainer needs to open the job's trackers."""
-
-    job_id: str
-    run_dir: Path
-    integrations: tuple[Mapping[str, Any], ...]
-    keys: tuple[str | None, ...]
-
-
-def handoff_env(job_id: str, integrations: Sequence[Mapping[str, Any]] | None,
-                keys: Sequence[str | None], run_dir: Path) -> dict[str, str]:
-    """The trainer's environment addition for a job (nothing when it has no integrations)."""
-    if not integrations:
-        return {}
-    padded = [*keys, *([None] * len(integrations))][:len(integrations)]
-    return {HANDOFF_ENV: orjson.dumps({
-        "job_id": job_id, "run_dir": str(run_dir),
-        "integrations": [dict(i) for i in integrations], "keys": padded}).decode()}
-
-
-def take_handoff(environ: dict[str, str] | None = None) -> Handoff | None:
-    """In the trainer: the handoff, removed from the environment (so that no process the
-    trackers start inherits the keys)."""
-    env = os.environ if environ is None else environ
-    raw = env.pop(HANDOFF_ENV, None)
-    if not raw:
-        return None
-    doc = orjson.loads(raw)
-    return Handoff(job_id=str(doc["job_id"]), run_dir=Path(doc["run_dir"]),
-                   integrations=tuple(doc["integrations"]),
-                   keys=tuple(None if k is None else str(k) for k in doc["keys"]))

@@ -6,25 +6,38 @@ host (`WANDB_BASE_URL`, default api.wandb.ai) accepting a TCP connection within
 (`WANDB_MODE=offline` semantics) under the job's directory, and the job's `integration` event
 names the directory and the `wandb sync` command that uploads it. The key is never given to an
 offline run, so nothing on disk holds it.
+
+The runs are made in the factory replica that supervises the jobs (`base.py`), several at once
+when it runs several jobs: each is its own run (`reinit="create_new"`; W&B's default would hand a
+second job the first one's run), written by W&B's one service process per replica. W&B's system
+metrics are off (`x_disable_stats`), as are the machine's description and git state: sampled
+here, they would describe the factory replica, not the machine that trains (a Ray worker, a
+trainer child); the training's numbers are the checkpoints'.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.factory.tracking.base import EVENT, Param, RunContext
+from service.factory.tracking.base import EVENT, Outcome, Param, RunContext
 
 PACKAGE = "wandb"
 INSTALL = "pip install 'classifier-gateway[tracking]' (or pip install wandb)"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-#: A reachable W&B answers a TCP connect in well under a second; 3 s is what a training waits
-#: at most before it goes offline (there is no retry: the offline run loses nothing).
+#: A reachable W&B answers a TCP connect in well under a second; 3 s is what a job's tracking
+#: waits at most before it goes offline (there is no retry: the offline run loses nothing).
 PROBE_TIMEOUT_S = 3.0
+#: `wandb.init` and `Run.finish` go through W&B's process-wide state (its one service connection,
+#: the module's run bookkeeping), and W&B does not document them as safe to call from two
+#: threads at once, which is what two jobs' tracking threads do when they start or end together.
+#: They are serialised here (an offline init is well under a second); `log` is not.
+_SETUP = threading.Lock()
 
 
 def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -38,6 +51,8 @@ def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
 
 
 class WandbRun:
+    takes_model = False  # the run's numbers only
+
     def __init__(self, run: Any) -> None:
         self.run = run
 
@@ -47,9 +62,12 @@ class WandbRun:
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
 
-    def finish(self, summary: Mapping[str, float], model_dir: Path | None, ok: bool) -> None:
+    def finish(self, summary: Mapping[str, float], model_dir: Path | None,
+               outcome: Outcome) -> None:
         self.run.summary.update(dict(summary))
-        self.run.finish(exit_code=0 if ok else 1)
+        # W&B marks a run with a non-zero exit code "failed": a cancel or a stop is one too.
+        with _SETUP:
+            self.run.finish(exit_code=0 if outcome == "SUCCESS" else 1)
 
 
 def _init(config: Mapping[str, Any], context: RunContext, *, online: bool,
@@ -59,15 +77,18 @@ def _init(config: Mapping[str, Any], context: RunContext, *, online: bool,
     context.run_dir.mkdir(parents=True, exist_ok=True)
     settings = wandb.Settings(
         mode="online" if online else "offline", api_key=api_key if online else None,
-        # Nothing on the trainer's stdout (its protocol), no system sampling, no code or git
-        # state of the factory's host in the run.
-        silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True,
-        disable_git=True, save_code=False, root_dir=str(context.run_dir), init_timeout=60)
-    return wandb.init(
-        project=str(config["project"]), dir=str(context.run_dir),
-        name=config.get("run_name") or config.get("name") or f"job-{context.job_id}",
-        tags=["classifier-factory"], notes=f"fine-tuning job {context.job_id}",
-        settings=settings)
+        # A run of its own beside the other jobs' (the module's docstring); nothing printed, no
+        # console capture (the factory's, not the job's); no system sampling, machine, code or
+        # git state of the factory's host in the run.
+        reinit="create_new", silent=True, console="off", x_disable_stats=True,
+        x_disable_machine_info=True, disable_git=True, save_code=False,
+        root_dir=str(context.run_dir), init_timeout=60)
+    with _SETUP:
+        return wandb.init(
+            project=str(config["project"]), dir=str(context.run_dir),
+            name=config.get("run_name") or config.get("name") or f"job-{context.job_id}",
+            tags=["classifier-factory"], notes=f"fine-tuning job {context.job_id}",
+            settings=settings)
 
 
 def open_run(config: Mapping[str, Any], api_key: str | None, context: RunContext) -> WandbRun:

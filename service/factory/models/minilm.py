@@ -64,7 +64,9 @@ at load 5-6: not comparable, the fine-tuning alone 1,278 s; the issue measured 3
 0.9614: met), before 0.9864 (encoder 0.9681): 4 more test articles of 225 wrong, the price of
 reading 48 tokens, not 128, a step. Scoring the held-out slice on every chunk gave the same
 predictions (18 s instead of 12). Tweets: the same predictions to the last label (same digest),
-0.7179, 105.1 s vs 104.4 s before.
+0.7179, 105.1 s vs 104.4 s before. On a second split (seed 1) 48 and 64 tokens a step both
+served 0.9815 against the baseline's 0.9812 (encoder alone 0.9573 and 0.9525): a longer window
+buys nothing back, so 48 stays (docs/performance.md).
 
 Figures (bench/minilm_bench.py, tests/integration/test_minilm_accuracy.py; docs/factory.md "Base
 models" has the table), macro-F1 of the blend vs the TF-IDF + LR baseline on the same split:

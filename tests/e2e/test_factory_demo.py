@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,23 @@ import pytest
 
 from tests.support.factory import REPO
 from tests.support.redis_server import RedisServer, free_port
+
+#: Every demo a test started: `_no_demo_left` kills those still running when the test ends.
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_demo_left() -> Iterator[None]:
+    """A test that fails before its demo stops (a timeout, an assertion) must not leave the demo
+    and its servers running for the rest of the suite (seen: a factory still serving after a failed
+    Ctrl-C test). The demo is killed; its servers, which ask Linux for SIGTERM when it dies
+    (`PR_SET_PDEATHSIG`, see test_servers_do_not_outlive_a_demo_killed_outright), go with it."""
+    yield
+    while _started:
+        demo = _started.pop()
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
 
 
 def _demo(data_dir: Path, redis_url: str, env: dict[str, str] | None = None) -> str:
@@ -85,6 +103,7 @@ def test_ctrl_c_stops_both_processes_cleanly(tmp_path: Path) -> None:
          "--factory-port", str(factory_port), "--data-dir", str(tmp_path / "data"),
          "--redis-url", ""],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _started.append(demo)
     assert demo.stdout is not None
     output = []
     for line in demo.stdout:  # wait until it is serving
@@ -119,6 +138,7 @@ def _start_demo(data_dir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
         [sys.executable, "-m", "service.cli", "demo", "--port", str(gateway_port),
          "--factory-port", str(factory_port), "--data-dir", str(data_dir), "--redis-url", ""],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _started.append(demo)
     return demo, gateway_port, factory_port
 
 

@@ -144,3 +144,26 @@ def home_assistant_two_targets(per_intent: int = 60, seed: int = 0,
     such as "l'alarme"), 41 intents; at 20 per intent 792 sentences with 18 domains.
     """
     return intent_domain_examples(per_intent, seed, language)
+
+
+def home_assistant_skewed(total: int = 3_750, alpha: float = 1.0, seed: int = 0,
+                          ) -> list[tuple[str, str, str]]:
+    """`home_assistant_two_targets(250)` with skewed intent frequencies, as natural traffic has:
+    the 42 intents in a seeded random order, the k-th (from 1) kept at `total / k ** alpha`
+    sentences, normalised so the shares sum to `total`, at least 4 and at most what the
+    templates give (250 here). At `alpha=1.0` (Zipf): 2,580 sentences, intents from 250 down to
+    2 (a template set with 2 sentences), domains from homeassistant (501) down to person (2)."""
+    rows = home_assistant_two_targets(250, seed=0)
+    by_intent: dict[str, list[tuple[str, str, str]]] = {}
+    for row in rows:
+        by_intent.setdefault(row[1], []).append(row)
+    intents = sorted(by_intent)
+    random.Random(seed).shuffle(intents)
+    shares = [1 / (k + 1) ** alpha for k in range(len(intents))]
+    scale = total / sum(shares)
+    out: list[tuple[str, str, str]] = []
+    for k, intent in enumerate(intents):
+        pool = by_intent[intent]
+        out += random.Random(seed + k).sample(pool, min(len(pool), max(4, round(shares[k] * scale))))
+    random.Random(seed).shuffle(out)
+    return out

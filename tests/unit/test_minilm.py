@@ -429,3 +429,27 @@ def test_training_on_long_texts_reads_bounded_windows(monkeypatch: pytest.Monkey
                          device="cpu")
     assert fed[0] == 48 * TRAIN_TOKENS  # the probe: all 48 examples
     assert fed[1:] == [8 * TRAIN_TOKENS] * len(fed[1:]) and len(fed) >= 3
+
+
+def test_the_encoder_loss_weighs_rare_labels_up_by_the_square_root_of_their_rarity() -> None:
+    """`balanced`: a label with half of another's (file-weighted) examples weighs sqrt(2) as
+    much an example; the total stays; unlabelled rows stay 0; multi-label heads are untouched."""
+    from service.factory.models.base import Head
+    from service.factory.models.minilm_train import BALANCE_POWER, Targets, balanced
+
+    assert BALANCE_POWER == 0.5
+    heads = [Head("s", ("a", "b"), "single_class"), Head("m", ("x", "y"), "multi_class")]
+    rows = ([("a", ("x",))] * 5 + [("a", ("x", "y"))] + [("b", ("y",))] * 2
+            + [(None, ("y",))])
+    ex = [Example(i, f"t{i}", {k: v for k, v in (("s", s), ("m", m)) if v is not None})
+          for i, (s, m) in enumerate(rows)]
+    file_weights = [1.0] * 7 + [2.0, 1.0]  # the second "b" counts twice: 6 "a" against 3 "b"
+    before = Targets.of(heads, ex, file_weights)
+    after = balanced(heads, before, BALANCE_POWER)
+    s_before, s_after = before.w[0], after.w[0]
+    assert s_after[8] == 0.0  # unlabelled for "s"
+    assert s_after.sum() == pytest.approx(s_before.sum())
+    assert s_after[6] / s_after[0] == pytest.approx(2 ** 0.5)  # 6 / 3 examples: sqrt(2)
+    assert s_after[7] / s_after[6] == pytest.approx(2.0)  # its file weight is kept
+    np.testing.assert_array_equal(after.w[1], before.w[1])
+    np.testing.assert_array_equal(balanced(heads, before, 0.0).w[0], s_before)

@@ -453,3 +453,20 @@ def test_the_encoder_loss_weighs_rare_labels_up_by_the_square_root_of_their_rari
     assert s_after[7] / s_after[6] == pytest.approx(2.0)  # its file weight is kept
     np.testing.assert_array_equal(after.w[1], before.w[1])
     np.testing.assert_array_equal(balanced(heads, before, 0.0).w[0], s_before)
+
+
+def test_the_network_trains_on_the_balanced_weights() -> None:
+    """`_network` hands the loop (and the probe) the balanced loss weights, not the plain ones:
+    three "a" to one "b", so a "b" example weighs sqrt(3) times an "a" one."""
+    import torch
+
+    from service.factory.models.base import Head
+    from service.factory.models.minilm_train import _network, _Split
+
+    heads = [Head("s", ("a", "b"), "single_class")]
+    ex = [Example(i, f"text {i}", {"s": "a" if i % 4 else "b"}) for i in range(8)]
+    split = _Split(ex, [1.0] * 8, [], ex, [1.0] * 8)
+    *_, targets = _network(heads, split, 0, torch.device("cpu"), SEQ_LEN, 1, SilentControl())
+    w = targets.w[0]
+    assert w[0] / w[1] == pytest.approx(3 ** 0.5)  # ex 0 is a "b", ex 1 an "a"
+    assert w.sum() == pytest.approx(8.0)

@@ -49,16 +49,25 @@ CORPORA: dict[str, tuple[Callable[[], list[Any]], tuple[str, ...]]] = {
 }
 
 
-def run_one(rows: list[Row], targets: tuple[str, ...], seed: int, power: float,
-            baselines: list[float]) -> list[dict[str, Any]]:
-    """Train once at `power` on the split of `seed`; a row per target."""
+def macro_f1(head: Any, z: Any, ev: Any, gold: list[str], weights: tuple[float, float]) -> float:
+    """Macro-F1 of one head's blend of encoder logits `z` and n-gram evidence `ev` at `weights`
+    (argmax only: the temperature does not move it)."""
     from sklearn.metrics import f1_score
 
+    from service.factory.models.minilm_onnx import blend_logits
+
+    predicted = blend_logits(z, ev, weights).argmax(axis=1)
+    return round(float(f1_score(gold, [head.labels[i] for i in predicted], average="macro")), 4)
+
+
+def run_one(train_rows: list[Row], test_rows: list[Row], targets: tuple[str, ...], seed: int,
+            power: float, baselines: list[float]) -> list[dict[str, Any]]:
+    """Train once at `power` (training seed `seed`) on `train_rows`; a row per target, scored on
+    `test_rows` (the test texts go through the encoder and the n-gram model once)."""
     from service.factory.models import minilm_train
-    from service.factory.models.minilm_onnx import blend_logits, evidence
+    from service.factory.models.minilm_onnx import evidence
     from service.factory.models.scoring import slices
 
-    train_rows, test_rows = split(rows, 0.2, seed=seed)
     examples = [Example(i, r[0], dict(zip(targets, r[1:], strict=True)))
                 for i, r in enumerate(train_rows)]
     spec = TrainingSpec(
@@ -80,17 +89,11 @@ def run_one(rows: list[Row], targets: tuple[str, ...], seed: int, power: float,
     out = []
     for k, (head, s) in enumerate(zip(model.heads, slices(model.heads), strict=True)):
         gold = [r[k + 1] for r in test_rows]
-        ev = evidence(head, ngram[k])
-
-        def f1(weights: tuple[float, float], head: Any = head, s: Any = s, ev: Any = ev,
-               gold: list[str] = gold) -> float:
-            predicted = blend_logits(z[:, s], ev, weights).argmax(axis=1)
-            return round(float(f1_score(gold, [head.labels[i] for i in predicted],
-                                        average="macro")), 4)
-
-        served = f1(model.weights[k])
-        out.append({"target": head.name, "power": power, "seed": seed,
-                    "served": served, "encoder": f1((1.0, 0.0)), "ngram": f1((0.0, 1.0)),
+        zk, ev = z[:, s], evidence(head, ngram[k])
+        served = macro_f1(head, zk, ev, gold, model.weights[k])
+        out.append({"target": head.name, "power": power, "seed": seed, "served": served,
+                    "encoder": macro_f1(head, zk, ev, gold, (1.0, 0.0)),
+                    "ngram": macro_f1(head, zk, ev, gold, (0.0, 1.0)),
                     "baseline": round(baselines[k], 4),
                     "served_minus_baseline": round(served - baselines[k], 4),
                     "weights": list(model.weights[k]), "seconds": round(seconds, 1)})
@@ -115,7 +118,8 @@ def main() -> None:
                                      [(r[0], r[k + 1]) for r in test_rows])
                          for k in range(len(targets))]
             for power in args.powers:
-                for row in run_one(rows, targets, seed, power, baselines):
+                for row in run_one(train_rows, test_rows, targets, seed, power,
+                                   baselines):
                     rows_out.append({"corpus": name, **row})
     summary = {}
     for power in args.powers:

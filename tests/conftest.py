@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     file, and every other file keeps its place after them)."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None],
+                              ) -> Generator[None, pytest.TestReport, None]:
+    """Under CI (`CI=true`, as `.ci/run` is called) a skipped test fails: a missing dependency
+    (Debian's postgresql, say) must turn CI red, not pass it quietly. Elsewhere a skip names what
+    to install."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI", "").lower() in ("true", "1") \
+            and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} skipped under CI, where every dependency must be "
+                           f"installed: {report.longrepr}")
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ def _with_weights(source: Path, target: Path, weights: list[list[float]]) -> Pat
     chosen on other data)."""
     shutil.copytree(source, target)
     meta = orjson.loads((target / "model.json").read_bytes())
+    meta.pop("blends")  # the format of models trained before mixtures: `weights`, one part
     meta["weights"] = weights
     (target / "model.json").write_bytes(orjson.dumps(meta))
     return target
@@ -149,7 +150,7 @@ def test_each_target_gets_its_own_columns_and_a_multi_label_target_its_sigmoids(
                       "loss_function": "multi_class", "weight": 1.0},
                      {"name": "is positive", "labels": ["positive"],
                       "loss_function": "multi_class", "weight": 1.0}]
-    meta["weights"] = [[1.0, 0.0], [2.0, 0.0]]
+    meta["blends"] = [[[1.0, 1.0, 0.0]], [[1.0, 2.0, 0.0]]]
     meta["temperatures"] = [1.0, 0.5]
     (two / "model.json").write_bytes(orjson.dumps(meta))
     for fmt in ("onnx", "hf"):

@@ -470,3 +470,85 @@ def test_the_network_trains_on_the_balanced_weights() -> None:
     w = targets.w[0]
     assert w[0] / w[1] == pytest.approx(3 ** 0.5)  # ex 0 is a "b", ex 1 an "a"
     assert w.sum() == pytest.approx(8.0)
+
+
+def test_one_part_is_the_product_and_a_mixture_keeps_a_label_the_encoder_vetoes() -> None:
+    """A one-part blend is `act(a * z + b * ev)` as before; the temperature divides the blend's
+    logits. In the product, an encoder that pushed a label far down (-12) overrules an n-gram
+    model sure of it (0.9), even where the encoder hardly prefers any other label; in a mixture
+    (the shares French intents chose, training seed 1) the n-gram model's share of it survives."""
+    from service.factory.models.base import Head
+    from service.factory.models.minilm_onnx import blend, blend_logits, evidence, product
+    from service.factory.models.scoring import softmax
+
+    head = Head("s", ("a", "b", "c"), "single_class")
+    z = np.array([[0.5, 0.3, -12.0], [0.0, 3.0, 0.0]], dtype=np.float32)
+    ev = evidence(head, np.array([[0.05, 0.05, 0.9], [0.1, 0.8, 0.1]], dtype=np.float32))
+    one = product((0.75, 1.5))
+    np.testing.assert_array_equal(blend_logits(head, z, ev, one), 0.75 * z + 1.5 * ev)
+    np.testing.assert_allclose(blend(head, z, ev, one, 2.0), softmax((0.75 * z + 1.5 * ev) / 2),
+                               atol=1e-6)
+    assert blend(head, z, ev, product((1.0, 1.0)))[0].argmax() == 0  # the veto
+    mixture = ((0.5, 1.0, 1.0), (0.025, 1.0, 0.0), (0.475, 0.0, 1.0))
+    p = blend(head, z, ev, mixture)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    expected = (0.5 * softmax(z + ev) + 0.025 * softmax(z) + 0.475 * softmax(ev))
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+    assert p[0].argmax() == 2 and p[1].argmax() == 1
+
+
+def test_a_multi_label_mixture_mixes_each_labels_probability() -> None:
+    from service.factory.models.base import Head
+    from service.factory.models.minilm_onnx import blend, evidence
+    from service.factory.models.scoring import sigmoid
+
+    head = Head("m", ("x", "y"), "multi_class")
+    z = np.array([[3.0, -9.0]], dtype=np.float32)
+    ev = evidence(head, np.array([[0.2, 0.95]], dtype=np.float32))
+    p = blend(head, z, ev, ((0.5, 1.0, 0.0), (0.5, 0.0, 1.0)))
+    np.testing.assert_allclose(p, 0.5 * sigmoid(z) + 0.5 * np.array([[0.2, 0.95]]), atol=1e-5)
+
+
+def test_choose_blends_mixes_the_product_half_and_half_with_the_calibrated_models() -> None:
+    """On a held-out slice where the encoder is sure and wrong on label "c" and the n-gram model
+    right, the blend's second half leans on the n-gram model; each part is (share, a, b), the
+    shares sum to 1 and the product keeps `PRODUCT_SHARE`. A head with no labelled held-out
+    example gets the product at `DEFAULT_WEIGHTS`."""
+    from service.factory.models.base import Head
+    from service.factory.models.minilm_onnx import blend
+    from service.factory.models.minilm_train import (
+        DEFAULT_WEIGHTS,
+        GRID,
+        PRODUCT_SHARE,
+        choose_blends,
+    )
+
+    rng = np.random.default_rng(0)
+    heads = [Head("s", ("a", "b", "c"), "single_class"), Head("u", ("p", "q"), "single_class")]
+    gold = rng.integers(0, 3, 90)
+    z = rng.normal(0, 1, (90, 5)).astype(np.float32)
+    z[np.arange(90), gold] += 3.0
+    z[gold == 2, 2] = -8.0  # the encoder never learnt "c"
+    ngram = np.full((90, 3), 0.15, dtype=np.float32)
+    ngram[np.arange(90), gold] = 0.7
+    examples = [Example(i, f"t{i}", {"s": "abc"[g]}) for i, g in enumerate(gold)]
+    (s, u) = choose_blends(heads, z, [ngram, np.full((90, 2), 0.5, np.float32)], examples)
+    assert u == ((1.0, *DEFAULT_WEIGHTS),)
+    assert abs(sum(share for share, _, _ in s) - 1.0) < 1e-9
+    assert s[0][0] == PRODUCT_SHARE and s[0][1:] in GRID
+    assert [b for _, _, b in s[1:]] in ([0.0, pytest.approx(s[-1][2])], [pytest.approx(s[-1][2])])
+    p = blend(heads[0], z[:, :3], np.log(ngram), s)
+    assert (p.argmax(axis=1)[gold == 2] == 2).mean() > 0.9
+
+
+def test_a_model_json_of_either_format_gives_its_blends() -> None:
+    from service.factory.models.minilm_onnx import blends_of
+
+    assert blends_of({"weights": [[0.75, 0.25]]}, 1) == [((1.0, 0.75, 0.25),)]
+    mixed = [[[0.5, 1.0, 1.0], [0.5, 0.0, 1.2]]]
+    assert blends_of({"blends": mixed, "weights": [[9, 9]]}, 1) == [((0.5, 1.0, 1.0),
+                                                                       (0.5, 0.0, 1.2))]
+    with pytest.raises(ValueError, match="sum to 1"):
+        blends_of({"blends": [[[0.5, 1.0, 1.0]]]}, 1)
+    with pytest.raises(ValueError, match="2 heads"):
+        blends_of({"weights": [[1.0, 1.0]]}, 2)

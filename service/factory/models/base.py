@@ -301,13 +301,14 @@ class ExportedTarget:
     directory: str
     labels: list[str]
     loss_function: str
-    #: The blend's (encoder, n-gram) weights the factory scores this target with.
-    blend: tuple[float, float]
+    #: The blend the factory scores this target with: parts (share, encoder weight, n-gram
+    #: weight), `minilm_onnx.Blend`.
+    blend: tuple[tuple[float, float, float], ...]
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "directory": self.directory, "labels": self.labels,
-                "loss_function": self.loss_function, "blend": list(self.blend),
+                "loss_function": self.loss_function, "blend": [list(part) for part in self.blend],
                 "matches_factory": not self.notes, "notes": self.notes}
 
 

@@ -44,6 +44,10 @@ from service.factory.models.minilm_onnx import (
     NAME,
     ONNX_FILE,
     TOKENIZER_FILE,
+    Blend,
+    blends_of,
+    describe,
+    exact_alone,
     export_scale,
     temperatures_of,
 )
@@ -73,7 +77,7 @@ class MiniLMExporter:
                                 f"{meta.get('format')!r}; this factory exports format {FORMAT}: "
                                 "train it again")
         heads = _heads(meta)
-        weights = [(float(a), float(b)) for a, b in meta["weights"]]
+        weights = blends_of(meta, len(heads))
         temperatures = temperatures_of(meta, len(heads))
         state: dict[str, Any] | None = None
         if fmt == "hf":
@@ -142,14 +146,14 @@ def _figure(meta: Mapping[str, Any], head: str, key: str) -> tuple[float, int, s
     return float(value), int(figures.get("texts", 0)), str(figures.get("source", ""))
 
 
-def _blend_note(meta: Mapping[str, Any], head: Head, weights: tuple[float, float]) -> str | None:
-    if not weights[1]:
+def _blend_note(meta: Mapping[str, Any], head: Head, parts: Blend) -> str | None:
+    if exact_alone(parts):
         return None
     figure = _figure(meta, head.name, "blend_max")
     measured = (f"; on {figure[1]} {figure[2]} texts its scores differed from the factory's by "
                 f"up to {figure[0]:.3f}" if figure else "")
     return (f"target {head.name!r}: the factory blends the n-gram model's evidence into this "
-            f"model's scores (weights encoder {weights[0]}, n-gram {weights[1]}); the export "
+            f"model's scores ({describe(parts)}); the export "
             f"carries the encoder alone, without the temperature fitted to the blend{measured}. For an export that answers as the factory "
             "does, train with the hyperparameter ngram_blend: false (`classifier-gateway "
             "finetune --no-ngram-blend`)")

@@ -8,12 +8,16 @@ network's float32 weights (91 MB; the int8 graph is 23 MB). Serving never reads 
 `minilm_export` writes a Hugging Face directory from, since the int8 graph has lost
 precision that cannot be recovered. Models trained before they were kept export as ONNX only. A
 float32 graph (`quantize=False`, for tests and benches) loads and serves the same way. Scores are
-the per-head blend
+a per-head blend (`Blend`) of parts, each
 
-    z = encoder_weight * mean_over_chunks(encoder logits) + ngram_weight * ngram log-evidence
+    act(a * mean_over_chunks(encoder logits) + b * ngram log-evidence)
 
-(log-probabilities for `single_class`, log-odds for `multi_class`), then softmax or sigmoid; the
-two weights were chosen on held-out data at training time (see `minilm_train`).
+(log-probabilities for `single_class`, log-odds for `multi_class`; `act` softmax or sigmoid),
+their probabilities mixed by share, then the head's temperature on the mixture's log. Models
+trained since 2026-12-07 mix the product of the two models (a, b > 0) half and half with a
+mixture of each model alone, calibrated: the n-gram model's vote for a label the encoder never
+learnt then survives (`minilm_train.choose_blends`, with the figures); older models have one
+part, the product. All weights were chosen on held-out data at training time.
 
 Long inputs are cut into chunks of `seq_len` tokens ([CLS] ... [SEP]), at most `max_chunks` of
 them; a text's encoder logits are the mean of its chunks' logits, which, the heads being linear,
@@ -100,36 +104,100 @@ def evidence(head: Head, p: F32) -> F32:
     return out
 
 
-def blend_logits(encoder_logits: F32, ngram_evidence: F32 | None,
-                 weights: tuple[float, float]) -> F32:
-    """One head's logits: the encoder's and the n-gram model's evidence, weighted."""
-    z = weights[0] * encoder_logits
-    if ngram_evidence is not None and weights[1]:
-        z = z + weights[1] * ngram_evidence
-    out: F32 = z.astype(np.float32)
-    return out
+#: One head's blend: parts `(share, encoder weight, n-gram weight)`, each a log-linear pool
+#: `act(a * encoder logits + b * n-gram evidence)` (`act`: softmax or sigmoid), their
+#: probabilities mixed by share (the shares sum to 1). One part is the product of experts every
+#: model trained before 2026-12-07 serves (`model.json`'s `weights`: `(a, b)` per head); training
+#: now mixes it with a mixture of the two calibrated models (`minilm_train.choose_blends`).
+Blend = tuple[tuple[float, float, float], ...]
+#: A mixture's probabilities are clipped here before their log: a label no part supports keeps a
+#: finite logit.
+MIX_FLOOR = 1e-12
 
 
-def blend(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
-          weights: tuple[float, float]) -> F32:
-    """Probabilities of one head from the encoder's logits and the n-gram model's evidence."""
-    z = blend_logits(encoder_logits, ngram_evidence, weights)
+def product(weights: tuple[float, float]) -> Blend:
+    """The one-part blend `act(a * encoder + b * ngram)`."""
+    return ((1.0, float(weights[0]), float(weights[1])),)
+
+
+def uses_ngram(parts: Blend) -> bool:
+    return any(b for _, _, b in parts)
+
+
+def _activation(head: Head, z: F32) -> F32:
     return softmax(z) if head.loss_function == "single_class" else sigmoid(z)
 
 
-def calibrated(weights: tuple[float, float], temperature: float) -> tuple[float, float]:
-    """Blend weights with the head's temperature folded in: `(a * enc + b * ev) / T` is
-    `(a / T) * enc + (b / T) * ev`."""
-    return (weights[0] / temperature, weights[1] / temperature)
+def blend_logits(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
+                 parts: Blend) -> F32:
+    """One head's logits. One part: `a * encoder + b * evidence` exactly (the product of the two
+    models). Several: the log of the mixture of the parts' probabilities (`single_class`; its
+    softmax is the mixture), or its log-odds (`multi_class`, per label)."""
+    if len(parts) == 1:
+        _, a, b = parts[0]
+        z = a * encoder_logits
+        if ngram_evidence is not None and b:
+            z = z + b * ngram_evidence
+        out: F32 = z.astype(np.float32)
+        return out
+    p = np.zeros(encoder_logits.shape, dtype=np.float64)
+    for share, a, b in parts:
+        z = a * encoder_logits
+        if ngram_evidence is not None and b:
+            z = z + b * ngram_evidence
+        p += share * _activation(head, z.astype(np.float32))
+    q = np.clip(p, MIX_FLOOR, 1.0 - MIX_FLOOR)
+    mixed: F32 = (np.log(q) if head.loss_function == "single_class"
+                  else np.log(q / (1.0 - q))).astype(np.float32)
+    return mixed
 
 
-def export_scale(weights: tuple[float, float], temperature: float = 1.0) -> float:
-    """The factor on a head's logits in an export of the encoder alone: the encoder's blend weight
-    over the head's temperature when the n-gram weight is 0 (the served scores are then exactly
-    `softmax(a / T * logits)`, which the export reproduces), else 1 (the encoder as trained,
-    uncalibrated: the temperature was fitted to the blend; its scores then differ from the
-    blend's, see `minilm_train.export_figures`)."""
-    return weights[0] / temperature if not weights[1] else 1.0
+def blend(head: Head, encoder_logits: F32, ngram_evidence: F32 | None, parts: Blend,
+          temperature: float = 1.0) -> F32:
+    """Probabilities of one head from the encoder's logits and the n-gram model's evidence, at
+    the head's temperature (the blend's logits divided by it)."""
+    z = blend_logits(head, encoder_logits, ngram_evidence, parts)
+    return _activation(head, z / np.float32(temperature) if temperature != 1.0 else z)
+
+
+def exact_alone(parts: Blend) -> bool:
+    """Whether the blend is the encoder alone at a scale (an export of the encoder reproduces
+    it exactly)."""
+    return len(parts) == 1 and not parts[0][2]
+
+
+def describe(parts: Blend) -> str:
+    """A blend in words, for notes: `weights encoder 0.75, n-gram 0.25` for one part."""
+    return "; ".join((f"{share:g} x " if len(parts) > 1 else "")
+                     + f"weights encoder {a:g}, n-gram {b:g}" for share, a, b in parts)
+
+
+def export_scale(parts: Blend, temperature: float = 1.0) -> float:
+    """The factor on a head's logits in an export of the encoder alone: the encoder's weight over
+    the head's temperature when the blend is the encoder alone (one part, n-gram weight 0: the
+    served scores are then exactly `softmax(a / T * logits)`, which the export reproduces), else
+    1 (the encoder as trained, uncalibrated: the temperature was fitted to the blend; its scores
+    then differ from the blend's, see `minilm_train.export_figures`)."""
+    if exact_alone(parts):
+        return parts[0][1] / temperature
+    return 1.0
+
+
+def blends_of(meta: Mapping[str, Any], heads: int) -> list[Blend]:
+    """A `model.json`'s blends: `blends` (parts per head), or `weights` (`(a, b)` per head,
+    models trained before mixtures: one part each, served as they always were)."""
+    if "blends" in meta:
+        blends = [tuple((float(s), float(a), float(b)) for s, a, b in parts)
+                  for parts in meta["blends"]]
+    else:
+        blends = [product((float(a), float(b))) for a, b in meta["weights"]]
+    if len(blends) != heads:
+        raise ValueError(f"{len(blends)} blends for {heads} heads")
+    for parts in blends:
+        if not parts or min(s for s, _, _ in parts) < 0 or abs(sum(s for s, _, _ in parts)
+                                                                  - 1.0) > 1e-6:
+            raise ValueError(f"blend {parts}: shares must be positive and sum to 1")
+    return blends
 
 
 class Chunker:
@@ -269,8 +337,8 @@ class MiniLMModel:
     tokenizer_json: str
     seq_len: int
     max_chunks: int
-    #: Per head: (encoder weight, n-gram weight).
-    weights: list[tuple[float, float]]
+    #: Per head: its blend of the encoder and the n-gram model (`Blend`).
+    weights: list[Blend]
     ngram: NGramModel | None = None
     kind: str = "text"
     info: dict[str, Any] = field(default_factory=dict)
@@ -324,7 +392,7 @@ class MiniLMModel:
         return mean
 
     def ngram_evidence(self, texts: Sequence[str]) -> list[F32] | None:
-        if self.ngram is None or not any(w[1] for w in self.weights):
+        if self.ngram is None or not any(uses_ngram(w) for w in self.weights):
             return None
         probs = self.ngram.predict_proba(texts)
         return [evidence(h, p) for h, p in zip(self.heads, probs, strict=True)]
@@ -334,8 +402,8 @@ class MiniLMModel:
         texts = list(texts)
         z = self.encoder_logits(texts)
         ev = self.ngram_evidence(texts)
-        return [blend_logits(z[:, s], None if ev is None else ev[k], self.weights[k])
-                for k, s in enumerate(slices(self.heads))]
+        return [blend_logits(h, z[:, s], None if ev is None else ev[k], self.weights[k])
+                for k, (h, s) in enumerate(zip(self.heads, slices(self.heads), strict=True))]
 
     def predict_proba(self, texts: Sequence[str]) -> list[F32]:
         """One (n, labels) probability matrix per head, in head order."""
@@ -345,8 +413,8 @@ class MiniLMModel:
     def probabilities(self, z: F32, ev: list[F32] | None) -> list[F32]:
         """`predict_proba` from the texts' encoder logits `z` and n-gram evidence `ev`, for a
         caller that already holds them (the export figures)."""
-        return [blend(h, z[:, s], None if ev is None else ev[k],
-                      calibrated(self.weights[k], self.temperatures[k]))
+        return [blend(h, z[:, s], None if ev is None else ev[k], self.weights[k],
+                      self.temperatures[k])
                 for k, (h, s) in enumerate(zip(self.heads, slices(self.heads), strict=True))]
 
     def classify(self, texts: Sequence[str]) -> list[Scores]:
@@ -365,7 +433,8 @@ class MiniLMModel:
                       str(directory / FP32_FILE))
         meta = {"format": FORMAT, "base_model": NAME, "kind": self.kind,
                 "seq_len": self.seq_len, "max_chunks": self.max_chunks,
-                "weights": [list(w) for w in self.weights], "ngram": self.ngram is not None,
+                "blends": [[list(part) for part in w] for w in self.weights],
+                "ngram": self.ngram is not None,
                 "temperatures": list(self.temperatures),
                 "heads": [{"name": h.name, "labels": list(h.labels),
                            "loss_function": h.loss_function, "weight": h.weight}
@@ -385,7 +454,7 @@ class MiniLMModel:
                                        f"{meta.get('format')!r}); train the model again")
             heads = [Head(h["name"], tuple(h["labels"]), h["loss_function"], float(h["weight"]))
                      for h in meta["heads"]]
-            weights = [(float(a), float(b)) for a, b in meta["weights"]]
+            weights = blends_of(meta, len(heads))
             onnx_bytes = (directory / ONNX_FILE).read_bytes()
             tokenizer_json = (directory / TOKENIZER_FILE).read_text(encoding="utf-8")
             ngram: NGramModel | None = None
@@ -393,8 +462,6 @@ class MiniLMModel:
                 from service.factory.models.ngram import NGramModel
 
                 ngram = NGramModel.load(directory / NGRAM_DIR)
-            if len(weights) != len(heads):
-                raise ValueError(f"{len(weights)} blend weights for {len(heads)} heads")
             temperatures = temperatures_of(meta, len(heads))
             model = cls(heads, onnx_bytes, tokenizer_json, int(meta["seq_len"]),
                         int(meta["max_chunks"]), weights, ngram, str(meta.get("kind", "text")),

@@ -486,8 +486,8 @@ def test_one_part_is_the_product_and_a_mixture_keeps_a_label_the_encoder_vetoes(
     ev = evidence(head, np.array([[0.05, 0.05, 0.9], [0.1, 0.8, 0.1]], dtype=np.float32))
     one = product((0.75, 1.5))
     np.testing.assert_array_equal(blend_logits(head, z, ev, one), 0.75 * z + 1.5 * ev)
-    np.testing.assert_allclose(blend(head, z, ev, one, 2.0), softmax((0.75 * z + 1.5 * ev) / 2),
-                               atol=1e-6)
+    halved = ((0.75 * z + 1.5 * ev) / 2).astype(np.float32)
+    np.testing.assert_allclose(blend(head, z, ev, one, 2.0), softmax(halved), atol=1e-6)
     assert blend(head, z, ev, product((1.0, 1.0)))[0].argmax() == 0  # the veto
     mixture = ((0.5, 1.0, 1.0), (0.025, 1.0, 0.0), (0.475, 0.0, 1.0))
     p = blend(head, z, ev, mixture)

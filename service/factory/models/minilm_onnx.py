@@ -128,24 +128,25 @@ def _activation(head: Head, z: F32) -> F32:
     return softmax(z) if head.loss_function == "single_class" else sigmoid(z)
 
 
+def _pooled(encoder_logits: F32, ngram_evidence: F32 | None, a: float, b: float) -> F32:
+    """One part's logits: `a * encoder + b * evidence` (the evidence left out where b is 0)."""
+    z = a * encoder_logits
+    if ngram_evidence is not None and b:
+        z = z + b * ngram_evidence
+    out: F32 = z.astype(np.float32)
+    return out
+
+
 def blend_logits(head: Head, encoder_logits: F32, ngram_evidence: F32 | None,
                  parts: Blend) -> F32:
     """One head's logits. One part: `a * encoder + b * evidence` exactly (the product of the two
     models). Several: the log of the mixture of the parts' probabilities (`single_class`; its
     softmax is the mixture), or its log-odds (`multi_class`, per label)."""
     if len(parts) == 1:
-        _, a, b = parts[0]
-        z = a * encoder_logits
-        if ngram_evidence is not None and b:
-            z = z + b * ngram_evidence
-        out: F32 = z.astype(np.float32)
-        return out
+        return _pooled(encoder_logits, ngram_evidence, parts[0][1], parts[0][2])
     p = np.zeros(encoder_logits.shape, dtype=np.float64)
     for share, a, b in parts:
-        z = a * encoder_logits
-        if ngram_evidence is not None and b:
-            z = z + b * ngram_evidence
-        p += share * _activation(head, z.astype(np.float32))
+        p += share * _activation(head, _pooled(encoder_logits, ngram_evidence, a, b))
     q = np.clip(p, MIX_FLOOR, 1.0 - MIX_FLOOR)
     mixed: F32 = (np.log(q) if head.loss_function == "single_class"
                   else np.log(q / (1.0 - q))).astype(np.float32)
@@ -196,7 +197,7 @@ def blends_of(meta: Mapping[str, Any], heads: int) -> list[Blend]:
     for parts in blends:
         if not parts or min(s for s, _, _ in parts) < 0 or abs(sum(s for s, _, _ in parts)
                                                                   - 1.0) > 1e-6:
-            raise ValueError(f"blend {parts}: shares must be positive and sum to 1")
+            raise ValueError(f"blend {parts}: shares must be non-negative and sum to 1")
     return blends
 
 

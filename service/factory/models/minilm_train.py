@@ -465,8 +465,7 @@ def choose_blends(heads: Sequence[Head], encoder_logits: F32, ngram_probs: Seque
         a, b = choose_product(head, z, ev, yh)
         te = calibration.fit_temperature(head, z, yh)
         tn = calibration.fit_temperature(head, ev, yh)
-        p_enc, p_ngram = (blend(head, z, None, product((1.0 / te, 0.0))),
-                          blend(head, ev, None, product((1.0 / tn, 0.0))))
+        p_enc, p_ngram = calibration.scaled(head, z, te), calibration.scaled(head, ev, tn)
         w = min(MIXTURE_SHARES, key=lambda w: (head_loss(head, w * p_enc + (1 - w) * p_ngram,
                                                          yh), -w))
         rest = 1.0 - PRODUCT_SHARE
